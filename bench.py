@@ -1,0 +1,197 @@
+"""Throughput benchmark of smog.py on the current device; the last line printed is one JSON object.
+
+    python bench.py                        # GPU: ResNet-50, paper recipe, 128 images; CPU: the same paths at tiny sizes
+    python bench.py --arch resnet50 --batch-size 128 --steps 30 --out results.json
+
+Measures, in one process:
+  (a) ceiling   the bare backbone: forward+backward over the online crops, forward over the target crops
+  (b) step      the full SMoG training step on device tensors (heads, grouping, loss, optimiser, EMA)
+  (c) e2e       end to end from an ImageFolder of generated JPEGs through the real DataLoader, with CPU augmentation
+                and with batched (GPU) augmentation, as many workers as cores
+  (d) grouping  MomentumGrouping.update alone (K = 3000, D = 128, 3 heads, N = 4096) against its floor, the
+                assignment matmul plus argmax for all heads
+and prints img/s for each, (b)/(a), (c)/(b), the share of (d) in (b), and the peak GPU memory.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import smog
+
+
+def timed(fn, steps, warmup, device):
+    """Median seconds per call of fn over `steps` calls after `warmup` calls, synchronising the device."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def fake_crops(cfg, device):
+    """Random device tensors shaped like one step's crops: (online global, online local or None, target global)."""
+    b = cfg.batch_size
+
+    def make(n, size):
+        return torch.randn(n * b, 3, size, size, device=device)
+
+    return make(2, cfg.global_size), make(cfg.num_local, cfg.local_size) if cfg.num_local else None, \
+        make(2, cfg.global_size)
+
+
+def bench_ceiling(cfg, device, autocast, steps, warmup):
+    """(a) backbone alone: forward+backward on online crops, forward on target crops, one batch per resolution."""
+    torch.manual_seed(0)
+    backbone = smog.BACKBONES[cfg.arch]()[0].to(device)
+    if cfg.channels_last and device.type == "cuda":
+        backbone = backbone.to(memory_format=torch.channels_last)
+    g, loc, t = (None if x is None else smog.channels_last(x, cfg) for x in fake_crops(cfg, device))
+
+    def run():
+        with autocast:
+            with torch.no_grad():
+                backbone(t)
+            out = backbone(g).float().sum() + (backbone(loc).float().sum() if loc is not None else 0)
+        out.backward()
+
+    return timed(run, steps, warmup, device)
+
+
+def bench_step(cfg, device, autocast, scaler, steps, warmup):
+    """(b) the full training step of smog.py on fixed device tensors."""
+    nets, opt = smog.build_nets(cfg, device)
+    crops = fake_crops(cfg, device)
+    state = dict(step=0)
+
+    def run():
+        smog.train_step(crops, state["step"], 0.995, nets, opt, scaler, autocast, cfg)
+        state["step"] += 1
+
+    return timed(run, steps, warmup, device)
+
+
+def write_jpegs(root, count, classes=4, size=(500, 375)):
+    """An ImageFolder of `count` random-content JPEGs of about ImageNet's size."""
+    import PIL.Image
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        folder = os.path.join(root, f"class{i % classes}")
+        os.makedirs(folder, exist_ok=True)
+        small = rng.integers(0, 256, (size[1] // 25, size[0] // 25, 3), dtype=np.uint8)
+        image = PIL.Image.fromarray(small).resize(size, PIL.Image.BICUBIC)
+        image.save(os.path.join(folder, f"{i}.jpg"), quality=90)
+
+
+def bench_e2e(cfg, device, autocast, scaler, steps, warmup, root, batched):
+    """(c) seconds per step from JPEG files through the DataLoader to the finished step."""
+    cfg = dataclasses.replace(cfg, data=root)
+    _, labels, dataset = smog.load_dataset(cfg, "train")
+    dataset.transform = smog.ResizeToTensor(round(cfg.global_size * 8 / 7)) if batched else smog.CPUMultiCrop(cfg)
+    nets, opt = smog.build_nets(cfg, device)
+    sampler = torch.utils.data.RandomSampler(range(len(labels)), replacement=True,
+                                             num_samples=(steps + warmup) * cfg.batch_size)
+    batches = smog.epoch_batches(cfg, sampler, None, dataset, 0, device)
+    times = []
+    t0 = time.perf_counter()
+    for step, (batch, _) in enumerate(batches):
+        crops = smog.to_device_crops(batch, step, cfg, device)
+        smog.train_step(crops, step, 0.995, nets, opt, scaler, autocast, cfg)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+    return float(np.median(times))
+
+
+def bench_grouping(device, steps, warmup, k=3000, d=128, h=3, n=4096):
+    """(d) MomentumGrouping.update against its floor (assignment matmul + argmax), in ms."""
+    torch.manual_seed(0)
+    grouping = smog.MomentumGrouping(k, d, h).to(device)
+    z = torch.nn.functional.normalize(torch.randn(h, n, d, device=device), dim=-1)
+    update = timed(lambda: grouping.update(z, 0.99), steps, warmup, device)
+    floor = timed(lambda: torch.matmul(z, grouping.centroids.transpose(1, 2)).argmax(-1), steps, warmup, device)
+    return update, floor
+
+
+def main():
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="imagenet-r50" if cuda else "tiny")
+    parser.add_argument("--arch", default=None, help="default: the preset's (resnet50 on GPU)")
+    parser.add_argument("--batch-size", type=int, default=128 if cuda else 16, help="images per step")
+    parser.add_argument("--steps", type=int, default=20 if cuda else 3)
+    parser.add_argument("--warmup", type=int, default=5 if cuda else 1)
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    parser.add_argument("--images", type=int, default=0, help="JPEGs to generate for (c); default 4 batches")
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip, e.g. c")
+    parser.add_argument("--out", default="", help="also write the JSON line to this file")
+    args = parser.parse_args()
+
+    flags = ["--preset", args.preset, "--batch-size", str(args.batch_size), "--precision", args.precision,
+             "--workers", str(args.workers)]
+    if args.arch:
+        flags += ["--arch", args.arch]
+    cfg = smog.parse_config(flags)
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    precision, autocast, scaler = smog.resolve_precision(cfg, device)
+    skip = set(filter(None, args.skip.split(",")))
+    b = cfg.batch_size
+    result = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, arch=cfg.arch,
+                  batch_size=b, precision=precision, crops=f"2x{cfg.global_size}+{cfg.num_local}x{cfg.local_size}"
+                  f" online, 2x{cfg.global_size} target", num_groups=cfg.num_groups, num_heads=cfg.num_heads)
+    print(f"bench: {json.dumps(result)}", flush=True)
+
+    def report(name, seconds):
+        result[f"{name}_img_per_s"] = b / seconds
+        print(f"({name[0]}) {name:<14} {b / seconds:9.1f} img/s  ({1000 * seconds:.1f} ms/step)", flush=True)
+
+    if "a" not in skip:
+        report("a_ceiling", bench_ceiling(cfg, device, autocast, args.steps, args.warmup))
+    if "b" not in skip:
+        report("b_step", bench_step(cfg, device, autocast, scaler, args.steps, args.warmup))
+    if "c" not in skip:
+        with tempfile.TemporaryDirectory() as root:
+            write_jpegs(root, args.images or 4 * b)
+            report("c_e2e_cpu_aug", bench_e2e(cfg, device, autocast, scaler, args.steps, args.warmup, root, False))
+            report("c_e2e_gpu_aug", bench_e2e(cfg, device, autocast, scaler, args.steps, args.warmup, root, True))
+    if "d" not in skip:
+        update, floor = bench_grouping(device, max(args.steps, 5), args.warmup)
+        result.update(d_grouping_update_ms=1000 * update, d_grouping_floor_ms=1000 * floor,
+                      d_update_over_floor=update / floor)
+        print(f"(d) grouping update {1000 * update:.2f} ms, floor (matmul + argmax) {1000 * floor:.2f} ms, "
+              f"ratio {update / floor:.2f}", flush=True)
+    if "a_ceiling_img_per_s" in result and "b_step_img_per_s" in result:
+        result["b_over_a"] = result["b_step_img_per_s"] / result["a_ceiling_img_per_s"]
+    for kind in ("cpu", "gpu"):
+        if f"c_e2e_{kind}_aug_img_per_s" in result and "b_step_img_per_s" in result:
+            result[f"c_{kind}_aug_over_b"] = result[f"c_e2e_{kind}_aug_img_per_s"] / result["b_step_img_per_s"]
+    if cuda:
+        result["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    line = json.dumps(result)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1142 @@
+"""SMoG: Synchronous Momentum Grouping for self-supervised visual representation learning.
+
+Pang et al., "Unsupervised Visual Representation Learning by Synchronous Momentum Grouping", ECCV 2022,
+https://arxiv.org/abs/2207.06167. Each image is contrasted against *group centroids* instead of other instances.
+Every step, (1) the target branch labels each image with its nearest centroid, (2) the centroids move toward the
+mean of the online features assigned to them (a momentum update, all-reduced so every GPU holds the same groups),
+(3) the online branch is trained with a cross-entropy that pulls its prediction toward the labelled centroid.
+At every epoch start the groups are re-clustered by spherical k-means on a bank of last epoch's features.
+
+Run (one file, no launcher needed):
+    python smog.py                                   # tiny preset: embedded data set, small ResNet, CPU, minutes
+    python smog.py --preset cifar10                  # ResNet-18, CIFAR-10 (downloads through torchvision)
+    torchrun --standalone --nproc_per_node=gpu smog.py --preset imagenet-r50 --data /path/to/imagenet
+    python smog.py --preset imagenet-r50 --print-config   # show the resolved config and exit
+
+The file reads in the order the method is explained: config → distributed helpers → data and multi-crop
+augmentation → networks → momentum grouping → loss → optimisation → training → main.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.resnet import BasicBlock
+from torchvision.ops import roi_align
+
+# ===================================================================================================================
+# Config: one dataclass, presets on top of it, explicit flags on top of the preset
+# ===================================================================================================================
+
+
+@dataclass
+class Config:
+    # --- run ---
+    preset: str = "tiny"  # recipe to start from (see PRESETS); flags given explicitly override it
+    data: str = "synthetic"  # synthetic (embedded, no files) | cifar10 (torchvision download) | PATH to an ImageFolder
+    out_dir: str = "out"  # checkpoint.pt and log.jsonl go here
+    epochs: int = 400
+    batch_size: int = 64  # images per process; the global batch is batch_size × number of processes
+    workers: int = 8  # data-loading processes per training process (ImageFolder only)
+    seed: int = 0
+    resume: str = "auto"  # auto (out_dir/checkpoint.pt if present) | none | PATH
+    stop_after: int = 0  # leave after this many epochs in this job, resumable (for time-limited jobs); 0 = run all
+    synthetic_size: int = 8000  # training images of the embedded data set (its held-out split has 2000)
+    # --- multi-crop (SMOG_SPEC §3): 2 target + 2 online global crops and num_local online local crops per image ---
+    global_size: int = 224
+    global_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range of the global crops
+    local_size: int = 96
+    local_scale: tuple[float, float] = (0.05, 0.2)
+    num_local: int = 4
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur σ range in pixels of the crop
+    gpu_aug: str = "auto"  # on: batched augmentation on the training device | off: per-image in CPU workers | auto
+    # --- networks (SMOG_SPEC §1) ---
+    arch: str = "resnet50"  # see BACKBONES
+    feat_dim: int = 128  # dimension D of z, p and the centroids
+    hidden_dim: int = 2048  # hidden width of projector and predictor
+    ema: float = 0.999  # target ← ema·target + (1−ema)·online after every step
+    # --- momentum grouping (SMOG_SPEC §2, §4) ---
+    num_groups: int = 3000  # K centroids per head
+    num_heads: int = 3  # H independent group sets
+    tau: float = 0.1  # temperature of the group logits
+    beta_start: float = 1.0  # momentum β of the centroid update, linear per step from beta_start to beta_end
+    beta_end: float = 0.99
+    kmeans_iters: int = 10  # spherical k-means iterations of the reset at every epoch start
+    # --- optimisation (SMOG_SPEC §5) ---
+    optimizer: str = "lars"  # lars (ResNets) | adamw (Transformers)
+    lr: float = 0.3  # peak learning rate per 256 images of global batch (4.8 at 4096)
+    start_lr: float = 0.01  # learning rate at step 0, warmed up linearly to the peak
+    final_lr: float = 0.0048  # learning rate at the last step, after the cosine decay
+    warmup_epochs: int = 10
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    lars_eta: float = 0.001  # LARS trust coefficient; lower it if the loss does not decrease with large batches
+    clip_grad: float = 0.0  # max gradient norm, 0 = off
+    # --- system ---
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    channels_last: bool = True  # NHWC memory layout on CUDA (faster convolutions with bf16)
+    log_every: int = 20  # steps between log lines
+    knn: bool = True  # report kNN top-1 on the held-out split at the end (labels are used only for this report)
+    print_config: bool = False  # print the resolved config and exit
+
+
+# Each preset lists only what differs from the defaults above (which are the paper's ResNet-50 recipe).
+PRESETS = {
+    # CPU-friendly: embedded 32-px data set, small ResNet, a few minutes on 2 cores.
+    "tiny": dict(
+        data="synthetic", synthetic_size=2000, arch="resnet_tiny", epochs=120, batch_size=64, workers=0,
+        global_size=32, global_scale=(0.5, 1.0), num_local=0, local_size=16, local_scale=(0.1, 0.4),
+        blur_sigma=(0.1, 0.6), hidden_dim=512,
+        num_groups=200, tau=0.05, lr=6.0, start_lr=0.05, final_lr=0.01, warmup_epochs=2, ema=0.996, log_every=100,
+    ),
+    # ResNet-18 with a 3x3 stem on 32-px images.
+    "cifar10": dict(
+        data="cifar10", arch="resnet18_cifar", epochs=200, batch_size=256, workers=4, global_size=32,
+        global_scale=(0.2, 1.0), local_size=16, local_scale=(0.05, 0.2), num_local=4, blur_sigma=(0.1, 0.5),
+        hidden_dim=2048, num_groups=300, lr=1.2, start_lr=0.05, warmup_epochs=10, ema=0.99,
+    ),
+    # The paper's recipe (SMOG_SPEC §1–5): batch 4096 = 64 GPUs × 64, 400 epochs.
+    "imagenet-r50": dict(),
+}
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def _parse_value(f, text):
+    """Parses one CLI value for dataclass field f (tuples are written '0.2,1.0')."""
+    if f.type == tuple[float, float]:
+        parts = text.split(",")
+        if len(parts) != 2:
+            raise ValueError("expected two comma-separated numbers, e.g. 0.2,1.0")
+        return (float(parts[0]), float(parts[1]))
+    return f.type(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise SystemExit(f"{self.prog}: error: {message}")
+
+
+def parse_config(argv=None):
+    """Builds a Config: defaults ← --preset ← flags given on the command line. Bad values end with one line."""
+    parser = _Parser(prog="smog.py", description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        if f.type is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(_flag(f.name), type=str, default=None, metavar=f.type.__name__.upper())
+    args = parser.parse_args(argv)
+    given = {}
+    for f in dataclasses.fields(Config):
+        text = getattr(args, f.name)
+        if text is None:
+            continue
+        try:
+            given[f.name] = text if f.type is bool else _parse_value(f, text)
+        except ValueError as e:
+            raise SystemExit(f"smog.py: error: {_flag(f.name)} {text!r}: {e}")
+    preset = given.get("preset", Config.preset)
+    if preset not in PRESETS:
+        raise SystemExit(f"smog.py: error: --preset {preset!r} is unknown (choose from {', '.join(PRESETS)})")
+    cfg = Config(**{**PRESETS[preset], **given, "preset": preset})
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    """Rejects values the run cannot use, naming the flag."""
+    def bad(name, why):
+        raise SystemExit(f"smog.py: error: {_flag(name)} {getattr(cfg, name)!r}: {why}")
+
+    choices = dict(arch=BACKBONES, optimizer=("lars", "adamw"), precision=("auto", "bf16", "fp16", "fp32"),
+                   gpu_aug=("auto", "on", "off"))
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            bad(name, f"unknown (choose from {', '.join(allowed)})")
+    for name in ("epochs", "batch_size", "global_size", "local_size", "feat_dim", "hidden_dim", "num_groups",
+                 "num_heads", "log_every", "synthetic_size"):
+        if getattr(cfg, name) < 1:
+            bad(name, "must be at least 1")
+    for name in ("workers", "num_local", "kmeans_iters", "warmup_epochs", "stop_after"):
+        if getattr(cfg, name) < 0:
+            bad(name, "must be at least 0")
+    for name in ("global_scale", "local_scale"):
+        lo, hi = getattr(cfg, name)
+        if not 0 < lo <= hi <= 1:
+            bad(name, "needs 0 < low <= high <= 1")
+    lo, hi = cfg.blur_sigma
+    if not 0 < lo <= hi:
+        bad("blur_sigma", "needs 0 < low <= high")
+    for name in ("ema", "beta_start", "beta_end"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            bad(name, "must lie in [0, 1]")
+    for name in ("tau", "lr"):
+        if getattr(cfg, name) <= 0:
+            bad(name, "must be positive")
+
+
+# ===================================================================================================================
+# Distributed helpers: every collective is a no-op in a single process
+# ===================================================================================================================
+
+
+def distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank():
+    return dist.get_rank() if distributed() else 0
+
+
+def world_size():
+    return dist.get_world_size() if distributed() else 1
+
+
+def log(*args):
+    """Prints on rank 0 only."""
+    if rank() == 0:
+        print(*args, flush=True)
+
+
+def all_reduce_(t):
+    """Sums t over all processes, in place."""
+    if distributed():
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_(t, src=0):
+    """Copies rank src's t to every process, in place."""
+    if distributed():
+        dist.broadcast(t, src)
+    return t
+
+
+def setup_device():
+    """Starts the process group under torchrun (NCCL on GPU, gloo on CPU) and picks this process's device."""
+    if "RANK" in os.environ and not distributed():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return device
+
+
+# ===================================================================================================================
+# Data: the embedded synthetic data set, ImageFolder, CIFAR-10
+# ===================================================================================================================
+
+SHAPES = ("disk", "square", "triangle", "plus", "ring", "star", "frame", "crescent", "bar", "half-disk")
+
+
+def _shape_masks(kind, u, v):
+    """Inside-masks of one shape class at rotated, unit-scaled coordinates u, v (any shape of arrays)."""
+    r, th = np.hypot(u, v), np.arctan2(v, u)
+    box = np.maximum(abs(u), abs(v))
+    return {
+        "disk": r < 0.9,
+        "square": box < 0.75,
+        "triangle": (v > -0.5) & (np.sqrt(3) * u + v < 1) & (-np.sqrt(3) * u + v < 1),
+        "plus": ((abs(u) < 0.28) & (abs(v) < 1)) | ((abs(v) < 0.28) & (abs(u) < 1)),
+        "ring": (r > 0.55) & (r < 0.95),
+        "star": r < 0.55 + 0.4 * np.cos(5 * th),
+        "frame": (box > 0.5) & (box < 0.85),
+        "crescent": (r < 0.95) & (np.hypot(u - 0.5, v) > 0.75),
+        "bar": (abs(u) < 1) & (abs(v) < 0.3),
+        "half-disk": (r < 0.95) & (v > -0.2),
+    }[kind]
+
+
+def synthetic_shapes(n, seed, size=32):
+    """The embedded data set: n grey-level images (uint8, (n, 3, size, size)) of 10 shape classes, labels (n,).
+
+    Class identity is the shape. Position, size, rotation, polarity (light on dark or dark on light), contrast and
+    sensor noise are random, so the pixels of two images of one class rarely line up (kNN on raw pixels stays low),
+    while the crops, flips and colour changes of the augmentation keep the shape. Nothing else is constant within
+    an image, so the only signal shared by two views that generalises across images is the shape. Deterministic
+    from (n, seed, size); drawn at twice the resolution and averaged for anti-aliased edges.
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(SHAPES), n)
+    s2 = 2 * size
+    yy, xx = np.meshgrid(np.arange(s2) + 0.5, np.arange(s2) + 0.5, indexing="ij")
+    images = np.empty((n, 3, size, size), np.uint8)
+    for start in range(0, n, 512):
+        b = min(512, n - start)
+        radius = rng.uniform(0.2, 0.36, b) * s2
+        cx, cy = rng.uniform(radius, s2 - radius), rng.uniform(radius, s2 - radius)
+        angle = rng.uniform(0, 2 * np.pi, b)
+        dx = (xx[None] - cx[:, None, None]) / radius[:, None, None]
+        dy = (yy[None] - cy[:, None, None]) / radius[:, None, None]
+        cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
+        u, v = cos * dx + sin * dy, -sin * dx + cos * dy
+        mask = np.zeros((b, s2, s2))
+        for k, kind in enumerate(SHAPES):
+            rows = labels[start:start + b] == k
+            mask[rows] = _shape_masks(kind, u[rows], v[rows])
+        contrast = rng.uniform(0.4, 0.6, (b, 1, 1)) * rng.choice([-1.0, 1.0], (b, 1, 1))
+        gray = rng.uniform(0.35, 0.65, (b, 1, 1)) + contrast * (mask - 0.3)
+        img = gray.reshape(b, 1, size, 2, size, 2).mean((3, 5)) + rng.normal(0, 0.05, (b, 3, size, size))
+        images[start:start + b] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+class ImageFolderData(torch.utils.data.Dataset):
+    """An ImageFolder whose unreadable images are replaced by the next readable one and reported, not fatal.
+
+    __getitem__ takes (index, step parity) from ParityBatchSampler and returns (sample, label, failed path or "").
+    `transform(image, parity)` makes the sample: all crops (CPU augmentation) or one fixed-size uint8 image.
+    """
+
+    def __init__(self, root, transform=None):
+        try:
+            self.folder = torchvision.datasets.ImageFolder(root)
+        except (FileNotFoundError, OSError) as e:
+            raise SystemExit(f"smog.py: error: --data {root}: not a usable ImageFolder ({e})")
+        self.transform = transform
+        self.targets = self.folder.targets
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, key):
+        index, parity = key if isinstance(key, tuple) else (key, 0)
+        failed = ""
+        for attempt in range(len(self)):
+            path, label = self.folder.samples[(index + attempt) % len(self)]
+            try:
+                image = self.folder.loader(path)
+                return (self.transform(image, parity) if self.transform else image), label, failed
+            except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable image"
+                failed = failed or f"{path} ({type(e).__name__}: {e})"
+        raise SystemExit(f"smog.py: error: --data {self.folder.root}: no readable image")
+
+
+class ParityBatchSampler(torch.utils.data.Sampler):
+    """Batches of (index, step parity) pairs, so CPU workers draw only the crops of the pipeline each branch uses."""
+
+    def __init__(self, sampler, batch_size, first_step):
+        self.sampler, self.batch_size, self.first_step = sampler, batch_size, first_step
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        indices = list(self.sampler)
+        for b in range(len(self)):
+            parity = (self.first_step + b) % 2
+            yield [(i, parity) for i in indices[b * self.batch_size:(b + 1) * self.batch_size]]
+
+
+def load_dataset(cfg, split):
+    """Returns (images uint8 (N, 3, S, S) or None, labels (N,), ImageFolderData or None) for split train|val.
+
+    The embedded and CIFAR-10 sets live in memory as uint8 tensors; an ImageFolder is read by workers.
+    """
+    if cfg.data == "synthetic":
+        n = cfg.synthetic_size if split == "train" else 2000
+        images, labels = synthetic_shapes(n, seed=cfg.seed * 2 + (split != "train"))
+        return images, labels, None
+    if cfg.data == "cifar10":
+        root = os.path.join(cfg.out_dir, "cifar10")
+        ds = torchvision.datasets.CIFAR10(root, train=split == "train", download=True)
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), None
+    if not os.path.isdir(cfg.data):
+        raise SystemExit(f"smog.py: error: --data {cfg.data}: no such directory (or use synthetic | cifar10)")
+    root = os.path.join(cfg.data, split)
+    if split == "train" and not os.path.isdir(root):
+        root = cfg.data  # a plain class-per-folder tree is the training set
+    if split == "val" and not os.path.isdir(root):
+        return None, None, None
+    ds = ImageFolderData(root)
+    return None, torch.tensor(ds.targets), ds
+
+
+# ===================================================================================================================
+# Multi-crop augmentation (SMOG_SPEC §3). Two pipelines differ only in blur and solarize probability; they swap roles
+# every other step. Batched version (any device, per-image random parameters) and per-image CPU version.
+# ===================================================================================================================
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# (blur probability, solarize probability) of the two pipelines.
+PIPELINES = {"q": (1.0, 0.0), "k": (0.1, 0.2)}
+
+
+def pipelines_for_step(step):
+    """(online pipeline, target pipeline): even steps feed q-augmented crops to the online branch (authors' code)."""
+    return ("q", "k") if step % 2 == 0 else ("k", "q")
+
+
+def _gray(x):  # (n, 3, h, w) -> (n, 1, h, w), ITU-R 601 luma as torchvision
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _uniform(n, lo, hi, device):
+    return torch.empty(n, device=device).uniform_(lo, hi)
+
+
+def random_resized_boxes(n, scale, height, width, device, ratio=(3 / 4, 4 / 3)):
+    """(n, 4) crop boxes x0, y0, x1, y1 in pixels with area fraction ~ U(scale), log aspect ~ U(log ratio)."""
+    area = _uniform(n, *scale, device) * height * width
+    aspect = torch.exp(_uniform(n, math.log(ratio[0]), math.log(ratio[1]), device))
+    w = torch.sqrt(area * aspect).clamp(max=width)
+    h = torch.sqrt(area / aspect).clamp(max=height)
+    x0 = torch.rand(n, device=device) * (width - w)
+    y0 = torch.rand(n, device=device) * (height - h)
+    return torch.stack([x0, y0, x0 + w, y0 + h], 1)
+
+
+def _color_jitter(x, p, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) applied with probability p, factors drawn per image; x is (n, 3, h, w) in [0, 1].
+
+    Fixed order brightness → contrast → saturation → hue. Hue is a rotation about the gray axis in YIQ space: the
+    cheap, batched equivalent of torchvision's HSV hue shift.
+    """
+    n, dev = x.shape[0], x.device
+    on = torch.rand(n, device=dev) < p
+
+    def factor(amount):
+        return torch.where(on, _uniform(n, 1 - amount, 1 + amount, dev), 1.0).view(n, 1, 1, 1)
+
+    x = (x * factor(brightness)).clamp(0, 1)
+    mean = _gray(x).mean((1, 2, 3), keepdim=True)
+    x = ((x - mean) * factor(contrast) + mean).clamp(0, 1)
+    gray = _gray(x)
+    x = ((x - gray) * factor(saturation) + gray).clamp(0, 1)
+    theta = torch.where(on, _uniform(n, -hue, hue, dev), 0.0) * 2 * math.pi
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=dev)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    rot = torch.zeros(n, 3, 3, device=dev)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+    matrix = torch.linalg.inv(to_yiq) @ rot @ to_yiq  # (n, 3, 3)
+    return torch.einsum("nij,njhw->nihw", matrix, x).clamp(0, 1)
+
+
+def _gaussian_blur(x, p, sigma):
+    """Gaussian blur with probability p and σ ~ U(sigma) per image, as one separable grouped convolution."""
+    n, c, h, w = x.shape
+    on = torch.rand(n, device=x.device) < p
+    s = _uniform(n, *sigma, x.device)
+    radius = min(math.ceil(3 * sigma[1]), (min(h, w) - 1) // 2)
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-t[None] ** 2 / (2 * s[:, None] ** 2))
+    kernel = torch.where(on[:, None], kernel / kernel.sum(1, keepdim=True), (t == 0).to(x.dtype)[None])
+    kernel = kernel.repeat_interleave(c, 0)  # (n·c, 2·radius+1): one kernel per image and channel
+    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
+    y = F.conv2d(y, kernel[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, kernel[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, h, w)
+
+
+def batch_augment(images, size, scale, pipeline, blur_sigma, crops_per_image=1):
+    """Augments a batch on its own device, with independent random parameters for every crop of every image.
+
+    images: (B, 3, H, W) uint8 or float in [0, 1]. Returns (crops_per_image·B, 3, size, size) normalised floats,
+    crop-major (all images' first crop, then all second crops, ...).
+    """
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    b, _, h, w = x.shape
+    n = b * crops_per_image
+    blur_p, solarize_p = PIPELINES[pipeline]
+    boxes = random_resized_boxes(n, scale, h, w, x.device)
+    owner = torch.arange(b, device=x.device, dtype=x.dtype).repeat(crops_per_image)  # crop i comes from image i % B
+    # roi_align samples 2x2 bilinear points per output pixel: resampling with mild anti-aliasing, batched.
+    x = roi_align(x, torch.cat([owner[:, None], boxes], 1), (size, size), spatial_scale=1.0, sampling_ratio=2,
+                  aligned=True)
+    flip = torch.rand(n, device=x.device) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    x = _color_jitter(x, p=0.8)
+    gray = torch.rand(n, device=x.device) < 0.2
+    x = torch.where(gray.view(n, 1, 1, 1), _gray(x).expand_as(x), x)
+    x = _gaussian_blur(x, blur_p, blur_sigma)
+    solarize = torch.rand(n, device=x.device) < solarize_p
+    x = torch.where(solarize.view(n, 1, 1, 1) & (x >= 0.5), 1 - x, x)
+    mean, std = torch.tensor(MEAN, device=x.device), torch.tensor(STD, device=x.device)
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+def batch_multicrop(images, step, cfg):
+    """All crops of one step from a uint8 batch (B, 3, H, W): (online global (2B,...), online local (L·B,...) or None,
+    target global (2B,...))."""
+    online, target = pipelines_for_step(step)
+    g = batch_augment(images, cfg.global_size, cfg.global_scale, online, cfg.blur_sigma, 2)
+    loc = (batch_augment(images, cfg.local_size, cfg.local_scale, online, cfg.blur_sigma, cfg.num_local)
+           if cfg.num_local else None)
+    t = batch_augment(images, cfg.global_size, cfg.global_scale, target, cfg.blur_sigma, 2)
+    return g, loc, t
+
+
+class CPUMultiCrop:
+    """Per-image PIL pipeline for CPU workers: the same crops and parameters as batch_multicrop.
+
+    Called with (image, parity); returns (online global (2, 3, S, S), online local (L, 3, s, s), target global).
+    """
+
+    def __init__(self, cfg):
+        T = torchvision.transforms
+        self.num_local = cfg.num_local
+
+        def pipeline(size, scale, name):
+            blur_p, solarize_p = PIPELINES[name]
+            kernel = 2 * min(math.ceil(3 * cfg.blur_sigma[1]), (size - 1) // 2) + 1
+            return T.Compose([
+                T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+                T.RandomHorizontalFlip(),
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+                T.RandomApply([T.GaussianBlur(kernel, cfg.blur_sigma)], p=blur_p),
+                T.RandomSolarize(128, p=solarize_p),
+                T.ToTensor(),
+                T.Normalize(MEAN, STD),
+            ])
+
+        self.glob = {k: pipeline(cfg.global_size, cfg.global_scale, k) for k in PIPELINES}
+        self.loc = {k: pipeline(cfg.local_size, cfg.local_scale, k) for k in PIPELINES}
+
+    def __call__(self, image, parity):
+        online, target = pipelines_for_step(parity)
+        g = torch.stack([self.glob[online](image) for _ in range(2)])
+        loc = torch.stack([self.loc[online](image) for _ in range(self.num_local)]) if self.num_local else None
+        t = torch.stack([self.glob[target](image) for _ in range(2)])
+        return g, loc, t
+
+
+class ResizeToTensor:
+    """Decode-side work for batched augmentation: resize to a fixed working size, keep uint8 (B, 3, S, S)."""
+
+    def __init__(self, size):
+        self.resize = torchvision.transforms.Resize((size, size), antialias=True)
+
+    def __call__(self, image, parity=0):
+        return torch.from_numpy(np.asarray(self.resize(image.convert("RGB")), np.uint8).copy()).permute(2, 0, 1)
+
+
+def collate(batch):
+    """Stacks samples; a sample is a uint8 image or a (global, local, target) tuple of crop stacks (crop-major out)."""
+    samples, labels, failed = zip(*batch)
+    if isinstance(samples[0], torch.Tensor):
+        out = torch.stack(samples)
+    else:  # (B, n_crops, 3, s, s) -> (n_crops·B, 3, s, s), crop-major like batch_multicrop
+        out = tuple(None if parts[0] is None else torch.stack(parts, 1).flatten(0, 1)
+                    for parts in zip(*samples))
+    return out, torch.tensor(labels), [f for f in failed if f]
+
+
+# ===================================================================================================================
+# Networks (SMOG_SPEC §1): backbone f → projector g → predictor q online; a copy of f and g as the target branch
+# ===================================================================================================================
+
+
+def _torchvision_resnet(name, small_stem=False):
+    """torchvision ResNet without its classifier; small_stem: 3x3 stride-1 first conv and no max-pool (32-px images)."""
+    net = getattr(torchvision.models, name)()
+    if small_stem:
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, dim
+
+
+def _tiny_resnet(widths=(16, 32, 64, 128)):
+    """A 4-stage ResNet of torchvision BasicBlocks (one per stage), 3x3 stride-2 stem: 1.2M parameters, CPU-friendly."""
+    layers, c_in = [nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(True)], widths[0]
+    for i, c in enumerate(widths):
+        stride = 1 if i == 0 else 2
+        down = None if stride == 1 and c_in == c else nn.Sequential(
+            nn.Conv2d(c_in, c, 1, stride, bias=False), nn.BatchNorm2d(c))
+        layers.append(BasicBlock(c_in, c, stride, down))
+        c_in = c
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), c_in
+
+
+# name -> () -> (backbone module mapping (N, 3, s, s) to (N, dim), dim)
+BACKBONES = {
+    "resnet_tiny": _tiny_resnet,
+    "resnet18": lambda: _torchvision_resnet("resnet18"),
+    "resnet18_cifar": lambda: _torchvision_resnet("resnet18", small_stem=True),
+    "resnet50": lambda: _torchvision_resnet("resnet50"),
+}
+
+
+def mlp(dim_in, hidden, dim_out, last_bn):
+    """Linear → BN → ReLU → Linear (→ BN without affine, for the projector), as in the authors' code."""
+    layers = [nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(True), nn.Linear(hidden, dim_out)]
+    if last_bn:
+        layers.append(nn.BatchNorm1d(dim_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """Backbone + projector: crops → projections z. Crops of one resolution are forwarded as one batch."""
+
+    def __init__(self, arch, hidden_dim, feat_dim):
+        super().__init__()
+        self.backbone, dim = BACKBONES[arch]()
+        self.projector = mlp(dim, hidden_dim, feat_dim, last_bn=True)
+
+    def forward(self, crops):  # list of (n_i, 3, s_i, s_i) -> (Σ n_i, D)
+        return self.projector(torch.cat([self.backbone(x) for x in crops]))
+
+
+class OnlineNet(nn.Module):
+    """The online branch: encoder plus predictor. Returns (z, p), both (Σ n_i, D), not yet normalised."""
+
+    def __init__(self, arch, hidden_dim, feat_dim):
+        super().__init__()
+        self.encoder = Encoder(arch, hidden_dim, feat_dim)
+        self.predictor = mlp(feat_dim, hidden_dim, feat_dim, last_bn=False)
+
+    def forward(self, crops):
+        z = self.encoder(crops)
+        return z, self.predictor(z)
+
+
+# ===================================================================================================================
+# Momentum grouping (SMOG_SPEC §2): centroids updated every step by an all-reduced momentum mean, reset by k-means
+# ===================================================================================================================
+
+
+class MomentumGrouping(nn.Module):
+    """H independent sets of K unit-norm group centroids, updated by momentum in the same step as the network.
+
+    Self-contained (torch only): copy it with the three collectives helpers above or use it alone in one process.
+    Centroids are a buffer, not parameters: the authors' code detaches them, so the optimiser never moves them.
+    """
+
+    def __init__(self, num_groups, dim, num_heads=1):
+        super().__init__()
+        self.register_buffer("centroids", F.normalize(torch.randn(num_heads, num_groups, dim), dim=-1))  # (H, K, D)
+
+    @torch.no_grad()
+    def assign(self, x, chunk=8192):
+        """Nearest centroid by cosine similarity: x (N, D) for every head, or (H, N, D) per head → (H, N) long."""
+        c = self.centroids
+        x = x.to(c.dtype)
+        labels = [torch.matmul(x[..., i:i + chunk, :], c.transpose(1, 2)).argmax(-1)  # (H, n, K) -> (H, n)
+                  for i in range(0, x.shape[-2], chunk)]  # chunks bound the (H, n, K) scores for a large bank
+        return torch.cat(labels, -1)
+
+    @torch.no_grad()
+    def update(self, z, beta):
+        """c_k ← normalize(β·c_k + (1−β)·mean of the z assigned to k), over all processes; returns counts (H, K).
+
+        z: (N, D) used by every head, or (H, N, D). Assignment uses the centroids before the update; groups that
+        no process assigned anything to keep their centroid.
+        """
+        c = self.centroids
+        h, k, d = c.shape
+        z = F.normalize(z.to(c.dtype), dim=-1).expand(h, -1, -1)  # (H, N, D)
+        labels = self.assign(z) + torch.arange(h, device=c.device)[:, None] * k  # (H, N), index into H·K rows
+        # One scatter for all heads: rows [Σ z | count] per group, then one all-reduce of the whole buffer.
+        rows = torch.cat([z, torch.ones_like(z[..., :1])], -1).reshape(-1, d + 1)  # (H·N, D+1)
+        sums = torch.zeros(h * k, d + 1, device=c.device, dtype=c.dtype).index_add_(0, labels.reshape(-1), rows)
+        all_reduce_(sums)
+        sums, counts = sums.view(h, k, d + 1).split([d, 1], -1)  # (H, K, D), (H, K, 1)
+        moved = F.normalize(beta * c + (1 - beta) * sums / counts.clamp(min=1), dim=-1)
+        c.copy_(torch.where(counts > 0, moved, c))
+        return counts.squeeze(-1)
+
+    @torch.no_grad()
+    def kmeans_(self, bank, iters=10, generator=None):
+        """Spherical k-means on a bank (M, D) or (H, M, D) of features, split across processes; replaces centroids.
+
+        Init: K random rows of rank 0's bank, broadcast; then E-step (nearest centroid) and M-step (all-reduced mean,
+        i.e. update with β = 0) `iters` times.
+        """
+        c = self.centroids
+        h, k, d = c.shape
+        bank = bank.to(c.dtype).expand(h, -1, -1)  # (H, M, D)
+        m = bank.shape[1]
+        init = torch.empty_like(c)
+        if rank() == 0:
+            if m >= k:
+                idx = torch.stack([torch.randperm(m, generator=generator)[:k] for _ in range(h)])
+            else:  # fewer rows than groups: draw with replacement; duplicates get split by the noise of training
+                idx = torch.randint(m, (h, k), generator=generator)
+            init.copy_(torch.gather(bank, 1, idx.to(c.device)[..., None].expand(h, k, d)))
+        c.copy_(F.normalize(broadcast_(init), dim=-1))
+        for _ in range(iters):
+            self.update(bank, beta=0.0)
+
+    def logits(self, p, tau):
+        """Scores of predictions p (N, D) against every group: normalize(p) · Cᵀ / τ → (H, N, K)."""
+        return torch.matmul(F.normalize(p.float(), dim=-1), self.centroids.transpose(1, 2)) / tau
+
+
+class MemoryBank:
+    """This process's normalised online projections of both online global crops over one epoch: (2, M, D).
+
+    Feeds the k-means reset of the groups at the next epoch start. Head h clusters crop h mod 2 (authors' code).
+    """
+
+    def __init__(self, rows, dim, device):
+        self.feats = torch.zeros(2, rows, dim, device=device)
+        self.filled = 0
+
+    def add(self, z):  # z: (2, B, D)
+        b = z.shape[1]
+        self.feats[:, self.filled:self.filled + b] = F.normalize(z.float(), dim=-1)
+        self.filled = (self.filled + b) % self.feats.shape[1]
+
+    def for_heads(self, num_heads):  # (H, M, D)
+        return self.feats[[h % 2 for h in range(num_heads)]]
+
+
+# ===================================================================================================================
+# Loss (SMOG_SPEC §4)
+# ===================================================================================================================
+
+
+def smog_loss(logits, labels):
+    """Cross-entropy of every online crop against every target crop's group label, averaged over all terms.
+
+    logits: (H, C_online, B, K) scores against the updated centroids; labels: (H, C_target, B) from the target crops
+    and the centroids before the update. H·C_target·C_online terms per image (3·2·6 = 36 in the paper's recipe).
+    """
+    h, c_online, b, k = logits.shape
+    c_target = labels.shape[1]
+    log_prob = F.log_softmax(logits, -1).unsqueeze(1).expand(h, c_target, c_online, b, k)
+    index = labels[:, :, None, :, None].expand(h, c_target, c_online, b, 1)
+    return -log_prob.gather(-1, index).mean()
+
+
+# ===================================================================================================================
+# Optimisation (SMOG_SPEC §5): LARS or AdamW, schedules as pure functions of the global step
+# ===================================================================================================================
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum whose update of each weight is scaled by a layer-wise trust ratio (You et al., 2017).
+
+    As apex's LARC(clip=False) around SGD in the authors' code: g ← (g + wd·w) · η‖w‖ / (‖g‖ + wd·‖w‖), then
+    momentum SGD. Parameter groups with lars=False (biases, norm layers) get plain momentum SGD, no weight decay.
+    Written with torch._foreach_* ops: a few kernels for all parameters instead of a Python loop over tensors.
+    """
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["lars"]:
+                wd = group["weight_decay"]
+                w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
+                trust = group["eta"] * w_norm / (g_norm + wd * w_norm)
+                trust = torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
+                grads = torch._foreach_add(grads, params, alpha=wd)
+                torch._foreach_mul_(grads, list(trust.unbind()))
+            bufs = []
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(self.state[p]["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+
+
+def build_optimizer(cfg, modules):
+    """LARS or AdamW; biases and 1-D (norm) parameters get neither weight decay nor LARS adaptation."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.ndim > 1]),
+              dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0, lars=False)]
+    if cfg.optimizer == "lars":
+        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+
+
+def lr_at(step, total_steps, warmup_steps, cfg):
+    """Linear warm-up from start_lr to the peak (lr × global batch / 256), then cosine down to final_lr."""
+    peak = cfg.lr * cfg.batch_size * world_size() / 256
+    if step < warmup_steps:
+        return cfg.start_lr + (peak - cfg.start_lr) * step / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return cfg.final_lr + 0.5 * (peak - cfg.final_lr) * (1 + math.cos(math.pi * t))
+
+
+def beta_at(step, total_steps, cfg):
+    """Centroid momentum β: linear per step from beta_start (1.0: groups held still) to beta_end."""
+    return cfg.beta_start + (cfg.beta_end - cfg.beta_start) * step / max(1, total_steps - 1)
+
+
+@torch.no_grad()
+def ema_(target, online, m):
+    """target ← m·target + (1−m)·online for every parameter, in one fused op."""
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - m)
+
+
+# ===================================================================================================================
+# Training: one step, the epoch loop with group resets, checkpoints, logging and the final kNN report
+# ===================================================================================================================
+
+
+def to_device_crops(batch, step, cfg, device):
+    """Moves a loader batch to the device and returns (online global, online local or None, target global) crops."""
+    if isinstance(batch, torch.Tensor):  # uint8 images: crops drawn on the device
+        return batch_multicrop(batch.to(device, non_blocking=True), step, cfg)
+    return tuple(None if x is None else x.to(device, non_blocking=True) for x in batch)
+
+
+def channels_last(x, cfg):
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last and x.is_cuda else x
+
+
+def train_step(crops, step, beta, nets, opt, scaler, autocast, cfg):
+    """One SMoG step: label with target, update groups with online z, contrast online p with groups, step, EMA.
+
+    Returns (loss, counts (H, K), online global z (2, B, D)) as device tensors: nothing here waits for the device.
+    """
+    online, target, grouping = nets["online"], nets["target"], nets["grouping"]
+    g, loc, t = (None if x is None else channels_last(x, cfg) for x in crops)
+    b = t.shape[0] // 2
+    with autocast:
+        with torch.no_grad():
+            zt = target([t]).float()  # (2B, D)
+        z, p = online([g] if loc is None else [g, loc])  # (C_online·B, D) each
+    h = cfg.num_heads
+    labels = grouping.assign(zt).view(h, 2, b)  # 1. labels from the centroids before the update
+    z_global = z[:2 * b].detach().float().view(2, b, -1)
+    counts = grouping.update(z_global[[i % 2 for i in range(h)]], beta)  # 2. head i moves with online crop i mod 2
+    logits = grouping.logits(p, cfg.tau).view(h, -1, b, cfg.num_groups)  # 3. scores against the updated groups
+    loss = smog_loss(logits, labels)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.clip_grad > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(nets["params"], cfg.clip_grad)
+    scaler.step(opt)
+    scaler.update()
+    ema_(target, nets["online_encoder"], cfg.ema)
+    return loss.detach(), counts, z_global
+
+
+def group_health(counts):
+    """(mean groups used per head, mean assignment entropy in nats) from one step's counts (H, K)."""
+    used = (counts > 0).sum(1).float().mean()
+    prob = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    entropy = -(prob * prob.clamp(min=1e-12).log()).sum(1).mean()
+    return used.item(), entropy.item()
+
+
+def save_checkpoint(path, state):
+    """Writes atomically: a killed job never leaves a half-written checkpoint behind."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def eval_batches(data, cfg, batch=256):
+    """Centre views at the global crop size, normalised (n, 3, S, S) float batches, from uint8 images (N, 3, H, W)
+    in memory or from an ImageFolderData (Resize to 8/7 of the size, then CenterCrop, as in linear evaluation)."""
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    if isinstance(data, torch.Tensor):
+        for i in range(0, len(data), batch):
+            x = data[i:i + batch].float().cpu() / 255
+            if x.shape[-1] != cfg.global_size:
+                x = F.interpolate(x, size=cfg.global_size, mode="bilinear", antialias=True, align_corners=False)
+            yield (x - mean) / std
+        return
+    T = torchvision.transforms
+    view = T.Compose([T.Resize(round(cfg.global_size * 8 / 7)), T.CenterCrop(cfg.global_size), T.ToTensor(),
+                      T.Normalize(MEAN, STD)])
+    folder = copy.copy(data)
+    folder.transform = lambda image, parity: view(image.convert("RGB"))
+    loader = torch.utils.data.DataLoader(folder, batch_size=batch, num_workers=cfg.workers, collate_fn=collate)
+    for x, _, _ in loader:
+        yield x
+
+
+@torch.no_grad()
+def extract_features(backbone, data, cfg, device):
+    """L2-normalised backbone features (N, dim) of a data set's centre views, in eval mode."""
+    was_training = backbone.training
+    backbone.eval()
+    feats = [F.normalize(backbone(channels_last(x.to(device), cfg)).float(), dim=1) for x in eval_batches(data, cfg)]
+    backbone.train(was_training)
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def knn_top1(train_feats, train_labels, test_feats, test_labels, k=20, t=0.07, num_classes=None):
+    """Weighted kNN (cosine similarity, votes exp(s/t)) top-1 accuracy in %, as in InstDisc/DINO."""
+    num_classes = num_classes or int(train_labels.max()) + 1
+    correct = 0
+    for i in range(0, len(test_feats), 1024):
+        sim, idx = (test_feats[i:i + 1024] @ train_feats.T).topk(min(k, len(train_feats)), dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, train_labels[idx], (sim / t).exp())
+        correct += (votes.argmax(1) == test_labels[i:i + 1024]).sum().item()
+    return 100.0 * correct / len(test_feats)
+
+
+def knn_report(backbone, cfg, device, train_data, train_labels):
+    """kNN top-1 (%) on the held-out split: trained encoder, the same architecture at random init, and (for data
+    sets held in memory) raw pixels. None when the data set has no held-out split."""
+    test_images, test_labels, test_folder = load_dataset(cfg, "val")
+    if test_labels is None:
+        return None
+    test_data = test_images if test_images is not None else test_folder
+    train_labels, test_labels = train_labels.to(device), test_labels.to(device)
+    torch.manual_seed(cfg.seed)
+    random_backbone = BACKBONES[cfg.arch]()[0].to(device)
+
+    def knn(net):
+        return knn_top1(extract_features(net, train_data, cfg, device), train_labels,
+                        extract_features(net, test_data, cfg, device), test_labels)
+
+    result = dict(knn_top1=knn(backbone), knn_top1_random_init=knn(random_backbone))
+    if test_images is not None:
+        pixels = [F.normalize(x.flatten(1).float() - x.flatten(1).float().mean(1, keepdim=True), dim=1).to(device)
+                  for x in (train_data, test_images)]  # centred per image: invariant to brightness and contrast
+        result["knn_top1_raw_pixels"] = knn_top1(pixels[0], train_labels, pixels[1], test_labels)
+    return result
+
+
+class InMemoryData(torch.utils.data.Dataset):
+    """uint8 images (N, 3, S, S) as a Dataset of (crops, label, "") for CPU workers (used with --gpu-aug off)."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+        self.to_pil = torchvision.transforms.ToPILImage()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        index, parity = key
+        return self.transform(self.to_pil(self.images[index]), parity), int(self.labels[index]), ""
+
+
+def epoch_batches(cfg, sampler, images, dataset, first_step, device):
+    """Yields (batch, failed image paths) for one epoch: uint8 images (B, 3, S, S), or crops made by CPU workers."""
+    if dataset is None:  # in memory, augmented on the device: no loader processes needed
+        indices = torch.tensor(list(sampler))
+        for b in range(len(indices) // cfg.batch_size):
+            yield images[indices[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(images.device)], []
+        return
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=ParityBatchSampler(sampler, cfg.batch_size, first_step), num_workers=cfg.workers,
+        collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=False)
+    for batch, _, failed in loader:
+        yield batch, failed
+
+
+def resolve_resume(cfg):
+    """The checkpoint to resume from, or None. A --resume PATH that does not exist is an error, never a fresh start."""
+    own = os.path.join(cfg.out_dir, "checkpoint.pt")
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        return own if os.path.exists(own) else None
+    if not os.path.isfile(cfg.resume):
+        raise SystemExit(f"smog.py: error: --resume {cfg.resume}: no such checkpoint")
+    return cfg.resume
+
+
+def load_checkpoint(path, cfg):
+    """Loads a checkpoint and refuses one whose networks or groups differ from the config."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any failure means the file is not a usable checkpoint
+        raise SystemExit(f"smog.py: error: --resume {path}: not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(state, dict) or "config" not in state:
+        raise SystemExit(f"smog.py: error: --resume {path}: not a smog.py checkpoint")
+    for name in ("arch", "feat_dim", "hidden_dim", "num_groups", "num_heads"):
+        if state["config"].get(name) != getattr(cfg, name):
+            raise SystemExit(f"smog.py: error: --resume {path}: checkpoint has {_flag(name)} "
+                             f"{state['config'].get(name)!r}, the config asks for {getattr(cfg, name)!r}")
+    return state
+
+
+def resolve_precision(cfg, device):
+    """(name, autocast context, GradScaler): bf16 autocast on CUDA by default, fp32 on CPU; a scaler only for fp16."""
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                if precision != "fp32" else nullcontext())
+    return precision, autocast, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def build_nets(cfg, device):
+    """Online net (DDP-wrapped under torchrun), target copy, groups and optimiser, identical on every rank."""
+    torch.manual_seed(cfg.seed)
+    online = OnlineNet(cfg.arch, cfg.hidden_dim, cfg.feat_dim).to(device)
+    if world_size() > 1 and device.type == "cuda":
+        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+    if cfg.channels_last and device.type == "cuda":
+        online = online.to(memory_format=torch.channels_last)
+    target = copy.deepcopy(online.encoder).requires_grad_(False)
+    grouping = MomentumGrouping(cfg.num_groups, cfg.feat_dim, cfg.num_heads).to(device)
+    opt = build_optimizer(cfg, [online])
+    model = (nn.parallel.DistributedDataParallel(online, device_ids=[device] if device.type == "cuda" else None)
+             if world_size() > 1 else online)
+    nets = dict(online=model, online_module=online, online_encoder=online.encoder, target=target,
+                grouping=grouping, params=list(online.parameters()))
+    return nets, opt
+
+
+def train(cfg):
+    """The whole run: data, networks, optional resume, epochs with group resets, checkpoints, final kNN report."""
+    device = setup_device()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    precision, autocast, scaler = resolve_precision(cfg, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    log(f"device: {device}, processes: {world_size()}, precision: {precision}")
+
+    # ----- data -----
+    images, labels, folder = load_dataset(cfg, "train")
+    per_step = cfg.batch_size * world_size()
+    if len(labels) < per_step:
+        raise SystemExit(f"smog.py: error: --batch-size {cfg.batch_size} × {world_size()} process(es) = {per_step} "
+                         f"is larger than the data set ({len(labels)} images in --data {cfg.data})")
+    batched_aug = cfg.gpu_aug == "on" or (cfg.gpu_aug == "auto" and (device.type == "cuda" or images is not None))
+    if folder is not None:
+        folder.transform = ResizeToTensor(round(cfg.global_size * 8 / 7)) if batched_aug else CPUMultiCrop(cfg)
+    dataset = folder
+    if images is not None:
+        if batched_aug:
+            images = images.to(device)
+        else:
+            dataset = InMemoryData(images, labels, CPUMultiCrop(cfg))
+    sampler = torch.utils.data.DistributedSampler(range(len(labels)), num_replicas=world_size(), rank=rank(),
+                                                  shuffle=True, seed=cfg.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // cfg.batch_size
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    log(f"data: {len(labels)} images, {steps_per_epoch} steps per epoch, global batch {per_step}, "
+        f"augmentation {'batched on ' + device.type if batched_aug else 'per image in CPU workers'}")
+
+    # ----- networks, groups, optimiser (same seed on every rank: identical initial weights) -----
+    nets, opt = build_nets(cfg, device)
+    online, target, grouping = nets["online_module"], nets["target"], nets["grouping"]
+    bank = MemoryBank(steps_per_epoch * cfg.batch_size, cfg.feat_dim, device)
+
+    def reset_groups(epoch):
+        """Epoch-start reset (SMOG_SPEC §2): k-means on last epoch's bank; target ← online (--reset_k_encoder)."""
+        t0 = time.time()
+        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+        grouping.kmeans_(bank.for_heads(cfg.num_heads), cfg.kmeans_iters, generator=gen)
+        for buffer in online.buffers():  # BN running statistics drift apart per rank without SyncBN (CPU)
+            broadcast_(buffer)
+        target.load_state_dict(online.encoder.state_dict())
+        return time.time() - t0
+
+    # ----- resume, or fill the bank with the initial network -----
+    ckpt_path, start_epoch, step = os.path.join(cfg.out_dir, "checkpoint.pt"), 0, 0
+    resume = resolve_resume(cfg)
+    if resume:
+        state = load_checkpoint(resume, cfg)
+        online.load_state_dict(state["online"])
+        target.load_state_dict(state["target"])
+        grouping.load_state_dict(state["grouping"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, step = state["epoch"], state["step"]
+        log(f"resumed from {resume} at epoch {start_epoch}, step {step}")
+    else:
+        torch.manual_seed(cfg.seed + 7919 * rank())
+        sampler.set_epoch(-1)
+        with torch.no_grad(), autocast:
+            for i, (batch, _) in enumerate(epoch_batches(cfg, sampler, images, dataset, 0, device)):
+                g = to_device_crops(batch, 0, cfg, device)[0]
+                bank.add(online.encoder([channels_last(g, cfg)]).float().view(2, g.shape[0] // 2, -1))
+        log(f"bank filled by the initial network, groups set by k-means ({reset_groups(-1):.1f}s)")
+
+    # ----- epochs -----
+    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank() == 0 else nullcontext() as jsonl:
+        for epoch in range(start_epoch, cfg.epochs):
+            # Data order and augmentation are pure functions of (seed, epoch, rank): resuming at an epoch is exact.
+            sampler.set_epoch(epoch)
+            torch.manual_seed(cfg.seed + 7919 * rank() + 104729 * (epoch + 1))
+            t_log, data_time, images_seen, bad_images = time.time(), 0.0, 0, 0
+            t_data = time.time()
+            for batch, failed in epoch_batches(cfg, sampler, images, dataset, step, device):
+                data_time += time.time() - t_data
+                if len(failed) > 0.01 * cfg.batch_size:
+                    raise SystemExit(f"smog.py: error: {len(failed)} of {cfg.batch_size} images of a batch are "
+                                     f"unreadable, e.g. {failed[0]}")
+                bad_images += len(failed)
+                lr, beta = lr_at(step, total_steps, warmup_steps, cfg), beta_at(step, total_steps, cfg)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                crops = to_device_crops(batch, step, cfg, device)
+                loss, counts, z_global = train_step(crops, step, beta, nets, opt, scaler, autocast, cfg)
+                bank.add(z_global)
+                step += 1
+                images_seen += per_step
+                if step % cfg.log_every == 0 or step == total_steps:
+                    used, entropy = group_health(counts)
+                    elapsed = time.time() - t_log
+                    record = dict(step=step, epoch=epoch, loss=loss.item(), lr=lr, beta=beta,
+                                  img_per_s=images_seen / elapsed, data_time=data_time / elapsed,
+                                  groups_used=used, assign_entropy=entropy, bad_images=bad_images)
+                    log(f"step {step}/{total_steps} | epoch {epoch} | loss {record['loss']:.4f} | lr {lr:.4f} | "
+                        f"β {beta:.4f} | {record['img_per_s']:.0f} img/s | data {100 * record['data_time']:.0f}% | "
+                        f"groups used {used:.0f}/{cfg.num_groups}")
+                    if jsonl:
+                        jsonl.write(json.dumps(record) + "\n")
+                        jsonl.flush()
+                    t_log, data_time, images_seen = time.time(), 0.0, 0
+                t_data = time.time()
+            reset_seconds = reset_groups(epoch)
+            if rank() == 0:
+                save_checkpoint(ckpt_path, dict(
+                    config=dataclasses.asdict(cfg), epoch=epoch + 1, step=step, online=online.state_dict(),
+                    target=target.state_dict(), grouping=grouping.state_dict(), optimizer=opt.state_dict(),
+                    scaler=scaler.state_dict()))
+                log(f"epoch {epoch} done: groups reset by k-means ({reset_seconds:.1f}s), checkpoint {ckpt_path}")
+            if cfg.stop_after and epoch + 1 - start_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:
+                log(f"stopping after {cfg.stop_after} epoch(s) as asked; run again to resume from epoch {epoch + 1}")
+                break
+        # ----- final report: kNN on the held-out split (labels used only here) -----
+        if cfg.knn and rank() == 0 and step == total_steps:
+            result = knn_report(online.encoder.backbone, cfg, device, images if folder is None else folder, labels)
+            if result is None:
+                log("kNN report skipped: the data set has no held-out split (PATH/val)")
+            else:
+                log("kNN top-1 on the held-out split: " + " | ".join(
+                    f"{name} {result[key]:.1f}%" for key, name in (
+                        ("knn_top1", "trained"), ("knn_top1_random_init", "same architecture at random init"),
+                        ("knn_top1_raw_pixels", "raw pixels")) if key in result))
+                jsonl.write(json.dumps(dict(step=step, **result)) + "\n")
+    if distributed():
+        dist.barrier()
+    return dict(online=online, target=target, grouping=grouping, step=step)
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    if cfg.print_config:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        return
+    train(cfg)
+    if distributed():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

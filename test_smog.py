@@ -1,0 +1,487 @@
+"""Tests for smog.py: grouping and loss invariants (hypothesis), one training step, the distributed path (2 gloo
+processes under torchrun), an end-to-end run with save → resume → continue, and one-line errors on bad input.
+
+Run: python -m pytest -q   (about N minutes on 2 CPU cores)
+"""
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import smog
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+torch.set_num_threads(2)
+settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
+settings.load_profile("ci")
+
+
+def grouping_with(seed, k, d, h):
+    torch.manual_seed(seed)
+    return smog.MomentumGrouping(k, d, h)
+
+
+shapes = st.tuples(st.integers(1, 12), st.integers(2, 8), st.integers(1, 3), st.integers(1, 40))  # K, D, H, N
+
+
+def near_tie(x, c, eps=1e-4):
+    """(H, N) mask of rows whose two best groups score within eps: argmax may legitimately differ there."""
+    top = torch.matmul(F.normalize(x, dim=-1), c.transpose(1, 2)).topk(min(2, c.shape[1]), -1).values
+    return (top[..., 0] - top[..., -1] < eps) & (c.shape[1] > 1)
+
+
+# ----- MomentumGrouping -----------------------------------------------------------------------------------------
+
+
+@given(shapes, st.integers(0, 10**6), st.floats(0.0, 1.0))
+def test_update_keeps_unit_norm(shape, seed, beta):
+    k, d, h, n = shape
+    g = grouping_with(seed, k, d, h)
+    g.update(torch.randn(n, d), beta)
+    assert torch.allclose(g.centroids.norm(dim=-1), torch.ones(h, k), atol=1e-5)
+
+
+@given(shapes, st.integers(0, 10**6))
+def test_kmeans_keeps_unit_norm_and_uses_bank_rows(shape, seed):
+    k, d, h, n = shape
+    g = grouping_with(seed, k, d, h)
+    bank = torch.randn(h, n + k, d)
+    g.kmeans_(bank, iters=0, generator=torch.Generator().manual_seed(seed))
+    # with no iterations the centroids are normalised rows of the bank
+    rows = F.normalize(bank, dim=-1)
+    for head in range(h):
+        dist_to_rows = (g.centroids[head][:, None] - rows[head][None]).norm(dim=-1).min(1).values
+        assert dist_to_rows.max() < 1e-5
+    g.kmeans_(bank, iters=3, generator=torch.Generator().manual_seed(seed))
+    assert torch.allclose(g.centroids.norm(dim=-1), torch.ones(h, k), atol=1e-5)
+
+
+@given(shapes, st.integers(0, 10**6))
+def test_beta_one_leaves_centroids_unchanged(shape, seed):
+    k, d, h, n = shape
+    g = grouping_with(seed, k, d, h)
+    before = g.centroids.clone()
+    g.update(torch.randn(n, d), beta=1.0)
+    assert torch.allclose(g.centroids, before, atol=1e-6)
+
+
+@given(shapes, st.integers(0, 10**6), st.floats(0.0, 0.999))
+def test_empty_groups_unchanged_and_others_move_toward_mean(shape, seed, beta):
+    k, d, h, n = shape
+    g = grouping_with(seed, k, d, h)
+    before = g.centroids.clone()
+    z = torch.randn(h, n, d)
+    labels = g.assign(z)
+    counts = g.update(z, beta)
+    for head in range(h):
+        used = torch.bincount(labels[head], minlength=k)
+        assert torch.equal(counts[head].long(), used)
+        assert torch.equal(g.centroids[head][used == 0], before[head][used == 0])
+        for j in used.nonzero().flatten().tolist():
+            mean = F.normalize(z[head], dim=-1)[labels[head] == j].mean(0)
+            expected = F.normalize(beta * before[head, j] + (1 - beta) * mean, dim=0)
+            assert torch.allclose(g.centroids[head, j], expected, atol=1e-5)
+
+
+@given(shapes, st.integers(0, 10**6), st.floats(0.0, 1.0))
+def test_update_independent_of_batch_order(shape, seed, beta):
+    k, d, h, n = shape
+    g1 = grouping_with(seed, k, d, h)
+    g2 = copy.deepcopy(g1)
+    z = torch.randn(n, d)
+    g1.update(z, beta)
+    g2.update(z[torch.randperm(n)], beta)
+    assert torch.allclose(g1.centroids, g2.centroids, atol=1e-5)
+
+
+@given(shapes, st.integers(0, 10**6), st.floats(0.0, 1.0), st.integers(1, 4))
+def test_chunk_sums_added_equal_whole_batch(shape, seed, beta, chunks):
+    """What the all-reduce does across ranks: every chunk's [sums | counts] added gives the whole batch's update."""
+    k, d, h, n = shape
+    g = grouping_with(seed, k, d, h)
+    whole = copy.deepcopy(g)
+    z = torch.randn(n, d)
+    parts = z.chunk(chunks)
+    buffers = []
+    original = smog.all_reduce_
+    try:
+        smog.all_reduce_ = lambda t: buffers.append(t.clone()) or t  # capture each chunk's local buffer
+        for part in parts[1:]:
+            copy.deepcopy(g).update(part, beta)
+        smog.all_reduce_ = lambda t: t.add_(sum(buffers))  # rank 0 of a simulated all-reduce
+        g.update(parts[0], beta)
+    finally:
+        smog.all_reduce_ = original
+    whole.update(z, beta)
+    assert torch.allclose(g.centroids, whole.centroids, atol=1e-5)
+
+
+@given(shapes, st.integers(0, 10**6), st.floats(1e-3, 1e3))
+def test_assignment_invariant_to_positive_rescaling(shape, seed, scale):
+    k, d, h, n = shape
+    g = grouping_with(seed, k, d, h)
+    x = torch.randn(n, d)
+    same = g.assign(x) == g.assign(x * scale)
+    assert (same | near_tie(x, g.centroids)).all()
+
+
+def test_assign_matches_cosine_argmax_and_chunks():
+    g = grouping_with(0, 50, 16, 3)
+    x = torch.randn(1000, 16) * torch.rand(1000, 1) * 10
+    cos = F.cosine_similarity(x[None, :, None, :], g.centroids[:, None, :, :], dim=-1)  # (H, N, K)
+    assert torch.equal(g.assign(x), cos.argmax(-1)) or (
+        (g.assign(x) == cos.argmax(-1)) | near_tie(x, g.centroids)).all()
+    assert torch.equal(g.assign(x, chunk=7), g.assign(x))
+
+
+# ----- loss ----------------------------------------------------------------------------------------------------
+
+
+@given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 8), st.integers(2, 50), st.floats(-5, 5))
+def test_loss_is_log_k_when_logits_equal(h, c_online, b, k, value):
+    logits = torch.full((h, c_online, b, k), value)
+    labels = torch.randint(k, (h, 2, b))
+    assert math.isclose(smog.smog_loss(logits, labels).item(), math.log(k), rel_tol=1e-5)
+
+
+@given(st.integers(0, 10**6), st.integers(2, 30))
+def test_loss_finite_and_decreases_as_p_moves_to_its_group(seed, k):
+    g = grouping_with(seed, k, 8, 2)
+    torch.manual_seed(seed)
+    labels = torch.randint(k, (2, 1, 1))
+    label_centroid = g.centroids[0, labels[0, 0, 0]]
+    labels[1] = g.assign(label_centroid[None])[1]  # the same point's label for the second head
+    start = torch.randn(8)
+    losses = []
+    for t in torch.linspace(0, 1, 6):
+        p = ((1 - t) * F.normalize(start, dim=0) + t * label_centroid)[None]
+        losses.append(smog.smog_loss(g.logits(p, 0.1).view(2, 1, 1, k), labels).item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]
+    assert all(b <= a + 1e-5 for a, b in zip(losses[:3], losses[1:3])) or losses[-1] < min(losses[:-1])
+
+
+def test_loss_huge_features_stay_finite():
+    g = grouping_with(0, 20, 8, 3)
+    p = torch.randn(4, 8) * 1e30
+    assert torch.isfinite(smog.smog_loss(g.logits(p, 0.1).view(3, 1, 4, 20), torch.zeros(3, 2, 4, dtype=torch.long)))
+
+
+# ----- one training step ---------------------------------------------------------------------------------------
+
+
+def tiny_cfg(tmp_path, *extra):
+    return smog.parse_config(["--out-dir", str(tmp_path), "--synthetic-size", "256", "--batch-size", "32",
+                              "--num-groups", "10", "--hidden-dim", "32", "--feat-dim", "16", "--epochs", "2",
+                              "--num-local", "2", "--log-every", "1", *extra])
+
+
+def build_nets(cfg):
+    return smog.build_nets(cfg, torch.device("cpu"))
+
+
+def one_step(cfg, nets, opt, step=0):
+    images, _ = smog.synthetic_shapes(cfg.batch_size, seed=1)
+    crops = smog.batch_multicrop(images, step, cfg)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return smog.train_step(crops, step, 0.9, nets, opt, scaler, smog.nullcontext(), cfg)
+
+
+def test_gradient_reaches_only_online_branch(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    nets, opt = build_nets(cfg)
+    grads = {}
+    original_step = opt.step
+    opt.step = lambda: grads.update({n: p.grad for n, p in nets["online"].named_parameters()}) or original_step()
+    one_step(cfg, nets, opt)
+    assert grads and all(gr is not None and torch.isfinite(gr).all() for gr in grads.values())
+    assert any(gr.abs().sum() > 0 for n, gr in grads.items() if n.startswith("encoder.backbone"))
+    assert all(p.grad is None for p in nets["target"].parameters())
+    assert not nets["grouping"].centroids.requires_grad and nets["grouping"].centroids.grad is None
+    assert not any(True for _ in nets["grouping"].parameters())
+
+
+def test_step_changes_online_and_moves_target_by_ema(tmp_path):
+    cfg = tiny_cfg(tmp_path, "--ema", "0.9")
+    nets, opt = build_nets(cfg)
+    nets["target"].load_state_dict(nets["online_encoder"].state_dict())
+    for p in nets["target"].parameters():  # a target different from the online weights, so the EMA is visible
+        p.add_(0.01 * torch.randn_like(p))
+    online_before = [p.clone() for p in nets["online_encoder"].parameters()]
+    target_before = [p.clone() for p in nets["target"].parameters()]
+    centroids_before = nets["grouping"].centroids.clone()
+    loss, counts, _ = one_step(cfg, nets, opt)
+    assert torch.isfinite(loss)
+    online_after = list(nets["online_encoder"].parameters())
+    changed = sum(not torch.equal(a, b) for a, b in zip(online_before, online_after))
+    assert changed == len(online_before)  # every weight of the encoder receives an update
+    for t0, o1, t1 in zip(target_before, online_after, nets["target"].parameters()):
+        assert torch.allclose(t1, 0.9 * t0 + 0.1 * o1, atol=1e-6, rtol=0)
+    assert not torch.equal(nets["grouping"].centroids, centroids_before)
+    assert counts.sum().item() == cfg.num_heads * cfg.batch_size
+
+
+def test_lars_trust_ratio_and_exclusions():
+    w = torch.nn.Parameter(torch.full((4, 4), 2.0))
+    b = torch.nn.Parameter(torch.ones(4))
+    opt = smog.LARS([dict(params=[w]), dict(params=[b], weight_decay=0.0, lars=False)], lr=1.0, momentum=0.0,
+                    weight_decay=0.1, eta=0.001)
+    w.grad, b.grad = torch.full((4, 4), 0.5), torch.full((4,), 0.5)
+    opt.step()
+    trust = 0.001 * 8.0 / (2.0 + 0.1 * 8.0)  # ‖w‖ = 8, ‖g‖ = 2
+    assert torch.allclose(w, torch.full((4, 4), 2.0 - trust * (0.5 + 0.1 * 2.0)))
+    assert torch.allclose(b, torch.full((4,), 0.5))
+
+
+def test_schedules():
+    cfg = smog.parse_config(["--lr", "0.3", "--batch-size", "256", "--start-lr", "0.01", "--final-lr", "0.001"])
+    assert smog.lr_at(0, 100, 10, cfg) == pytest.approx(0.01)
+    assert smog.lr_at(10, 100, 10, cfg) == pytest.approx(0.3)
+    assert smog.lr_at(100, 100, 10, cfg) == pytest.approx(0.001)
+    assert smog.beta_at(0, 100, cfg) == 1.0 and smog.beta_at(99, 100, cfg) == pytest.approx(0.99)
+
+
+# ----- data and augmentation -----------------------------------------------------------------------------------
+
+
+def test_synthetic_data_is_deterministic_and_balanced():
+    a, la = smog.synthetic_shapes(300, seed=3)
+    b, lb = smog.synthetic_shapes(300, seed=3)
+    assert a.dtype == torch.uint8 and a.shape == (300, 3, 32, 32)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert torch.bincount(la, minlength=10).min() > 10
+    assert not torch.equal(a, smog.synthetic_shapes(300, seed=4)[0])
+
+
+def test_batch_multicrop_shapes_and_per_image_randomness(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    img = smog.synthetic_shapes(1, seed=0)[0].expand(8, -1, -1, -1)  # eight copies of one image
+    g, loc, t = smog.batch_multicrop(img, 0, cfg)
+    assert g.shape == (16, 3, 32, 32) and t.shape == (16, 3, 32, 32) and loc.shape == (16, 3, 16, 16)
+    assert all(x.dtype == torch.float32 and torch.isfinite(x).all() for x in (g, loc, t))
+    assert len({tuple(x.flatten()[:50].tolist()) for x in g}) == 16  # no two copies get the same crop
+
+
+def test_cpu_multicrop_matches_shapes(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    pil = torchvision_pil(smog.synthetic_shapes(1, seed=0)[0][0])
+    g, loc, t = smog.CPUMultiCrop(cfg)(pil, 1)
+    assert g.shape == (2, 3, 32, 32) and t.shape == (2, 3, 32, 32) and loc.shape == (cfg.num_local, 3, 16, 16)
+
+
+def torchvision_pil(x):
+    import torchvision
+    return torchvision.transforms.functional.to_pil_image(x)
+
+
+def test_pipelines_swap_every_other_step():
+    assert smog.pipelines_for_step(0) == ("q", "k") and smog.pipelines_for_step(1) == ("k", "q")
+    assert smog.PIPELINES["q"] == (1.0, 0.0) and smog.PIPELINES["k"] == (0.1, 0.2)
+
+
+# ----- config --------------------------------------------------------------------------------------------------
+
+
+def test_flags_override_preset():
+    cfg = smog.parse_config(["--preset", "imagenet-r50", "--batch-size", "32"])
+    assert cfg.batch_size == 32 and cfg.arch == "resnet50" and cfg.num_groups == 3000 and cfg.global_size == 224
+    tiny = smog.parse_config([])
+    assert tiny.preset == "tiny" and tiny.data == "synthetic"
+
+
+def test_imagenet_preset_matches_spec():
+    cfg = smog.parse_config(["--preset", "imagenet-r50"])
+    expected = dict(epochs=400, global_size=224, global_scale=(0.2, 1.0), local_size=96, local_scale=(0.05, 0.2),
+                    num_local=4, feat_dim=128, hidden_dim=2048, ema=0.999, num_groups=3000, num_heads=3, tau=0.1,
+                    beta_start=1.0, beta_end=0.99, kmeans_iters=10, optimizer="lars", lr=0.3, start_lr=0.01,
+                    final_lr=0.0048, warmup_epochs=10, weight_decay=1e-6, momentum=0.9, lars_eta=0.001)
+    assert {k: getattr(cfg, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--arch", "resnet9000"], "--arch"), (["--preset", "huge"], "--preset"), (["--batch-size", "x"], "--batch-size"),
+    (["--global-scale", "0.5"], "--global-scale"), (["--tau", "0"], "--tau"), (["--no-such-flag"], "--no-such-flag"),
+])
+def test_bad_flags_name_the_flag(argv, flag):
+    with pytest.raises(SystemExit) as e:
+        smog.parse_config(argv)
+    assert flag in str(e.value) and "\n" not in str(e.value)
+
+
+# ----- end to end: training, resume, distributed, bad input ---------------------------------------------------
+
+SMALL = ["--synthetic-size", "384", "--batch-size", "64", "--num-groups", "12", "--hidden-dim", "64",
+         "--feat-dim", "32", "--log-every", "2", "--kmeans-iters", "3", "--warmup-epochs", "1", "--num-local", "1"]
+
+
+def run_smog(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(REPO, "smog.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "2", **(env or {})})
+
+
+def final_state(out_dir):
+    return torch.load(os.path.join(out_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
+
+
+def test_train_resume_continue_matches_uninterrupted(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    r = run_smog(*SMALL, "--epochs", "2", "--out-dir", str(straight))
+    assert r.returncode == 0, r.stderr
+    assert "kNN top-1 on the held-out split" in r.stdout
+    records = [json.loads(line) for line in open(straight / "log.jsonl")]
+    assert records[-1]["knn_top1"] >= 0 and "knn_top1_random_init" in records[-1]
+    steps = [rec for rec in records if "loss" in rec]
+    assert steps and all(math.isfinite(rec["loss"]) and rec["groups_used"] >= 1 for rec in steps)
+
+    r = run_smog(*SMALL, "--epochs", "2", "--stop-after", "1", "--out-dir", str(split))
+    assert r.returncode == 0 and "kNN" not in r.stdout, r.stderr
+    assert final_state(split)["epoch"] == 1
+    r = run_smog(*SMALL, "--epochs", "2", "--out-dir", str(split))  # --resume auto picks it up
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+    a, b = final_state(straight), final_state(split)
+    assert a["step"] == b["step"] == 2 * (384 // 64)
+    for key in ("online", "target", "grouping"):
+        for name in a[key]:
+            assert torch.allclose(a[key][name].float(), b[key][name].float(), atol=1e-6), (key, name)
+    split_losses = [rec["loss"] for rec in map(json.loads, open(split / "log.jsonl")) if "loss" in rec]
+    assert split_losses == pytest.approx([rec["loss"] for rec in steps], abs=1e-6)
+
+
+DRIVER = textwrap.dedent("""
+    import os, sys, torch
+    sys.path.insert(0, {repo!r})
+    import smog
+    torch.set_num_threads(1)
+    result = smog.train(smog.parse_config(sys.argv[1:]))
+    state = dict(centroids=result["grouping"].centroids, target=result["target"].state_dict(),
+                 online=result["online"].state_dict())
+    torch.save(state, os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"]))
+    torch.distributed.destroy_process_group()
+""")
+
+
+def test_torchrun_two_processes_stay_in_sync(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(repo=REPO, out=str(tmp_path)))
+    # 390 images: not divisible by 2 processes × 64, so ranks drop different tails and must still agree.
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(driver), *SMALL, "--synthetic-size", "390", "--epochs", "1", "--no-knn",
+                        "--out-dir", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "processes: 2" in r.stdout
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in (0, 1))
+    assert torch.equal(r0["centroids"], r1["centroids"])
+    for key in ("target", "online"):
+        for name in r0[key]:
+            assert torch.equal(r0[key][name], r1[key][name]), (key, name)
+
+
+def assert_one_line_error(r, *needles):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    assert_one_line_error(run_smog("--data", str(tmp_path / "missing")), "--data", "missing")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_smog("--data", str(tmp_path / "empty")), "--data")
+    assert_one_line_error(run_smog("--arch", "resnet9000"), "--arch")
+    assert_one_line_error(run_smog("--preset", "huge"), "--preset")
+    assert_one_line_error(run_smog("--synthetic-size", "100", "--batch-size", "128"), "--batch-size")
+    assert_one_line_error(run_smog("--resume", str(tmp_path / "nope.pt")), "--resume")
+
+
+def test_non_image_file_in_folder_is_reported(tmp_path):
+    import PIL.Image
+    images, _ = smog.synthetic_shapes(8, seed=0)
+    for c in ("a", "b"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for i in range(4):
+            PIL.Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(tmp_path / "train" / c / f"{i}.png")
+    (tmp_path / "train" / "a" / "notes.png").write_text("not an image")
+    r = run_smog("--data", str(tmp_path), "--batch-size", "9", "--epochs", "1", "--num-groups", "4",
+                 "--hidden-dim", "16", "--feat-dim", "8", "--out-dir", str(tmp_path / "out"))
+    assert_one_line_error(r, "notes.png", "unreadable")
+
+
+# ----- batched (GPU) augmentation, run on CPU tensors ------------------------------------------------------------
+
+N_AUG = 2000
+
+
+def unnormalise(x):
+    return x * torch.tensor(smog.STD).view(1, 3, 1, 1) + torch.tensor(smog.MEAN).view(1, 3, 1, 1)
+
+
+def constant_images(rgb, n=N_AUG, size=16):
+    return torch.tensor(rgb).view(1, 3, 1, 1).expand(n, 3, size, size).contiguous()
+
+
+def within_binomial(count, n, p, sds=5):
+    return abs(count - n * p) <= sds * math.sqrt(n * p * (1 - p)) + 1
+
+
+def test_batch_augment_output_range_and_dtype():
+    torch.manual_seed(0)
+    x = smog.batch_augment(smog.synthetic_shapes(64, seed=0)[0], 24, (0.2, 1.0), "k", (0.1, 1.0), crops_per_image=3)
+    assert x.shape == (192, 3, 24, 24) and x.dtype == torch.float32
+    pixels = unnormalise(x)
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+
+
+def test_batch_augment_flip_frequency():
+    torch.manual_seed(1)
+    img = torch.zeros(N_AUG, 3, 16, 16)
+    img[..., :8] = 0.8  # bright left half
+    out = unnormalise(smog.batch_augment(img, 16, (1.0, 1.0), "q", (0.1, 0.2)))
+    flipped = (out[..., 8:].mean((1, 2, 3)) > out[..., :8].mean((1, 2, 3))).sum().item()
+    assert within_binomial(flipped, N_AUG, 0.5)
+
+
+def test_batch_augment_grayscale_frequency():
+    torch.manual_seed(2)
+    out = unnormalise(smog.batch_augment(constant_images((0.9, 0.5, 0.1)), 8, (0.5, 1.0), "q", (0.1, 0.2)))
+    gray = ((out[:, 0] - out[:, 1]).abs().amax((1, 2)) < 1e-4).sum().item()
+    assert within_binomial(gray, N_AUG, 0.2)
+
+
+@pytest.mark.parametrize("pipeline, p", [("q", 0.0), ("k", 0.2)])
+def test_batch_augment_solarize_frequency_per_pipeline(pipeline, p):
+    torch.manual_seed(3)
+    # white stays >= 0.6 under every colour change; only solarize sends it below 0.5
+    out = unnormalise(smog.batch_augment(constant_images((1.0, 1.0, 1.0)), 8, (0.5, 1.0), pipeline, (0.1, 0.2)))
+    solarized = (out.mean((1, 2, 3)) < 0.5).sum().item()
+    assert within_binomial(solarized, N_AUG, p) if p else solarized == 0
+
+
+def test_gaussian_blur_matches_torchvision():
+    import torchvision.transforms.functional as TF
+    torch.manual_seed(4)
+    x = torch.rand(4, 3, 20, 20)
+    sigma = 1.3
+    out = smog._gaussian_blur(x, p=1.0, sigma=(sigma, sigma))
+    radius = math.ceil(3 * sigma)
+    assert torch.allclose(out, TF.gaussian_blur(x, 2 * radius + 1, sigma), atol=1e-5)
+    assert torch.equal(smog._gaussian_blur(x, p=0.0, sigma=(sigma, sigma)), x)
+
+
+def test_crop_boxes_lie_inside_and_follow_scale():
+    torch.manual_seed(5)
+    boxes = smog.random_resized_boxes(5000, (0.2, 0.6), 30, 40, torch.device("cpu"))
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 40 + 1e-4).all()
+    assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= 30 + 1e-4).all()
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (30 * 40)
+    assert area.max() <= 0.6 + 1e-4 and area.min() >= 0.1 and 0.3 < area.mean() < 0.45
