@@ -10,7 +10,8 @@ Measures, in one process:
                 and with batched (GPU) augmentation, as many workers as cores
   (d) grouping  MomentumGrouping.update alone (K = 3000, D = 128, 3 heads, N = 4096) against its floor, the
                 assignment matmul plus argmax for all heads
-and prints img/s for each, (b)/(a), (c)/(b), the share of (d) in (b), and the peak GPU memory.
+and prints img/s for each, (b)/(a), (c)/(b), the share of grouping + loss in (b) at the step's own sizes, and the
+peak GPU memory.
 """
 import argparse
 import dataclasses
@@ -128,6 +129,22 @@ def bench_grouping(device, steps, warmup, k=3000, d=128, h=3, n=4096):
     return update, floor
 
 
+def bench_grouping_in_step(cfg, device, steps, warmup):
+    """Grouping and loss at the step's own sizes (assign, update, logits, loss forward+backward), in seconds."""
+    torch.manual_seed(0)
+    b, h, d = cfg.batch_size, cfg.num_heads, cfg.feat_dim
+    grouping = smog.MomentumGrouping(cfg.num_groups, d, h).to(device)
+    zt, z = torch.randn(2 * b, d, device=device), torch.randn(2, b, d, device=device)
+    p = torch.randn((2 + cfg.num_local) * b, d, device=device, requires_grad=True)
+
+    def run():
+        labels = grouping.assign(zt).view(h, 2, b)
+        grouping.update(z[[i % 2 for i in range(h)]], 0.99)
+        smog.smog_loss(grouping.logits(p, cfg.tau).view(h, -1, b, cfg.num_groups), labels).backward()
+
+    return timed(run, steps, warmup, device)
+
+
 def main():
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -179,6 +196,10 @@ def main():
                       d_update_over_floor=update / floor)
         print(f"(d) grouping update {1000 * update:.2f} ms, floor (matmul + argmax) {1000 * floor:.2f} ms, "
               f"ratio {update / floor:.2f}", flush=True)
+        if "b_step_img_per_s" in result:
+            share = bench_grouping_in_step(cfg, device, max(args.steps, 5), args.warmup) * result["b_step_img_per_s"] / b
+            result["d_grouping_loss_share_of_step"] = share
+            print(f"(d) grouping + loss at the step's sizes: {100 * share:.1f}% of the step", flush=True)
     if "a_ceiling_img_per_s" in result and "b_step_img_per_s" in result:
         result["b_over_a"] = result["b_step_img_per_s"] / result["a_ceiling_img_per_s"]
     for kind in ("cpu", "gpu"):

@@ -485,3 +485,14 @@ def test_crop_boxes_lie_inside_and_follow_scale():
     assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= 30 + 1e-4).all()
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (30 * 40)
     assert area.max() <= 0.6 + 1e-4 and area.min() >= 0.1 and 0.3 < area.mean() < 0.45
+
+
+def test_bench_runs_every_part_on_cpu():
+    r = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "--steps", "1", "--warmup", "0",
+                        "--batch-size", "8", "--workers", "0"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("a_ceiling_img_per_s", "b_step_img_per_s", "c_e2e_cpu_aug_img_per_s", "c_e2e_gpu_aug_img_per_s",
+                "d_update_over_floor", "b_over_a"):
+        assert result[key] > 0, key
