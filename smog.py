@@ -1108,7 +1108,8 @@ def train(cfg):
                     config=dataclasses.asdict(cfg), epoch=epoch + 1, step=step, online=online.state_dict(),
                     target=target.state_dict(), grouping=grouping.state_dict(), optimizer=opt.state_dict(),
                     scaler=scaler.state_dict()))
-                log(f"epoch {epoch} done: groups reset by k-means ({reset_seconds:.1f}s), checkpoint {ckpt_path}")
+                if (epoch + 1) % max(1, cfg.epochs // 20) == 0 or epoch + 1 == cfg.epochs:  # ≤ ~20 such lines
+                    log(f"epoch {epoch} done: groups reset by k-means ({reset_seconds:.1f}s), checkpoint {ckpt_path}")
             if cfg.stop_after and epoch + 1 - start_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:
                 log(f"stopping after {cfg.stop_after} epoch(s) as asked; run again to resume from epoch {epoch + 1}")
                 break
