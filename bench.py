@@ -58,7 +58,7 @@ def bench_ceiling(cfg, device, autocast, steps, warmup):
     """(a) backbone alone: forward+backward on online crops, forward on target crops, one batch per resolution."""
     torch.manual_seed(0)
     backbone = smog.BACKBONES[cfg.arch]()[0].to(device)
-    if cfg.channels_last and device.type == "cuda":
+    if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     g, loc, t = (None if x is None else smog.channels_last(x, cfg) for x in fake_crops(cfg, device))
 

@@ -496,3 +496,11 @@ def test_bench_runs_every_part_on_cpu():
     for key in ("a_ceiling_img_per_s", "b_step_img_per_s", "c_e2e_cpu_aug_img_per_s", "c_e2e_gpu_aug_img_per_s",
                 "d_update_over_floor", "b_over_a"):
         assert result[key] > 0, key
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine-without-GPU path")
+def test_launch_without_gpu_prints_the_cpu_command():
+    r = subprocess.run(["bash", os.path.join(REPO, "launch.sh"), "node", "--epochs", "1"], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "DRY_RUN": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "no GPU found" in r.stdout and "+ python smog.py --epochs 1" in r.stdout

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Starts smog.py on one GPU, on every GPU of this node, on several nodes, or under SLURM; prints the command first.
+#
+#   bash launch.sh single    [smog.py flags]   # one process, one GPU (or the CPU)
+#   bash launch.sh node      [smog.py flags]   # every GPU of this node: torchrun --standalone --nproc_per_node=gpu
+#   bash launch.sh multinode [smog.py flags]   # run on every node with NNODES, MASTER_ADDR (and MASTER_PORT) set
+#   sbatch --nodes=8 --gres=gpu:8 --ntasks-per-node=1 --requeue --signal=B:USR1@120 launch.sh slurm [flags]
+#
+# The mode defaults to `node` when GPUs are present. Without a GPU it says so and runs the CPU command instead.
+# DRY_RUN=1 prints the command without running it.
+#
+# Batch size: --batch-size is per process, so the global batch is batch_size × GPUs × nodes. --lr is per 256 images
+# of global batch (linear scaling): keep --lr and adjust --batch-size to keep a recipe on a different GPU count,
+# e.g. the paper's 4096 = 64 GPUs × 64 = 32 GPUs × 128.
+#
+# Examples:
+#   bash launch.sh node --preset imagenet-r50 --data /data/imagenet --out-dir runs/r50
+#   NNODES=4 MASTER_ADDR=node001 bash launch.sh multinode --preset imagenet-r50 --data /data/imagenet
+set -euo pipefail
+cd "$(dirname "$0")"
+
+mode=node
+case "${1:-}" in single|node|multinode|slurm) mode=$1; shift ;; esac
+
+gpus=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+  gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l)
+fi
+
+run() {
+  echo "+ $*"
+  [ "${DRY_RUN:-0}" = 1 ] || exec "$@"
+}
+
+if [ "$gpus" -eq 0 ] && [ "$mode" != slurm ]; then
+  echo "launch.sh: no GPU found (nvidia-smi lists none); running on the CPU in one process instead."
+  run python smog.py "$@"
+  exit 0
+fi
+
+port=${MASTER_PORT:-29500}
+case "$mode" in
+  single)
+    run python smog.py "$@" ;;
+  node)
+    run torchrun --standalone --nproc_per_node=gpu smog.py "$@" ;;
+  multinode)
+    : "${NNODES:?set NNODES (number of nodes) for multinode}" "${MASTER_ADDR:?set MASTER_ADDR (host of node 0)}"
+    run torchrun --nnodes="$NNODES" --nproc_per_node=gpu --rdzv-backend=c10d \
+      --rdzv-endpoint="$MASTER_ADDR:$port" --rdzv-id="${RDZV_ID:-smog}" smog.py "$@" ;;
+  slurm)
+    # One task per node; torchrun starts one process per GPU. On requeue the run resumes from
+    # out_dir/checkpoint.pt (--resume auto).
+    : "${SLURM_JOB_NODELIST:?slurm mode runs inside an sbatch allocation}"
+    head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    run srun torchrun --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node=gpu --rdzv-backend=c10d \
+      --rdzv-endpoint="$head:$port" --rdzv-id="$SLURM_JOB_ID" smog.py "$@" ;;
+esac
