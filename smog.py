@@ -870,13 +870,14 @@ def eval_batches(data, cfg, batch=256):
 
 
 @torch.no_grad()
-def extract_features(backbone, data, cfg, device):
-    """L2-normalised backbone features (N, dim) of a data set's centre views, in eval mode."""
+def extract_features(backbone, data, cfg, device, normalize=True):
+    """Backbone features (N, dim) of a data set's centre views, in eval mode; L2-normalised unless told not to."""
     was_training = backbone.training
     backbone.eval()
-    feats = [F.normalize(backbone(channels_last(x.to(device), cfg)).float(), dim=1) for x in eval_batches(data, cfg)]
+    feats = [backbone(channels_last(x.to(device), cfg)).float() for x in eval_batches(data, cfg)]
     backbone.train(was_training)
-    return torch.cat(feats)
+    feats = torch.cat(feats)
+    return F.normalize(feats, dim=1) if normalize else feats
 
 
 @torch.no_grad()

@@ -504,3 +504,59 @@ def test_launch_without_gpu_prints_the_cpu_command():
                        text=True, timeout=60, env={**os.environ, "DRY_RUN": "1"})
     assert r.returncode == 0, r.stderr
     assert "no GPU found" in r.stdout and "+ python smog.py --epochs 1" in r.stdout
+
+
+# ----- eval_linear.py ------------------------------------------------------------------------------------------
+
+
+def fake_checkpoint(path, *flags):
+    import dataclasses
+    cfg = smog.parse_config(list(flags))
+    torch.manual_seed(0)
+    online = smog.OnlineNet(cfg.arch, cfg.hidden_dim, cfg.feat_dim)
+    torch.save(dict(config=dataclasses.asdict(cfg), online=online.state_dict()), path)
+    return online
+
+
+def run_eval(*args):
+    return subprocess.run([sys.executable, os.path.join(REPO, "eval_linear.py"), *args], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+
+
+def test_eval_linear_json_line_and_frozen_backbone(tmp_path):
+    fake_checkpoint(tmp_path / "ck.pt", "--synthetic-size", "300")
+    r = run_eval("--checkpoint", str(tmp_path / "ck.pt"), "--cache-features", "--knn", "--epochs", "3")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(result) >= {"top1", "top5", "knn_top1", "checkpoint", "epochs"} and result["epochs"] == 3
+    assert 0 <= result["top1"] <= result["top5"] <= 100 and "best epoch" in r.stdout
+
+
+def test_eval_linear_refuses_checkpoint_with_missing_key(tmp_path):
+    fake_checkpoint(tmp_path / "ck.pt")
+    state = torch.load(tmp_path / "ck.pt", weights_only=False)
+    del state["online"][next(k for k in state["online"] if k.startswith("encoder.backbone."))]
+    torch.save(state, tmp_path / "broken.pt")
+    assert_one_line_error(run_eval("--checkpoint", str(tmp_path / "broken.pt"), "--cache-features"), "missing")
+    assert_one_line_error(run_eval("--checkpoint", str(tmp_path / "nope.pt")), "--checkpoint")
+
+
+def test_eval_linear_export_loads_into_torchvision(tmp_path):
+    import torchvision
+    online = fake_checkpoint(tmp_path / "ck.pt", "--arch", "resnet18", "--hidden-dim", "32", "--feat-dim", "16")
+    r = run_eval("--checkpoint", str(tmp_path / "ck.pt"), "--export", str(tmp_path / "backbone.pt"))
+    assert r.returncode == 0, r.stderr
+    sd = torch.load(tmp_path / "backbone.pt", weights_only=True)
+    assert not any(k.startswith(("module.", "_orig_mod.", "encoder.")) for k in sd)
+    model = torchvision.models.resnet18()
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    assert torch.equal(model.conv1.weight, online.encoder.backbone.conv1.weight)
+
+
+def test_knn_on_toy_set_with_known_answer():
+    train = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]), dim=1)
+    labels = torch.tensor([0, 0, 1, 1])
+    test = F.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0], [0.8, 0.2]]), dim=1)
+    assert smog.knn_top1(train, labels, test, torch.tensor([0, 1, 0]), k=2) == 100.0
+    assert smog.knn_top1(train, labels, test, torch.tensor([1, 0, 1]), k=2) == 0.0

@@ -1,0 +1,160 @@
+"""Linear probe and kNN on frozen SMoG features, and a backbone export.
+
+    python eval_linear.py --checkpoint out/checkpoint.pt --cache-features --knn      # the embedded data set
+    python eval_linear.py --random-init --arch resnet_tiny --cache-features --knn   # the baseline every report needs
+    python eval_linear.py --checkpoint out/checkpoint.pt --export backbone.pt       # torchvision-style state_dict
+
+Protocol (SMOG_SPEC §6): the online backbone of a smog.py checkpoint, loaded with strict key matching, frozen and in
+eval mode; global-pooled features, standardised with the training split's statistics; one nn.Linear (weights N(0, 0.01), bias 0) trained with SGD, momentum 0.9,
+lr 0.3 × batch / 256, weight decay 1e-6, cosine schedule, 100 epochs; RandomResizedCrop + flip for training,
+Resize + CenterCrop for validation. --cache-features extracts the centre-view features once and trains on them (no
+train-time augmentation: the fast path for small data and CPUs). kNN: cosine similarity of L2-normalised features,
+k = 20 and 200, temperature 0.07, weighted vote. The reported top-1/top-5 are those of the final epoch; the best epoch
+is shown too, labelled as such. The last line printed is one JSON object.
+"""
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import smog
+
+
+def parse_args(argv=None):
+    p = smog._Parser(prog="eval_linear.py", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default="", help="smog.py checkpoint whose online backbone is evaluated")
+    p.add_argument("--random-init", action="store_true", help="evaluate the architecture untrained instead")
+    p.add_argument("--arch", default="", help="with --random-init: the architecture (default: the tiny preset's)")
+    p.add_argument("--data", default="", help="synthetic | cifar10 | PATH with train/ and val/ (default: the run's)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.3, help="per 256 images of batch")
+    p.add_argument("--weight-decay", type=float, default=1e-6)
+    p.add_argument("--cache-features", action="store_true", help="train on centre-view features extracted once")
+    p.add_argument("--knn", action="store_true", help="also report kNN top-1 (k = 20 and 200)")
+    p.add_argument("--export", default="", help="write the backbone as a plain state_dict to this path and exit")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if bool(args.checkpoint) == args.random_init:
+        raise SystemExit("eval_linear.py: error: give exactly one of --checkpoint PATH and --random-init")
+    if args.epochs < 1 or args.batch_size < 1:
+        raise SystemExit("eval_linear.py: error: --epochs and --batch-size must be at least 1")
+    return args
+
+
+def load_backbone(args):
+    """(backbone, smog Config) from a checkpoint's online encoder with strict key matching, or at random init."""
+    if args.random_init:
+        cfg = smog.parse_config(["--arch", args.arch] if args.arch else [])
+        torch.manual_seed(args.seed)
+        return smog.BACKBONES[cfg.arch]()[0], cfg
+    if not os.path.isfile(args.checkpoint):
+        raise SystemExit(f"eval_linear.py: error: --checkpoint {args.checkpoint}: no such file")
+    try:
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()}
+        cfg = smog.Config(**{k: v for k, v in saved.items() if k in smog.Config.__dataclass_fields__})
+        online = state["online"]
+    except Exception as e:  # noqa: BLE001 - any failure means the file is not a smog.py checkpoint
+        raise SystemExit(f"eval_linear.py: error: --checkpoint {args.checkpoint}: not a smog.py checkpoint "
+                         f"({type(e).__name__}: {e})")
+    prefix = "encoder.backbone."
+    weights = {k[len(prefix):]: v for k, v in online.items() if k.startswith(prefix)}
+    backbone = smog.BACKBONES[cfg.arch]()[0]
+    missing, unexpected = backbone.state_dict().keys() - weights.keys(), weights.keys() - backbone.state_dict().keys()
+    if missing or unexpected:
+        raise SystemExit(f"eval_linear.py: error: --checkpoint {args.checkpoint} does not match --arch {cfg.arch}: "
+                         f"{len(missing)} missing keys (e.g. {sorted(missing)[:2]}), {len(unexpected)} unexpected")
+    backbone.load_state_dict(weights, strict=True)
+    return backbone, cfg
+
+
+def topk_correct(logits, labels, ks=(1, 5)):
+    top = logits.topk(max(ks), dim=1).indices
+    return [(top[:, :k] == labels[:, None]).any(1).float().sum().item() for k in ks]
+
+
+def linear_probe(train_x, train_y, test_x, test_y, num_classes, args, device):
+    """Trains one nn.Linear on fixed features (N, dim); returns per-epoch (top1, top5) on the test features in %."""
+    torch.manual_seed(args.seed)
+    head = nn.Linear(train_x.shape[1], num_classes).to(device)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    lr = args.lr * args.batch_size / 256
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * steps_per_epoch)
+    history = []
+    for epoch in range(args.epochs):
+        order = torch.randperm(len(train_x), device=device)
+        for i in range(0, len(order), args.batch_size):
+            idx = order[i:i + args.batch_size]
+            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        with torch.no_grad():
+            top1, top5 = topk_correct(head(test_x), test_y, (1, min(5, num_classes)))
+        history.append((100 * top1 / len(test_x), 100 * top5 / len(test_x)))
+    return history
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    backbone, cfg = load_backbone(args)
+    if args.export:
+        torch.save({k: v.clone() for k, v in backbone.state_dict().items()}, args.export)
+        print(f"backbone ({cfg.arch}) written to {args.export}: load it into the torchvision model with "
+              f"strict=False (only fc.* is missing)")
+        return
+    if not args.cache_features:
+        raise SystemExit("eval_linear.py: error: only --cache-features is available so far (train on centre views)")
+    if args.data:
+        cfg = dataclasses.replace(cfg, data=args.data)
+    cfg = dataclasses.replace(cfg, workers=args.workers, channels_last=False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = backbone.to(device).eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+
+    train_images, train_y, train_folder = smog.load_dataset(cfg, "train")
+    test_images, test_y, test_folder = smog.load_dataset(cfg, "val")
+    if test_y is None:
+        raise SystemExit(f"eval_linear.py: error: --data {cfg.data}: no val/ split to evaluate on")
+    train_data = train_images if train_images is not None else train_folder
+    test_data = test_images if test_images is not None else test_folder
+    train_y, test_y = train_y.to(device), test_y.to(device)
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    train_x = smog.extract_features(backbone, train_data, cfg, device, normalize=False)
+    test_x = smog.extract_features(backbone, test_data, cfg, device, normalize=False)
+    print(f"features: {tuple(train_x.shape)} train, {tuple(test_x.shape)} val, {cfg.arch}, "
+          f"{'random init' if args.random_init else args.checkpoint}", flush=True)
+
+    # Standardise each feature with the training split's statistics (a BatchNorm without affine, as in MAE's probe):
+    # the same lr then suits trained and untrained backbones, whose feature scales differ by orders of magnitude.
+    mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
+    history = linear_probe((train_x - mean) / std, train_y, (test_x - mean) / std, test_y, num_classes, args, device)
+    after = backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a backbone tensor changed during the probe"
+    top1, top5 = history[-1]
+    best = max(range(len(history)), key=lambda e: history[e][0])
+    print(f"linear probe, final epoch {len(history)}: top-1 {top1:.2f}%  top-5 {top5:.2f}%  "
+          f"(best epoch {best + 1}: top-1 {history[best][0]:.2f}%, shown for reference only)")
+    result = dict(top1=top1, top5=top5, knn_top1=None, checkpoint=args.checkpoint or "random-init",
+                  epochs=args.epochs)
+    if args.knn:
+        tr, te = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+        knn = {k: smog.knn_top1(tr, train_y, te, test_y, k=k, t=0.07) for k in (20, 200)}
+        print(f"kNN top-1: k=20 {knn[20]:.2f}%  k=200 {knn[200]:.2f}%")
+        result.update(knn_top1=knn[20], knn_top1_k200=knn[200])
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
