@@ -211,10 +211,10 @@ def log(*args):
         print(*args, flush=True)
 
 
-def all_reduce_(t):
-    """Sums t over all processes, in place."""
+def all_reduce_(t, op="sum"):
+    """Sums (or takes the max of) t over all processes, in place."""
     if distributed():
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
 
 
@@ -1067,6 +1067,17 @@ def train(cfg):
                 bank.add(online.encoder([channels_last(g, cfg)]).float().view(2, g.shape[0] // 2, -1))
         log(f"bank filled by the initial network, groups set by k-means ({reset_groups(-1):.1f}s)")
 
+    # The first step whose loss was not finite, kept on the device (no sync per step), checked by every process
+    # together at log intervals and before each checkpoint: all stop at once, none writes non-finite weights.
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+
+    def stop_if_not_finite():
+        first = all_reduce_(bad_step.clone(), op="max").item()
+        if first >= 0:
+            last = f"{ckpt_path} (after {epoch} epochs)" if os.path.exists(ckpt_path) else "none"
+            raise SystemExit(f"smog.py: error: the loss became NaN/inf at step {first}; every process stopped. "
+                             f"Last good checkpoint: {last}. Lower --lr or raise --warmup-epochs")
+
     # ----- epochs -----
     with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank() == 0 else nullcontext() as jsonl:
         for epoch in range(start_epoch, cfg.epochs):
@@ -1087,9 +1098,11 @@ def train(cfg):
                 crops = to_device_crops(batch, step, cfg, device)
                 loss, counts, z_global = train_step(crops, step, beta, nets, opt, scaler, autocast, cfg)
                 bank.add(z_global)
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
                 step += 1
                 images_seen += per_step
                 if step % cfg.log_every == 0 or step == total_steps:
+                    stop_if_not_finite()
                     used, entropy = group_health(counts)
                     elapsed = time.time() - t_log
                     record = dict(step=step, epoch=epoch, loss=loss.item(), lr=lr, beta=beta,
@@ -1103,6 +1116,7 @@ def train(cfg):
                         jsonl.flush()
                     t_log, data_time, images_seen = time.time(), 0.0, 0
                 t_data = time.time()
+            stop_if_not_finite()
             reset_seconds = reset_groups(epoch)
             if rank() == 0:
                 save_checkpoint(ckpt_path, dict(

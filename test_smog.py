@@ -560,3 +560,22 @@ def test_knn_on_toy_set_with_known_answer():
     test = F.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0], [0.8, 0.2]]), dim=1)
     assert smog.knn_top1(train, labels, test, torch.tensor([0, 1, 0]), k=2) == 100.0
     assert smog.knn_top1(train, labels, test, torch.tensor([1, 0, 1]), k=2) == 0.0
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
+    real_loss = smog.smog_loss
+    calls = []
+
+    def loss_nan_at_step_8(logits, labels):
+        calls.append(1)
+        loss = real_loss(logits, labels)
+        return loss * float("nan") if len(calls) == 9 else loss  # steps 0..5 are epoch 0; step 8 goes bad
+
+    monkeypatch.setattr(smog, "smog_loss", loss_nan_at_step_8)
+    cfg = smog.parse_config([*SMALL, "--epochs", "3", "--log-every", "100", "--no-knn", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        smog.train(cfg)
+    message = str(e.value)
+    assert "step 8" in message and "checkpoint.pt (after 1 epochs)" in message and "\n" not in message
+    state = final_state(tmp_path)  # the checkpoint on disk is the last good one, with finite weights
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["online"].values() if v.is_floating_point())
