@@ -579,3 +579,20 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
     assert "step 8" in message and "checkpoint.pt (after 1 epochs)" in message and "\n" not in message
     state = final_state(tmp_path)  # the checkpoint on disk is the last good one, with finite weights
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["online"].values() if v.is_floating_point())
+
+
+def test_truncated_jpeg_is_skipped_and_counted(tmp_path):
+    import PIL.Image
+    images, _ = smog.synthetic_shapes(128, seed=0)  # one batch of 128: no image is dropped
+    for i in range(128):
+        folder = tmp_path / "train" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        PIL.Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.jpg", quality=90)
+    whole = (tmp_path / "train" / "c0" / "0.jpg").read_bytes()
+    (tmp_path / "train" / "c0" / "0.jpg").write_bytes(whole[:len(whole) // 2])  # truncated: 1 of 128 < 1%
+    r = run_smog("--data", str(tmp_path), "--batch-size", "128", "--epochs", "1", "--num-groups", "8",
+                 "--hidden-dim", "16", "--feat-dim", "8", "--log-every", "1", "--out-dir", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "augmentation per image in CPU workers" in r.stdout
+    records = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    assert sum(rec.get("bad_images", 0) for rec in records) == 1
