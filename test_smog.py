@@ -1,7 +1,8 @@
-"""Tests for smog.py: grouping and loss invariants (hypothesis), one training step, the distributed path (2 gloo
-processes under torchrun), an end-to-end run with save → resume → continue, and one-line errors on bad input.
+"""Tests for smog.py, eval_linear.py, bench.py and launch.sh: grouping and loss invariants (hypothesis), one training
+step, the batched augmentation on CPU tensors, the distributed path (2 gloo processes under torchrun), an end-to-end
+run with save → resume → continue, the NaN guard, and one-line errors on bad input.
 
-Run: python -m pytest -q   (about N minutes on 2 CPU cores)
+Run: python -m pytest -q   (about 75 s on 2 CPU cores)
 """
 import copy
 import json
