@@ -323,9 +323,14 @@ SMALL = ["--synthetic-size", "384", "--batch-size", "64", "--num-groups", "12", 
          "--feat-dim", "32", "--log-every", "2", "--kmeans-iters", "3", "--warmup-epochs", "1", "--num-local", "1"]
 
 
-def run_smog(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, os.path.join(REPO, "smog.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "2", **(env or {})})
+def run_script(script, *args):
+    """Runs one of the project's scripts in a fresh interpreter on 2 threads; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+
+
+def run_smog(*args):
+    return run_script("smog.py", *args)
 
 
 def final_state(out_dir):
@@ -489,9 +494,7 @@ def test_crop_boxes_lie_inside_and_follow_scale():
 
 
 def test_bench_runs_every_part_on_cpu():
-    r = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "--steps", "1", "--warmup", "0",
-                        "--batch-size", "8", "--workers", "0"], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "2"})
+    r = run_script("bench.py", "--steps", "1", "--warmup", "0", "--batch-size", "8", "--workers", "0")
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("a_ceiling_img_per_s", "b_step_img_per_s", "c_e2e_cpu_aug_img_per_s", "c_e2e_gpu_aug_img_per_s",
@@ -520,8 +523,7 @@ def fake_checkpoint(path, *flags):
 
 
 def run_eval(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO, "eval_linear.py"), *args], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    return run_script("eval_linear.py", *args)
 
 
 def test_eval_linear_json_line_and_frozen_backbone(tmp_path):
