@@ -2,6 +2,7 @@
 
     python bench.py                        # GPU: ResNet-50, paper recipe, 128 images; CPU: the same paths at tiny sizes
     python bench.py --arch resnet50 --batch-size 128 --steps 30 --out results.json
+    python bench.py --precision fp16 --skip c,d     # GPU: the other precision; --compile: with torch.compile
 
 Measures, in one process:
   (a) ceiling   the bare backbone: forward+backward over the online crops, forward over the target crops
@@ -60,6 +61,8 @@ def bench_ceiling(cfg, device, autocast, steps, warmup):
     backbone = smog.BACKBONES[cfg.arch]()[0].to(device)
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        backbone.compile(dynamic=False)
     g, loc, t = (None if x is None else smog.channels_last(x, cfg) for x in fake_crops(cfg, device))
 
     def run():
@@ -72,8 +75,8 @@ def bench_ceiling(cfg, device, autocast, steps, warmup):
     return timed(run, steps, warmup, device)
 
 
-def bench_step(cfg, device, autocast, scaler, steps, warmup):
-    """(b) the full training step of smog.py on fixed device tensors."""
+def bench_step(cfg, device, autocast, scaler, steps, warmup, profile=""):
+    """(b) the full training step of smog.py on fixed device tensors; profile: write its top operators there."""
     nets, opt = smog.build_nets(cfg, device)
     crops = fake_crops(cfg, device)
     state = dict(step=0)
@@ -82,7 +85,19 @@ def bench_step(cfg, device, autocast, scaler, steps, warmup):
         smog.train_step(crops, state["step"], 0.995, nets, opt, scaler, autocast, cfg)
         state["step"] += 1
 
-    return timed(run, steps, warmup, device)
+    seconds = timed(run, steps, warmup, device)
+    if profile:
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(3):
+                run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        with open(profile, "w") as f:
+            f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
+    return seconds
 
 
 def write_jpegs(root, count, classes=4, size=(500, 375)):
@@ -98,7 +113,12 @@ def write_jpegs(root, count, classes=4, size=(500, 375)):
 
 
 def bench_e2e(cfg, device, autocast, scaler, steps, warmup, root, batched):
-    """(c) seconds per step from JPEG files through the DataLoader to the finished step."""
+    """(c) seconds per step from JPEG files through the DataLoader to the finished step.
+
+    Workers deliver batches in bursts (each prepares a whole batch), so this is the mean over the measured steps,
+    after a warm-up long enough for every worker to have delivered once.
+    """
+    warmup, steps = max(warmup, cfg.workers), max(steps, 3 * cfg.workers)
     cfg = dataclasses.replace(cfg, data=root)
     _, labels, dataset = smog.load_dataset(cfg, "train")
     dataset.transform = smog.ResizeToTensor(round(cfg.global_size * 8 / 7)) if batched else smog.CPUMultiCrop(cfg)
@@ -106,17 +126,16 @@ def bench_e2e(cfg, device, autocast, scaler, steps, warmup, root, batched):
     sampler = torch.utils.data.RandomSampler(range(len(labels)), replacement=True,
                                              num_samples=(steps + warmup) * cfg.batch_size)
     batches = smog.epoch_batches(cfg, sampler, None, dataset, 0, device)
-    times = []
-    t0 = time.perf_counter()
     for step, (batch, _) in enumerate(batches):
+        if step == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
         crops = smog.to_device_crops(batch, step, cfg, device)
         smog.train_step(crops, step, 0.995, nets, opt, scaler, autocast, cfg)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= warmup:
-            times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-    return float(np.median(times))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
 
 
 def bench_grouping(device, steps, warmup, k=3000, d=128, h=3, n=4096):
@@ -154,16 +173,20 @@ def main():
     parser.add_argument("--steps", type=int, default=20 if cuda else 3)
     parser.add_argument("--warmup", type=int, default=5 if cuda else 1)
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the networks, as smog.py --compile")
     parser.add_argument("--images", type=int, default=0, help="JPEGs to generate for (c); default 4 batches")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--skip", default="", help="comma-separated parts to skip, e.g. c")
     parser.add_argument("--out", default="", help="also write the JSON line to this file")
+    parser.add_argument("--profile", default="", help="write the top operators of 3 steps of (b) to this file")
     args = parser.parse_args()
 
     flags = ["--preset", args.preset, "--batch-size", str(args.batch_size), "--precision", args.precision,
              "--workers", str(args.workers)]
     if args.arch:
         flags += ["--arch", args.arch]
+    if args.compile:
+        flags += ["--compile"]
     cfg = smog.parse_config(flags)
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
@@ -173,7 +196,7 @@ def main():
     skip = set(filter(None, args.skip.split(",")))
     b = cfg.batch_size
     result = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, arch=cfg.arch,
-                  batch_size=b, precision=precision, crops=f"2x{cfg.global_size}+{cfg.num_local}x{cfg.local_size}"
+                  batch_size=b, precision=precision, compile=cfg.compile, workers=cfg.workers, crops=f"2x{cfg.global_size}+{cfg.num_local}x{cfg.local_size}"
                   f" online, 2x{cfg.global_size} target", num_groups=cfg.num_groups, num_heads=cfg.num_heads)
     print(f"bench: {json.dumps(result)}", flush=True)
 
@@ -184,7 +207,7 @@ def main():
     if "a" not in skip:
         report("a_ceiling", bench_ceiling(cfg, device, autocast, args.steps, args.warmup))
     if "b" not in skip:
-        report("b_step", bench_step(cfg, device, autocast, scaler, args.steps, args.warmup))
+        report("b_step", bench_step(cfg, device, autocast, scaler, args.steps, args.warmup, args.profile))
     if "c" not in skip:
         with tempfile.TemporaryDirectory() as root:
             write_jpegs(root, args.images or 4 * b)

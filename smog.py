@@ -25,6 +25,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -86,6 +87,7 @@ class Config:
     # --- system ---
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     channels_last: bool = True  # NHWC memory layout: faster convolutions with bf16 on GPUs, and on CPUs (oneDNN)
+    compile: bool = False  # torch.compile the online and target networks (opt-in: see README, Performance)
     log_every: int = 20  # steps between log lines
     knn: bool = True  # report kNN top-1 on the held-out split at the end (labels are used only for this report)
     print_config: bool = False  # print the resolved config and exit
@@ -391,10 +393,16 @@ def _uniform(n, lo, hi, device):
     return torch.empty(n, device=device).uniform_(lo, hi)
 
 
-def random_resized_boxes(n, scale, height, width, device, ratio=(3 / 4, 4 / 3)):
-    """(n, 4) crop boxes x0, y0, x1, y1 in pixels with area fraction ~ U(scale), log aspect ~ U(log ratio)."""
+def random_resized_boxes(n, scale, height, width, device, ratio=(3 / 4, 4 / 3), image_aspect=None):
+    """(n, 4) crop boxes x0, y0, x1, y1 in pixels with area fraction ~ U(scale), log aspect ~ U(log ratio).
+
+    image_aspect (n,): width/height of each original image that was squashed to height × width; the aspect ratio is
+    then drawn in the original's geometry, as RandomResizedCrop on the original image would.
+    """
     area = _uniform(n, *scale, device) * height * width
     aspect = torch.exp(_uniform(n, math.log(ratio[0]), math.log(ratio[1]), device))
+    if image_aspect is not None:
+        aspect = aspect * width / (height * image_aspect)
     w = torch.sqrt(area * aspect).clamp(max=width)
     h = torch.sqrt(area / aspect).clamp(max=height)
     x0 = torch.rand(n, device=device) * (width - w)
@@ -445,17 +453,19 @@ def _gaussian_blur(x, p, sigma):
     return y.reshape(n, c, h, w)
 
 
-def batch_augment(images, size, scale, pipeline, blur_sigma, crops_per_image=1):
+def batch_augment(images, size, scale, pipeline, blur_sigma, crops_per_image=1, aspect=None):
     """Augments a batch on its own device, with independent random parameters for every crop of every image.
 
-    images: (B, 3, H, W) uint8 or float in [0, 1]. Returns (crops_per_image·B, 3, size, size) normalised floats,
-    crop-major (all images' first crop, then all second crops, ...).
+    images: (B, 3, H, W) uint8 or float in [0, 1]; aspect: (B,) original width/height of squashed images, or None.
+    Returns (crops_per_image·B, 3, size, size) normalised floats, crop-major (all images' first crop, then all
+    second crops, ...).
     """
     x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
     b, _, h, w = x.shape
     n = b * crops_per_image
     blur_p, solarize_p = PIPELINES[pipeline]
-    boxes = random_resized_boxes(n, scale, h, w, x.device)
+    boxes = random_resized_boxes(n, scale, h, w, x.device,
+                                 image_aspect=None if aspect is None else aspect.to(x.device).repeat(crops_per_image))
     owner = torch.arange(b, device=x.device, dtype=x.dtype).repeat(crops_per_image)  # crop i comes from image i % B
     # roi_align samples 2x2 bilinear points per output pixel: resampling with mild anti-aliasing, batched.
     x = roi_align(x, torch.cat([owner[:, None], boxes], 1), (size, size), spatial_scale=1.0, sampling_ratio=2,
@@ -472,14 +482,14 @@ def batch_augment(images, size, scale, pipeline, blur_sigma, crops_per_image=1):
     return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
-def batch_multicrop(images, step, cfg):
+def batch_multicrop(images, step, cfg, aspect=None):
     """All crops of one step from a uint8 batch (B, 3, H, W): (online global (2B,...), online local (L·B,...) or None,
-    target global (2B,...))."""
+    target global (2B,...)). aspect: (B,) original width/height of squashed images, or None."""
     online, target = pipelines_for_step(step)
-    g = batch_augment(images, cfg.global_size, cfg.global_scale, online, cfg.blur_sigma, 2)
-    loc = (batch_augment(images, cfg.local_size, cfg.local_scale, online, cfg.blur_sigma, cfg.num_local)
+    g = batch_augment(images, cfg.global_size, cfg.global_scale, online, cfg.blur_sigma, 2, aspect)
+    loc = (batch_augment(images, cfg.local_size, cfg.local_scale, online, cfg.blur_sigma, cfg.num_local, aspect)
            if cfg.num_local else None)
-    t = batch_augment(images, cfg.global_size, cfg.global_scale, target, cfg.blur_sigma, 2)
+    t = batch_augment(images, cfg.global_size, cfg.global_scale, target, cfg.blur_sigma, 2, aspect)
     return g, loc, t
 
 
@@ -518,21 +528,31 @@ class CPUMultiCrop:
         return g, loc, t
 
 
+class Squashed(NamedTuple):
+    """Images for batched augmentation: uint8 (…, 3, S, S) squashed to a square working size, and each original's
+    width/height (…,), so that crops keep the aspect ratios they would have on the original image."""
+    images: torch.Tensor
+    aspect: torch.Tensor
+
+
 class ResizeToTensor:
-    """Decode-side work for batched augmentation: resize to a fixed working size, keep uint8 (B, 3, S, S)."""
+    """Decode-side work for batched augmentation: one resize to a fixed square working size, kept uint8."""
 
     def __init__(self, size):
         self.resize = torchvision.transforms.Resize((size, size), antialias=True)
 
-    def __call__(self, image, parity=0):
-        return torch.from_numpy(np.asarray(self.resize(image.convert("RGB")), np.uint8).copy()).permute(2, 0, 1)
+    def __call__(self, image, parity=0):  # PIL image -> Squashed((3, S, S), ())
+        pixels = np.asarray(self.resize(image.convert("RGB")), np.uint8).copy()
+        return Squashed(torch.from_numpy(pixels).permute(2, 0, 1), torch.tensor(image.width / image.height))
 
 
 def collate(batch):
-    """Stacks samples; a sample is a uint8 image or a (global, local, target) tuple of crop stacks (crop-major out)."""
+    """Stacks samples: tensors, Squashed images, or (global, local, target) tuples of crop stacks (crop-major out)."""
     samples, labels, failed = zip(*batch)
     if isinstance(samples[0], torch.Tensor):
         out = torch.stack(samples)
+    elif isinstance(samples[0], Squashed):
+        out = Squashed(torch.stack([s.images for s in samples]), torch.stack([s.aspect for s in samples]))
     else:  # (B, n_crops, 3, s, s) -> (n_crops·B, 3, s, s), crop-major like batch_multicrop
         out = tuple(None if parts[0] is None else torch.stack(parts, 1).flatten(0, 1)
                     for parts in zip(*samples))
@@ -795,8 +815,10 @@ def ema_(target, online, m):
 
 def to_device_crops(batch, step, cfg, device):
     """Moves a loader batch to the device and returns (online global, online local or None, target global) crops."""
-    if isinstance(batch, torch.Tensor):  # uint8 images: crops drawn on the device
+    if isinstance(batch, torch.Tensor):  # uint8 images in memory: crops drawn on the device
         return batch_multicrop(batch.to(device, non_blocking=True), step, cfg)
+    if isinstance(batch, Squashed):  # uint8 images from the loader at their working size
+        return batch_multicrop(batch.images.to(device, non_blocking=True), step, cfg, batch.aspect)
     return tuple(None if x is None else x.to(device, non_blocking=True) for x in batch)
 
 
@@ -989,6 +1011,9 @@ def build_nets(cfg, device):
     if cfg.channels_last:
         online = online.to(memory_format=torch.channels_last)
     target = copy.deepcopy(online.encoder).requires_grad_(False)
+    if cfg.compile:  # in place: state_dict keys stay free of "_orig_mod." prefixes
+        online.compile(dynamic=False)
+        target.compile(dynamic=False)
     grouping = MomentumGrouping(cfg.num_groups, cfg.feat_dim, cfg.num_heads).to(device)
     opt = build_optimizer(cfg, [online])
     model = (nn.parallel.DistributedDataParallel(online, device_ids=[device] if device.type == "cuda" else None)

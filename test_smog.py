@@ -493,6 +493,28 @@ def test_crop_boxes_lie_inside_and_follow_scale():
     assert area.max() <= 0.6 + 1e-4 and area.min() >= 0.1 and 0.3 < area.mean() < 0.45
 
 
+def test_crop_boxes_keep_the_original_aspect_of_squashed_images():
+    # A 2:1 image squashed to a square: a square crop of the original is 1:2 (w:h) in working pixels.
+    torch.manual_seed(6)
+    boxes = smog.random_resized_boxes(200, (0.1, 0.3), 64, 64, torch.device("cpu"), ratio=(1, 1),
+                                      image_aspect=torch.full((200,), 2.0))
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert torch.allclose(w / h, torch.full((200,), 0.5), rtol=1e-4)
+    import PIL.Image
+    sample = smog.ResizeToTensor(20)(PIL.Image.new("RGB", (60, 30)))
+    assert sample.images.shape == (3, 20, 20) and sample.images.dtype == torch.uint8 and sample.aspect.item() == 2.0
+    images, labels, _ = smog.collate([(sample, 1, ""), (sample, 0, "")])
+    crops = smog.to_device_crops(images, 0, smog.parse_config(["--global-size", "16", "--num-local", "1",
+                                                               "--local-size", "8"]), torch.device("cpu"))
+    assert [c.shape[0] for c in crops] == [4, 2, 4] and crops[0].shape[-1] == 16 and crops[1].shape[-1] == 8
+
+
+def test_compile_keeps_checkpoint_keys_plain(tmp_path):
+    nets, _ = build_nets(tiny_cfg(tmp_path, "--compile"))
+    keys = list(nets["online_module"].state_dict()) + list(nets["target"].state_dict())
+    assert keys and not any("_orig_mod" in k or k.startswith("module.") for k in keys)
+
+
 def test_bench_runs_every_part_on_cpu():
     r = run_script("bench.py", "--steps", "1", "--warmup", "0", "--batch-size", "8", "--workers", "0")
     assert r.returncode == 0, r.stderr[-2000:]
