@@ -8,7 +8,7 @@ Measures, in one process:
   (a) ceiling   the bare backbone: forward+backward over the online crops, forward over the target crops
   (b) step      the full SMoG training step on device tensors (heads, grouping, loss, optimiser, EMA)
   (c) e2e       end to end from an ImageFolder of generated JPEGs through the real DataLoader, with CPU augmentation
-                and with batched (GPU) augmentation, as many workers as cores
+                and with batched (GPU) augmentation, as many workers as cores; and the batched augmentation alone
   (d) grouping  MomentumGrouping.update alone (K = 3000, D = 128, 3 heads, N = 4096) against its floor, the
                 assignment matmul plus argmax for all heads
 and prints img/s for each, (b)/(a), (c)/(b), the share of grouping + loss in (b) at the step's own sizes, and the
@@ -29,19 +29,18 @@ import smog
 
 
 def timed(fn, steps, warmup, device):
-    """Median seconds per call of fn over `steps` calls after `warmup` calls, synchronising the device."""
+    """Mean seconds per call of fn over `steps` back-to-back calls after `warmup` calls, as in training: the host
+    queues work ahead of the device, and the device is synchronised only before and after."""
     for _ in range(warmup):
         fn()
-    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
     for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
 
 
 def fake_crops(cfg, device):
@@ -98,6 +97,14 @@ def bench_step(cfg, device, autocast, scaler, steps, warmup, profile=""):
         with open(profile, "w") as f:
             f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
     return seconds
+
+
+def bench_augment(cfg, device, steps, warmup):
+    """Batched multi-crop augmentation of one step on the device, from uint8 images at the working size."""
+    size = round(cfg.global_size * 8 / 7)
+    images = torch.randint(0, 256, (cfg.batch_size, 3, size, size), dtype=torch.uint8, device=device)
+    aspect = torch.full((cfg.batch_size,), 4 / 3, device=device)
+    return timed(lambda: smog.batch_multicrop(images, 0, cfg, aspect), steps, warmup, device)
 
 
 def write_jpegs(root, count, classes=4, size=(500, 375)):
@@ -158,7 +165,7 @@ def bench_grouping_in_step(cfg, device, steps, warmup):
 
     def run():
         labels = grouping.assign(zt).view(h, 2, b)
-        grouping.update(z[[i % 2 for i in range(h)]], 0.99)
+        grouping.update(z.repeat((h + 1) // 2, 1, 1)[:h], 0.99)
         smog.smog_loss(grouping.logits(p, cfg.tau).view(h, -1, b, cfg.num_groups), labels).backward()
 
     return timed(run, steps, warmup, device)
@@ -213,6 +220,9 @@ def main():
             write_jpegs(root, args.images or 4 * b)
             report("c_e2e_cpu_aug", bench_e2e(cfg, device, autocast, scaler, args.steps, args.warmup, root, False))
             report("c_e2e_gpu_aug", bench_e2e(cfg, device, autocast, scaler, args.steps, args.warmup, root, True))
+        aug = bench_augment(cfg, device, args.steps, args.warmup)
+        result["c_gpu_aug_ms_per_step"] = 1000 * aug
+        print(f"(c) batched augmentation alone: {1000 * aug:.1f} ms/step on {device.type}", flush=True)
     if "d" not in skip:
         update, floor = bench_grouping(device, max(args.steps, 5), args.warmup)
         result.update(d_grouping_update_ms=1000 * update, d_grouping_floor_ms=1000 * floor,

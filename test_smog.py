@@ -242,6 +242,35 @@ def test_lars_trust_ratio_and_exclusions():
     assert torch.allclose(b, torch.full((4,), 0.5))
 
 
+def test_lars_under_grad_scaler_unscales_and_skips_overflow():
+    def make():
+        w, b = torch.nn.Parameter(torch.full((4, 4), 2.0)), torch.nn.Parameter(torch.ones(4))
+        opt = smog.LARS([dict(params=[w]), dict(params=[b], weight_decay=0.0, lars=False)], lr=1.0, momentum=0.9,
+                        weight_decay=0.1, eta=0.001)
+        return w, b, opt
+
+    w0, b0, plain = make()
+    w1, b1, scaled = make()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert scaled._step_supports_amp_scaling  # GradScaler hands over tensors instead of reading the flag on the host
+    for i in range(2):
+        for p in (w0, b0):
+            p.grad = torch.full_like(p, 0.5 + i)
+        plain.step()
+        for p in (w1, b1):  # what backward of scaler.scale(loss) gives
+            p.grad = scaler.scale(torch.full_like(p, 0.5 + i))
+        scaler.step(scaled)
+        scaler.update()
+    assert torch.allclose(w0, w1, atol=1e-6) and torch.allclose(b0, b1, atol=1e-6) and not torch.equal(w0, torch.full_like(w0, 2.0))
+    before = [t.clone() for t in (w1, b1, scaled.state[w1]["momentum_buffer"], scaled.state[b1]["momentum_buffer"])]
+    w1.grad, b1.grad = torch.full_like(w1, float("inf")), scaler.scale(torch.full_like(b1, 0.5))
+    scaler.step(scaled)
+    scaler.update()
+    after = (w1, b1, scaled.state[w1]["momentum_buffer"], scaled.state[b1]["momentum_buffer"])
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # an overflow step changes nothing
+    assert scaler.get_scale() == 512.0
+
+
 def test_schedules():
     cfg = smog.parse_config(["--lr", "0.3", "--batch-size", "256", "--start-lr", "0.01", "--final-lr", "0.001"])
     assert smog.lr_at(0, 100, 10, cfg) == pytest.approx(0.01)
@@ -471,6 +500,19 @@ def test_batch_augment_solarize_frequency_per_pipeline(pipeline, p):
     out = unnormalise(smog.batch_augment(constant_images((1.0, 1.0, 1.0)), 8, (0.5, 1.0), pipeline, (0.1, 0.2)))
     solarized = (out.mean((1, 2, 3)) < 0.5).sum().item()
     assert within_binomial(solarized, N_AUG, p) if p else solarized == 0
+
+
+def test_hue_rotation_keeps_luma_and_inverts():
+    basis = smog._constants(torch.device("cpu"))["hue"]
+
+    def rotation(theta):
+        return basis[0] + math.cos(theta) * basis[1] + math.sin(theta) * basis[2]
+
+    assert torch.allclose(rotation(0.0), torch.eye(3), atol=1e-6)
+    assert torch.allclose(rotation(0.7) @ rotation(-0.7), torch.eye(3), atol=1e-5)
+    luma = torch.tensor([0.299, 0.587, 0.114])
+    assert torch.allclose(luma @ rotation(1.1), luma, atol=1e-5)  # gray level of every colour unchanged
+    assert not torch.allclose(rotation(1.1), torch.eye(3), atol=0.1)
 
 
 def test_gaussian_blur_matches_torchvision():
