@@ -386,8 +386,8 @@ def pipelines_for_step(step):
     return ("q", "k") if step % 2 == 0 else ("k", "q")
 
 
-def _gray(x):  # (n, 3, h, w) -> (n, 1, h, w), ITU-R 601 luma as torchvision
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+def _gray(x):  # (n, 3, h, w) -> (n, 1, h, w), ITU-R 601 luma as torchvision, as one 1x1 convolution
+    return F.conv2d(x, _constants(x.device)["luma"].to(x.dtype))
 
 
 def _uniform(n, lo, hi, device):
@@ -414,14 +414,16 @@ def random_resized_boxes(n, scale, height, width, device, ratio=(3 / 4, 4 / 3), 
 @functools.lru_cache(maxsize=None)
 def _constants(device):
     """Constant tensors of the batched augmentation, made once per device (from Python data in every step, each
-    would be a blocking host-to-device copy): mean and std (1, 3, 1, 1), and the hue basis (3, 3, 3) with
-    hue rotation by θ = P0 + cos θ·P1 + sin θ·P2 (a rotation of the I, Q chroma plane of YIQ, luma kept)."""
+    would be a blocking host-to-device copy): normalisation x·scale + shift (1, 3, 1, 1), luma weights (1, 3, 1, 1),
+    and the hue basis (3, 3, 3): hue rotation by θ = P0 + cos θ·P1 + sin θ·P2 (the I, Q chroma plane of YIQ turns,
+    luma stays)."""
     yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
     rgb = torch.linalg.inv(yiq)
     turn = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
     hue = torch.stack([rgb[:, :1] @ yiq[:1], rgb[:, 1:] @ yiq[1:], rgb[:, 1:] @ turn @ yiq[1:]])
-    return dict(mean=torch.tensor(MEAN).view(1, 3, 1, 1).to(device), std=torch.tensor(STD).view(1, 3, 1, 1).to(device),
-                hue=hue.float().to(device))
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return dict(scale=(1 / std).to(device), shift=(-mean / std).to(device), hue=hue.float().to(device),
+                luma=torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1).to(device))
 
 
 def _color_jitter(x, p, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
@@ -433,18 +435,19 @@ def _color_jitter(x, p, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
     n, dev = x.shape[0], x.device
     on = torch.rand(n, device=dev) < p
 
-    def factor(amount):
-        return torch.where(on, _uniform(n, 1 - amount, 1 + amount, dev), 1.0).view(n, 1, 1, 1)
+    def factor(amount):  # (n, 1, 1, 1) in x's dtype: a float32 factor would promote the whole image to float32
+        return torch.where(on, _uniform(n, 1 - amount, 1 + amount, dev), 1.0).view(n, 1, 1, 1).to(x.dtype)
 
-    x = (x * factor(brightness)).clamp(0, 1)
-    mean = _gray(x).mean((1, 2, 3), keepdim=True)
-    x = ((x - mean) * factor(contrast) + mean).clamp(0, 1)
-    gray = _gray(x)
-    x = ((x - gray) * factor(saturation) + gray).clamp(0, 1)
+    # Each blend written as one addcmul: (x − a)·f + a = x·f + a·(1 − f), fewer passes over the crops.
+    x = (x * factor(brightness)).clamp_(0, 1)
+    c = factor(contrast)
+    x = torch.addcmul(_gray(x).mean((1, 2, 3), keepdim=True) * (1 - c), x, c).clamp_(0, 1)
+    s = factor(saturation)
+    x = torch.addcmul(_gray(x) * (1 - s), x, s).clamp_(0, 1)
     theta = (torch.where(on, _uniform(n, -hue, hue, dev), 0.0) * 2 * math.pi).view(n, 1, 1)
     basis = _constants(dev)["hue"]
     matrix = basis[0] + torch.cos(theta) * basis[1] + torch.sin(theta) * basis[2]  # (n, 3, 3)
-    return torch.einsum("nij,njhw->nihw", matrix, x).clamp(0, 1)
+    return torch.einsum("nij,njhw->nihw", matrix.to(x.dtype), x).clamp_(0, 1)
 
 
 def _gaussian_blur(x, p, sigma):
@@ -453,9 +456,9 @@ def _gaussian_blur(x, p, sigma):
     on = torch.rand(n, device=x.device) < p
     s = _uniform(n, *sigma, x.device)
     radius = min(math.ceil(3 * sigma[1]), (min(h, w) - 1) // 2)
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
     kernel = torch.exp(-t[None] ** 2 / (2 * s[:, None] ** 2))
-    kernel = torch.where(on[:, None], kernel / kernel.sum(1, keepdim=True), (t == 0).to(x.dtype)[None])
+    kernel = torch.where(on[:, None], kernel / kernel.sum(1, keepdim=True), (t == 0).float()[None]).to(x.dtype)
     kernel = kernel.repeat_interleave(c, 0)  # (n·c, 2·radius+1): one kernel per image and channel
     y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
     y = F.conv2d(y, kernel[:, None, None, :], groups=n * c)
@@ -466,36 +469,41 @@ def _gaussian_blur(x, p, sigma):
 def batch_augment(images, size, scale, pipeline, blur_sigma, crops_per_image=1, aspect=None):
     """Augments a batch on its own device, with independent random parameters for every crop of every image.
 
-    images: (B, 3, H, W) uint8 or float in [0, 1]; aspect: (B,) original width/height of squashed images, or None.
-    Returns (crops_per_image·B, 3, size, size) normalised floats, crop-major (all images' first crop, then all
-    second crops, ...).
+    images: (B, 3, H, W) uint8, or float16/32 in [0, 1] (the dtype the work is done in); aspect: (B,) original
+    width/height of squashed images, or None. Returns (crops_per_image·B, 3, size, size) normalised float32,
+    crop-major (all images' first crop, then all second crops, ...).
     """
-    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    x = images.float() / 255 if images.dtype == torch.uint8 else images
     b, _, h, w = x.shape
     n = b * crops_per_image
     blur_p, solarize_p = PIPELINES[pipeline]
-    boxes = random_resized_boxes(n, scale, h, w, x.device,
-                                 image_aspect=None if aspect is None else aspect.to(x.device).repeat(crops_per_image))
-    owner = torch.arange(b, device=x.device, dtype=x.dtype).repeat(crops_per_image)  # crop i comes from image i % B
-    # roi_align samples 2x2 bilinear points per output pixel: resampling with mild anti-aliasing, batched.
-    x = roi_align(x, torch.cat([owner[:, None], boxes], 1), (size, size), spatial_scale=1.0, sampling_ratio=2,
-                  aligned=True)
+    x0, y0, x1, y1 = random_resized_boxes(
+        n, scale, h, w, x.device, image_aspect=None if aspect is None else aspect.to(x.device).repeat(crops_per_image)
+    ).unbind(1)
     flip = torch.rand(n, device=x.device) < 0.5
-    x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    # A box with x0 > x1 makes roi_align sample right to left: the mirrored crop, at no cost.
+    x0, x1 = torch.where(flip, x1, x0), torch.where(flip, x0, x1)
+    owner = torch.arange(b, device=x.device).repeat(crops_per_image)  # crop i comes from image i % B
+    boxes = torch.stack([owner.to(x0.dtype), x0, y0, x1, y1], 1).to(x.dtype)
+    # roi_align samples 2x2 bilinear points per output pixel: resampling with mild anti-aliasing, batched.
+    x = roi_align(x, boxes, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
     x = _color_jitter(x, p=0.8)
     gray = torch.rand(n, device=x.device) < 0.2
-    x = torch.where(gray.view(n, 1, 1, 1), _gray(x).expand_as(x), x)
+    x = torch.where(gray.view(n, 1, 1, 1), _gray(x), x)
     x = _gaussian_blur(x, blur_p, blur_sigma)
-    solarize = torch.rand(n, device=x.device) < solarize_p
-    x = torch.where(solarize.view(n, 1, 1, 1) & (x >= 0.5), 1 - x, x)
+    solarize = torch.rand(n, device=x.device) < solarize_p  # threshold 0.5, or 2 (never) for crops not solarized
+    x = torch.where(x >= torch.where(solarize, 0.5, 2.0).view(n, 1, 1, 1), 1 - x, x)
     const = _constants(x.device)
-    return (x - const["mean"]) / const["std"]
+    return torch.addcmul(const["shift"], x, const["scale"])  # (x − mean) / std, in float32
 
 
 def batch_multicrop(images, step, cfg, aspect=None):
     """All crops of one step from a uint8 batch (B, 3, H, W): (online global (2B,...), online local (L·B,...) or None,
     target global (2B,...)). aspect: (B,) original width/height of squashed images, or None."""
     online, target = pipelines_for_step(step)
+    # Converted once for the three calls; float16 on GPUs halves the memory traffic of the augmentation (8-bit
+    # pixels are exact in float16), float32 on CPUs, whose float16 kernels are slow.
+    images = images.to(torch.float16 if images.is_cuda else torch.float32) / 255
     g = batch_augment(images, cfg.global_size, cfg.global_scale, online, cfg.blur_sigma, 2, aspect)
     loc = (batch_augment(images, cfg.local_size, cfg.local_scale, online, cfg.blur_sigma, cfg.num_local, aspect)
            if cfg.num_local else None)

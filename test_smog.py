@@ -477,6 +477,16 @@ def test_batch_augment_output_range_and_dtype():
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
 
 
+def test_batch_augment_in_float16_as_on_gpus_matches_float32():
+    images = smog.synthetic_shapes(32, seed=0)[0]
+    torch.manual_seed(0)
+    full = smog.batch_augment(images, 24, (0.2, 1.0), "k", (0.1, 1.0), crops_per_image=2)
+    torch.manual_seed(0)
+    half = smog.batch_augment(images.half() / 255, 24, (0.2, 1.0), "k", (0.1, 1.0), crops_per_image=2)
+    assert half.dtype == torch.float32 and half.shape == full.shape  # normalised output in float32 either way
+    assert (half - full).abs().mean() < 0.01 and (half - full).abs().max() < 0.2
+
+
 def test_batch_augment_flip_frequency():
     torch.manual_seed(1)
     img = torch.zeros(N_AUG, 3, 16, 16)
