@@ -49,10 +49,27 @@ case "$mode" in
     run torchrun --nnodes="$NNODES" --nproc_per_node=gpu --rdzv-backend=c10d \
       --rdzv-endpoint="$MASTER_ADDR:$port" --rdzv-id="${RDZV_ID:-smog}" smog.py "$@" ;;
   slurm)
-    # One task per node; torchrun starts one process per GPU. On requeue the run resumes from
-    # out_dir/checkpoint.pt (--resume auto).
+    # One task per node; torchrun starts one process per GPU. sbatch's --signal=B:USR1@120 reaches this shell two
+    # minutes before the time limit (SLURM's preemption sends TERM): it is passed on as SIGTERM (srun and torchrun
+    # forward it), every smog.py process finishes its step, rank 0 writes out_dir/checkpoint.pt and all exit 0;
+    # then this script requeues the job, which resumes mid-epoch from that checkpoint (--resume auto).
     : "${SLURM_JOB_NODELIST:?slurm mode runs inside an sbatch allocation}"
     head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-    run srun torchrun --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node=gpu --rdzv-backend=c10d \
-      --rdzv-endpoint="$head:$port" --rdzv-id="$SLURM_JOB_ID" smog.py "$@" ;;
+    cmd=(srun torchrun --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node=gpu --rdzv-backend=c10d
+         --rdzv-endpoint="$head:$port" --rdzv-id="$SLURM_JOB_ID" smog.py "$@")
+    echo "+ ${cmd[*]}"
+    [ "${DRY_RUN:-0}" = 1 ] && exit 0
+    set +e
+    "${cmd[@]}" &
+    pid=$!
+    preempted=0
+    trap 'preempted=1; echo "launch.sh: preemption signal; smog.py writes a checkpoint"; kill -TERM "$pid"' USR1 TERM
+    wait "$pid"
+    status=$?
+    while kill -0 "$pid" 2>/dev/null; do wait "$pid"; status=$?; done  # a trap interrupts the first wait
+    if [ "$preempted" = 1 ]; then
+      echo "launch.sh: requeueing job $SLURM_JOB_ID"
+      scontrol requeue "$SLURM_JOB_ID"
+    fi
+    exit "$status" ;;
 esac

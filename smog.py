@@ -23,8 +23,9 @@ import functools
 import json
 import math
 import os
+import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -221,6 +222,15 @@ def all_reduce_(t, op="sum"):
     return t
 
 
+def all_gather(t):
+    """Every process's t, stacked in rank order: (world_size, *t.shape)."""
+    if not distributed():
+        return t[None]
+    out = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(out, t)
+    return torch.stack(out)
+
+
 def broadcast_(t, src=0):
     """Copies rank src's t to every process, in place."""
     if distributed():
@@ -332,19 +342,22 @@ class ImageFolderData(torch.utils.data.Dataset):
 
 
 class ParityBatchSampler(torch.utils.data.Sampler):
-    """Batches of (index, step parity) pairs, so CPU workers draw only the crops of the pipeline each branch uses."""
+    """Batches of (index, step parity) pairs, so CPU workers draw only the crops of the pipeline each branch uses.
 
-    def __init__(self, sampler, batch_size, first_step):
-        self.sampler, self.batch_size, self.first_step = sampler, batch_size, first_step
+    The epoch's first `skip` batches are left out (a run resumed mid-epoch); the first batch given is step first_step.
+    """
+
+    def __init__(self, sampler, batch_size, first_step, skip=0):
+        self.sampler, self.batch_size, self.first_step, self.skip = sampler, batch_size, first_step, skip
 
     def __len__(self):
-        return len(self.sampler) // self.batch_size
+        return len(self.sampler) // self.batch_size - self.skip
 
     def __iter__(self):
         indices = list(self.sampler)
-        for b in range(len(self)):
-            parity = (self.first_step + b) % 2
-            yield [(i, parity) for i in indices[b * self.batch_size:(b + 1) * self.batch_size]]
+        for i in range(len(self)):
+            b = self.skip + i
+            yield [(j, (self.first_step + i) % 2) for j in indices[b * self.batch_size:(b + 1) * self.batch_size]]
 
 
 def load_dataset(cfg, split):
@@ -386,8 +399,8 @@ def pipelines_for_step(step):
     return ("q", "k") if step % 2 == 0 else ("k", "q")
 
 
-def _gray(x):  # (n, 3, h, w) -> (n, 1, h, w), ITU-R 601 luma as torchvision, as one 1x1 convolution
-    return F.conv2d(x, _constants(x.device)["luma"].to(x.dtype))
+def _gray(x):  # (n, 3, h, w) -> (n, 1, h, w), ITU-R 601 luma as torchvision
+    return (x * _constants(x.device)["luma"].to(x.dtype)).sum(1, keepdim=True)  # (a 1x1 conv is 100x slower on CPU)
 
 
 def _uniform(n, lo, hi, device):
@@ -974,18 +987,38 @@ class InMemoryData(torch.utils.data.Dataset):
         return self.transform(self.to_pil(self.images[index]), parity), int(self.labels[index]), ""
 
 
-def epoch_batches(cfg, sampler, images, dataset, first_step, device):
-    """Yields (batch, failed image paths) for one epoch: uint8 images (B, 3, S, S), or crops made by CPU workers."""
+def epoch_batches(cfg, sampler, images, dataset, first_step, device, skip=0):
+    """Yields (batch, failed image paths) for one epoch, less its first `skip` batches: uint8 images (B, 3, S, S),
+    or crops made by CPU workers."""
     if dataset is None:  # in memory, augmented on the device: no loader processes needed
         indices = torch.tensor(list(sampler))
-        for b in range(len(indices) // cfg.batch_size):
+        for b in range(skip, len(indices) // cfg.batch_size):
             yield images[indices[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(images.device)], []
         return
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=ParityBatchSampler(sampler, cfg.batch_size, first_step), num_workers=cfg.workers,
+        dataset, batch_sampler=ParityBatchSampler(sampler, cfg.batch_size, first_step, skip), num_workers=cfg.workers,
         collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=False)
     for batch, _, failed in loader:
         yield batch, failed
+
+
+@contextmanager
+def catch_preemption():
+    """Records SIGTERM and SIGUSR1 (what SLURM sends before it kills a job) instead of dying: the training loop then
+    writes a checkpoint at the next agreed step and leaves with exit status 0. Yields the list of caught signals."""
+    caught = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield caught
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def step_seed(cfg, step):
+    """The random seed of one step's augmentation on this process: resuming at any step draws the same crops."""
+    return cfg.seed + 7919 * rank() + 104729 * (step + 1)
 
 
 def resolve_resume(cfg):
@@ -1098,7 +1131,7 @@ def train(cfg):
         return time.time() - t0
 
     # ----- resume, or fill the bank with the initial network -----
-    ckpt_path, start_epoch, step = os.path.join(cfg.out_dir, "checkpoint.pt"), 0, 0
+    ckpt_path, start_epoch, step, skip = os.path.join(cfg.out_dir, "checkpoint.pt"), 0, 0, 0
     resume = resolve_resume(cfg)
     if resume:
         state = load_checkpoint(resume, cfg)
@@ -1107,8 +1140,15 @@ def train(cfg):
         grouping.load_state_dict(state["grouping"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        start_epoch, step = state["epoch"], state["step"]
-        log(f"resumed from {resume} at epoch {start_epoch}, step {step}")
+        start_epoch, step, skip = state["epoch"], state["step"], state.get("epoch_step", 0)
+        if skip:  # written mid-epoch: this process's memory bank so far comes back too
+            if state["banks"].shape[0] != world_size():
+                raise SystemExit(f"smog.py: error: --resume {resume}: written mid-epoch by {state['banks'].shape[0]} "
+                                 f"process(es); resume it with as many (this run has {world_size()})")
+            bank.feats.copy_(state["banks"][rank()])
+            bank.filled = state["bank_filled"]
+        log(f"resumed from {resume} at epoch {start_epoch}, step {step}" + (f" (mid-epoch, after {skip} steps)"
+                                                                              if skip else ""))
     else:
         torch.manual_seed(cfg.seed + 7919 * rank())
         sampler.set_epoch(-1)
@@ -1129,15 +1169,31 @@ def train(cfg):
             raise SystemExit(f"smog.py: error: the loss became NaN/inf at step {first}; every process stopped. "
                              f"Last good checkpoint: {last}. Lower --lr or raise --warmup-epochs")
 
+    def save(epoch, epoch_step):
+        """Checkpoint after `epoch` epochs and `epoch_step` steps of the next; mid-epoch it holds every bank too."""
+        banks = all_gather(bank.feats).cpu() if epoch_step else None  # a collective: every process calls save
+        if rank() == 0:
+            save_checkpoint(ckpt_path, dict(
+                config=dataclasses.asdict(cfg), epoch=epoch, step=step, epoch_step=epoch_step,
+                online=online.state_dict(), target=target.state_dict(), grouping=grouping.state_dict(),
+                optimizer=opt.state_dict(), scaler=scaler.state_dict(), banks=banks, bank_filled=bank.filled))
+
+    def caught_by_any():
+        """Whether any process caught a preemption signal; all-reduced, so every process stops at the same step."""
+        return all_reduce_(torch.tensor(float(bool(caught)), device=device), op="max").item() > 0
+
     # ----- epochs -----
-    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank() == 0 else nullcontext() as jsonl:
+    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank() == 0 else nullcontext() as jsonl, \
+            catch_preemption() as caught:
         for epoch in range(start_epoch, cfg.epochs):
-            # Data order and augmentation are pure functions of (seed, epoch, rank): resuming at an epoch is exact.
+            # Data order is a function of (seed, epoch), each step's crops of (seed, rank, step): resuming at any
+            # step is exact with batched augmentation (CPU workers draw from their own per-epoch seeds).
             sampler.set_epoch(epoch)
-            torch.manual_seed(cfg.seed + 7919 * rank() + 104729 * (epoch + 1))
+            torch.manual_seed(cfg.seed + 7919 * rank() + 104729 * (epoch + 1))  # the loader's worker seeds
             t_log, data_time, images_seen, bad_images = time.time(), 0.0, 0, 0
             t_data = time.time()
-            for batch, failed in epoch_batches(cfg, sampler, images, dataset, step, device):
+            first = step - skip  # this epoch's first step
+            for batch, failed in epoch_batches(cfg, sampler, images, dataset, step, device, skip):
                 data_time += time.time() - t_data
                 if len(failed) > 0.01 * cfg.batch_size:
                     raise SystemExit(f"smog.py: error: {len(failed)} of {cfg.batch_size} images of a batch are "
@@ -1146,6 +1202,7 @@ def train(cfg):
                 lr, beta = lr_at(step, total_steps, warmup_steps, cfg), beta_at(step, total_steps, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
+                torch.manual_seed(step_seed(cfg, step))
                 crops = to_device_crops(batch, step, cfg, device)
                 loss, counts, z_global = train_step(crops, step, beta, nets, opt, scaler, autocast, cfg)
                 bank.add(z_global)
@@ -1166,16 +1223,24 @@ def train(cfg):
                         jsonl.write(json.dumps(record) + "\n")
                         jsonl.flush()
                     t_log, data_time, images_seen = time.time(), 0.0, 0
+                # Checked every step in one process (free), every 10 steps under torchrun (one host sync each).
+                if (step % 10 == 0 or not distributed()) and caught_by_any():
+                    break
                 t_data = time.time()
+            skip = 0
             stop_if_not_finite()
+            if step - first < steps_per_epoch:  # left the epoch early: preempted
+                save(epoch, step - first)
+                log(f"caught a preemption signal: checkpoint {ckpt_path} at epoch {epoch}, step {step}; "
+                    f"run again to resume from there")
+                break
             reset_seconds = reset_groups(epoch)
-            if rank() == 0:
-                save_checkpoint(ckpt_path, dict(
-                    config=dataclasses.asdict(cfg), epoch=epoch + 1, step=step, online=online.state_dict(),
-                    target=target.state_dict(), grouping=grouping.state_dict(), optimizer=opt.state_dict(),
-                    scaler=scaler.state_dict()))
-                if (epoch + 1) % max(1, cfg.epochs // 20) == 0 or epoch + 1 == cfg.epochs:  # ≤ ~20 such lines
-                    log(f"epoch {epoch} done: groups reset by k-means ({reset_seconds:.1f}s), checkpoint {ckpt_path}")
+            save(epoch + 1, 0)
+            if (epoch + 1) % max(1, cfg.epochs // 20) == 0 or epoch + 1 == cfg.epochs:  # ≤ ~20 such lines
+                log(f"epoch {epoch} done: groups reset by k-means ({reset_seconds:.1f}s), checkpoint {ckpt_path}")
+            if caught_by_any():
+                log(f"caught a preemption signal: checkpoint {ckpt_path} at epoch {epoch + 1}; run again to resume")
+                break
             if cfg.stop_after and epoch + 1 - start_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:
                 log(f"stopping after {cfg.stop_after} epoch(s) as asked; run again to resume from epoch {epoch + 1}")
                 break

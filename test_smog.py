@@ -8,9 +8,11 @@ import copy
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -389,6 +391,30 @@ def test_train_resume_continue_matches_uninterrupted(tmp_path):
     split_losses = [rec["loss"] for rec in map(json.loads, open(split / "log.jsonl")) if "loss" in rec]
     assert split_losses == pytest.approx([rec["loss"] for rec in steps], abs=1e-6)
 
+    # Preemption: a real SIGTERM in epoch 1 (steps 6-11), sent when step 8 is logged. The process finishes its step,
+    # writes a checkpoint and exits 0; the next start resumes mid-epoch and ends where the uninterrupted run ended.
+    preempted = tmp_path / "preempted"
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "smog.py"), *SMALL, "--epochs", "2",
+                             "--out-dir", str(preempted)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 8/"):
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert any("caught a preemption signal" in line for line in lines), lines
+    state = final_state(preempted)
+    assert state["epoch"] == 1 and 0 < state["epoch_step"] < 6 and state["step"] == 6 + state["epoch_step"]
+    r = run_smog(*SMALL, "--epochs", "2", "--out-dir", str(preempted))
+    assert r.returncode == 0 and f"mid-epoch, after {state['epoch_step']} steps" in r.stdout, r.stderr
+    c = final_state(preempted)
+    for key in ("online", "target", "grouping"):
+        for name in a[key]:
+            assert torch.allclose(a[key][name].float(), c[key][name].float(), atol=1e-6), (key, name)
+    resumed_losses = [rec["loss"] for rec in map(json.loads, open(preempted / "log.jsonl")) if "loss" in rec]
+    assert resumed_losses == pytest.approx([rec["loss"] for rec in steps], abs=1e-6)
+
 
 DRIVER = textwrap.dedent("""
     import os, sys, torch
@@ -406,7 +432,8 @@ DRIVER = textwrap.dedent("""
 def test_torchrun_two_processes_stay_in_sync(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(repo=REPO, out=str(tmp_path)))
-    # 390 images: not divisible by 2 processes × 64, so ranks drop different tails and must still agree.
+    # 390 images: not divisible by 2 processes × 64, so ranks drop different tails and must still agree after the
+    # epoch's 3 steps (195 images per rank) and its k-means reset.
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(driver), *SMALL, "--synthetic-size", "390", "--epochs", "1", "--no-knn",
                         "--out-dir", str(tmp_path / "out")],
@@ -418,6 +445,70 @@ def test_torchrun_two_processes_stay_in_sync(tmp_path):
     for key in ("target", "online"):
         for name in r0[key]:
             assert torch.equal(r0[key][name], r1[key][name]), (key, name)
+
+
+SPLIT_DRIVER = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist
+    sys.path.insert(0, {repo!r})
+    import smog
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    grouping = smog.MomentumGrouping(20, 8, 3)
+    z = torch.randn(3, 64, 8)  # the whole batch, the same on both ranks: each updates with its half
+    grouping.update(z[:, rank * 32:(rank + 1) * 32], beta=0.9)
+    updated = grouping.centroids.clone()
+    bank = torch.randn(3, 100, 8)  # each rank clusters its half
+    grouping.kmeans_(bank[:, rank * 50:(rank + 1) * 50], iters=4, generator=torch.Generator().manual_seed(1))
+    # Three training steps, each rank on its own images: weights and groups must stay identical.
+    cfg = smog.parse_config(["--batch-size", "16", "--num-groups", "10", "--hidden-dim", "32", "--feat-dim", "16",
+                             "--num-local", "1"])
+    nets, opt = smog.build_nets(cfg, torch.device("cpu"))
+    images = smog.synthetic_shapes(32, seed=5)[0][rank * 16:(rank + 1) * 16]
+    losses = []
+    for step in range(3):
+        torch.manual_seed(smog.step_seed(cfg, step))
+        loss, _, _ = smog.train_step(smog.batch_multicrop(images, step, cfg), step, 0.99, nets, opt,
+                                     torch.amp.GradScaler("cpu", enabled=False), smog.nullcontext(), cfg)
+        losses.append(loss.item())
+    params = {{name: p for name, p in nets["online_module"].named_parameters()}}
+    params.update({{"target." + name: p for name, p in nets["target"].named_parameters()}})
+    torch.save(dict(updated=updated, kmeans=grouping.centroids.clone(), centroids=nets["grouping"].centroids,
+                    params=params, losses=losses), os.path.join({out!r}, "split%d.pt" % rank))
+    dist.destroy_process_group()
+""")
+
+
+def test_two_processes_split_update_and_kmeans_as_one_and_stay_in_sync_for_three_steps(tmp_path):
+    driver = tmp_path / "split.py"
+    driver.write_text(SPLIT_DRIVER.format(repo=REPO, out=str(tmp_path)))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(driver)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    # One process with the whole batch and the whole bank (no process group: nothing is all-reduced).
+    torch.manual_seed(0)
+    one = smog.MomentumGrouping(20, 8, 3)
+    z = torch.randn(3, 64, 8)
+    one.update(z, beta=0.9)
+    updated = one.centroids.clone()
+    bank = torch.randn(3, 100, 8)
+    # k-means as specified: init from rank 0's rows (the first half of the bank), M-steps over the whole bank
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.stack([torch.randperm(50, generator=gen)[:20] for _ in range(3)])
+    one.centroids.copy_(F.normalize(torch.gather(bank[:, :50], 1, idx[..., None].expand(3, 20, 8)), dim=-1))
+    for _ in range(4):
+        one.update(bank, beta=0.0)
+    splits = [torch.load(tmp_path / f"split{rank}.pt") for rank in (0, 1)]
+    for split in splits:
+        assert (split["updated"] - updated).abs().max() <= 1e-6
+        assert (split["kmeans"] - one.centroids).abs().max() <= 1e-6
+    # after 3 steps on different images (different losses), identical groups and online and target weights
+    assert splits[0]["losses"] != splits[1]["losses"]
+    assert torch.equal(splits[0]["centroids"], splits[1]["centroids"])
+    assert splits[0]["params"].keys() == splits[1]["params"].keys()
+    for name, p in splits[0]["params"].items():
+        assert torch.equal(p, splits[1]["params"][name]), name
 
 
 def assert_one_line_error(r, *needles):
@@ -582,6 +673,31 @@ def test_launch_without_gpu_prints_the_cpu_command():
                        text=True, timeout=60, env={**os.environ, "DRY_RUN": "1"})
     assert r.returncode == 0, r.stderr
     assert "no GPU found" in r.stdout and "+ python smog.py --epochs 1" in r.stdout
+
+
+def test_launch_slurm_passes_the_preemption_signal_on_and_requeues(tmp_path):
+    # Stand-ins for srun (runs until SIGTERM, then exits 0 as smog.py does) and scontrol (records the requeue).
+    bin_dir, marks = tmp_path / "bin", tmp_path / "marks"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/sh\ntrap 'echo TERM >> {marks}; exit 0' TERM\necho started >> {marks}\n"
+                                  "while :; do sleep 0.05; done\n")
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\ncase $1 in show) echo node001 ;; requeue) echo requeue $2 >> {marks} "
+                                      ";; esac\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node001",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_ID": "42"}
+    proc = subprocess.Popen(["bash", os.path.join(REPO, "launch.sh"), "slurm", "--epochs", "1"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(200):
+        if marks.exists() and "started" in marks.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert marks.read_text().split("\n")[1:3] == ["TERM", "requeue 42"], marks.read_text()
+    assert "+ srun torchrun --nnodes=1" in out and "requeueing job 42" in out
 
 
 # ----- eval_linear.py ------------------------------------------------------------------------------------------
