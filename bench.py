@@ -57,7 +57,7 @@ def fake_crops(cfg, device):
 def bench_ceiling(cfg, device, autocast, steps, warmup):
     """(a) backbone alone: forward+backward on online crops, forward on target crops, one batch per resolution."""
     torch.manual_seed(0)
-    backbone = smog.BACKBONES[cfg.arch]()[0].to(device)
+    backbone = smog.BACKBONES[cfg.arch](cfg.drop_path)[0].to(device)
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     if cfg.compile:
@@ -86,25 +86,33 @@ def bench_step(cfg, device, autocast, scaler, steps, warmup, profile=""):
 
     seconds = timed(run, steps, warmup, device)
     if profile:
-        activities = [torch.profiler.ProfilerActivity.CPU] + (
-            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with torch.profiler.profile(activities=activities) as prof:
-            for _ in range(3):
-                run()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-        with open(profile, "w") as f:
-            f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
+        write_profile(run, device, profile, "the full step (b)")
     return seconds
 
 
-def bench_augment(cfg, device, steps, warmup):
+def write_profile(fn, device, path, title):
+    """Appends the top operators of 3 calls of fn to the file at path."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    with open(path, "a") as f:
+        f.write(f"{title}, 3 calls\n{prof.key_averages().table(sort_by=sort, row_limit=40)}\n")
+
+
+def bench_augment(cfg, device, steps, warmup, profile=""):
     """Batched multi-crop augmentation of one step on the device, from uint8 images at the working size."""
     size = round(cfg.global_size * 8 / 7)
     images = torch.randint(0, 256, (cfg.batch_size, 3, size, size), dtype=torch.uint8, device=device)
     aspect = torch.full((cfg.batch_size,), 4 / 3, device=device)
-    return timed(lambda: smog.batch_multicrop(images, 0, cfg, aspect), steps, warmup, device)
+    seconds = timed(lambda: smog.batch_multicrop(images, 0, cfg, aspect), steps, warmup, device)
+    if profile:
+        write_profile(lambda: smog.batch_multicrop(images, 0, cfg, aspect), device, profile, "batched augmentation")
+    return seconds
 
 
 def write_jpegs(root, count, classes=4, size=(500, 375)):
@@ -196,7 +204,7 @@ def main():
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--skip", default="", help="comma-separated parts to skip, e.g. c")
     parser.add_argument("--out", default="", help="also write the JSON line to this file")
-    parser.add_argument("--profile", default="", help="write the top operators of 3 steps of (b) to this file")
+    parser.add_argument("--profile", default="", help="write the top operators of (b) and of the augmentation here")
     args = parser.parse_args()
 
     flags = ["--preset", args.preset, "--batch-size", str(args.batch_size), "--precision", args.precision,
@@ -212,6 +220,8 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     precision, autocast, scaler = smog.resolve_precision(cfg, device)
     skip = set(filter(None, args.skip.split(",")))
+    if args.profile:
+        open(args.profile, "w").close()  # the parts append their tables
     b = cfg.batch_size
     result = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, arch=cfg.arch,
                   batch_size=b, precision=precision, compile=cfg.compile, workers=cfg.workers, crops=f"2x{cfg.global_size}+{cfg.num_local}x{cfg.local_size}"
@@ -231,7 +241,7 @@ def main():
             write_jpegs(root, args.images or 4 * b)
             report("c_e2e_cpu_aug", bench_e2e(cfg, device, autocast, scaler, args.steps, args.warmup, root, False))
             report("c_e2e_gpu_aug", bench_e2e(cfg, device, autocast, scaler, args.steps, args.warmup, root, True))
-        aug = bench_augment(cfg, device, args.steps, args.warmup)
+        aug = bench_augment(cfg, device, args.steps, args.warmup, args.profile)
         result["c_gpu_aug_ms_per_step"] = 1000 * aug
         print(f"(c) batched augmentation alone: {1000 * aug:.1f} ms/step on {device.type}", flush=True)
     if "d" not in skip:

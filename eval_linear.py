@@ -5,8 +5,9 @@
     python eval_linear.py --checkpoint out/checkpoint.pt --export backbone.pt       # torchvision-style state_dict
 
 Protocol (SMOG_SPEC §6): the online backbone of a smog.py checkpoint, loaded with strict key matching, frozen and in
-eval mode; global-pooled features, standardised with the training split's statistics; one nn.Linear (weights N(0, 0.01), bias 0) trained with SGD, momentum 0.9,
-lr 0.3 × batch / 256, weight decay 1e-6, cosine schedule, 100 epochs; RandomResizedCrop + flip for training,
+eval mode; global-pooled features (ViT: the class token), standardised with the training split's statistics; one
+nn.Linear (weights N(0, 0.01), bias 0) trained with SGD, momentum 0.9, lr 0.3 × batch / 256, weight decay 1e-6,
+cosine schedule, 100 epochs (Swin: lr 0.1, no weight decay, 150 epochs); RandomResizedCrop + flip for training,
 Resize + CenterCrop for validation. --cache-features extracts the centre-view features once and trains on them (no
 train-time augmentation: the fast path for small data and CPUs). kNN: cosine similarity of L2-normalised features,
 k = 20 and 200, temperature 0.07, weighted vote. The reported top-1/top-5 are those of the final epoch; the best epoch
@@ -31,10 +32,10 @@ def parse_args(argv=None):
     p.add_argument("--random-init", action="store_true", help="evaluate the architecture untrained instead")
     p.add_argument("--arch", default="", help="with --random-init: the architecture (default: the tiny preset's)")
     p.add_argument("--data", default="", help="synthetic | cifar10 | PATH with train/ and val/ (default: the run's)")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=None, help="default 100 (Swin: 150)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=0.3, help="per 256 images of batch")
-    p.add_argument("--weight-decay", type=float, default=1e-6)
+    p.add_argument("--lr", type=float, default=None, help="per 256 images of batch; default 0.3 (Swin: 0.1)")
+    p.add_argument("--weight-decay", type=float, default=None, help="default 1e-6 (Swin: 0)")
     p.add_argument("--cache-features", action="store_true", help="train on centre-view features extracted once")
     p.add_argument("--knn", action="store_true", help="also report kNN top-1 (k = 20 and 200)")
     p.add_argument("--export", default="", help="write the backbone as a plain state_dict to this path and exit")
@@ -43,9 +44,18 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if bool(args.checkpoint) == args.random_init:
         raise SystemExit("eval_linear.py: error: give exactly one of --checkpoint PATH and --random-init")
-    if args.epochs < 1 or args.batch_size < 1:
+    if (args.epochs is not None and args.epochs < 1) or args.batch_size < 1:
         raise SystemExit("eval_linear.py: error: --epochs and --batch-size must be at least 1")
     return args
+
+
+def protocol_defaults(args, arch):
+    """Fills --lr, --weight-decay and --epochs not given with SMOG_SPEC §6's values for the architecture."""
+    swin = arch.startswith("swin")
+    for name, value in (("lr", 0.1 if swin else 0.3), ("weight_decay", 0.0 if swin else 1e-6),
+                        ("epochs", 150 if swin else 100)):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def load_backbone(args):
@@ -53,7 +63,7 @@ def load_backbone(args):
     if args.random_init:
         cfg = smog.parse_config(["--arch", args.arch] if args.arch else [])
         torch.manual_seed(args.seed)
-        return smog.BACKBONES[cfg.arch]()[0], cfg
+        return smog.BACKBONES[cfg.arch](0.0)[0], cfg
     if not os.path.isfile(args.checkpoint):
         raise SystemExit(f"eval_linear.py: error: --checkpoint {args.checkpoint}: no such file")
     try:
@@ -66,7 +76,7 @@ def load_backbone(args):
                          f"({type(e).__name__}: {e})")
     prefix = "encoder.backbone."
     weights = {k[len(prefix):]: v for k, v in online.items() if k.startswith(prefix)}
-    backbone = smog.BACKBONES[cfg.arch]()[0]
+    backbone = smog.BACKBONES[cfg.arch](0.0)[0]
     missing, unexpected = backbone.state_dict().keys() - weights.keys(), weights.keys() - backbone.state_dict().keys()
     if missing or unexpected:
         raise SystemExit(f"eval_linear.py: error: --checkpoint {args.checkpoint} does not match --arch {cfg.arch}: "
@@ -109,10 +119,11 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, args, device):
 def main(argv=None):
     args = parse_args(argv)
     backbone, cfg = load_backbone(args)
+    protocol_defaults(args, cfg.arch)
     if args.export:
         torch.save({k: v.clone() for k, v in backbone.state_dict().items()}, args.export)
         print(f"backbone ({cfg.arch}) written to {args.export}: load it into the torchvision model with "
-              f"strict=False (only fc.* is missing)")
+              f"strict=False (only its classifier is missing)")
         return
     if not args.cache_features:
         raise SystemExit("eval_linear.py: error: only --cache-features is available so far (train on centre views)")

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torchvision.models.resnet import BasicBlock
+from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import roi_align
 
 # ===================================================================================================================
@@ -68,6 +68,7 @@ class Config:
     arch: str = "resnet50"  # see BACKBONES
     feat_dim: int = 128  # dimension D of z, p and the centroids
     hidden_dim: int = 2048  # hidden width of projector and predictor
+    drop_path: float = 0.0  # stochastic depth of the online backbone (Swin: 0.2); the target branch has none
     ema: float = 0.999  # target ← ema·target + (1−ema)·online after every step
     # --- momentum grouping (SMOG_SPEC §2, §4) ---
     num_groups: int = 3000  # K centroids per head
@@ -95,6 +96,9 @@ class Config:
     print_config: bool = False  # print the resolved config and exit
 
 
+TRANSFORMER_RECIPE = dict(optimizer="adamw", feat_dim=256, lr=1e-3 * 256 / 4096, start_lr=0.0, final_lr=4e-5,
+                          warmup_epochs=10, weight_decay=0.05, clip_grad=3.0)
+
 # Each preset lists only what differs from the defaults above (which are the paper's ResNet-50 recipe).
 PRESETS = {
     # CPU-friendly: embedded 32-px data set, small ResNet, a few minutes on 2 cores.
@@ -105,14 +109,20 @@ PRESETS = {
         num_groups=200, tau=0.05, lr=6.0, start_lr=0.05, final_lr=0.01, warmup_epochs=2, ema=0.996, log_every=100,
     ),
     # ResNet-18 with a 3x3 stem on 32-px images.
-    "cifar10": dict(
+    "cifar10-r18": dict(
         data="cifar10", arch="resnet18_cifar", epochs=200, batch_size=256, workers=4, global_size=32,
         global_scale=(0.2, 1.0), local_size=16, local_scale=(0.05, 0.2), num_local=4, blur_sigma=(0.1, 0.5),
         hidden_dim=2048, num_groups=300, lr=1.2, start_lr=0.05, warmup_epochs=10, ema=0.99,
     ),
-    # The paper's recipe (SMOG_SPEC §1–5): batch 4096 = 64 GPUs × 64, 400 epochs.
+    # The paper's recipes (SMOG_SPEC §1–5): batch 4096 = 64 GPUs × 64, 400 epochs.
     "imagenet-r50": dict(),
+    "imagenet-r50w2": dict(arch="resnet50w2"),
+    # Transformers (§5): AdamW 1e-3 at batch 4096 (= 6.25e-5 per 256) → 4e-5, weight decay 0.05, clipping 3.0.
+    "imagenet-swin-t": dict(arch="swin_t", drop_path=0.2, **TRANSFORMER_RECIPE),
+    # Not in the paper: ViT-S/16 on the Swin-T recipe (torchvision's ViT has no drop-path).
+    "imagenet-vit-s16": dict(arch="vit_s16", **TRANSFORMER_RECIPE),
 }
+PRESETS["cifar10"] = PRESETS["cifar10-r18"]  # the short name
 
 
 def _flag(name):
@@ -184,9 +194,13 @@ def check_config(cfg):
     lo, hi = cfg.blur_sigma
     if not 0 < lo <= hi:
         bad("blur_sigma", "needs 0 < low <= high")
-    for name in ("ema", "beta_start", "beta_end"):
+    for name in ("ema", "beta_start", "beta_end", "drop_path"):
         if not 0 <= getattr(cfg, name) <= 1:
             bad(name, "must lie in [0, 1]")
+    if cfg.arch.startswith("vit"):
+        for name in ("global_size", "local_size"):
+            if getattr(cfg, name) % 16:
+                bad(name, f"--arch {cfg.arch} needs crop sizes that are multiples of its 16-px patches")
     for name in ("tau", "lr"):
         if getattr(cfg, name) <= 0:
             bad(name, "must be positive")
@@ -618,12 +632,73 @@ def _tiny_resnet(widths=(16, 32, 64, 256)):
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), c_in
 
 
-# name -> () -> (backbone module mapping (N, 3, s, s) to (N, dim), dim)
+def _resnet50_wide(widen=2):
+    """ResNet-50 with every width × widen, as SwAV's and the authors' ResNet-50w2 (4096-d output, 94M parameters).
+
+    torchvision's wide_resnet50_2 is a different network: it widens only the 3x3 convolutions (2048-d output). Built
+    from torchvision's own ResNet and Bottleneck, so its state_dict keys are torchvision's.
+    """
+    net = torchvision.models.ResNet(Bottleneck, [3, 4, 6, 3])
+    net.inplanes = 64 * widen
+    net.conv1 = nn.Conv2d(3, 64 * widen, 7, 2, 3, bias=False)
+    net.bn1 = nn.BatchNorm2d(64 * widen)
+    for i, (blocks, stride) in enumerate(zip([3, 4, 6, 3], [1, 2, 2, 2])):
+        setattr(net, f"layer{i + 1}", net._make_layer(Bottleneck, 64 * widen * 2 ** i, blocks, stride=stride))
+    for m in net.modules():  # torchvision's initialisation, for the layers made anew
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    net.fc = nn.Identity()
+    return net, 2048 * widen
+
+
+def _swin_t(drop_path):
+    """torchvision's Swin-T (768-d pooled output); it pads 96-px crops' feature maps to whole 7x7 windows itself."""
+    net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2],
+                                             num_heads=[3, 6, 12, 24], window_size=[7, 7],
+                                             stochastic_depth_prob=drop_path)  # swin_t() fixes it at 0.2
+    net.head = nn.Identity()
+    return net, 768
+
+
+class ViT(torchvision.models.VisionTransformer):
+    """torchvision's VisionTransformer returning the class token, at any input size: its position embedding (made
+    for 224 px) is interpolated bicubically to the input's patch grid, so 96-px local crops work (as DINO does)."""
+
+    def __init__(self, depth, heads, dim):
+        super().__init__(image_size=224, patch_size=16, num_layers=depth, num_heads=heads, hidden_dim=dim,
+                         mlp_dim=4 * dim)
+        self.heads = nn.Identity()
+
+    def position_embedding(self, rows, cols):  # (1, 1 + rows·cols, dim)
+        pos = self.encoder.pos_embedding
+        side = self.image_size // self.patch_size
+        if (rows, cols) == (side, side):
+            return pos
+        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False)
+        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)], 1)
+
+    def forward(self, x):  # (N, 3, H, W) -> (N, dim), H and W multiples of 16
+        rows, cols = x.shape[2] // self.patch_size, x.shape[3] // self.patch_size
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)  # (N, rows·cols, dim)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1) + self.position_embedding(rows, cols)
+        return self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))[:, 0]
+
+
+# name -> (drop_path) -> (backbone module mapping (N, 3, s, s) to (N, dim), dim). drop_path (stochastic depth) is
+# used by Swin only: torchvision's ResNets and ViTs have none.
 BACKBONES = {
-    "resnet_tiny": _tiny_resnet,
-    "resnet18": lambda: _torchvision_resnet("resnet18"),
-    "resnet18_cifar": lambda: _torchvision_resnet("resnet18", small_stem=True),
-    "resnet50": lambda: _torchvision_resnet("resnet50"),
+    "resnet_tiny": lambda drop_path: _tiny_resnet(),
+    "resnet18": lambda drop_path: _torchvision_resnet("resnet18"),
+    "resnet18_cifar": lambda drop_path: _torchvision_resnet("resnet18", small_stem=True),
+    "resnet50": lambda drop_path: _torchvision_resnet("resnet50"),
+    "resnet50w2": lambda drop_path: _resnet50_wide(2),
+    "swin_t": _swin_t,
+    "vit_s16": lambda drop_path: (ViT(depth=12, heads=6, dim=384), 384),
+    "vit_b16": lambda drop_path: (ViT(depth=12, heads=12, dim=768), 768),
 }
 
 
@@ -638,9 +713,9 @@ def mlp(dim_in, hidden, dim_out, last_bn):
 class Encoder(nn.Module):
     """Backbone + projector: crops → projections z. Crops of one resolution are forwarded as one batch."""
 
-    def __init__(self, arch, hidden_dim, feat_dim):
+    def __init__(self, arch, hidden_dim, feat_dim, drop_path=0.0):
         super().__init__()
-        self.backbone, dim = BACKBONES[arch]()
+        self.backbone, dim = BACKBONES[arch](drop_path)
         self.projector = mlp(dim, hidden_dim, feat_dim, last_bn=True)
 
     def forward(self, crops):  # list of (n_i, 3, s_i, s_i) -> (Σ n_i, D)
@@ -650,9 +725,9 @@ class Encoder(nn.Module):
 class OnlineNet(nn.Module):
     """The online branch: encoder plus predictor. Returns (z, p), both (Σ n_i, D), not yet normalised."""
 
-    def __init__(self, arch, hidden_dim, feat_dim):
+    def __init__(self, arch, hidden_dim, feat_dim, drop_path=0.0):
         super().__init__()
-        self.encoder = Encoder(arch, hidden_dim, feat_dim)
+        self.encoder = Encoder(arch, hidden_dim, feat_dim, drop_path)
         self.predictor = mlp(feat_dim, hidden_dim, feat_dim, last_bn=False)
 
     def forward(self, crops):
@@ -958,7 +1033,7 @@ def knn_report(backbone, cfg, device, train_data, train_labels):
     test_data = test_images if test_images is not None else test_folder
     train_labels, test_labels = train_labels.to(device), test_labels.to(device)
     torch.manual_seed(cfg.seed)
-    random_backbone = BACKBONES[cfg.arch]()[0].to(device)
+    random_backbone = BACKBONES[cfg.arch](0.0)[0].to(device)
 
     def knn(net):
         return knn_top1(extract_features(net, train_data, cfg, device), train_labels,
@@ -1064,12 +1139,15 @@ def resolve_precision(cfg, device):
 def build_nets(cfg, device):
     """Online net (DDP-wrapped under torchrun), target copy, groups and optimiser, identical on every rank."""
     torch.manual_seed(cfg.seed)
-    online = OnlineNet(cfg.arch, cfg.hidden_dim, cfg.feat_dim).to(device)
+    online = OnlineNet(cfg.arch, cfg.hidden_dim, cfg.feat_dim, cfg.drop_path).to(device)
     if world_size() > 1 and device.type == "cuda":
         online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
     if cfg.channels_last:
         online = online.to(memory_format=torch.channels_last)
     target = copy.deepcopy(online.encoder).requires_grad_(False)
+    for m in target.modules():  # no drop-path in the target branch (SMOG_SPEC §5)
+        if isinstance(m, torchvision.ops.StochasticDepth):
+            m.p = 0.0
     if cfg.compile:  # in place: state_dict keys stay free of "_orig_mod." prefixes
         online.compile(dynamic=False)
         target.compile(dynamic=False)
@@ -1260,10 +1338,24 @@ def train(cfg):
     return dict(online=online, target=target, grouping=grouping, step=step)
 
 
+def parameter_counts(cfg):
+    """Millions of parameters of the networks a config builds (made on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        online = OnlineNet(cfg.arch, cfg.hidden_dim, cfg.feat_dim)
+    millions = lambda module: sum(p.numel() for p in module.parameters()) / 1e6  # noqa: E731
+    backbone = millions(online.encoder.backbone)
+    classifier = (online.encoder.projector[0].in_features + 1) * 1000 / 1e6
+    return dict(backbone=round(backbone, 2), backbone_with_1000_class_classifier=round(backbone + classifier, 2),
+                projector=round(millions(online.encoder.projector), 2),
+                predictor=round(millions(online.predictor), 2), online=round(millions(online), 2))
+
+
 def main(argv=None):
     cfg = parse_config(argv)
     if cfg.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        # Papers quote backbones with their ImageNet classifier (ResNet-50: 25.6M); SMoG replaces it by the heads.
+        print(f"parameters (millions): {json.dumps(parameter_counts(cfg))}")
         return
     train(cfg)
     if distributed():

@@ -2,9 +2,10 @@
 step, the batched augmentation on CPU tensors, the distributed path (2 gloo processes under torchrun), an end-to-end
 run with save → resume → continue, the NaN guard, and one-line errors on bad input.
 
-Run: python -m pytest -q   (about 75 s on 2 CPU cores)
+Run: python -m pytest -q   (about 2.5 min on 2 CPU cores)
 """
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -273,6 +274,21 @@ def test_lars_under_grad_scaler_unscales_and_skips_overflow():
     assert scaler.get_scale() == 512.0
 
 
+def test_adamw_recipe_decays_only_matrices_and_clips(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, "--optimizer", "adamw", "--weight-decay", "0.05", "--clip-grad", "3.0", "--lr", "1e-3")
+    nets, opt = build_nets(cfg)
+    assert isinstance(opt, torch.optim.AdamW)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert all(decay[id(p)] == (0.05 if p.ndim > 1 else 0.0) for p in nets["online_module"].parameters())
+    clipped, original = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: clipped.append(max_norm) or original(params, max_norm))
+    before = [p.clone() for p in nets["online_module"].parameters()]
+    loss, _, _ = one_step(cfg, nets, opt)
+    assert torch.isfinite(loss) and clipped == [3.0]
+    assert all(not torch.equal(a, b) for a, b in zip(before, nets["online_module"].parameters()))
+
+
 def test_schedules():
     cfg = smog.parse_config(["--lr", "0.3", "--batch-size", "256", "--start-lr", "0.01", "--final-lr", "0.001"])
     assert smog.lr_at(0, 100, 10, cfg) == pytest.approx(0.01)
@@ -329,13 +345,38 @@ def test_flags_override_preset():
     assert tiny.preset == "tiny" and tiny.data == "synthetic"
 
 
-def test_imagenet_preset_matches_spec():
-    cfg = smog.parse_config(["--preset", "imagenet-r50"])
-    expected = dict(epochs=400, global_size=224, global_scale=(0.2, 1.0), local_size=96, local_scale=(0.05, 0.2),
-                    num_local=4, feat_dim=128, hidden_dim=2048, ema=0.999, num_groups=3000, num_heads=3, tau=0.1,
-                    beta_start=1.0, beta_end=0.99, kmeans_iters=10, optimizer="lars", lr=0.3, start_lr=0.01,
-                    final_lr=0.0048, warmup_epochs=10, weight_decay=1e-6, momentum=0.9, lars_eta=0.001)
-    assert {k: getattr(cfg, k) for k in expected} == expected
+R50_RECIPE = dict(epochs=400, global_size=224, global_scale=(0.2, 1.0), local_size=96, local_scale=(0.05, 0.2),
+                  num_local=4, feat_dim=128, hidden_dim=2048, ema=0.999, num_groups=3000, num_heads=3, tau=0.1,
+                  beta_start=1.0, beta_end=0.99, kmeans_iters=10, optimizer="lars", lr=0.3, start_lr=0.01,
+                  final_lr=0.0048, warmup_epochs=10, weight_decay=1e-6, momentum=0.9, lars_eta=0.001, clip_grad=0.0,
+                  drop_path=0.0)
+# SMOG_SPEC §5: AdamW 1e-3 at batch 4096 (per 256: 1e-3 / 16) → 4e-5, 10 warm-up epochs, wd 0.05, clip 3.0, D = 256.
+SWIN_RECIPE = {**R50_RECIPE, **dict(optimizer="adamw", lr=1e-3 / 16, start_lr=0.0, final_lr=4e-5, weight_decay=0.05,
+                                    clip_grad=3.0, feat_dim=256)}
+
+
+@pytest.mark.parametrize("preset, expected, published", [
+    ("imagenet-r50", dict(R50_RECIPE, arch="resnet50"), 25.6),
+    ("imagenet-r50w2", dict(R50_RECIPE, arch="resnet50w2"), 94.0),
+    ("imagenet-swin-t", dict(SWIN_RECIPE, arch="swin_t", drop_path=0.2), 28.0),
+    ("imagenet-vit-s16", dict(SWIN_RECIPE, arch="vit_s16"), 22.0),
+    ("cifar10-r18", dict(arch="resnet18_cifar", data="cifar10", global_size=32), 11.7),
+])
+def test_presets_print_the_spec_config_and_published_parameter_counts(preset, expected, published, capsys):
+    smog.main(["--preset", preset, "--print-config"])
+    out = capsys.readouterr().out
+    config_text, counts_line = out.split("parameters (millions): ")
+    config = json.loads(config_text)
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in expected} == expected
+    counts = json.loads(counts_line)
+    # ResNet-50w2's 94M (SwAV) counts no classifier; the others are quoted with their 1000-class classifier.
+    quoted = counts["backbone"] if preset == "imagenet-r50w2" else counts["backbone_with_1000_class_classifier"]
+    assert abs(quoted - published) <= 0.02 * published, counts
+
+
+def test_vit_b16_parameter_count_matches_published():
+    counts = smog.parameter_counts(smog.parse_config(["--arch", "vit_b16"]))
+    assert abs(counts["backbone_with_1000_class_classifier"] - 86.0) <= 0.02 * 86.0, counts
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -745,6 +786,49 @@ def test_eval_linear_export_loads_into_torchvision(tmp_path):
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
     assert torch.equal(model.conv1.weight, online.encoder.backbone.conv1.weight)
+
+
+TORCHVISION_TWINS = {  # arch -> (torchvision model with the same backbone keys, keys that only it has)
+    "resnet50": (lambda tv: tv.models.resnet50(), {"fc.weight", "fc.bias"}),
+    "swin_t": (lambda tv: tv.models.swin_t(), {"head.weight", "head.bias"}),
+    "vit_s16": (lambda tv: tv.models.VisionTransformer(224, 16, 12, 6, 384, 1536), {"heads.head.weight",
+                                                                                  "heads.head.bias"}),
+    "vit_b16": (lambda tv: tv.models.vit_b_16(), {"heads.head.weight", "heads.head.bias"}),
+    "resnet50w2": (None, set()),  # no torchvision twin: compared with smog.py's own builder
+}
+
+
+@pytest.mark.parametrize("arch", list(TORCHVISION_TWINS))
+def test_backbone_trains_a_step_at_both_crop_sizes_reloads_and_exports(arch, tmp_path):
+    import torchvision
+    cfg = smog.parse_config(["--arch", arch, "--global-size", "64", "--local-size", "32", "--num-local", "1",
+                             "--batch-size", "4", "--num-groups", "8", "--hidden-dim", "32", "--feat-dim", "16",
+                             "--drop-path", "0.2" if arch == "swin_t" else "0", "--channels-last"])
+    nets, opt = smog.build_nets(cfg, torch.device("cpu"))
+    if arch == "swin_t":  # drop-path in the online branch only
+        depths = [m.p for m in nets["online_module"].modules() if isinstance(m, torchvision.ops.StochasticDepth)]
+        assert max(depths) == pytest.approx(0.2)
+        assert all(m.p == 0 for m in nets["target"].modules() if isinstance(m, torchvision.ops.StochasticDepth))
+    backbone = nets["online_encoder"].backbone
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    images, _ = smog.synthetic_shapes(4, seed=1)
+    crops = smog.batch_multicrop(images, 0, cfg)  # online: 64 and 32 px in one forward, target: 64 px
+    loss, _, _ = smog.train_step(crops, 0, 0.9, nets, opt, torch.amp.GradScaler("cpu", enabled=False),
+                                 smog.nullcontext(), cfg)
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    # save → strict reload (eval_linear.py) → export into the torchvision model
+    torch.save(dict(config=dataclasses.asdict(cfg), online=nets["online_module"].state_dict()), tmp_path / "ck.pt")
+    r = run_eval("--checkpoint", str(tmp_path / "ck.pt"), "--export", str(tmp_path / "backbone.pt"))
+    assert r.returncode == 0, r.stderr
+    sd = torch.load(tmp_path / "backbone.pt", weights_only=True)
+    make, only_twin = TORCHVISION_TWINS[arch]
+    model = make(torchvision) if make else smog.BACKBONES[arch](0.0)[0]
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert set(missing) == only_twin and not unexpected
+    for k, v in model.state_dict().items():
+        if k in sd:
+            assert torch.equal(v, backbone.state_dict()[k]), k
 
 
 def test_knn_on_toy_set_with_known_answer():
