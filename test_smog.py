@@ -457,6 +457,16 @@ def test_train_resume_continue_matches_uninterrupted(tmp_path):
     assert resumed_losses == pytest.approx([rec["loss"] for rec in steps], abs=1e-6)
 
 
+def test_catch_preemption_records_sigterm_and_sigusr1_then_restores_handlers():
+    before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
+    with smog.catch_preemption() as caught:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # Python runs handlers between bytecodes of the main thread
+    assert caught == [signal.SIGUSR1, signal.SIGTERM]
+    assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == before
+
+
 DRIVER = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, {repo!r})
