@@ -4,6 +4,8 @@
     python eval_linear.py --random-init --arch resnet_tiny --cache-features --knn   # the baseline every report needs
     python eval_linear.py --checkpoint out/checkpoint.pt --export backbone.pt       # torchvision-style state_dict
 
+Runs in one process or under torchrun (DDP: each process extracts and trains on its share of the data).
+
 Protocol (SMOG_SPEC §6): the online backbone of a smog.py checkpoint, loaded with strict key matching, frozen and in
 eval mode; global-pooled features (ViT: the class token), standardised with the training split's statistics; one
 nn.Linear (weights N(0, 0.01), bias 0) trained with SGD, momentum 0.9, lr 0.3 × batch / 256, weight decay 1e-6,
@@ -13,6 +15,7 @@ train-time augmentation: the fast path for small data and CPUs). kNN: cosine sim
 k = 20 and 200, temperature 0.07, weighted vote. The reported top-1/top-5 are those of the final epoch; the best epoch
 is shown too, labelled as such. The last line printed is one JSON object.
 """
+import copy
 import dataclasses
 import json
 import math
@@ -36,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=None, help="per 256 images of batch; default 0.3 (Swin: 0.1)")
     p.add_argument("--weight-decay", type=float, default=None, help="default 1e-6 (Swin: 0)")
-    p.add_argument("--cache-features", action="store_true", help="train on centre-view features extracted once")
+    p.add_argument("--cache-features", action="store_true",
+                   help="train on centre-view features extracted once (default: RandomResizedCrop + flip each epoch)")
     p.add_argument("--knn", action="store_true", help="also report kNN top-1 (k = 20 and 200)")
     p.add_argument("--export", default="", help="write the backbone as a plain state_dict to this path and exit")
     p.add_argument("--workers", type=int, default=4)
@@ -85,34 +89,120 @@ def load_backbone(args):
     return backbone, cfg
 
 
+def gather_rows(x):
+    """Every process's rows of x, concatenated in rank order (processes may hold different numbers of rows)."""
+    if not smog.distributed():
+        return x
+    sizes = smog.all_gather(torch.tensor(len(x), device=x.device)).tolist()
+    padded = torch.zeros(max(sizes), *x.shape[1:], dtype=x.dtype, device=x.device)
+    padded[:len(x)] = x
+    return torch.cat([rows[:n] for rows, n in zip(smog.all_gather(padded), sizes)])
+
+
+def split_features(backbone, data, labels, cfg, device):
+    """Centre-view features (N, dim) and labels (N,) of a whole split in data set order, on every process; each
+    process extracts every world-th row."""
+    mine = torch.arange(smog.rank(), len(labels), smog.world_size())
+    feats = smog.extract_features(backbone, data, cfg, device, normalize=False, indices=mine)
+    order = gather_rows(mine.to(device)).argsort()
+    return gather_rows(feats)[order], gather_rows(labels[mine].to(device))[order]
+
+
+def train_views(images, size):
+    """RandomResizedCrop(size, scale 0.08–1) + horizontal flip of uint8 images (B, 3, H, W), batched, normalised."""
+    b, _, h, w = images.shape
+    x0, y0, x1, y1 = smog.random_resized_boxes(b, (0.08, 1.0), h, w, images.device).unbind(1)
+    flip = torch.rand(b, device=images.device) < 0.5
+    x0, x1 = torch.where(flip, x1, x0), torch.where(flip, x0, x1)  # mirrored boxes give mirrored crops
+    boxes = torch.stack([torch.arange(b, device=images.device).float(), x0, y0, x1, y1], 1)
+    x = smog.roi_align(images.float() / 255, boxes, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    const = smog._constants(x.device)
+    return torch.addcmul(const["shift"], x, const["scale"])
+
+
+def augmented_batches(data, labels, cfg, args, sampler, device):
+    """One epoch of this process's (RandomResizedCrop + flip views (B, 3, S, S), labels (B,)) training batches."""
+    if isinstance(data, torch.Tensor):  # in memory: views drawn on the device
+        order = torch.tensor(list(sampler))
+        for i in range(0, len(order), args.batch_size):
+            idx = order[i:i + args.batch_size]
+            yield train_views(data[idx.to(data.device)].to(device), cfg.global_size), labels[idx].to(device)
+        return
+    T = smog.torchvision.transforms
+    view = T.Compose([T.RandomResizedCrop(cfg.global_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(smog.MEAN, smog.STD)])
+    folder = copy.copy(data)
+    folder.transform = lambda image, parity: view(image.convert("RGB"))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(folder, list(sampler)), batch_size=args.batch_size,
+                                         num_workers=args.workers, collate_fn=smog.collate)
+    for x, y, _ in loader:
+        yield x.to(device), y.to(device)
+
+
 def topk_correct(logits, labels, ks=(1, 5)):
     top = logits.topk(max(ks), dim=1).indices
     return [(top[:, :k] == labels[:, None]).any(1).float().sum().item() for k in ks]
 
 
-def linear_probe(train_x, train_y, test_x, test_y, num_classes, args, device):
-    """Trains one nn.Linear on fixed features (N, dim); returns per-epoch (top1, top5) on the test features in %."""
+def new_head(dim, num_classes, args, device, steps_per_epoch, global_batch):
+    """The probe: one nn.Linear (N(0, 0.01), bias 0), SGD momentum 0.9 with lr × global batch / 256, cosine."""
     torch.manual_seed(args.seed)
-    head = nn.Linear(train_x.shape[1], num_classes).to(device)
+    head = nn.Linear(dim, num_classes).to(device)
     nn.init.normal_(head.weight, std=0.01)
     nn.init.zeros_(head.bias)
-    lr = args.lr * args.batch_size / 256
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * steps_per_epoch)
+    opt = torch.optim.SGD(head.parameters(), lr=args.lr * global_batch / 256, momentum=0.9,
+                          weight_decay=args.weight_decay)
+    return head, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * steps_per_epoch)
+
+
+def sgd_step(head, opt, sched, x, y):
+    loss = F.cross_entropy(head(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
+@torch.no_grad()
+def accuracy(head, test_x, test_y, num_classes):
+    top1, top5 = topk_correct(head(test_x), test_y, (1, min(5, num_classes)))
+    return 100 * top1 / len(test_x), 100 * top5 / len(test_x)
+
+
+def linear_probe(train_x, train_y, test_x, test_y, num_classes, args, device):
+    """Trains the probe on fixed features (N, dim), the same in every process; per-epoch (top1, top5) in %."""
+    head, opt, sched = new_head(train_x.shape[1], num_classes, args, device,
+                                math.ceil(len(train_x) / args.batch_size), args.batch_size)
     history = []
     for epoch in range(args.epochs):
         order = torch.randperm(len(train_x), device=device)
         for i in range(0, len(order), args.batch_size):
             idx = order[i:i + args.batch_size]
-            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        with torch.no_grad():
-            top1, top5 = topk_correct(head(test_x), test_y, (1, min(5, num_classes)))
-        history.append((100 * top1 / len(test_x), 100 * top5 / len(test_x)))
+            sgd_step(head, opt, sched, train_x[idx], train_y[idx])
+        history.append(accuracy(head, test_x, test_y, num_classes))
+    return history
+
+
+def augmented_probe(backbone, normalise, train_data, train_y, test_x, test_y, num_classes, cfg, args, device):
+    """Trains the probe on features of fresh RandomResizedCrop + flip views every epoch, each process on its share
+    (the head's gradients averaged by DDP); evaluated on the centre-view test features; per-epoch (top1, top5)."""
+    sampler = torch.utils.data.DistributedSampler(range(len(train_y)), num_replicas=smog.world_size(),
+                                                  rank=smog.rank(), shuffle=True, seed=args.seed)
+    steps_per_epoch = math.ceil(len(sampler) / args.batch_size)
+    head, opt, sched = new_head(test_x.shape[1], num_classes, args, device, steps_per_epoch,
+                                args.batch_size * smog.world_size())
+    model = nn.parallel.DistributedDataParallel(head) if smog.distributed() else head
+    history = []
+    for epoch in range(args.epochs):
+        sampler.set_epoch(epoch)
+        torch.manual_seed(args.seed + 7919 * smog.rank() + 104729 * (epoch + 1))
+        for views, y in augmented_batches(train_data, train_y, cfg, args, sampler, device):
+            with torch.no_grad():
+                feats = normalise(backbone(smog.channels_last(views, cfg)).float())
+            sgd_step(model, opt, sched, feats, y)
+        history.append(accuracy(head, test_x, test_y, num_classes))
+        if (epoch + 1) % max(1, args.epochs // 10) == 0:
+            smog.log(f"epoch {epoch + 1}/{args.epochs}: top-1 {history[-1][0]:.2f}%")
     return history
 
 
@@ -125,13 +215,12 @@ def main(argv=None):
         print(f"backbone ({cfg.arch}) written to {args.export}: load it into the torchvision model with "
               f"strict=False (only its classifier is missing)")
         return
-    if not args.cache_features:
-        raise SystemExit("eval_linear.py: error: only --cache-features is available so far (train on centre views)")
     if args.data:
         cfg = dataclasses.replace(cfg, data=args.data)
     cfg = dataclasses.replace(cfg, workers=args.workers, channels_last=False)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = smog.setup_device()
     backbone = backbone.to(device).eval().requires_grad_(False)
+    assert not any(p.requires_grad for p in backbone.parameters())  # only the classifier will be trained
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
 
     train_images, train_y, train_folder = smog.load_dataset(cfg, "train")
@@ -140,31 +229,37 @@ def main(argv=None):
         raise SystemExit(f"eval_linear.py: error: --data {cfg.data}: no val/ split to evaluate on")
     train_data = train_images if train_images is not None else train_folder
     test_data = test_images if test_images is not None else test_folder
-    train_y, test_y = train_y.to(device), test_y.to(device)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    train_x = smog.extract_features(backbone, train_data, cfg, device, normalize=False)
-    test_x = smog.extract_features(backbone, test_data, cfg, device, normalize=False)
-    print(f"features: {tuple(train_x.shape)} train, {tuple(test_x.shape)} val, {cfg.arch}, "
-          f"{'random init' if args.random_init else args.checkpoint}", flush=True)
+    train_x, train_y_all = split_features(backbone, train_data, train_y, cfg, device)
+    test_x, test_y = split_features(backbone, test_data, test_y, cfg, device)
+    smog.log(f"features: {tuple(train_x.shape)} train, {tuple(test_x.shape)} val, {cfg.arch}, "
+             f"{'random init' if args.random_init else args.checkpoint}, processes: {smog.world_size()}")
 
     # Standardise each feature with the training split's statistics (a BatchNorm without affine, as in MAE's probe):
     # the same lr then suits trained and untrained backbones, whose feature scales differ by orders of magnitude.
     mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
-    history = linear_probe((train_x - mean) / std, train_y, (test_x - mean) / std, test_y, num_classes, args, device)
+    normalise = lambda f: (f - mean) / std  # noqa: E731
+    if args.cache_features:
+        history = linear_probe(normalise(train_x), train_y_all, normalise(test_x), test_y, num_classes, args, device)
+    else:
+        history = augmented_probe(backbone, normalise, train_data, train_y, normalise(test_x), test_y, num_classes,
+                                  cfg, args, device)
     after = backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "a backbone tensor changed during the probe"
     top1, top5 = history[-1]
     best = max(range(len(history)), key=lambda e: history[e][0])
-    print(f"linear probe, final epoch {len(history)}: top-1 {top1:.2f}%  top-5 {top5:.2f}%  "
-          f"(best epoch {best + 1}: top-1 {history[best][0]:.2f}%, shown for reference only)")
+    smog.log(f"linear probe, final epoch {len(history)}: top-1 {top1:.2f}%  top-5 {top5:.2f}%  "
+             f"(best epoch {best + 1}: top-1 {history[best][0]:.2f}%, shown for reference only)")
     result = dict(top1=top1, top5=top5, knn_top1=None, checkpoint=args.checkpoint or "random-init",
                   epochs=args.epochs)
     if args.knn:
         tr, te = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
-        knn = {k: smog.knn_top1(tr, train_y, te, test_y, k=k, t=0.07) for k in (20, 200)}
-        print(f"kNN top-1: k=20 {knn[20]:.2f}%  k=200 {knn[200]:.2f}%")
+        knn = {k: smog.knn_top1(tr, train_y_all, te, test_y, k=k, t=0.07) for k in (20, 200)}
+        smog.log(f"kNN top-1: k=20 {knn[20]:.2f}%  k=200 {knn[200]:.2f}%")
         result.update(knn_top1=knn[20], knn_top1_k200=knn[200])
-    print(json.dumps(result))
+    smog.log(json.dumps(result))
+    if smog.distributed():
+        smog.dist.destroy_process_group()
 
 
 if __name__ == "__main__":

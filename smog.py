@@ -979,11 +979,13 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def eval_batches(data, cfg, batch=256):
+def eval_batches(data, cfg, batch=256, indices=None):
     """Centre views at the global crop size, normalised (n, 3, S, S) float batches, from uint8 images (N, 3, H, W)
-    in memory or from an ImageFolderData (Resize to 8/7 of the size, then CenterCrop, as in linear evaluation)."""
+    in memory or from an ImageFolderData (Resize to 8/7 of the size, then CenterCrop, as in linear evaluation);
+    only the rows `indices` when given."""
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     if isinstance(data, torch.Tensor):
+        data = data if indices is None else data[indices.to(data.device)]
         for i in range(0, len(data), batch):
             x = data[i:i + batch].float().cpu() / 255
             if x.shape[-1] != cfg.global_size:
@@ -995,17 +997,19 @@ def eval_batches(data, cfg, batch=256):
                       T.Normalize(MEAN, STD)])
     folder = copy.copy(data)
     folder.transform = lambda image, parity: view(image.convert("RGB"))
-    loader = torch.utils.data.DataLoader(folder, batch_size=batch, num_workers=cfg.workers, collate_fn=collate)
+    part = folder if indices is None else torch.utils.data.Subset(folder, indices.tolist())
+    loader = torch.utils.data.DataLoader(part, batch_size=batch, num_workers=cfg.workers, collate_fn=collate)
     for x, _, _ in loader:
         yield x
 
 
 @torch.no_grad()
-def extract_features(backbone, data, cfg, device, normalize=True):
-    """Backbone features (N, dim) of a data set's centre views, in eval mode; L2-normalised unless told not to."""
+def extract_features(backbone, data, cfg, device, normalize=True, indices=None):
+    """Backbone features (N, dim) of a data set's centre views (only rows `indices` when given), in eval mode;
+    L2-normalised unless told not to."""
     was_training = backbone.training
     backbone.eval()
-    feats = [backbone(channels_last(x.to(device), cfg)).float() for x in eval_batches(data, cfg)]
+    feats = [backbone(channels_last(x.to(device), cfg)).float() for x in eval_batches(data, cfg, indices=indices)]
     backbone.train(was_training)
     feats = torch.cat(feats)
     return F.normalize(feats, dim=1) if normalize else feats

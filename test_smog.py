@@ -755,7 +755,6 @@ def test_launch_slurm_passes_the_preemption_signal_on_and_requeues(tmp_path):
 
 
 def fake_checkpoint(path, *flags):
-    import dataclasses
     cfg = smog.parse_config(list(flags))
     torch.manual_seed(0)
     online = smog.OnlineNet(cfg.arch, cfg.hidden_dim, cfg.feat_dim)
@@ -774,6 +773,28 @@ def test_eval_linear_json_line_and_frozen_backbone(tmp_path):
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(result) >= {"top1", "top5", "knn_top1", "checkpoint", "epochs"} and result["epochs"] == 3
     assert 0 <= result["top1"] <= result["top5"] <= 100 and "best epoch" in r.stdout
+
+
+def test_eval_linear_augmented_probe_and_torchrun_two_processes(tmp_path):
+    fake_checkpoint(tmp_path / "ck.pt", "--synthetic-size", "300", "--hidden-dim", "32", "--feat-dim", "16")
+    flags = ["--checkpoint", str(tmp_path / "ck.pt"), "--epochs", "3", "--batch-size", "64", "--workers", "0", "--knn"]
+    r = run_eval(*flags)  # RandomResizedCrop + flip views every epoch
+    assert r.returncode == 0, r.stderr
+    augmented = json.loads(r.stdout.strip().splitlines()[-1])
+    assert 0 <= augmented["top1"] <= 100 and augmented["epochs"] == 3
+    one = json.loads(run_eval(*flags, "--cache-features").stdout.strip().splitlines()[-1])
+    runs = {}
+    for mode in ("--cache-features", ""):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            os.path.join(REPO, "eval_linear.py"), *flags, *filter(None, [mode])], capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "processes: 2" in r.stdout
+        runs[mode] = json.loads(r.stdout.strip().splitlines()[-1])
+    # Each process extracts half of the features; gathered in data set order, the cached probe is the same run.
+    assert runs["--cache-features"]["top1"] == pytest.approx(one["top1"], abs=1e-6)
+    assert runs["--cache-features"]["knn_top1"] == pytest.approx(one["knn_top1"], abs=1e-6)
+    assert 0 <= runs[""]["top1"] <= 100
 
 
 def test_eval_linear_refuses_checkpoint_with_missing_key(tmp_path):
