@@ -224,7 +224,8 @@ def main():
         open(args.profile, "w").close()  # the parts append their tables
     b = cfg.batch_size
     result = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, arch=cfg.arch,
-                  batch_size=b, precision=precision, compile=cfg.compile, workers=cfg.workers, crops=f"2x{cfg.global_size}+{cfg.num_local}x{cfg.local_size}"
+                  batch_size=b, precision=precision, compile=cfg.compile, workers=cfg.workers,
+                  crops=f"2x{cfg.global_size}+{cfg.num_local}x{cfg.local_size}"
                   f" online, 2x{cfg.global_size} target", num_groups=cfg.num_groups, num_heads=cfg.num_heads)
     print(f"bench: {json.dumps(result)}", flush=True)
 

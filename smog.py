@@ -88,7 +88,7 @@ class Config:
     lars_eta: float = 0.001  # LARS trust coefficient; lower it if the loss does not decrease with large batches
     clip_grad: float = 0.0  # max gradient norm, 0 = off
     # --- system ---
-    precision: str = "auto"  # auto (fp16 on CUDA, the faster there: README, Performance; fp32 on CPU) | bf16 | fp16 | fp32
+    precision: str = "auto"  # auto (CUDA: fp16, faster there: README, Performance; CPU: fp32) | bf16 | fp16 | fp32
     channels_last: bool = True  # NHWC memory layout: faster convolutions with bf16 on GPUs, and on CPUs (oneDNN)
     compile: bool = False  # torch.compile the online and target networks (opt-in: see README, Performance)
     log_every: int = 20  # steps between log lines
@@ -1262,6 +1262,8 @@ def train(cfg):
 
     def caught_by_any():
         """Whether any process caught a preemption signal; all-reduced, so every process stops at the same step."""
+        if not distributed():
+            return bool(caught)  # host-side: no device round trip
         return all_reduce_(torch.tensor(float(bool(caught)), device=device), op="max").item() > 0
 
     # ----- epochs -----

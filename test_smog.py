@@ -264,7 +264,8 @@ def test_lars_under_grad_scaler_unscales_and_skips_overflow():
             p.grad = scaler.scale(torch.full_like(p, 0.5 + i))
         scaler.step(scaled)
         scaler.update()
-    assert torch.allclose(w0, w1, atol=1e-6) and torch.allclose(b0, b1, atol=1e-6) and not torch.equal(w0, torch.full_like(w0, 2.0))
+    assert torch.allclose(w0, w1, atol=1e-6) and torch.allclose(b0, b1, atol=1e-6)
+    assert not torch.equal(w0, torch.full_like(w0, 2.0))  # the steps moved the weights
     before = [t.clone() for t in (w1, b1, scaled.state[w1]["momentum_buffer"], scaled.state[b1]["momentum_buffer"])]
     w1.grad, b1.grad = torch.full_like(w1, float("inf")), scaler.scale(torch.full_like(b1, 0.5))
     scaler.step(scaled)
@@ -732,8 +733,8 @@ def test_launch_slurm_passes_the_preemption_signal_on_and_requeues(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(f"#!/bin/sh\ntrap 'echo TERM >> {marks}; exit 0' TERM\necho started >> {marks}\n"
                                   "while :; do sleep 0.05; done\n")
-    (bin_dir / "scontrol").write_text(f"#!/bin/sh\ncase $1 in show) echo node001 ;; requeue) echo requeue $2 >> {marks} "
-                                      ";; esac\n")
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\ncase $1 in show) echo node001 ;; "
+                                      f"requeue) echo requeue $2 >> {marks} ;; esac\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node001",
@@ -886,7 +887,8 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
     message = str(e.value)
     assert "step 8" in message and "checkpoint.pt (after 1 epochs)" in message and "\n" not in message
     state = final_state(tmp_path)  # the checkpoint on disk is the last good one, with finite weights
-    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["online"].values() if v.is_floating_point())
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["online"].values() if v.is_floating_point())
 
 
 def test_truncated_jpeg_is_skipped_and_counted(tmp_path):
