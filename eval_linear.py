@@ -110,14 +110,7 @@ def split_features(backbone, data, labels, cfg, device):
 
 def train_views(images, size):
     """RandomResizedCrop(size, scale 0.08–1) + horizontal flip of uint8 images (B, 3, H, W), batched, normalised."""
-    b, _, h, w = images.shape
-    x0, y0, x1, y1 = smog.random_resized_boxes(b, (0.08, 1.0), h, w, images.device).unbind(1)
-    flip = torch.rand(b, device=images.device) < 0.5
-    x0, x1 = torch.where(flip, x1, x0), torch.where(flip, x0, x1)  # mirrored boxes give mirrored crops
-    boxes = torch.stack([torch.arange(b, device=images.device).float(), x0, y0, x1, y1], 1)
-    x = smog.roi_align(images.float() / 255, boxes, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
-    const = smog._constants(x.device)
-    return torch.addcmul(const["shift"], x, const["scale"])
+    return smog.normalise(smog.random_resized_crops(images.float() / 255, size, (0.08, 1.0)))
 
 
 def augmented_batches(data, labels, cfg, args, sampler, device):

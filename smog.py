@@ -493,6 +493,28 @@ def _gaussian_blur(x, p, sigma):
     return y.reshape(n, c, h, w)
 
 
+def random_resized_crops(x, size, scale, crops_per_image=1, aspect=None):
+    """RandomResizedCrop + horizontal flip, batched: x (B, 3, H, W) float → (crops_per_image·B, 3, size, size),
+    crop i from image i % B; aspect: (B,) original width/height of squashed images, or None."""
+    b, _, h, w = x.shape
+    n = b * crops_per_image
+    x0, y0, x1, y1 = random_resized_boxes(
+        n, scale, h, w, x.device, image_aspect=None if aspect is None else aspect.to(x.device).repeat(crops_per_image)
+    ).unbind(1)
+    flip = torch.rand(n, device=x.device) < 0.5
+    # A box with x0 > x1 makes roi_align sample right to left: the mirrored crop, at no cost.
+    x0, x1 = torch.where(flip, x1, x0), torch.where(flip, x0, x1)
+    owner = torch.arange(b, device=x.device).repeat(crops_per_image)
+    boxes = torch.stack([owner.to(x0.dtype), x0, y0, x1, y1], 1).to(x.dtype)
+    # roi_align samples 2x2 bilinear points per output pixel: resampling with mild anti-aliasing, batched.
+    return roi_align(x, boxes, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+
+
+def normalise(x):  # (n, 3, h, w) in [0, 1] -> (x − mean) / std in float32
+    const = _constants(x.device)
+    return torch.addcmul(const["shift"], x, const["scale"])
+
+
 def batch_augment(images, size, scale, pipeline, blur_sigma, crops_per_image=1, aspect=None):
     """Augments a batch on its own device, with independent random parameters for every crop of every image.
 
@@ -501,27 +523,16 @@ def batch_augment(images, size, scale, pipeline, blur_sigma, crops_per_image=1, 
     crop-major (all images' first crop, then all second crops, ...).
     """
     x = images.float() / 255 if images.dtype == torch.uint8 else images
-    b, _, h, w = x.shape
-    n = b * crops_per_image
     blur_p, solarize_p = PIPELINES[pipeline]
-    x0, y0, x1, y1 = random_resized_boxes(
-        n, scale, h, w, x.device, image_aspect=None if aspect is None else aspect.to(x.device).repeat(crops_per_image)
-    ).unbind(1)
-    flip = torch.rand(n, device=x.device) < 0.5
-    # A box with x0 > x1 makes roi_align sample right to left: the mirrored crop, at no cost.
-    x0, x1 = torch.where(flip, x1, x0), torch.where(flip, x0, x1)
-    owner = torch.arange(b, device=x.device).repeat(crops_per_image)  # crop i comes from image i % B
-    boxes = torch.stack([owner.to(x0.dtype), x0, y0, x1, y1], 1).to(x.dtype)
-    # roi_align samples 2x2 bilinear points per output pixel: resampling with mild anti-aliasing, batched.
-    x = roi_align(x, boxes, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    x = random_resized_crops(x, size, scale, crops_per_image, aspect)
+    n = x.shape[0]
     x = _color_jitter(x, p=0.8)
     gray = torch.rand(n, device=x.device) < 0.2
     x = torch.where(gray.view(n, 1, 1, 1), _gray(x), x)
     x = _gaussian_blur(x, blur_p, blur_sigma)
     solarize = torch.rand(n, device=x.device) < solarize_p  # threshold 0.5, or 2 (never) for crops not solarized
     x = torch.where(x >= torch.where(solarize, 0.5, 2.0).view(n, 1, 1, 1), 1 - x, x)
-    const = _constants(x.device)
-    return torch.addcmul(const["shift"], x, const["scale"])  # (x − mean) / std, in float32
+    return normalise(x)
 
 
 def batch_multicrop(images, step, cfg, aspect=None):
