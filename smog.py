@@ -632,13 +632,13 @@ def _torchvision_resnet(name, small_stem=False):
 
 
 def _tiny_resnet(widths=(16, 32, 64, 256)):
-    """A 4-stage ResNet of torchvision BasicBlocks (one per stage), 3x3 stride-2 stem: 0.8M parameters, CPU-friendly."""
-    layers, c_in = [nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(True)], widths[0]
-    for i, c in enumerate(widths):
-        stride = 1 if i == 0 else 2
-        down = None if stride == 1 and c_in == c else nn.Sequential(
-            nn.Conv2d(c_in, c, 1, stride, bias=False), nn.BatchNorm2d(c))
-        layers.append(BasicBlock(c_in, c, stride, down))
+    """A 4-stage ResNet of torchvision BasicBlocks (one per stage, each halving the resolution) after a 3x3 stem at
+    full resolution: 0.8M parameters, CPU-friendly. The full-resolution stem lets the first strided block see the
+    corners that tell a 6-px square from a disk (kNN 80.0% vs 74.5% with a stride-2 stem, for 10% more time)."""
+    layers, c_in = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(True)], widths[0]
+    for c in widths:
+        down = nn.Sequential(nn.Conv2d(c_in, c, 1, 2, bias=False), nn.BatchNorm2d(c))
+        layers.append(BasicBlock(c_in, c, 2, down))
         c_in = c
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), c_in
 
