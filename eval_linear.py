@@ -176,7 +176,7 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, args, device):
     return history
 
 
-def augmented_probe(backbone, normalise, train_data, train_y, test_x, test_y, num_classes, cfg, args, device):
+def augmented_probe(backbone, standardise, train_data, train_y, test_x, test_y, num_classes, cfg, args, device):
     """Trains the probe on features of fresh RandomResizedCrop + flip views every epoch, each process on its share
     (the head's gradients averaged by DDP); evaluated on the centre-view test features; per-epoch (top1, top5)."""
     sampler = torch.utils.data.DistributedSampler(range(len(train_y)), num_replicas=smog.world_size(),
@@ -191,7 +191,7 @@ def augmented_probe(backbone, normalise, train_data, train_y, test_x, test_y, nu
         torch.manual_seed(args.seed + 7919 * smog.rank() + 104729 * (epoch + 1))
         for views, y in augmented_batches(train_data, train_y, cfg, args, sampler, device):
             with torch.no_grad():
-                feats = normalise(backbone(smog.channels_last(views, cfg)).float())
+                feats = standardise(backbone(smog.channels_last(views, cfg)).float())
             sgd_step(model, opt, sched, feats, y)
         history.append(accuracy(head, test_x, test_y, num_classes))
         if (epoch + 1) % max(1, args.epochs // 10) == 0:
@@ -231,11 +231,12 @@ def main(argv=None):
     # Standardise each feature with the training split's statistics (a BatchNorm without affine, as in MAE's probe):
     # the same lr then suits trained and untrained backbones, whose feature scales differ by orders of magnitude.
     mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
-    normalise = lambda f: (f - mean) / std  # noqa: E731
+    standardise = lambda f: (f - mean) / std  # noqa: E731
     if args.cache_features:
-        history = linear_probe(normalise(train_x), train_y_all, normalise(test_x), test_y, num_classes, args, device)
+        history = linear_probe(standardise(train_x), train_y_all, standardise(test_x), test_y, num_classes, args,
+                               device)
     else:
-        history = augmented_probe(backbone, normalise, train_data, train_y, normalise(test_x), test_y, num_classes,
+        history = augmented_probe(backbone, standardise, train_data, train_y, standardise(test_x), test_y, num_classes,
                                   cfg, args, device)
     after = backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "a backbone tensor changed during the probe"
