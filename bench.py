@@ -202,7 +202,8 @@ def main():
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks, as smog.py --compile")
     parser.add_argument("--images", type=int, default=0, help="JPEGs to generate for (c); default 4 batches")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip, e.g. c")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: a, b, c, d, or c-cpu (only the "
+                        "CPU-augmentation run of c)")
     parser.add_argument("--out", default="", help="also write the JSON line to this file")
     parser.add_argument("--profile", default="", help="write the top operators of (b) and of the augmentation here")
     args = parser.parse_args()
@@ -240,7 +241,9 @@ def main():
     if "c" not in skip:
         with tempfile.TemporaryDirectory() as root:
             write_jpegs(root, args.images or 4 * b)
-            report("c_e2e_cpu_aug", bench_e2e(cfg, device, autocast, scaler, args.steps, args.warmup, root, False))
+            if "c-cpu" not in skip:
+                report("c_e2e_cpu_aug", bench_e2e(cfg, device, autocast, scaler, args.steps, args.warmup, root,
+                                                  False))
             report("c_e2e_gpu_aug", bench_e2e(cfg, device, autocast, scaler, args.steps, args.warmup, root, True))
         aug = bench_augment(cfg, device, args.steps, args.warmup, args.profile)
         result["c_gpu_aug_ms_per_step"] = 1000 * aug

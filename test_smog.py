@@ -350,7 +350,7 @@ R50_RECIPE = dict(epochs=400, global_size=224, global_scale=(0.2, 1.0), local_si
                   num_local=4, feat_dim=128, hidden_dim=2048, ema=0.999, num_groups=3000, num_heads=3, tau=0.1,
                   beta_start=1.0, beta_end=0.99, kmeans_iters=10, optimizer="lars", lr=0.3, start_lr=0.01,
                   final_lr=0.0048, warmup_epochs=10, weight_decay=1e-6, momentum=0.9, lars_eta=0.001, clip_grad=0.0,
-                  drop_path=0.0)
+                  drop_path=0.0, blur_sigma=(0.1, 2.0), invert=0.0)
 # SMOG_SPEC §5: AdamW 1e-3 at batch 4096 (per 256: 1e-3 / 16) → 4e-5, 10 warm-up epochs, wd 0.05, clip 3.0, D = 256.
 SWIN_RECIPE = {**R50_RECIPE, **dict(optimizer="adamw", lr=1e-3 / 16, start_lr=0.0, final_lr=4e-5, weight_decay=0.05,
                                     clip_grad=3.0, feat_dim=256)}
@@ -382,7 +382,8 @@ def test_vit_b16_parameter_count_matches_published():
 
 @pytest.mark.parametrize("argv, flag", [
     (["--arch", "resnet9000"], "--arch"), (["--preset", "huge"], "--preset"), (["--batch-size", "x"], "--batch-size"),
-    (["--global-scale", "0.5"], "--global-scale"), (["--tau", "0"], "--tau"), (["--no-such-flag"], "--no-such-flag"),
+    (["--global-scale", "0.5"], "--global-scale"), (["--tau", "0"], "--tau"), (["--invert", "1.5"], "--invert"),
+    (["--no-such-flag"], "--no-such-flag"),
 ])
 def test_bad_flags_name_the_flag(argv, flag):
     with pytest.raises(SystemExit) as e:
@@ -655,6 +656,16 @@ def test_batch_augment_solarize_frequency_per_pipeline(pipeline, p):
     assert within_binomial(solarized, N_AUG, p) if p else solarized == 0
 
 
+@pytest.mark.parametrize("invert", [0.0, 0.5])
+def test_batch_augment_invert_frequency(invert):
+    torch.manual_seed(8)
+    # white stays >= 0.6 under every colour change of the "q" pipeline (no solarize): only its negative is dark
+    out = unnormalise(smog.batch_augment(constant_images((1.0, 1.0, 1.0)), 8, (0.5, 1.0), "q", (0.1, 0.2),
+                                         invert=invert))
+    negatives = (out.mean((1, 2, 3)) < 0.4).sum().item()
+    assert within_binomial(negatives, N_AUG, invert) if invert else negatives == 0
+
+
 def test_hue_rotation_keeps_luma_and_inverts():
     basis = smog._constants(torch.device("cpu"))["hue"]
 
@@ -677,6 +688,28 @@ def test_gaussian_blur_matches_torchvision():
     radius = math.ceil(3 * sigma)
     assert torch.allclose(out, TF.gaussian_blur(x, 2 * radius + 1, sigma), atol=1e-5)
     assert torch.equal(smog._gaussian_blur(x, p=0.0, sigma=(sigma, sigma)), x)
+
+
+def test_crop_matrices_resample_as_antialiased_bilinear_and_mirror():
+    import torchvision.transforms.functional as TF
+    torch.manual_seed(4)
+    x = torch.rand(2, 3, 40, 30)
+    zeros, n = torch.zeros(2), 2
+    for size in (16, 64):  # shrinking (antialiased) and enlarging: the whole image equals torch's resize
+        rows = smog._resampling_matrix(zeros, torch.full((n,), 40.0), size, 40)
+        cols = smog._resampling_matrix(zeros, torch.full((n,), 30.0), size, 30)
+        ours = rows[:, None] @ x @ cols[:, None].mT
+        ref = F.interpolate(x, (size, size), mode="bilinear", antialias=True, align_corners=False)
+        assert torch.allclose(ours, ref, atol=1e-5)
+        mirrored = smog._resampling_matrix(torch.full((n,), 30.0), zeros, size, 30)
+        assert torch.allclose(rows[:, None] @ x @ mirrored[:, None].mT, ours.flip(-1), atol=1e-5)
+    # A box inside the image: torchvision's crop-then-resize, except on the border pixels, which ours interpolates
+    # from the image around the box instead of repeating the box's edge.
+    rows = smog._resampling_matrix(torch.tensor([5.0]), torch.tensor([25.0]), 10, 40)
+    cols = smog._resampling_matrix(torch.tensor([7.0]), torch.tensor([23.0]), 8, 30)
+    ours = rows[:, None] @ x[:1] @ cols[:, None].mT
+    ref = TF.resized_crop(x[:1], 5, 7, 20, 16, [10, 8], antialias=True)
+    assert torch.allclose(ours[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1], atol=1e-5)
 
 
 def test_crop_boxes_lie_inside_and_follow_scale():
