@@ -966,11 +966,12 @@ def ema_(target, online, m):
 
 def to_device_crops(batch, step, cfg, device):
     """Moves a loader batch to the device and returns (online global, online local or None, target global) crops."""
+    batch = _tensors_to(batch, device)  # a no-op for batches that copied_ahead already moved
     if isinstance(batch, torch.Tensor):  # uint8 images in memory: crops drawn on the device
-        return batch_multicrop(batch.to(device, non_blocking=True), step, cfg)
+        return batch_multicrop(batch, step, cfg)
     if isinstance(batch, Squashed):  # uint8 images from the loader at their working size
-        return batch_multicrop(batch.images.to(device, non_blocking=True), step, cfg, batch.aspect)
-    return tuple(None if x is None else x.to(device, non_blocking=True) for x in batch)
+        return batch_multicrop(batch.images, step, cfg, batch.aspect)
+    return batch
 
 
 def channels_last(x, cfg):
