@@ -71,7 +71,10 @@ def load_backbone(args):
     if not os.path.isfile(args.checkpoint):
         raise SystemExit(f"eval_linear.py: error: --checkpoint {args.checkpoint}: no such file")
     try:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        state = smog.read_checkpoint(args.checkpoint)
+    except ValueError as e:
+        raise SystemExit(f"eval_linear.py: error: --checkpoint {args.checkpoint}: {e}")
+    try:
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()}
         cfg = smog.Config(**{k: v for k, v in saved.items() if k in smog.Config.__dataclass_fields__})
         online = state["online"]

@@ -23,6 +23,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -1191,14 +1192,29 @@ def resolve_resume(cfg):
     return cfg.resume
 
 
+def read_checkpoint(path):
+    """A checkpoint file's contents, unpickled with weights_only=True: tensors and plain Python data only, so that a
+    file from elsewhere can never run code. Raises ValueError saying why a file is refused."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise ValueError("refused: it holds objects other than tensors and plain data, and unpickling those "
+                             "could run code") from None
+        raise ValueError(f"not a readable checkpoint ({type(e).__name__})") from None
+    except Exception as e:  # noqa: BLE001 - any other failure means a damaged or foreign file
+        raise ValueError(f"not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise ValueError("not a smog.py checkpoint")
+    return state
+
+
 def load_checkpoint(path, cfg):
     """Loads a checkpoint and refuses one whose networks or groups differ from the config."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any failure means the file is not a usable checkpoint
-        raise SystemExit(f"smog.py: error: --resume {path}: not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(state, dict) or "config" not in state:
-        raise SystemExit(f"smog.py: error: --resume {path}: not a smog.py checkpoint")
+        state = read_checkpoint(path)
+    except ValueError as e:
+        raise SystemExit(f"smog.py: error: --resume {path}: {e}")
     for name in ("arch", "feat_dim", "hidden_dim", "num_groups", "num_heads"):
         if state["config"].get(name) != getattr(cfg, name):
             raise SystemExit(f"smog.py: error: --resume {path}: checkpoint has {_flag(name)} "

@@ -408,7 +408,7 @@ def run_smog(*args):
 
 
 def final_state(out_dir):
-    return torch.load(os.path.join(out_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    return torch.load(os.path.join(out_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
 
 
 def test_train_resume_continue_matches_uninterrupted(tmp_path):
@@ -493,7 +493,7 @@ def test_torchrun_two_processes_stay_in_sync(tmp_path):
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "processes: 2" in r.stdout
-    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
     assert torch.equal(r0["centroids"], r1["centroids"])
     for key in ("target", "online"):
         for name in r0[key]:
@@ -552,7 +552,7 @@ def test_two_processes_split_update_and_kmeans_as_one_and_stay_in_sync_for_three
     one.centroids.copy_(F.normalize(torch.gather(bank[:, :50], 1, idx[..., None].expand(3, 20, 8)), dim=-1))
     for _ in range(4):
         one.update(bank, beta=0.0)
-    splits = [torch.load(tmp_path / f"split{rank}.pt") for rank in (0, 1)]
+    splits = [torch.load(tmp_path / f"split{rank}.pt", weights_only=True) for rank in (0, 1)]
     for split in splits:
         assert (split["updated"] - updated).abs().max() <= 1e-6
         assert (split["kmeans"] - one.centroids).abs().max() <= 1e-6
@@ -581,6 +581,26 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     assert_one_line_error(run_smog("--preset", "huge"), "--preset")
     assert_one_line_error(run_smog("--synthetic-size", "100", "--batch-size", "128"), "--batch-size")
     assert_one_line_error(run_smog("--resume", str(tmp_path / "nope.pt")), "--resume")
+
+
+class RunsCode:
+    """Unpickles as a call of os.system: what a malicious 'checkpoint' would hold."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_checkpoint_whose_pickle_runs_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    torch.save(dict(config={}, online=RunsCode(f"touch {marker}")), evil)
+    for r, flag in ((run_smog("--resume", str(evil), "--out-dir", str(tmp_path / "out")), "--resume"),
+                    (run_script("eval_linear.py", "--checkpoint", str(evil)), "--checkpoint")):
+        assert_one_line_error(r, flag, str(evil), "could run code")
+        assert not marker.exists()
 
 
 def test_non_image_file_in_folder_is_reported(tmp_path):
@@ -833,7 +853,7 @@ def test_eval_linear_augmented_probe_and_torchrun_two_processes(tmp_path):
 
 def test_eval_linear_refuses_checkpoint_with_missing_key(tmp_path):
     fake_checkpoint(tmp_path / "ck.pt")
-    state = torch.load(tmp_path / "ck.pt", weights_only=False)
+    state = torch.load(tmp_path / "ck.pt", weights_only=True)
     del state["online"][next(k for k in state["online"] if k.startswith("encoder.backbone."))]
     torch.save(state, tmp_path / "broken.pt")
     assert_one_line_error(run_eval("--checkpoint", str(tmp_path / "broken.pt"), "--cache-features"), "missing")
