@@ -13,8 +13,9 @@ Run (one file, no launcher needed):
     torchrun --standalone --nproc_per_node=gpu smog.py --preset imagenet-r50 --data /path/to/imagenet
     python smog.py --preset imagenet-r50 --print-config   # show the resolved config and exit
 
-The file reads in the order the method is explained: config → distributed helpers → data and multi-crop
-augmentation → networks → momentum grouping → loss → optimisation → training → main.
+Part 1 (SMoG, the method) comes first: collectives → the multi-crop recipe → networks → momentum grouping → loss →
+optimisation → one training step. Part 2 (the trainer) follows: config → backbones → data → batched augmentation →
+feeding the device → checkpoints → reports → training → main.
 """
 import argparse
 import copy
@@ -38,177 +39,9 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-# ===================================================================================================================
-# Config: one dataclass, presets on top of it, explicit flags on top of the preset
-# ===================================================================================================================
-
-
-@dataclass
-class Config:
-    # --- run ---
-    preset: str = "tiny"  # recipe to start from (see PRESETS); flags given explicitly override it
-    data: str = "synthetic"  # synthetic (embedded, no files) | cifar10 (torchvision download) | PATH to an ImageFolder
-    out_dir: str = "out"  # checkpoint.pt and log.jsonl go here
-    epochs: int = 400
-    batch_size: int = 64  # images per process; the global batch is batch_size × number of processes
-    workers: int = 8  # data-loading processes per training process (ImageFolder only)
-    seed: int = 0
-    resume: str = "auto"  # auto (out_dir/checkpoint.pt if present) | none | PATH
-    stop_after: int = 0  # leave after this many epochs in this job, resumable (for time-limited jobs); 0 = run all
-    synthetic_size: int = 8000  # training images of the embedded data set (its held-out split has 2000)
-    # --- multi-crop (SMOG_SPEC §3): 2 target + 2 online global crops and num_local online local crops per image ---
-    global_size: int = 224
-    global_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range of the global crops
-    local_size: int = 96
-    local_scale: tuple[float, float] = (0.05, 0.2)
-    num_local: int = 4
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur σ range in pixels of the crop
-    invert: float = 0.0  # probability of a crop's negative 1 − x (tiny: its shapes come in both polarities); 0 = off
-    gpu_aug: str = "auto"  # on: batched augmentation on the training device | off: per-image in CPU workers | auto
-    # --- networks (SMOG_SPEC §1) ---
-    arch: str = "resnet50"  # see BACKBONES
-    feat_dim: int = 128  # dimension D of z, p and the centroids
-    hidden_dim: int = 2048  # hidden width of projector and predictor
-    drop_path: float = 0.0  # stochastic depth of the online backbone (Swin: 0.2); the target branch has none
-    ema: float = 0.999  # target ← ema·target + (1−ema)·online after every step
-    # --- momentum grouping (SMOG_SPEC §2, §4) ---
-    num_groups: int = 3000  # K centroids per head
-    num_heads: int = 3  # H independent group sets
-    tau: float = 0.1  # temperature of the group logits
-    beta_start: float = 1.0  # momentum β of the centroid update, linear per step from beta_start to beta_end
-    beta_end: float = 0.99
-    kmeans_iters: int = 10  # spherical k-means iterations of the reset at every epoch start
-    # --- optimisation (SMOG_SPEC §5) ---
-    optimizer: str = "lars"  # lars (ResNets) | adamw (Transformers)
-    lr: float = 0.3  # peak learning rate per 256 images of global batch (4.8 at 4096)
-    start_lr: float = 0.01  # learning rate at step 0, warmed up linearly to the peak
-    final_lr: float = 0.0048  # learning rate at the last step, after the cosine decay
-    warmup_epochs: int = 10
-    weight_decay: float = 1e-6
-    momentum: float = 0.9
-    lars_eta: float = 0.001  # LARS trust coefficient; lower it if the loss does not decrease with large batches
-    clip_grad: float = 0.0  # max gradient norm, 0 = off
-    # --- system ---
-    precision: str = "auto"  # auto (CUDA: fp16, faster there: README, Performance; CPU: fp32) | bf16 | fp16 | fp32
-    channels_last: bool = True  # NHWC memory layout: faster convolutions with bf16 on GPUs, and on CPUs (oneDNN)
-    compile: bool = False  # torch.compile the online and target networks (opt-in: see README, Performance)
-    log_every: int = 20  # steps between log lines
-    knn: bool = True  # report kNN top-1 on the held-out split at the end (labels are used only for this report)
-    print_config: bool = False  # print the resolved config and exit
-
-
-TRANSFORMER_RECIPE = dict(optimizer="adamw", feat_dim=256, lr=1e-3 * 256 / 4096, start_lr=0.0, final_lr=4e-5,
-                          warmup_epochs=10, weight_decay=0.05, clip_grad=3.0)
-
-# Each preset lists only what differs from the defaults above (which are the paper's ResNet-50 recipe).
-PRESETS = {
-    # CPU-friendly: embedded 32-px data set, small ResNet, a few minutes on 2 cores.
-    "tiny": dict(
-        data="synthetic", synthetic_size=2000, arch="resnet_tiny", epochs=160, batch_size=64, workers=0,
-        global_size=32, global_scale=(0.5, 1.0), num_local=0, local_size=16, local_scale=(0.1, 0.4),
-        blur_sigma=(0.1, 0.6), invert=0.5, hidden_dim=512,
-        num_groups=200, tau=0.05, lr=6.0, start_lr=0.05, final_lr=0.01, warmup_epochs=2, ema=0.996, log_every=100,
-    ),
-    # ResNet-18 with a 3x3 stem on 32-px images.
-    "cifar10-r18": dict(
-        data="cifar10", arch="resnet18_cifar", epochs=200, batch_size=256, workers=4, global_size=32,
-        global_scale=(0.2, 1.0), local_size=16, local_scale=(0.05, 0.2), num_local=4, blur_sigma=(0.1, 0.5),
-        hidden_dim=2048, num_groups=300, lr=1.2, start_lr=0.05, warmup_epochs=10, ema=0.99,
-    ),
-    # The paper's recipes (SMOG_SPEC §1–5): batch 4096 = 64 GPUs × 64, 400 epochs.
-    "imagenet-r50": dict(),
-    "imagenet-r50w2": dict(arch="resnet50w2"),
-    # Transformers (§5): AdamW 1e-3 at batch 4096 (= 6.25e-5 per 256) → 4e-5, weight decay 0.05, clipping 3.0.
-    "imagenet-swin-t": dict(arch="swin_t", drop_path=0.2, **TRANSFORMER_RECIPE),
-    # Not in the paper: ViT-S/16 on the Swin-T recipe (torchvision's ViT has no drop-path).
-    "imagenet-vit-s16": dict(arch="vit_s16", **TRANSFORMER_RECIPE),
-}
-PRESETS["cifar10"] = PRESETS["cifar10-r18"]  # the short name
-
-
-def _flag(name):
-    return "--" + name.replace("_", "-")
-
-
-def _parse_value(f, text):
-    """Parses one CLI value for dataclass field f (tuples are written '0.2,1.0')."""
-    if f.type == tuple[float, float]:
-        parts = text.split(",")
-        if len(parts) != 2:
-            raise ValueError("expected two comma-separated numbers, e.g. 0.2,1.0")
-        return (float(parts[0]), float(parts[1]))
-    return f.type(text)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        raise SystemExit(f"{self.prog}: error: {message}")
-
-
-def parse_config(argv=None):
-    """Builds a Config: defaults ← --preset ← flags given on the command line. Bad values end with one line."""
-    parser = _Parser(prog="smog.py", description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        if f.type is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None)
-        else:
-            parser.add_argument(_flag(f.name), type=str, default=None, metavar=f.type.__name__.upper())
-    args = parser.parse_args(argv)
-    given = {}
-    for f in dataclasses.fields(Config):
-        text = getattr(args, f.name)
-        if text is None:
-            continue
-        try:
-            given[f.name] = text if f.type is bool else _parse_value(f, text)
-        except ValueError as e:
-            raise SystemExit(f"smog.py: error: {_flag(f.name)} {text!r}: {e}")
-    preset = given.get("preset", Config.preset)
-    if preset not in PRESETS:
-        raise SystemExit(f"smog.py: error: --preset {preset!r} is unknown (choose from {', '.join(PRESETS)})")
-    cfg = Config(**{**PRESETS[preset], **given, "preset": preset})
-    check_config(cfg)
-    return cfg
-
-
-def check_config(cfg):
-    """Rejects values the run cannot use, naming the flag."""
-    def bad(name, why):
-        raise SystemExit(f"smog.py: error: {_flag(name)} {getattr(cfg, name)!r}: {why}")
-
-    choices = dict(arch=BACKBONES, optimizer=("lars", "adamw"), precision=("auto", "bf16", "fp16", "fp32"),
-                   gpu_aug=("auto", "on", "off"))
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            bad(name, f"unknown (choose from {', '.join(allowed)})")
-    for name in ("epochs", "batch_size", "global_size", "local_size", "feat_dim", "hidden_dim", "num_groups",
-                 "num_heads", "log_every", "synthetic_size"):
-        if getattr(cfg, name) < 1:
-            bad(name, "must be at least 1")
-    for name in ("workers", "num_local", "kmeans_iters", "warmup_epochs", "stop_after"):
-        if getattr(cfg, name) < 0:
-            bad(name, "must be at least 0")
-    for name in ("global_scale", "local_scale"):
-        lo, hi = getattr(cfg, name)
-        if not 0 < lo <= hi <= 1:
-            bad(name, "needs 0 < low <= high <= 1")
-    lo, hi = cfg.blur_sigma
-    if not 0 < lo <= hi:
-        bad("blur_sigma", "needs 0 < low <= high")
-    for name in ("ema", "beta_start", "beta_end", "drop_path", "invert"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            bad(name, "must lie in [0, 1]")
-    if cfg.arch.startswith("vit"):
-        for name in ("global_size", "local_size"):
-            if getattr(cfg, name) % 16:
-                bad(name, f"--arch {cfg.arch} needs crop sizes that are multiples of its 16-px patches")
-    for name in ("tau", "lr"):
-        if getattr(cfg, name) <= 0:
-            bad(name, "must be positive")
-
 
 # ===================================================================================================================
-# Distributed helpers: every collective is a no-op in a single process
+# Part 1 — SMoG: the method. Collectives (no-ops in a single process)
 # ===================================================================================================================
 
 
@@ -222,12 +55,6 @@ def rank():
 
 def world_size():
     return dist.get_world_size() if distributed() else 1
-
-
-def log(*args):
-    """Prints on rank 0 only."""
-    if rank() == 0:
-        print(*args, flush=True)
 
 
 def all_reduce_(t, op="sum"):
@@ -253,156 +80,11 @@ def broadcast_(t, src=0):
     return t
 
 
-def setup_device():
-    """Starts the process group under torchrun (NCCL on GPU, gloo on CPU) and picks this process's device."""
-    if "RANK" in os.environ and not distributed():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return device
-
-
 # ===================================================================================================================
-# Data: the embedded synthetic data set, ImageFolder, CIFAR-10
+# Multi-crop recipe (SMOG_SPEC §3). Two pipelines differ only in blur and solarize probability; they swap roles
+# every other step.
 # ===================================================================================================================
 
-SHAPES = ("disk", "square", "triangle", "plus", "ring", "star", "frame", "crescent", "bar", "half-disk")
-
-
-def _shape_masks(kind, u, v):
-    """Inside-masks of one shape class at rotated, unit-scaled coordinates u, v (any shape of arrays)."""
-    r, th = np.hypot(u, v), np.arctan2(v, u)
-    box = np.maximum(abs(u), abs(v))
-    return {
-        "disk": r < 0.9,
-        "square": box < 0.75,
-        "triangle": (v > -0.5) & (np.sqrt(3) * u + v < 1) & (-np.sqrt(3) * u + v < 1),
-        "plus": ((abs(u) < 0.28) & (abs(v) < 1)) | ((abs(v) < 0.28) & (abs(u) < 1)),
-        "ring": (r > 0.55) & (r < 0.95),
-        "star": r < 0.55 + 0.4 * np.cos(5 * th),
-        "frame": (box > 0.5) & (box < 0.85),
-        "crescent": (r < 0.95) & (np.hypot(u - 0.5, v) > 0.75),
-        "bar": (abs(u) < 1) & (abs(v) < 0.3),
-        "half-disk": (r < 0.95) & (v > -0.2),
-    }[kind]
-
-
-def synthetic_shapes(n, seed, size=32):
-    """The embedded data set: n grey-level images (uint8, (n, 3, size, size)) of 10 shape classes, labels (n,).
-
-    Class identity is the shape. Position, size, rotation, polarity (light on dark or dark on light), contrast and
-    sensor noise are random, so the pixels of two images of one class rarely line up (kNN on raw pixels stays low),
-    while the crops, flips and colour changes of the augmentation keep the shape. Nothing else is constant within
-    an image, so the only signal shared by two views that generalises across images is the shape. Deterministic
-    from (n, seed, size); drawn at twice the resolution and averaged for anti-aliased edges.
-    """
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, len(SHAPES), n)
-    s2 = 2 * size
-    yy, xx = np.meshgrid(np.arange(s2) + 0.5, np.arange(s2) + 0.5, indexing="ij")
-    images = np.empty((n, 3, size, size), np.uint8)
-    for start in range(0, n, 512):
-        b = min(512, n - start)
-        radius = rng.uniform(0.2, 0.36, b) * s2
-        cx, cy = rng.uniform(radius, s2 - radius), rng.uniform(radius, s2 - radius)
-        angle = rng.uniform(0, 2 * np.pi, b)
-        dx = (xx[None] - cx[:, None, None]) / radius[:, None, None]
-        dy = (yy[None] - cy[:, None, None]) / radius[:, None, None]
-        cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
-        u, v = cos * dx + sin * dy, -sin * dx + cos * dy
-        mask = np.zeros((b, s2, s2))
-        for k, kind in enumerate(SHAPES):
-            rows = labels[start:start + b] == k
-            mask[rows] = _shape_masks(kind, u[rows], v[rows])
-        contrast = rng.uniform(0.4, 0.6, (b, 1, 1)) * rng.choice([-1.0, 1.0], (b, 1, 1))
-        gray = rng.uniform(0.35, 0.65, (b, 1, 1)) + contrast * (mask - 0.3)
-        img = gray.reshape(b, 1, size, 2, size, 2).mean((3, 5)) + rng.normal(0, 0.05, (b, 3, size, size))
-        images[start:start + b] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
-    return torch.from_numpy(images), torch.from_numpy(labels)
-
-
-class ImageFolderData(torch.utils.data.Dataset):
-    """An ImageFolder whose unreadable images are replaced by the next readable one and reported, not fatal.
-
-    __getitem__ takes (index, step parity) from ParityBatchSampler and returns (sample, label, failed path or "").
-    `transform(image, parity)` makes the sample: all crops (CPU augmentation) or one fixed-size uint8 image.
-    """
-
-    def __init__(self, root, transform=None):
-        try:
-            self.folder = torchvision.datasets.ImageFolder(root)
-        except (FileNotFoundError, OSError) as e:
-            raise SystemExit(f"smog.py: error: --data {root}: not a usable ImageFolder ({e})")
-        self.transform = transform
-        self.targets = self.folder.targets
-
-    def __len__(self):
-        return len(self.folder)
-
-    def __getitem__(self, key):
-        index, parity = key if isinstance(key, tuple) else (key, 0)
-        failed = ""
-        for attempt in range(len(self)):
-            path, label = self.folder.samples[(index + attempt) % len(self)]
-            try:
-                image = self.folder.loader(path)
-                return (self.transform(image, parity) if self.transform else image), label, failed
-            except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable image"
-                failed = failed or f"{path} ({type(e).__name__}: {e})"
-        raise SystemExit(f"smog.py: error: --data {self.folder.root}: no readable image")
-
-
-class ParityBatchSampler(torch.utils.data.Sampler):
-    """Batches of (index, step parity) pairs, so CPU workers draw only the crops of the pipeline each branch uses.
-
-    The epoch's first `skip` batches are left out (a run resumed mid-epoch); the first batch given is step first_step.
-    """
-
-    def __init__(self, sampler, batch_size, first_step, skip=0):
-        self.sampler, self.batch_size, self.first_step, self.skip = sampler, batch_size, first_step, skip
-
-    def __len__(self):
-        return len(self.sampler) // self.batch_size - self.skip
-
-    def __iter__(self):
-        indices = list(self.sampler)
-        for i in range(len(self)):
-            b = self.skip + i
-            yield [(j, (self.first_step + i) % 2) for j in indices[b * self.batch_size:(b + 1) * self.batch_size]]
-
-
-def load_dataset(cfg, split):
-    """Returns (images uint8 (N, 3, S, S) or None, labels (N,), ImageFolderData or None) for split train|val.
-
-    The embedded and CIFAR-10 sets live in memory as uint8 tensors; an ImageFolder is read by workers.
-    """
-    if cfg.data == "synthetic":
-        n = cfg.synthetic_size if split == "train" else 2000
-        images, labels = synthetic_shapes(n, seed=cfg.seed * 2 + (split != "train"))
-        return images, labels, None
-    if cfg.data == "cifar10":
-        root = os.path.join(cfg.out_dir, "cifar10")
-        ds = torchvision.datasets.CIFAR10(root, train=split == "train", download=True)
-        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), None
-    if not os.path.isdir(cfg.data):
-        raise SystemExit(f"smog.py: error: --data {cfg.data}: no such directory (or use synthetic | cifar10)")
-    root = os.path.join(cfg.data, split)
-    if split == "train" and not os.path.isdir(root):
-        root = cfg.data  # a plain class-per-folder tree is the training set
-    if split == "val" and not os.path.isdir(root):
-        return None, None, None
-    ds = ImageFolderData(root)
-    return None, torch.tensor(ds.targets), ds
-
-
-# ===================================================================================================================
-# Multi-crop augmentation (SMOG_SPEC §3). Two pipelines differ only in blur and solarize probability; they swap roles
-# every other step. Batched version (any device, per-image random parameters) and per-image CPU version.
-# ===================================================================================================================
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # (blur probability, solarize probability) of the two pipelines.
@@ -412,173 +94,6 @@ PIPELINES = {"q": (1.0, 0.0), "k": (0.1, 0.2)}
 def pipelines_for_step(step):
     """(online pipeline, target pipeline): even steps feed q-augmented crops to the online branch (authors' code)."""
     return ("q", "k") if step % 2 == 0 else ("k", "q")
-
-
-def _gray(x):  # (n, 3, h, w) -> (n, 1, h, w), ITU-R 601 luma as torchvision
-    return (x * _constants(x.device)["luma"].to(x.dtype)).sum(1, keepdim=True)  # (a 1x1 conv is 100x slower on CPU)
-
-
-def _uniform(n, lo, hi, device):
-    return torch.empty(n, device=device).uniform_(lo, hi)
-
-
-def random_resized_boxes(n, scale, height, width, device, ratio=(3 / 4, 4 / 3), image_aspect=None):
-    """(n, 4) crop boxes x0, y0, x1, y1 in pixels with area fraction ~ U(scale), log aspect ~ U(log ratio).
-
-    image_aspect (n,): width/height of each original image that was squashed to height × width; the aspect ratio is
-    then drawn in the original's geometry, as RandomResizedCrop on the original image would.
-    """
-    area = _uniform(n, *scale, device) * height * width
-    aspect = torch.exp(_uniform(n, math.log(ratio[0]), math.log(ratio[1]), device))
-    if image_aspect is not None:
-        aspect = aspect * width / (height * image_aspect)
-    w = torch.sqrt(area * aspect).clamp(max=width)
-    h = torch.sqrt(area / aspect).clamp(max=height)
-    x0 = torch.rand(n, device=device) * (width - w)
-    y0 = torch.rand(n, device=device) * (height - h)
-    return torch.stack([x0, y0, x0 + w, y0 + h], 1)
-
-
-@functools.lru_cache(maxsize=None)
-def _constants(device):
-    """Constant tensors of the batched augmentation, made once per device (from Python data in every step, each
-    would be a blocking host-to-device copy): normalisation x·scale + shift (1, 3, 1, 1), luma weights (1, 3, 1, 1),
-    and the hue basis (3, 3, 3): hue rotation by θ = P0 + cos θ·P1 + sin θ·P2 (the I, Q chroma plane of YIQ turns,
-    luma stays)."""
-    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
-    rgb = torch.linalg.inv(yiq)
-    turn = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
-    hue = torch.stack([rgb[:, :1] @ yiq[:1], rgb[:, 1:] @ yiq[1:], rgb[:, 1:] @ turn @ yiq[1:]])
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    return dict(scale=(1 / std).to(device), shift=(-mean / std).to(device), hue=hue.float().to(device),
-                luma=torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1).to(device))
-
-
-def _resampling_matrix(start, stop, size, length):
-    """(n, size, length) resampling rows: output pixel i of each crop spanning [start, stop) of an axis `length`
-    pixels long, bilinear, the triangle widened by the shrink factor when shrinking (antialiased, as PIL's resize).
-
-    start, stop: (n,) in pixel-edge coordinates; start > stop reads the span right to left: the mirrored crop.
-    """
-    dev = start.device
-    step = (stop - start) / size  # (n,) source pixels per output pixel, negative when mirrored
-    centre = start[:, None] + (torch.arange(size, device=dev) + 0.5) * step[:, None]  # (n, size)
-    width = step.abs().clamp(min=1)[:, None, None]
-    pixel = torch.arange(length, device=dev) + 0.5
-    weight = (1 - (pixel - centre[..., None]).abs() / width).clamp(min=0)  # (n, size, length)
-    return weight / weight.sum(-1, keepdim=True)  # pixels beyond the edge get no weight: renormalised, as PIL
-
-
-def random_resized_crops(x, size, scale, crops_per_image=1, aspect=None):
-    """RandomResizedCrop + horizontal flip, batched: x (B, 3, H, W) float → (crops_per_image·B, 3, size, size),
-    crop i from image i % B; aspect: (B,) original width/height of squashed images, or None.
-
-    Cropping, resizing and flipping are linear in the rows and in the columns, so each crop is R · image · Cᵀ with a
-    (size, H) matrix R and a (size, W) matrix C of its own: two batched matrix products, which GPUs run on tensor
-    cores, instead of one gather per output pixel.
-    """
-    b, c, h, w = x.shape
-    n = b * crops_per_image
-    x0, y0, x1, y1 = random_resized_boxes(
-        n, scale, h, w, x.device, image_aspect=None if aspect is None else aspect.to(x.device).repeat(crops_per_image)
-    ).unbind(1)
-    flip = torch.rand(n, device=x.device) < 0.5
-    x0, x1 = torch.where(flip, x1, x0), torch.where(flip, x0, x1)  # columns read right to left: mirrored
-    rows = _resampling_matrix(y0, y1, size, h).to(x.dtype).view(crops_per_image, b, 1, size, h)
-    cols = _resampling_matrix(x0, x1, size, w).to(x.dtype).view(crops_per_image, b, 1, size, w)
-    return (rows @ x @ cols.mT).view(n, c, size, size)  # (k, B, 1, s, H) @ (B, 3, H, W) @ (k, B, 1, W, s)
-
-
-def _color_jitter(x, p, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
-    """ColorJitter(0.4, 0.4, 0.2, 0.1) applied with probability p, factors drawn per image; x is (n, 3, h, w) in [0, 1].
-
-    Fixed order brightness → contrast → saturation → hue. Hue is a rotation about the gray axis in YIQ space: the
-    cheap, batched equivalent of torchvision's HSV hue shift.
-    """
-    n, dev = x.shape[0], x.device
-    on = torch.rand(n, device=dev) < p
-
-    def factor(amount):  # (n, 1, 1, 1) in x's dtype: a float32 factor would promote the whole image to float32
-        return torch.where(on, _uniform(n, 1 - amount, 1 + amount, dev), 1.0).view(n, 1, 1, 1).to(x.dtype)
-
-    # Each blend written as one addcmul: (x − a)·f + a = x·f + a·(1 − f), fewer passes over the crops.
-    x = (x * factor(brightness)).clamp_(0, 1)
-    c = factor(contrast)
-    x = torch.addcmul(_gray(x).mean((1, 2, 3), keepdim=True) * (1 - c), x, c).clamp_(0, 1)
-    s = factor(saturation)
-    x = torch.addcmul(_gray(x) * (1 - s), x, s).clamp_(0, 1)
-    theta = (torch.where(on, _uniform(n, -hue, hue, dev), 0.0) * 2 * math.pi).view(n, 1, 1)
-    basis = _constants(dev)["hue"]
-    matrix = basis[0] + torch.cos(theta) * basis[1] + torch.sin(theta) * basis[2]  # (n, 3, 3)
-    return torch.einsum("nij,njhw->nihw", matrix.to(x.dtype), x).clamp_(0, 1)
-
-
-def _blur_matrix(kernel, length):
-    """(n, length, length): row i holds kernel n (n, 2r+1) centred on pixel i, taps beyond an edge reflected back
-    (as reflect padding); multiplying by it blurs along one axis."""
-    r, dev = kernel.shape[1] // 2, kernel.device
-    source = (torch.arange(length, device=dev)[:, None] + torch.arange(-r, r + 1, device=dev)).abs()
-    source = torch.where(source > length - 1, 2 * (length - 1) - source, source)  # (length, 2r+1), reflected
-    taps = (source[..., None] == torch.arange(length, device=dev)).to(kernel.dtype)  # (length, 2r+1, length)
-    return torch.einsum("nt,itj->nij", kernel, taps)
-
-
-def _gaussian_blur(x, p, sigma):
-    """Gaussian blur with probability p and σ ~ U(sigma) per image: (n, 3, h, w) → (n, 3, h, w).
-
-    Separable, with reflect padding, as two batched matrix products B_h · x · B_wᵀ with banded per-image matrices:
-    tensor-core work instead of a grouped convolution with a kernel per image and channel.
-    """
-    n, _, h, w = x.shape
-    on = torch.rand(n, device=x.device) < p
-    s = _uniform(n, *sigma, x.device)
-    radius = min(math.ceil(3 * sigma[1]), (min(h, w) - 1) // 2)
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
-    kernel = torch.exp(-t[None] ** 2 / (2 * s[:, None] ** 2))
-    kernel = torch.where(on[:, None], kernel / kernel.sum(1, keepdim=True), (t == 0).float()[None])  # (n, 2r+1)
-    rows, cols = _blur_matrix(kernel, h).to(x.dtype), _blur_matrix(kernel, w).to(x.dtype)
-    return rows[:, None] @ x @ cols[:, None].mT
-
-
-def normalise(x):  # (n, 3, h, w) in [0, 1] -> (x − mean) / std in float32
-    const = _constants(x.device)
-    return torch.addcmul(const["shift"], x, const["scale"])
-
-
-def batch_augment(images, size, scale, pipeline, blur_sigma, crops_per_image=1, aspect=None, invert=0.0):
-    """Augments a batch on its own device, with independent random parameters for every crop of every image.
-
-    images: (B, 3, H, W) uint8, or float16/32 in [0, 1] (the dtype the work is done in); aspect: (B,) original
-    width/height of squashed images, or None. Returns (crops_per_image·B, 3, size, size) normalised float32,
-    crop-major (all images' first crop, then all second crops, ...).
-    """
-    x = images.float() / 255 if images.dtype == torch.uint8 else images
-    blur_p, solarize_p = PIPELINES[pipeline]
-    x = random_resized_crops(x, size, scale, crops_per_image, aspect)
-    n = x.shape[0]
-    x = _color_jitter(x, p=0.8)
-    gray = torch.rand(n, device=x.device) < 0.2
-    x = torch.where(gray.view(n, 1, 1, 1), _gray(x), x)
-    x = _gaussian_blur(x, blur_p, blur_sigma)
-    solarize = torch.rand(n, device=x.device) < solarize_p  # threshold 0.5, or 2 (never) for crops not solarized
-    x = torch.where(x >= torch.where(solarize, 0.5, 2.0).view(n, 1, 1, 1), 1 - x, x)
-    if invert:  # not in the paper: for data whose objects come light on dark and dark on light alike
-        x = torch.where((torch.rand(n, device=x.device) < invert).view(n, 1, 1, 1), 1 - x, x)
-    return normalise(x)
-
-
-def batch_multicrop(images, step, cfg, aspect=None):
-    """All crops of one step from a uint8 batch (B, 3, H, W): (online global (2B,...), online local (L·B,...) or None,
-    target global (2B,...)). aspect: (B,) original width/height of squashed images, or None."""
-    online, target = pipelines_for_step(step)
-    # Converted once for the three calls; float16 on GPUs halves the memory traffic of the augmentation (8-bit
-    # pixels are exact in float16), float32 on CPUs, whose float16 kernels are slow.
-    images = images.to(torch.float16 if images.is_cuda else torch.float32) / 255
-    g = batch_augment(images, cfg.global_size, cfg.global_scale, online, cfg.blur_sigma, 2, aspect, cfg.invert)
-    loc = (batch_augment(images, cfg.local_size, cfg.local_scale, online, cfg.blur_sigma, cfg.num_local, aspect,
-                         cfg.invert) if cfg.num_local else None)
-    t = batch_augment(images, cfg.global_size, cfg.global_scale, target, cfg.blur_sigma, 2, aspect, cfg.invert)
-    return g, loc, t
 
 
 class CPUMultiCrop:
@@ -617,133 +132,9 @@ class CPUMultiCrop:
         return g, loc, t
 
 
-class Squashed(NamedTuple):
-    """Images for batched augmentation: uint8 (…, 3, S, S) squashed to a square working size, and each original's
-    width/height (…,), so that crops keep the aspect ratios they would have on the original image."""
-    images: torch.Tensor
-    aspect: torch.Tensor
-
-
-class ResizeToTensor:
-    """Decode-side work for batched augmentation: one resize to a fixed square working size, kept uint8."""
-
-    def __init__(self, size):
-        self.resize = torchvision.transforms.Resize((size, size), antialias=True)
-
-    def __call__(self, image, parity=0):  # PIL image -> Squashed((3, S, S), ())
-        pixels = np.asarray(self.resize(image.convert("RGB")), np.uint8).copy()
-        return Squashed(torch.from_numpy(pixels).permute(2, 0, 1), torch.tensor(image.width / image.height))
-
-
-def collate(batch):
-    """Stacks samples: tensors, Squashed images, or (global, local, target) tuples of crop stacks (crop-major out)."""
-    samples, labels, failed = zip(*batch)
-    if isinstance(samples[0], torch.Tensor):
-        out = torch.stack(samples)
-    elif isinstance(samples[0], Squashed):
-        out = Squashed(torch.stack([s.images for s in samples]), torch.stack([s.aspect for s in samples]))
-    else:  # (B, n_crops, 3, s, s) -> (n_crops·B, 3, s, s), crop-major like batch_multicrop
-        out = tuple(None if parts[0] is None else torch.stack(parts, 1).flatten(0, 1)
-                    for parts in zip(*samples))
-    return out, torch.tensor(labels), [f for f in failed if f]
-
-
 # ===================================================================================================================
 # Networks (SMOG_SPEC §1): backbone f → projector g → predictor q online; a copy of f and g as the target branch
 # ===================================================================================================================
-
-
-def _torchvision_resnet(name, small_stem=False):
-    """torchvision ResNet without its classifier; small_stem: 3x3 stride-1 first conv and no max-pool (32-px images)."""
-    net = getattr(torchvision.models, name)()
-    if small_stem:
-        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        net.maxpool = nn.Identity()
-    dim = net.fc.in_features
-    net.fc = nn.Identity()
-    return net, dim
-
-
-def _tiny_resnet(widths=(16, 32, 64, 256)):
-    """A 4-stage ResNet of torchvision BasicBlocks (one per stage, each halving the resolution) after a 3x3 stem at
-    full resolution: 0.8M parameters, CPU-friendly. The full-resolution stem lets the first strided block see the
-    corners that tell a 6-px square from a disk (kNN 80.0% vs 74.5% with a stride-2 stem, for 10% more time)."""
-    layers, c_in = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(True)], widths[0]
-    for c in widths:
-        down = nn.Sequential(nn.Conv2d(c_in, c, 1, 2, bias=False), nn.BatchNorm2d(c))
-        layers.append(BasicBlock(c_in, c, 2, down))
-        c_in = c
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), c_in
-
-
-def _resnet50_wide(widen=2):
-    """ResNet-50 with every width × widen, as SwAV's and the authors' ResNet-50w2 (4096-d output, 94M parameters).
-
-    torchvision's wide_resnet50_2 is a different network: it widens only the 3x3 convolutions (2048-d output). Built
-    from torchvision's own ResNet and Bottleneck, so its state_dict keys are torchvision's.
-    """
-    net = torchvision.models.ResNet(Bottleneck, [3, 4, 6, 3])
-    net.inplanes = 64 * widen
-    net.conv1 = nn.Conv2d(3, 64 * widen, 7, 2, 3, bias=False)
-    net.bn1 = nn.BatchNorm2d(64 * widen)
-    for i, (blocks, stride) in enumerate(zip([3, 4, 6, 3], [1, 2, 2, 2])):
-        setattr(net, f"layer{i + 1}", net._make_layer(Bottleneck, 64 * widen * 2 ** i, blocks, stride=stride))
-    for m in net.modules():  # torchvision's initialisation, for the layers made anew
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    net.fc = nn.Identity()
-    return net, 2048 * widen
-
-
-def _swin_t(drop_path):
-    """torchvision's Swin-T (768-d pooled output); it pads 96-px crops' feature maps to whole 7x7 windows itself."""
-    net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2],
-                                             num_heads=[3, 6, 12, 24], window_size=[7, 7],
-                                             stochastic_depth_prob=drop_path)  # swin_t() fixes it at 0.2
-    net.head = nn.Identity()
-    return net, 768
-
-
-class ViT(torchvision.models.VisionTransformer):
-    """torchvision's VisionTransformer returning the class token, at any input size: its position embedding (made
-    for 224 px) is interpolated bicubically to the input's patch grid, so 96-px local crops work (as DINO does)."""
-
-    def __init__(self, depth, heads, dim):
-        super().__init__(image_size=224, patch_size=16, num_layers=depth, num_heads=heads, hidden_dim=dim,
-                         mlp_dim=4 * dim)
-        self.heads = nn.Identity()
-
-    def position_embedding(self, rows, cols):  # (1, 1 + rows·cols, dim)
-        pos = self.encoder.pos_embedding
-        side = self.image_size // self.patch_size
-        if (rows, cols) == (side, side):
-            return pos
-        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False)
-        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)], 1)
-
-    def forward(self, x):  # (N, 3, H, W) -> (N, dim), H and W multiples of 16
-        rows, cols = x.shape[2] // self.patch_size, x.shape[3] // self.patch_size
-        x = self.conv_proj(x).flatten(2).transpose(1, 2)  # (N, rows·cols, dim)
-        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1) + self.position_embedding(rows, cols)
-        return self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))[:, 0]
-
-
-# name -> (drop_path) -> (backbone module mapping (N, 3, s, s) to (N, dim), dim). drop_path (stochastic depth) is
-# used by Swin only: torchvision's ResNets and ViTs have none.
-BACKBONES = {
-    "resnet_tiny": lambda drop_path: _tiny_resnet(),
-    "resnet18": lambda drop_path: _torchvision_resnet("resnet18"),
-    "resnet18_cifar": lambda drop_path: _torchvision_resnet("resnet18", small_stem=True),
-    "resnet50": lambda drop_path: _torchvision_resnet("resnet50"),
-    "resnet50w2": lambda drop_path: _resnet50_wide(2),
-    "swin_t": _swin_t,
-    "vit_s16": lambda drop_path: (ViT(depth=12, heads=6, dim=384), 384),
-    "vit_b16": lambda drop_path: (ViT(depth=12, heads=12, dim=768), 768),
-}
 
 
 def mlp(dim_in, hidden, dim_out, last_bn):
@@ -961,18 +352,8 @@ def ema_(target, online, m):
 
 
 # ===================================================================================================================
-# Training: one step, the epoch loop with group resets, checkpoints, logging and the final kNN report
+# One training step
 # ===================================================================================================================
-
-
-def to_device_crops(batch, step, cfg, device):
-    """Moves a loader batch to the device and returns (online global, online local or None, target global) crops."""
-    batch = _tensors_to(batch, device)  # a no-op for batches that copied_ahead already moved
-    if isinstance(batch, torch.Tensor):  # uint8 images in memory: crops drawn on the device
-        return batch_multicrop(batch, step, cfg)
-    if isinstance(batch, Squashed):  # uint8 images from the loader at their working size
-        return batch_multicrop(batch.images, step, cfg, batch.aspect)
-    return batch
 
 
 def channels_last(x, cfg):
@@ -1009,12 +390,749 @@ def train_step(crops, step, beta, nets, opt, scaler, autocast, cfg):
     return loss.detach(), counts, z_global
 
 
-def group_health(counts):
-    """(mean groups used per head, mean assignment entropy in nats) from one step's counts (H, K)."""
-    used = (counts > 0).sum(1).float().mean()
-    prob = counts / counts.sum(1, keepdim=True).clamp(min=1)
-    entropy = -(prob * prob.clamp(min=1e-12).log()).sum(1).mean()
-    return used.item(), entropy.item()
+# ===================================================================================================================
+# Part 2 — the trainer. Config: one dataclass, presets on top of it, explicit flags on top of the preset
+# ===================================================================================================================
+
+
+@dataclass
+class Config:
+    # --- run ---
+    preset: str = "tiny"  # recipe to start from (see PRESETS); flags given explicitly override it
+    data: str = "synthetic"  # synthetic (embedded, no files) | cifar10 (torchvision download) | PATH to an ImageFolder
+    out_dir: str = "out"  # checkpoint.pt and log.jsonl go here
+    epochs: int = 400
+    batch_size: int = 64  # images per process; the global batch is batch_size × number of processes
+    workers: int = 8  # data-loading processes per training process (ImageFolder only)
+    seed: int = 0
+    resume: str = "auto"  # auto (out_dir/checkpoint.pt if present) | none | PATH
+    stop_after: int = 0  # leave after this many epochs in this job, resumable (for time-limited jobs); 0 = run all
+    synthetic_size: int = 8000  # training images of the embedded data set (its held-out split has 2000)
+    # --- multi-crop (SMOG_SPEC §3): 2 target + 2 online global crops and num_local online local crops per image ---
+    global_size: int = 224
+    global_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range of the global crops
+    local_size: int = 96
+    local_scale: tuple[float, float] = (0.05, 0.2)
+    num_local: int = 4
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur σ range in pixels of the crop
+    invert: float = 0.0  # probability of a crop's negative 1 − x (tiny: its shapes come in both polarities); 0 = off
+    gpu_aug: str = "auto"  # on: batched augmentation on the training device | off: per-image in CPU workers | auto
+    # --- networks (SMOG_SPEC §1) ---
+    arch: str = "resnet50"  # see BACKBONES
+    feat_dim: int = 128  # dimension D of z, p and the centroids
+    hidden_dim: int = 2048  # hidden width of projector and predictor
+    drop_path: float = 0.0  # stochastic depth of the online backbone (Swin: 0.2); the target branch has none
+    ema: float = 0.999  # target ← ema·target + (1−ema)·online after every step
+    # --- momentum grouping (SMOG_SPEC §2, §4) ---
+    num_groups: int = 3000  # K centroids per head
+    num_heads: int = 3  # H independent group sets
+    tau: float = 0.1  # temperature of the group logits
+    beta_start: float = 1.0  # momentum β of the centroid update, linear per step from beta_start to beta_end
+    beta_end: float = 0.99
+    kmeans_iters: int = 10  # spherical k-means iterations of the reset at every epoch start
+    # --- optimisation (SMOG_SPEC §5) ---
+    optimizer: str = "lars"  # lars (ResNets) | adamw (Transformers)
+    lr: float = 0.3  # peak learning rate per 256 images of global batch (4.8 at 4096)
+    start_lr: float = 0.01  # learning rate at step 0, warmed up linearly to the peak
+    final_lr: float = 0.0048  # learning rate at the last step, after the cosine decay
+    warmup_epochs: int = 10
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    lars_eta: float = 0.001  # LARS trust coefficient; lower it if the loss does not decrease with large batches
+    clip_grad: float = 0.0  # max gradient norm, 0 = off
+    # --- system ---
+    precision: str = "auto"  # auto (CUDA: fp16, faster there: README, Performance; CPU: fp32) | bf16 | fp16 | fp32
+    channels_last: bool = True  # NHWC memory layout: faster convolutions with bf16 on GPUs, and on CPUs (oneDNN)
+    compile: bool = False  # torch.compile the online and target networks (opt-in: see README, Performance)
+    log_every: int = 20  # steps between log lines
+    knn: bool = True  # report kNN top-1 on the held-out split at the end (labels are used only for this report)
+    print_config: bool = False  # print the resolved config and exit
+
+
+TRANSFORMER_RECIPE = dict(optimizer="adamw", feat_dim=256, lr=1e-3 * 256 / 4096, start_lr=0.0, final_lr=4e-5,
+                          warmup_epochs=10, weight_decay=0.05, clip_grad=3.0)
+
+# Each preset lists only what differs from the defaults above (which are the paper's ResNet-50 recipe).
+PRESETS = {
+    # CPU-friendly: embedded 32-px data set, small ResNet, a few minutes on 2 cores.
+    "tiny": dict(
+        data="synthetic", synthetic_size=2000, arch="resnet_tiny", epochs=160, batch_size=64, workers=0,
+        global_size=32, global_scale=(0.5, 1.0), num_local=0, local_size=16, local_scale=(0.1, 0.4),
+        blur_sigma=(0.1, 0.6), invert=0.5, hidden_dim=512,
+        num_groups=200, tau=0.05, lr=6.0, start_lr=0.05, final_lr=0.01, warmup_epochs=2, ema=0.996, log_every=100,
+    ),
+    # ResNet-18 with a 3x3 stem on 32-px images.
+    "cifar10-r18": dict(
+        data="cifar10", arch="resnet18_cifar", epochs=200, batch_size=256, workers=4, global_size=32,
+        global_scale=(0.2, 1.0), local_size=16, local_scale=(0.05, 0.2), num_local=4, blur_sigma=(0.1, 0.5),
+        hidden_dim=2048, num_groups=300, lr=1.2, start_lr=0.05, warmup_epochs=10, ema=0.99,
+    ),
+    # The paper's recipes (SMOG_SPEC §1–5): batch 4096 = 64 GPUs × 64, 400 epochs.
+    "imagenet-r50": dict(),
+    "imagenet-r50w2": dict(arch="resnet50w2"),
+    # Transformers (§5): AdamW 1e-3 at batch 4096 (= 6.25e-5 per 256) → 4e-5, weight decay 0.05, clipping 3.0.
+    "imagenet-swin-t": dict(arch="swin_t", drop_path=0.2, **TRANSFORMER_RECIPE),
+    # Not in the paper: ViT-S/16 on the Swin-T recipe (torchvision's ViT has no drop-path).
+    "imagenet-vit-s16": dict(arch="vit_s16", **TRANSFORMER_RECIPE),
+}
+PRESETS["cifar10"] = PRESETS["cifar10-r18"]  # the short name
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def _parse_value(f, text):
+    """Parses one CLI value for dataclass field f (tuples are written '0.2,1.0')."""
+    if f.type == tuple[float, float]:
+        parts = text.split(",")
+        if len(parts) != 2:
+            raise ValueError("expected two comma-separated numbers, e.g. 0.2,1.0")
+        return (float(parts[0]), float(parts[1]))
+    return f.type(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise SystemExit(f"{self.prog}: error: {message}")
+
+
+def parse_config(argv=None):
+    """Builds a Config: defaults ← --preset ← flags given on the command line. Bad values end with one line."""
+    parser = _Parser(prog="smog.py", description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        if f.type is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(_flag(f.name), type=str, default=None, metavar=f.type.__name__.upper())
+    args = parser.parse_args(argv)
+    given = {}
+    for f in dataclasses.fields(Config):
+        text = getattr(args, f.name)
+        if text is None:
+            continue
+        try:
+            given[f.name] = text if f.type is bool else _parse_value(f, text)
+        except ValueError as e:
+            raise SystemExit(f"smog.py: error: {_flag(f.name)} {text!r}: {e}")
+    preset = given.get("preset", Config.preset)
+    if preset not in PRESETS:
+        raise SystemExit(f"smog.py: error: --preset {preset!r} is unknown (choose from {', '.join(PRESETS)})")
+    cfg = Config(**{**PRESETS[preset], **given, "preset": preset})
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    """Rejects values the run cannot use, naming the flag."""
+    def bad(name, why):
+        raise SystemExit(f"smog.py: error: {_flag(name)} {getattr(cfg, name)!r}: {why}")
+
+    choices = dict(arch=BACKBONES, optimizer=("lars", "adamw"), precision=("auto", "bf16", "fp16", "fp32"),
+                   gpu_aug=("auto", "on", "off"))
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            bad(name, f"unknown (choose from {', '.join(allowed)})")
+    for name in ("epochs", "batch_size", "global_size", "local_size", "feat_dim", "hidden_dim", "num_groups",
+                 "num_heads", "log_every", "synthetic_size"):
+        if getattr(cfg, name) < 1:
+            bad(name, "must be at least 1")
+    for name in ("workers", "num_local", "kmeans_iters", "warmup_epochs", "stop_after"):
+        if getattr(cfg, name) < 0:
+            bad(name, "must be at least 0")
+    for name in ("global_scale", "local_scale"):
+        lo, hi = getattr(cfg, name)
+        if not 0 < lo <= hi <= 1:
+            bad(name, "needs 0 < low <= high <= 1")
+    lo, hi = cfg.blur_sigma
+    if not 0 < lo <= hi:
+        bad("blur_sigma", "needs 0 < low <= high")
+    for name in ("ema", "beta_start", "beta_end", "drop_path", "invert"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            bad(name, "must lie in [0, 1]")
+    if cfg.arch.startswith("vit"):
+        for name in ("global_size", "local_size"):
+            if getattr(cfg, name) % 16:
+                bad(name, f"--arch {cfg.arch} needs crop sizes that are multiples of its 16-px patches")
+    for name in ("tau", "lr"):
+        if getattr(cfg, name) <= 0:
+            bad(name, "must be positive")
+
+
+def log(*args):
+    """Prints on rank 0 only."""
+    if rank() == 0:
+        print(*args, flush=True)
+
+
+def setup_device():
+    """Starts the process group under torchrun (NCCL on GPU, gloo on CPU) and picks this process's device."""
+    if "RANK" in os.environ and not distributed():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return device
+
+
+# ===================================================================================================================
+# Backbones
+# ===================================================================================================================
+
+
+def _torchvision_resnet(name, small_stem=False):
+    """torchvision ResNet without its classifier; small_stem: 3x3 stride-1 first conv and no max-pool (32-px images)."""
+    net = getattr(torchvision.models, name)()
+    if small_stem:
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, dim
+
+
+def _tiny_resnet(widths=(16, 32, 64, 256)):
+    """A 4-stage ResNet of torchvision BasicBlocks (one per stage, each halving the resolution) after a 3x3 stem at
+    full resolution: 0.8M parameters, CPU-friendly. The full-resolution stem lets the first strided block see the
+    corners that tell a 6-px square from a disk (kNN 80.0% vs 74.5% with a stride-2 stem, for 10% more time)."""
+    layers, c_in = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(True)], widths[0]
+    for c in widths:
+        down = nn.Sequential(nn.Conv2d(c_in, c, 1, 2, bias=False), nn.BatchNorm2d(c))
+        layers.append(BasicBlock(c_in, c, 2, down))
+        c_in = c
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), c_in
+
+
+def _resnet50_wide(widen=2):
+    """ResNet-50 with every width × widen, as SwAV's and the authors' ResNet-50w2 (4096-d output, 94M parameters).
+
+    torchvision's wide_resnet50_2 is a different network: it widens only the 3x3 convolutions (2048-d output). Built
+    from torchvision's own ResNet and Bottleneck, so its state_dict keys are torchvision's.
+    """
+    net = torchvision.models.ResNet(Bottleneck, [3, 4, 6, 3])
+    net.inplanes = 64 * widen
+    net.conv1 = nn.Conv2d(3, 64 * widen, 7, 2, 3, bias=False)
+    net.bn1 = nn.BatchNorm2d(64 * widen)
+    for i, (blocks, stride) in enumerate(zip([3, 4, 6, 3], [1, 2, 2, 2])):
+        setattr(net, f"layer{i + 1}", net._make_layer(Bottleneck, 64 * widen * 2 ** i, blocks, stride=stride))
+    for m in net.modules():  # torchvision's initialisation, for the layers made anew
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    net.fc = nn.Identity()
+    return net, 2048 * widen
+
+
+def _swin_t(drop_path):
+    """torchvision's Swin-T (768-d pooled output); it pads 96-px crops' feature maps to whole 7x7 windows itself."""
+    net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2],
+                                             num_heads=[3, 6, 12, 24], window_size=[7, 7],
+                                             stochastic_depth_prob=drop_path)  # swin_t() fixes it at 0.2
+    net.head = nn.Identity()
+    return net, 768
+
+
+class ViT(torchvision.models.VisionTransformer):
+    """torchvision's VisionTransformer returning the class token, at any input size: its position embedding (made
+    for 224 px) is interpolated bicubically to the input's patch grid, so 96-px local crops work (as DINO does)."""
+
+    def __init__(self, depth, heads, dim):
+        super().__init__(image_size=224, patch_size=16, num_layers=depth, num_heads=heads, hidden_dim=dim,
+                         mlp_dim=4 * dim)
+        self.heads = nn.Identity()
+
+    def position_embedding(self, rows, cols):  # (1, 1 + rows·cols, dim)
+        pos = self.encoder.pos_embedding
+        side = self.image_size // self.patch_size
+        if (rows, cols) == (side, side):
+            return pos
+        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False)
+        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)], 1)
+
+    def forward(self, x):  # (N, 3, H, W) -> (N, dim), H and W multiples of 16
+        rows, cols = x.shape[2] // self.patch_size, x.shape[3] // self.patch_size
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)  # (N, rows·cols, dim)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1) + self.position_embedding(rows, cols)
+        return self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))[:, 0]
+
+
+# name -> (drop_path) -> (backbone module mapping (N, 3, s, s) to (N, dim), dim). drop_path (stochastic depth) is
+# used by Swin only: torchvision's ResNets and ViTs have none.
+BACKBONES = {
+    "resnet_tiny": lambda drop_path: _tiny_resnet(),
+    "resnet18": lambda drop_path: _torchvision_resnet("resnet18"),
+    "resnet18_cifar": lambda drop_path: _torchvision_resnet("resnet18", small_stem=True),
+    "resnet50": lambda drop_path: _torchvision_resnet("resnet50"),
+    "resnet50w2": lambda drop_path: _resnet50_wide(2),
+    "swin_t": _swin_t,
+    "vit_s16": lambda drop_path: (ViT(depth=12, heads=6, dim=384), 384),
+    "vit_b16": lambda drop_path: (ViT(depth=12, heads=12, dim=768), 768),
+}
+
+
+# ===================================================================================================================
+# Data: the embedded synthetic data set, ImageFolder, CIFAR-10
+# ===================================================================================================================
+
+
+SHAPES = ("disk", "square", "triangle", "plus", "ring", "star", "frame", "crescent", "bar", "half-disk")
+
+
+def _shape_masks(kind, u, v):
+    """Inside-masks of one shape class at rotated, unit-scaled coordinates u, v (any shape of arrays)."""
+    r, th = np.hypot(u, v), np.arctan2(v, u)
+    box = np.maximum(abs(u), abs(v))
+    return {
+        "disk": r < 0.9,
+        "square": box < 0.75,
+        "triangle": (v > -0.5) & (np.sqrt(3) * u + v < 1) & (-np.sqrt(3) * u + v < 1),
+        "plus": ((abs(u) < 0.28) & (abs(v) < 1)) | ((abs(v) < 0.28) & (abs(u) < 1)),
+        "ring": (r > 0.55) & (r < 0.95),
+        "star": r < 0.55 + 0.4 * np.cos(5 * th),
+        "frame": (box > 0.5) & (box < 0.85),
+        "crescent": (r < 0.95) & (np.hypot(u - 0.5, v) > 0.75),
+        "bar": (abs(u) < 1) & (abs(v) < 0.3),
+        "half-disk": (r < 0.95) & (v > -0.2),
+    }[kind]
+
+
+def synthetic_shapes(n, seed, size=32):
+    """The embedded data set: n grey-level images (uint8, (n, 3, size, size)) of 10 shape classes, labels (n,).
+
+    Class identity is the shape. Position, size, rotation, polarity (light on dark or dark on light), contrast and
+    sensor noise are random, so the pixels of two images of one class rarely line up (kNN on raw pixels stays low),
+    while the crops, flips and colour changes of the augmentation keep the shape. Nothing else is constant within
+    an image, so the only signal shared by two views that generalises across images is the shape. Deterministic
+    from (n, seed, size); drawn at twice the resolution and averaged for anti-aliased edges.
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(SHAPES), n)
+    s2 = 2 * size
+    yy, xx = np.meshgrid(np.arange(s2) + 0.5, np.arange(s2) + 0.5, indexing="ij")
+    images = np.empty((n, 3, size, size), np.uint8)
+    for start in range(0, n, 512):
+        b = min(512, n - start)
+        radius = rng.uniform(0.2, 0.36, b) * s2
+        cx, cy = rng.uniform(radius, s2 - radius), rng.uniform(radius, s2 - radius)
+        angle = rng.uniform(0, 2 * np.pi, b)
+        dx = (xx[None] - cx[:, None, None]) / radius[:, None, None]
+        dy = (yy[None] - cy[:, None, None]) / radius[:, None, None]
+        cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
+        u, v = cos * dx + sin * dy, -sin * dx + cos * dy
+        mask = np.zeros((b, s2, s2))
+        for k, kind in enumerate(SHAPES):
+            rows = labels[start:start + b] == k
+            mask[rows] = _shape_masks(kind, u[rows], v[rows])
+        contrast = rng.uniform(0.4, 0.6, (b, 1, 1)) * rng.choice([-1.0, 1.0], (b, 1, 1))
+        gray = rng.uniform(0.35, 0.65, (b, 1, 1)) + contrast * (mask - 0.3)
+        img = gray.reshape(b, 1, size, 2, size, 2).mean((3, 5)) + rng.normal(0, 0.05, (b, 3, size, size))
+        images[start:start + b] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+class ImageFolderData(torch.utils.data.Dataset):
+    """An ImageFolder whose unreadable images are replaced by the next readable one and reported, not fatal.
+
+    __getitem__ takes (index, step parity) from ParityBatchSampler and returns (sample, label, failed path or "").
+    `transform(image, parity)` makes the sample: all crops (CPU augmentation) or one fixed-size uint8 image.
+    """
+
+    def __init__(self, root, transform=None):
+        try:
+            self.folder = torchvision.datasets.ImageFolder(root)
+        except (FileNotFoundError, OSError) as e:
+            raise SystemExit(f"smog.py: error: --data {root}: not a usable ImageFolder ({e})")
+        self.transform = transform
+        self.targets = self.folder.targets
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, key):
+        index, parity = key if isinstance(key, tuple) else (key, 0)
+        failed = ""
+        for attempt in range(len(self)):
+            path, label = self.folder.samples[(index + attempt) % len(self)]
+            try:
+                image = self.folder.loader(path)
+                return (self.transform(image, parity) if self.transform else image), label, failed
+            except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable image"
+                failed = failed or f"{path} ({type(e).__name__}: {e})"
+        raise SystemExit(f"smog.py: error: --data {self.folder.root}: no readable image")
+
+
+class ParityBatchSampler(torch.utils.data.Sampler):
+    """Batches of (index, step parity) pairs, so CPU workers draw only the crops of the pipeline each branch uses.
+
+    The epoch's first `skip` batches are left out (a run resumed mid-epoch); the first batch given is step first_step.
+    """
+
+    def __init__(self, sampler, batch_size, first_step, skip=0):
+        self.sampler, self.batch_size, self.first_step, self.skip = sampler, batch_size, first_step, skip
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size - self.skip
+
+    def __iter__(self):
+        indices = list(self.sampler)
+        for i in range(len(self)):
+            b = self.skip + i
+            yield [(j, (self.first_step + i) % 2) for j in indices[b * self.batch_size:(b + 1) * self.batch_size]]
+
+
+def load_dataset(cfg, split):
+    """Returns (images uint8 (N, 3, S, S) or None, labels (N,), ImageFolderData or None) for split train|val.
+
+    The embedded and CIFAR-10 sets live in memory as uint8 tensors; an ImageFolder is read by workers.
+    """
+    if cfg.data == "synthetic":
+        n = cfg.synthetic_size if split == "train" else 2000
+        images, labels = synthetic_shapes(n, seed=cfg.seed * 2 + (split != "train"))
+        return images, labels, None
+    if cfg.data == "cifar10":
+        root = os.path.join(cfg.out_dir, "cifar10")
+        ds = torchvision.datasets.CIFAR10(root, train=split == "train", download=True)
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), None
+    if not os.path.isdir(cfg.data):
+        raise SystemExit(f"smog.py: error: --data {cfg.data}: no such directory (or use synthetic | cifar10)")
+    root = os.path.join(cfg.data, split)
+    if split == "train" and not os.path.isdir(root):
+        root = cfg.data  # a plain class-per-folder tree is the training set
+    if split == "val" and not os.path.isdir(root):
+        return None, None, None
+    ds = ImageFolderData(root)
+    return None, torch.tensor(ds.targets), ds
+
+
+class InMemoryData(torch.utils.data.Dataset):
+    """uint8 images (N, 3, S, S) as a Dataset of (crops, label, "") for CPU workers (used with --gpu-aug off)."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+        self.to_pil = torchvision.transforms.ToPILImage()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        index, parity = key
+        return self.transform(self.to_pil(self.images[index]), parity), int(self.labels[index]), ""
+
+
+# ===================================================================================================================
+# Batched augmentation: the multi-crop recipe on whole batches, on the training device
+# ===================================================================================================================
+
+
+def _gray(x):  # (n, 3, h, w) -> (n, 1, h, w), ITU-R 601 luma as torchvision
+    return (x * _constants(x.device)["luma"].to(x.dtype)).sum(1, keepdim=True)  # (a 1x1 conv is 100x slower on CPU)
+
+
+def _uniform(n, lo, hi, device):
+    return torch.empty(n, device=device).uniform_(lo, hi)
+
+
+def random_resized_boxes(n, scale, height, width, device, ratio=(3 / 4, 4 / 3), image_aspect=None):
+    """(n, 4) crop boxes x0, y0, x1, y1 in pixels with area fraction ~ U(scale), log aspect ~ U(log ratio).
+
+    image_aspect (n,): width/height of each original image that was squashed to height × width; the aspect ratio is
+    then drawn in the original's geometry, as RandomResizedCrop on the original image would.
+    """
+    area = _uniform(n, *scale, device) * height * width
+    aspect = torch.exp(_uniform(n, math.log(ratio[0]), math.log(ratio[1]), device))
+    if image_aspect is not None:
+        aspect = aspect * width / (height * image_aspect)
+    w = torch.sqrt(area * aspect).clamp(max=width)
+    h = torch.sqrt(area / aspect).clamp(max=height)
+    x0 = torch.rand(n, device=device) * (width - w)
+    y0 = torch.rand(n, device=device) * (height - h)
+    return torch.stack([x0, y0, x0 + w, y0 + h], 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _constants(device):
+    """Constant tensors of the batched augmentation, made once per device (from Python data in every step, each
+    would be a blocking host-to-device copy): normalisation x·scale + shift (1, 3, 1, 1), luma weights (1, 3, 1, 1),
+    and the hue basis (3, 3, 3): hue rotation by θ = P0 + cos θ·P1 + sin θ·P2 (the I, Q chroma plane of YIQ turns,
+    luma stays)."""
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+    rgb = torch.linalg.inv(yiq)
+    turn = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
+    hue = torch.stack([rgb[:, :1] @ yiq[:1], rgb[:, 1:] @ yiq[1:], rgb[:, 1:] @ turn @ yiq[1:]])
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return dict(scale=(1 / std).to(device), shift=(-mean / std).to(device), hue=hue.float().to(device),
+                luma=torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1).to(device))
+
+
+def _resampling_matrix(start, stop, size, length):
+    """(n, size, length) resampling rows: output pixel i of each crop spanning [start, stop) of an axis `length`
+    pixels long, bilinear, the triangle widened by the shrink factor when shrinking (antialiased, as PIL's resize).
+
+    start, stop: (n,) in pixel-edge coordinates; start > stop reads the span right to left: the mirrored crop.
+    """
+    dev = start.device
+    step = (stop - start) / size  # (n,) source pixels per output pixel, negative when mirrored
+    centre = start[:, None] + (torch.arange(size, device=dev) + 0.5) * step[:, None]  # (n, size)
+    width = step.abs().clamp(min=1)[:, None, None]
+    pixel = torch.arange(length, device=dev) + 0.5
+    weight = (1 - (pixel - centre[..., None]).abs() / width).clamp(min=0)  # (n, size, length)
+    return weight / weight.sum(-1, keepdim=True)  # pixels beyond the edge get no weight: renormalised, as PIL
+
+
+def random_resized_crops(x, size, scale, crops_per_image=1, aspect=None):
+    """RandomResizedCrop + horizontal flip, batched: x (B, 3, H, W) float → (crops_per_image·B, 3, size, size),
+    crop i from image i % B; aspect: (B,) original width/height of squashed images, or None.
+
+    Cropping, resizing and flipping are linear in the rows and in the columns, so each crop is R · image · Cᵀ with a
+    (size, H) matrix R and a (size, W) matrix C of its own: two batched matrix products, which GPUs run on tensor
+    cores, instead of one gather per output pixel.
+    """
+    b, c, h, w = x.shape
+    n = b * crops_per_image
+    x0, y0, x1, y1 = random_resized_boxes(
+        n, scale, h, w, x.device, image_aspect=None if aspect is None else aspect.to(x.device).repeat(crops_per_image)
+    ).unbind(1)
+    flip = torch.rand(n, device=x.device) < 0.5
+    x0, x1 = torch.where(flip, x1, x0), torch.where(flip, x0, x1)  # columns read right to left: mirrored
+    rows = _resampling_matrix(y0, y1, size, h).to(x.dtype).view(crops_per_image, b, 1, size, h)
+    cols = _resampling_matrix(x0, x1, size, w).to(x.dtype).view(crops_per_image, b, 1, size, w)
+    return (rows @ x @ cols.mT).view(n, c, size, size)  # (k, B, 1, s, H) @ (B, 3, H, W) @ (k, B, 1, W, s)
+
+
+def _color_jitter(x, p, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) applied with probability p, factors drawn per image; x is (n, 3, h, w) in [0, 1].
+
+    Fixed order brightness → contrast → saturation → hue. Hue is a rotation about the gray axis in YIQ space: the
+    cheap, batched equivalent of torchvision's HSV hue shift.
+    """
+    n, dev = x.shape[0], x.device
+    on = torch.rand(n, device=dev) < p
+
+    def factor(amount):  # (n, 1, 1, 1) in x's dtype: a float32 factor would promote the whole image to float32
+        return torch.where(on, _uniform(n, 1 - amount, 1 + amount, dev), 1.0).view(n, 1, 1, 1).to(x.dtype)
+
+    # Each blend written as one addcmul: (x − a)·f + a = x·f + a·(1 − f), fewer passes over the crops.
+    x = (x * factor(brightness)).clamp_(0, 1)
+    c = factor(contrast)
+    x = torch.addcmul(_gray(x).mean((1, 2, 3), keepdim=True) * (1 - c), x, c).clamp_(0, 1)
+    s = factor(saturation)
+    x = torch.addcmul(_gray(x) * (1 - s), x, s).clamp_(0, 1)
+    theta = (torch.where(on, _uniform(n, -hue, hue, dev), 0.0) * 2 * math.pi).view(n, 1, 1)
+    basis = _constants(dev)["hue"]
+    matrix = basis[0] + torch.cos(theta) * basis[1] + torch.sin(theta) * basis[2]  # (n, 3, 3)
+    return torch.einsum("nij,njhw->nihw", matrix.to(x.dtype), x).clamp_(0, 1)
+
+
+def _blur_matrix(kernel, length):
+    """(n, length, length): row i holds kernel n (n, 2r+1) centred on pixel i, taps beyond an edge reflected back
+    (as reflect padding); multiplying by it blurs along one axis."""
+    r, dev = kernel.shape[1] // 2, kernel.device
+    source = (torch.arange(length, device=dev)[:, None] + torch.arange(-r, r + 1, device=dev)).abs()
+    source = torch.where(source > length - 1, 2 * (length - 1) - source, source)  # (length, 2r+1), reflected
+    taps = (source[..., None] == torch.arange(length, device=dev)).to(kernel.dtype)  # (length, 2r+1, length)
+    return torch.einsum("nt,itj->nij", kernel, taps)
+
+
+def _gaussian_blur(x, p, sigma):
+    """Gaussian blur with probability p and σ ~ U(sigma) per image: (n, 3, h, w) → (n, 3, h, w).
+
+    Separable, with reflect padding, as two batched matrix products B_h · x · B_wᵀ with banded per-image matrices:
+    tensor-core work instead of a grouped convolution with a kernel per image and channel.
+    """
+    n, _, h, w = x.shape
+    on = torch.rand(n, device=x.device) < p
+    s = _uniform(n, *sigma, x.device)
+    radius = min(math.ceil(3 * sigma[1]), (min(h, w) - 1) // 2)
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
+    kernel = torch.exp(-t[None] ** 2 / (2 * s[:, None] ** 2))
+    kernel = torch.where(on[:, None], kernel / kernel.sum(1, keepdim=True), (t == 0).float()[None])  # (n, 2r+1)
+    rows, cols = _blur_matrix(kernel, h).to(x.dtype), _blur_matrix(kernel, w).to(x.dtype)
+    return rows[:, None] @ x @ cols[:, None].mT
+
+
+def normalise(x):  # (n, 3, h, w) in [0, 1] -> (x − mean) / std in float32
+    const = _constants(x.device)
+    return torch.addcmul(const["shift"], x, const["scale"])
+
+
+def batch_augment(images, size, scale, pipeline, blur_sigma, crops_per_image=1, aspect=None, invert=0.0):
+    """Augments a batch on its own device, with independent random parameters for every crop of every image.
+
+    images: (B, 3, H, W) uint8, or float16/32 in [0, 1] (the dtype the work is done in); aspect: (B,) original
+    width/height of squashed images, or None. Returns (crops_per_image·B, 3, size, size) normalised float32,
+    crop-major (all images' first crop, then all second crops, ...).
+    """
+    x = images.float() / 255 if images.dtype == torch.uint8 else images
+    blur_p, solarize_p = PIPELINES[pipeline]
+    x = random_resized_crops(x, size, scale, crops_per_image, aspect)
+    n = x.shape[0]
+    x = _color_jitter(x, p=0.8)
+    gray = torch.rand(n, device=x.device) < 0.2
+    x = torch.where(gray.view(n, 1, 1, 1), _gray(x), x)
+    x = _gaussian_blur(x, blur_p, blur_sigma)
+    solarize = torch.rand(n, device=x.device) < solarize_p  # threshold 0.5, or 2 (never) for crops not solarized
+    x = torch.where(x >= torch.where(solarize, 0.5, 2.0).view(n, 1, 1, 1), 1 - x, x)
+    if invert:  # not in the paper: for data whose objects come light on dark and dark on light alike
+        x = torch.where((torch.rand(n, device=x.device) < invert).view(n, 1, 1, 1), 1 - x, x)
+    return normalise(x)
+
+
+def batch_multicrop(images, step, cfg, aspect=None):
+    """All crops of one step from a uint8 batch (B, 3, H, W): (online global (2B,...), online local (L·B,...) or None,
+    target global (2B,...)). aspect: (B,) original width/height of squashed images, or None."""
+    online, target = pipelines_for_step(step)
+    # Converted once for the three calls; float16 on GPUs halves the memory traffic of the augmentation (8-bit
+    # pixels are exact in float16), float32 on CPUs, whose float16 kernels are slow.
+    images = images.to(torch.float16 if images.is_cuda else torch.float32) / 255
+    g = batch_augment(images, cfg.global_size, cfg.global_scale, online, cfg.blur_sigma, 2, aspect, cfg.invert)
+    loc = (batch_augment(images, cfg.local_size, cfg.local_scale, online, cfg.blur_sigma, cfg.num_local, aspect,
+                         cfg.invert) if cfg.num_local else None)
+    t = batch_augment(images, cfg.global_size, cfg.global_scale, target, cfg.blur_sigma, 2, aspect, cfg.invert)
+    return g, loc, t
+
+
+class Squashed(NamedTuple):
+    """Images for batched augmentation: uint8 (…, 3, S, S) squashed to a square working size, and each original's
+    width/height (…,), so that crops keep the aspect ratios they would have on the original image."""
+    images: torch.Tensor
+    aspect: torch.Tensor
+
+
+class ResizeToTensor:
+    """Decode-side work for batched augmentation: one resize to a fixed square working size, kept uint8."""
+
+    def __init__(self, size):
+        self.resize = torchvision.transforms.Resize((size, size), antialias=True)
+
+    def __call__(self, image, parity=0):  # PIL image -> Squashed((3, S, S), ())
+        pixels = np.asarray(self.resize(image.convert("RGB")), np.uint8).copy()
+        return Squashed(torch.from_numpy(pixels).permute(2, 0, 1), torch.tensor(image.width / image.height))
+
+
+def collate(batch):
+    """Stacks samples: tensors, Squashed images, or (global, local, target) tuples of crop stacks (crop-major out)."""
+    samples, labels, failed = zip(*batch)
+    if isinstance(samples[0], torch.Tensor):
+        out = torch.stack(samples)
+    elif isinstance(samples[0], Squashed):
+        out = Squashed(torch.stack([s.images for s in samples]), torch.stack([s.aspect for s in samples]))
+    else:  # (B, n_crops, 3, s, s) -> (n_crops·B, 3, s, s), crop-major like batch_multicrop
+        out = tuple(None if parts[0] is None else torch.stack(parts, 1).flatten(0, 1)
+                    for parts in zip(*samples))
+    return out, torch.tensor(labels), [f for f in failed if f]
+
+
+# ===================================================================================================================
+# Feeding the device
+# ===================================================================================================================
+
+
+def to_device_crops(batch, step, cfg, device):
+    """Moves a loader batch to the device and returns (online global, online local or None, target global) crops."""
+    batch = _tensors_to(batch, device)  # a no-op for batches that copied_ahead already moved
+    if isinstance(batch, torch.Tensor):  # uint8 images in memory: crops drawn on the device
+        return batch_multicrop(batch, step, cfg)
+    if isinstance(batch, Squashed):  # uint8 images from the loader at their working size
+        return batch_multicrop(batch.images, step, cfg, batch.aspect)
+    return batch
+
+
+def epoch_batches(cfg, sampler, images, dataset, first_step, device, skip=0):
+    """Yields (batch, failed image paths) for one epoch, less its first `skip` batches: uint8 images (B, 3, S, S),
+    or crops made by CPU workers."""
+    if dataset is None:  # in memory, augmented on the device: no loader processes needed
+        indices = torch.tensor(list(sampler))
+        for b in range(skip, len(indices) // cfg.batch_size):
+            yield images[indices[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(images.device)], []
+        return
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=ParityBatchSampler(sampler, cfg.batch_size, first_step, skip), num_workers=cfg.workers,
+        collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=False)
+    batches = ((batch, failed) for batch, _, failed in loader)
+    yield from copied_ahead(batches, device) if device.type == "cuda" else batches
+
+
+def _tensors_to(batch, device):  # a tensor, or a (named) tuple of tensors and None, moved without waiting
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    moved = [None if x is None else _tensors_to(x, device) for x in batch]
+    return batch._make(moved) if hasattr(batch, "_make") else tuple(moved)
+
+
+def copied_ahead(batches, device):
+    """Yields the (batch, failed) pairs of a loader with each batch already on the GPU: batch i+1 is copied on a side
+    stream while step i runs (on the compute stream, the device would idle during every copy: ~1 ms for 128 images
+    at 256 px)."""
+    stream, ahead = torch.cuda.Stream(device), None
+    for batch, failed in batches:
+        with torch.cuda.stream(stream):
+            moved = _tensors_to(batch, device)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        if ahead is not None:
+            yield _handed_over(*ahead)
+        ahead = (moved, failed, ready)
+    if ahead is not None:
+        yield _handed_over(*ahead)
+
+
+def _handed_over(batch, failed, ready):
+    """The compute stream waits for the copy and keeps the copied tensors' memory (allocated on the side stream)
+    from being reused until it is done with them."""
+    stream = torch.cuda.current_stream()
+    stream.wait_event(ready)
+    for t in batch if isinstance(batch, tuple) else [batch]:
+        if t is not None:
+            t.record_stream(stream)
+    return batch, failed
+
+
+def resolve_precision(cfg, device):
+    """(name, autocast context, GradScaler): fp16 autocast on CUDA by default, fp32 on CPU; a scaler only for fp16.
+
+    fp16, not bf16, by default: torch runs BatchNorm on cuDNN for fp16 but on slower native kernels for bf16, which
+    makes a ResNet-50 SMoG step 23% faster in fp16 on an H200 (README, Performance). The scaler costs no host sync:
+    LARS and AdamW(fused) take its overflow flag as a tensor.
+    """
+    precision = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                if precision != "fp32" else nullcontext())
+    return precision, autocast, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def build_nets(cfg, device):
+    """Online net (DDP-wrapped under torchrun), target copy, groups and optimiser, identical on every rank."""
+    torch.manual_seed(cfg.seed)
+    online = OnlineNet(cfg.arch, cfg.hidden_dim, cfg.feat_dim, cfg.drop_path).to(device)
+    if world_size() > 1 and device.type == "cuda":
+        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+    if cfg.channels_last:
+        online = online.to(memory_format=torch.channels_last)
+    target = copy.deepcopy(online.encoder).requires_grad_(False)
+    for m in target.modules():  # no drop-path in the target branch (SMOG_SPEC §5)
+        if isinstance(m, torchvision.ops.StochasticDepth):
+            m.p = 0.0
+    if cfg.compile:  # in place: state_dict keys stay free of "_orig_mod." prefixes
+        online.compile(dynamic=False)
+        target.compile(dynamic=False)
+    grouping = MomentumGrouping(cfg.num_groups, cfg.feat_dim, cfg.num_heads).to(device)
+    opt = build_optimizer(cfg, [online])
+    model = (nn.parallel.DistributedDataParallel(online, device_ids=[device] if device.type == "cuda" else None)
+             if world_size() > 1 else online)
+    nets = dict(online=model, online_module=online, online_encoder=online.encoder, target=target,
+                grouping=grouping, params=list(online.parameters()))
+    return nets, opt
+
+
+# ===================================================================================================================
+# Checkpoints, resume, preemption
+# ===================================================================================================================
 
 
 def save_checkpoint(path, state):
@@ -1022,6 +1140,80 @@ def save_checkpoint(path, state):
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+@contextmanager
+def catch_preemption():
+    """Records SIGTERM and SIGUSR1 (what SLURM sends before it kills a job) instead of dying: the training loop then
+    writes a checkpoint at the next agreed step and leaves with exit status 0. Yields the list of caught signals."""
+    caught = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield caught
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def step_seed(cfg, step):
+    """The random seed of one step's augmentation on this process: resuming at any step draws the same crops."""
+    return cfg.seed + 7919 * rank() + 104729 * (step + 1)
+
+
+def resolve_resume(cfg):
+    """The checkpoint to resume from, or None. A --resume PATH that does not exist is an error, never a fresh start."""
+    own = os.path.join(cfg.out_dir, "checkpoint.pt")
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        return own if os.path.exists(own) else None
+    if not os.path.isfile(cfg.resume):
+        raise SystemExit(f"smog.py: error: --resume {cfg.resume}: no such checkpoint")
+    return cfg.resume
+
+
+def read_checkpoint(path):
+    """A checkpoint file's contents, unpickled with weights_only=True: tensors and plain Python data only, so that a
+    file from elsewhere can never run code. Raises ValueError saying why a file is refused."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise ValueError("refused: it holds objects other than tensors and plain data, and unpickling those "
+                             "could run code") from None
+        raise ValueError(f"not a readable checkpoint ({type(e).__name__})") from None
+    except Exception as e:  # noqa: BLE001 - any other failure means a damaged or foreign file
+        raise ValueError(f"not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise ValueError("not a smog.py checkpoint")
+    return state
+
+
+def load_checkpoint(path, cfg):
+    """Loads a checkpoint and refuses one whose networks or groups differ from the config."""
+    try:
+        state = read_checkpoint(path)
+    except ValueError as e:
+        raise SystemExit(f"smog.py: error: --resume {path}: {e}")
+    for name in ("arch", "feat_dim", "hidden_dim", "num_groups", "num_heads"):
+        if state["config"].get(name) != getattr(cfg, name):
+            raise SystemExit(f"smog.py: error: --resume {path}: checkpoint has {_flag(name)} "
+                             f"{state['config'].get(name)!r}, the config asks for {getattr(cfg, name)!r}")
+    return state
+
+
+# ===================================================================================================================
+# Reports: group health and kNN on the held-out split
+# ===================================================================================================================
+
+
+def group_health(counts):
+    """(mean groups used per head, mean assignment entropy in nats) from one step's counts (H, K)."""
+    used = (counts > 0).sum(1).float().mean()
+    prob = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    entropy = -(prob * prob.clamp(min=1e-12).log()).sum(1).mean()
+    return used.item(), entropy.item()
 
 
 def eval_batches(data, cfg, batch=256, indices=None):
@@ -1096,167 +1288,9 @@ def knn_report(backbone, cfg, device, train_data, train_labels):
     return result
 
 
-class InMemoryData(torch.utils.data.Dataset):
-    """uint8 images (N, 3, S, S) as a Dataset of (crops, label, "") for CPU workers (used with --gpu-aug off)."""
-
-    def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images, labels, transform
-        self.to_pil = torchvision.transforms.ToPILImage()
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, key):
-        index, parity = key
-        return self.transform(self.to_pil(self.images[index]), parity), int(self.labels[index]), ""
-
-
-def epoch_batches(cfg, sampler, images, dataset, first_step, device, skip=0):
-    """Yields (batch, failed image paths) for one epoch, less its first `skip` batches: uint8 images (B, 3, S, S),
-    or crops made by CPU workers."""
-    if dataset is None:  # in memory, augmented on the device: no loader processes needed
-        indices = torch.tensor(list(sampler))
-        for b in range(skip, len(indices) // cfg.batch_size):
-            yield images[indices[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(images.device)], []
-        return
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=ParityBatchSampler(sampler, cfg.batch_size, first_step, skip), num_workers=cfg.workers,
-        collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=False)
-    batches = ((batch, failed) for batch, _, failed in loader)
-    yield from copied_ahead(batches, device) if device.type == "cuda" else batches
-
-
-def _tensors_to(batch, device):  # a tensor, or a (named) tuple of tensors and None, moved without waiting
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    moved = [None if x is None else _tensors_to(x, device) for x in batch]
-    return batch._make(moved) if hasattr(batch, "_make") else tuple(moved)
-
-
-def copied_ahead(batches, device):
-    """Yields the (batch, failed) pairs of a loader with each batch already on the GPU: batch i+1 is copied on a side
-    stream while step i runs (on the compute stream, the device would idle during every copy: ~1 ms for 128 images
-    at 256 px)."""
-    stream, ahead = torch.cuda.Stream(device), None
-    for batch, failed in batches:
-        with torch.cuda.stream(stream):
-            moved = _tensors_to(batch, device)
-            ready = torch.cuda.Event()
-            ready.record(stream)
-        if ahead is not None:
-            yield _handed_over(*ahead)
-        ahead = (moved, failed, ready)
-    if ahead is not None:
-        yield _handed_over(*ahead)
-
-
-def _handed_over(batch, failed, ready):
-    """The compute stream waits for the copy and keeps the copied tensors' memory (allocated on the side stream)
-    from being reused until it is done with them."""
-    stream = torch.cuda.current_stream()
-    stream.wait_event(ready)
-    for t in batch if isinstance(batch, tuple) else [batch]:
-        if t is not None:
-            t.record_stream(stream)
-    return batch, failed
-
-
-@contextmanager
-def catch_preemption():
-    """Records SIGTERM and SIGUSR1 (what SLURM sends before it kills a job) instead of dying: the training loop then
-    writes a checkpoint at the next agreed step and leaves with exit status 0. Yields the list of caught signals."""
-    caught = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
-                for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        yield caught
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def step_seed(cfg, step):
-    """The random seed of one step's augmentation on this process: resuming at any step draws the same crops."""
-    return cfg.seed + 7919 * rank() + 104729 * (step + 1)
-
-
-def resolve_resume(cfg):
-    """The checkpoint to resume from, or None. A --resume PATH that does not exist is an error, never a fresh start."""
-    own = os.path.join(cfg.out_dir, "checkpoint.pt")
-    if cfg.resume == "none":
-        return None
-    if cfg.resume == "auto":
-        return own if os.path.exists(own) else None
-    if not os.path.isfile(cfg.resume):
-        raise SystemExit(f"smog.py: error: --resume {cfg.resume}: no such checkpoint")
-    return cfg.resume
-
-
-def read_checkpoint(path):
-    """A checkpoint file's contents, unpickled with weights_only=True: tensors and plain Python data only, so that a
-    file from elsewhere can never run code. Raises ValueError saying why a file is refused."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
-            raise ValueError("refused: it holds objects other than tensors and plain data, and unpickling those "
-                             "could run code") from None
-        raise ValueError(f"not a readable checkpoint ({type(e).__name__})") from None
-    except Exception as e:  # noqa: BLE001 - any other failure means a damaged or foreign file
-        raise ValueError(f"not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
-        raise ValueError("not a smog.py checkpoint")
-    return state
-
-
-def load_checkpoint(path, cfg):
-    """Loads a checkpoint and refuses one whose networks or groups differ from the config."""
-    try:
-        state = read_checkpoint(path)
-    except ValueError as e:
-        raise SystemExit(f"smog.py: error: --resume {path}: {e}")
-    for name in ("arch", "feat_dim", "hidden_dim", "num_groups", "num_heads"):
-        if state["config"].get(name) != getattr(cfg, name):
-            raise SystemExit(f"smog.py: error: --resume {path}: checkpoint has {_flag(name)} "
-                             f"{state['config'].get(name)!r}, the config asks for {getattr(cfg, name)!r}")
-    return state
-
-
-def resolve_precision(cfg, device):
-    """(name, autocast context, GradScaler): fp16 autocast on CUDA by default, fp32 on CPU; a scaler only for fp16.
-
-    fp16, not bf16, by default: torch runs BatchNorm on cuDNN for fp16 but on slower native kernels for bf16, which
-    makes a ResNet-50 SMoG step 23% faster in fp16 on an H200 (README, Performance). The scaler costs no host sync:
-    LARS and AdamW(fused) take its overflow flag as a tensor.
-    """
-    precision = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if precision != "fp32" else nullcontext())
-    return precision, autocast, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-
-def build_nets(cfg, device):
-    """Online net (DDP-wrapped under torchrun), target copy, groups and optimiser, identical on every rank."""
-    torch.manual_seed(cfg.seed)
-    online = OnlineNet(cfg.arch, cfg.hidden_dim, cfg.feat_dim, cfg.drop_path).to(device)
-    if world_size() > 1 and device.type == "cuda":
-        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
-    if cfg.channels_last:
-        online = online.to(memory_format=torch.channels_last)
-    target = copy.deepcopy(online.encoder).requires_grad_(False)
-    for m in target.modules():  # no drop-path in the target branch (SMOG_SPEC §5)
-        if isinstance(m, torchvision.ops.StochasticDepth):
-            m.p = 0.0
-    if cfg.compile:  # in place: state_dict keys stay free of "_orig_mod." prefixes
-        online.compile(dynamic=False)
-        target.compile(dynamic=False)
-    grouping = MomentumGrouping(cfg.num_groups, cfg.feat_dim, cfg.num_heads).to(device)
-    opt = build_optimizer(cfg, [online])
-    model = (nn.parallel.DistributedDataParallel(online, device_ids=[device] if device.type == "cuda" else None)
-             if world_size() > 1 else online)
-    nets = dict(online=model, online_module=online, online_encoder=online.encoder, target=target,
-                grouping=grouping, params=list(online.parameters()))
-    return nets, opt
+# ===================================================================================================================
+# Training
+# ===================================================================================================================
 
 
 def train(cfg):
