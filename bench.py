@@ -76,13 +76,11 @@ def bench_ceiling(cfg, device, autocast, steps, warmup):
 
 def bench_step(cfg, device, autocast, scaler, steps, warmup, profile=""):
     """(b) the full training step of smog.py on fixed device tensors; profile: write its top operators there."""
-    nets, opt = smog.build_nets(cfg, device)
-    crops = fake_crops(cfg, device)
-    state = dict(step=0)
+    nets = smog.build_nets(cfg, device)
+    crops = tuple(None if x is None else smog.channels_last(x, cfg) for x in fake_crops(cfg, device))
 
     def run():
-        smog.train_step(crops, state["step"], 0.995, nets, opt, scaler, autocast, cfg)
-        state["step"] += 1
+        smog.train_step(nets.online_ddp, nets.target, nets.grouping, crops, 0.995, nets.opt, scaler, autocast, cfg)
 
     seconds = timed(run, steps, warmup, device)
     if profile:
@@ -135,19 +133,19 @@ def bench_e2e(cfg, device, autocast, scaler, steps, warmup, root, batched):
     """
     warmup, steps = max(warmup, cfg.workers), max(steps, 3 * cfg.workers)
     cfg = dataclasses.replace(cfg, data=root)
-    _, labels, dataset = smog.load_dataset(cfg, "train")
-    dataset.transform = smog.ResizeToTensor(round(cfg.global_size * 8 / 7)) if batched else smog.CPUMultiCrop(cfg)
-    nets, opt = smog.build_nets(cfg, device)
+    _, labels, folder = smog.load_dataset(cfg, "train")
+    folder.transform = smog.ResizeToTensor(round(cfg.global_size * 8 / 7)) if batched else smog.MultiCrop(cfg)
+    nets = smog.build_nets(cfg, device)
     sampler = torch.utils.data.RandomSampler(range(len(labels)), replacement=True,
                                              num_samples=(steps + warmup) * cfg.batch_size)
-    batches = smog.epoch_batches(cfg, sampler, None, dataset, 0, device)
-    for step, (batch, _) in enumerate(batches):
+    data = smog.TrainData(None, labels, folder, folder, sampler, batched)
+    for step, (batch, _) in enumerate(smog.epoch_batches(cfg, data, 0, device)):
         if step == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
         crops = smog.to_device_crops(batch, step, cfg, device)
-        smog.train_step(crops, step, 0.995, nets, opt, scaler, autocast, cfg)
+        smog.train_step(nets.online_ddp, nets.target, nets.grouping, crops, 0.995, nets.opt, scaler, autocast, cfg)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps

@@ -6,17 +6,19 @@
 
 Runs in one process or under torchrun (DDP: each process extracts and trains on its share of the data).
 
-Protocol (SMOG_SPEC §6): the online backbone of a smog.py checkpoint, loaded with strict key matching, frozen and in
-eval mode; global-pooled features (ViT: the class token), standardised with the training split's statistics; one
-nn.Linear (weights N(0, 0.01), bias 0) trained with SGD, momentum 0.9, lr 0.3 × batch / 256, weight decay 1e-6,
-cosine schedule, 100 epochs (Swin: lr 0.1, no weight decay, 150 epochs); RandomResizedCrop + flip for training,
-Resize + CenterCrop for validation. --cache-features extracts the centre-view features once and trains on them (no
-train-time augmentation: the fast path for small data and CPUs). kNN: cosine similarity of L2-normalised features,
+Protocol (the authors' eval_linear.py and scripts/linear.sh): the online backbone of a smog.py checkpoint, loaded
+with strict key matching, frozen and in eval mode; global-pooled features (ViT: the class token), here standardised
+with the training split's statistics (ours: the authors train on the raw pooled features); one nn.Linear (weights
+N(0, 0.01), bias 0) trained with SGD, momentum 0.9, lr 0.3 × batch / 256, weight decay 1e-6, cosine schedule,
+100 epochs (Swin: lr 0.1, no weight decay, 150 epochs); RandomResizedCrop + flip for training, Resize + CenterCrop
+for validation. --cache-features extracts the centre-view features once and trains on them (no train-time
+augmentation: the fast path for small data and CPUs). kNN: cosine similarity of L2-normalised features,
 k = 20 and 200, temperature 0.07, weighted vote. The reported top-1/top-5 are those of the final epoch; the best epoch
 is shown too, labelled as such. The last line printed is one JSON object.
 """
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -27,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import smog
+
+fail = functools.partial(smog.fail, prog="eval_linear.py")
 
 
 def parse_args(argv=None):
@@ -47,14 +51,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if bool(args.checkpoint) == args.random_init:
-        raise SystemExit("eval_linear.py: error: give exactly one of --checkpoint PATH and --random-init")
+        fail("give exactly one of --checkpoint PATH and --random-init")
     if (args.epochs is not None and args.epochs < 1) or args.batch_size < 1:
-        raise SystemExit("eval_linear.py: error: --epochs and --batch-size must be at least 1")
+        fail("--epochs and --batch-size must be at least 1")
     return args
 
 
 def protocol_defaults(args, arch):
-    """Fills --lr, --weight-decay and --epochs not given with SMOG_SPEC §6's values for the architecture."""
+    """Fills --lr, --weight-decay and --epochs not given with the authors' values for the architecture."""
     swin = arch.startswith("swin")
     for name, value in (("lr", 0.1 if swin else 0.3), ("weight_decay", 0.0 if swin else 1e-6),
                         ("epochs", 150 if swin else 100)):
@@ -69,24 +73,24 @@ def load_backbone(args):
         torch.manual_seed(args.seed)
         return smog.BACKBONES[cfg.arch](0.0)[0], cfg
     if not os.path.isfile(args.checkpoint):
-        raise SystemExit(f"eval_linear.py: error: --checkpoint {args.checkpoint}: no such file")
+        fail(f"--checkpoint {args.checkpoint}: no such file")
     try:
         state = smog.read_checkpoint(args.checkpoint)
     except ValueError as e:
-        raise SystemExit(f"eval_linear.py: error: --checkpoint {args.checkpoint}: {e}")
+        fail(f"--checkpoint {args.checkpoint}: {e}")
     try:
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()}
         cfg = smog.Config(**{k: v for k, v in saved.items() if k in smog.Config.__dataclass_fields__})
         online = state["online"]
     except Exception as e:  # noqa: BLE001 - any failure means the file is not a smog.py checkpoint
-        raise SystemExit(f"eval_linear.py: error: --checkpoint {args.checkpoint}: not a smog.py checkpoint "
+        fail(f"--checkpoint {args.checkpoint}: not a smog.py checkpoint "
                          f"({type(e).__name__}: {e})")
     prefix = "encoder.backbone."
     weights = {k[len(prefix):]: v for k, v in online.items() if k.startswith(prefix)}
     backbone = smog.BACKBONES[cfg.arch](0.0)[0]
     missing, unexpected = backbone.state_dict().keys() - weights.keys(), weights.keys() - backbone.state_dict().keys()
     if missing or unexpected:
-        raise SystemExit(f"eval_linear.py: error: --checkpoint {args.checkpoint} does not match --arch {cfg.arch}: "
+        fail(f"--checkpoint {args.checkpoint} does not match --arch {cfg.arch}: "
                          f"{len(missing)} missing keys (e.g. {sorted(missing)[:2]}), {len(unexpected)} unexpected")
     backbone.load_state_dict(weights, strict=True)
     return backbone, cfg
@@ -113,7 +117,7 @@ def split_features(backbone, data, labels, cfg, device):
 
 def train_views(images, size):
     """RandomResizedCrop(size, scale 0.08–1) + horizontal flip of uint8 images (B, 3, H, W), batched, normalised."""
-    return smog.normalise(smog.random_resized_crops(images.float() / 255, size, (0.08, 1.0)))
+    return smog.imagenet_normalize(smog.random_resized_crops(images.float() / 255, size, (0.08, 1.0)))
 
 
 def augmented_batches(data, labels, cfg, args, sampler, device):
@@ -191,7 +195,7 @@ def augmented_probe(backbone, standardise, train_data, train_y, test_x, test_y, 
     history = []
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
-        torch.manual_seed(args.seed + 7919 * smog.rank() + 104729 * (epoch + 1))
+        torch.manual_seed(smog.seed_for(args.seed, epoch, smog.rank()))
         for views, y in augmented_batches(train_data, train_y, cfg, args, sampler, device):
             with torch.no_grad():
                 feats = standardise(backbone(smog.channels_last(views, cfg)).float())
@@ -222,7 +226,7 @@ def main(argv=None):
     train_images, train_y, train_folder = smog.load_dataset(cfg, "train")
     test_images, test_y, test_folder = smog.load_dataset(cfg, "val")
     if test_y is None:
-        raise SystemExit(f"eval_linear.py: error: --data {cfg.data}: no val/ split to evaluate on")
+        fail(f"--data {cfg.data}: no val/ split to evaluate on")
     train_data = train_images if train_images is not None else train_folder
     test_data = test_images if test_images is not None else test_folder
     num_classes = int(max(train_y.max(), test_y.max())) + 1

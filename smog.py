@@ -13,9 +13,12 @@ Run (one file, no launcher needed):
     torchrun --standalone --nproc_per_node=gpu smog.py --preset imagenet-r50 --data /path/to/imagenet
     python smog.py --preset imagenet-r50 --print-config   # show the resolved config and exit
 
-Part 1 (SMoG, the method) comes first: collectives → the multi-crop recipe → networks → momentum grouping → loss →
-optimisation → one training step. Part 2 (the trainer) follows: config → backbones → data → batched augmentation →
-feeding the device → checkpoints → reports → training → main.
+Part 1, "SMoG" (the method, copyable as one block; torch and torchvision only): collectives that are no-ops in one
+process → the multi-crop recipe as a per-image torchvision pipeline → networks → MomentumGrouping and the memory
+bank → the loss → LARS, schedules and EMA → train_step. Whatever reads a `cfg` reads fields of Part 2's Config.
+Part 2, "Trainer", starts at `class Config`: presets and CLI, the backbone zoo, data sets, the batched augmentation
+(the fast equivalent of Part 1's pipeline), feeding the device, checkpoints and preemption, the kNN report, train().
+"The authors' code" below is the training code released with the paper: main_SMoG.py and src/*.py.
 """
 import argparse
 import copy
@@ -39,30 +42,28 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-
 # ===================================================================================================================
-# Part 1 — SMoG: the method. Collectives (no-ops in a single process)
+# Part 1 — SMoG: the method
 # ===================================================================================================================
-
+# ----- collectives: every one is a no-op in a single process, so the same code runs with and without torchrun ------
 
 def distributed():
+    """Whether a process group is running (torchrun)."""
     return dist.is_available() and dist.is_initialized()
 
-
 def rank():
+    """This process's index, 0 without torchrun."""
     return dist.get_rank() if distributed() else 0
 
-
 def world_size():
+    """The number of processes, 1 without torchrun."""
     return dist.get_world_size() if distributed() else 1
-
 
 def all_reduce_(t, op="sum"):
     """Sums (or takes the max of) t over all processes, in place."""
     if distributed():
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
-
 
 def all_gather(t):
     """Every process's t, stacked in rank order: (world_size, *t.shape)."""
@@ -72,7 +73,6 @@ def all_gather(t):
     dist.all_gather(out, t)
     return torch.stack(out)
 
-
 def broadcast_(t, src=0):
     """Copies rank src's t to every process, in place."""
     if distributed():
@@ -80,26 +80,22 @@ def broadcast_(t, src=0):
     return t
 
 
-# ===================================================================================================================
-# Multi-crop recipe (SMOG_SPEC §3). Two pipelines differ only in blur and solarize probability; they swap roles
-# every other step.
-# ===================================================================================================================
-
+# ----- the multi-crop recipe (the authors' src/multicropdataset.py, MultiCropDataset) ------------------------------
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# (blur probability, solarize probability) of the two pipelines.
+# (blur probability, solarize probability) of the authors' two pipelines, "q" and "k".
 PIPELINES = {"q": (1.0, 0.0), "k": (0.1, 0.2)}
 
-
 def pipelines_for_step(step):
-    """(online pipeline, target pipeline): even steps feed q-augmented crops to the online branch (authors' code)."""
+    """(online pipeline name, target pipeline name): the two swap roles every other step (main_SMoG.py, train)."""
     return ("q", "k") if step % 2 == 0 else ("k", "q")
 
+class MultiCrop:
+    """The crops of one image for one step, drawn by a per-image torchvision pipeline: the definition of the recipe.
 
-class CPUMultiCrop:
-    """Per-image PIL pipeline for CPU workers: the same crops and parameters as batch_multicrop.
-
-    Called with (image, parity); returns (online global (2, 3, S, S), online local (L, 3, s, s), target global).
+    Called with (PIL image, step parity); returns (online global (2, 3, S, S), online local (L, 3, s, s) or None,
+    target global (2, 3, S, S)). Each crop: RandomResizedCrop, flip, ColorJitter(0.4, 0.4, 0.2, 0.1) with p = 0.8,
+    grayscale p = 0.2, Gaussian blur and solarize with the pipeline's probabilities, ImageNet mean/std.
     """
 
     def __init__(self, cfg):
@@ -116,53 +112,50 @@ class CPUMultiCrop:
                 T.RandomGrayscale(p=0.2),
                 T.RandomApply([T.GaussianBlur(kernel, cfg.blur_sigma)], p=blur_p),
                 T.RandomSolarize(128, p=solarize_p),
-                T.RandomInvert(p=cfg.invert),
+                T.RandomInvert(p=cfg.invert),  # not in the paper: off unless asked for (--invert)
                 T.ToTensor(),
                 T.Normalize(MEAN, STD),
             ])
 
-        self.glob = {k: pipeline(cfg.global_size, cfg.global_scale, k) for k in PIPELINES}
-        self.loc = {k: pipeline(cfg.local_size, cfg.local_scale, k) for k in PIPELINES}
+        self.glob = {name: pipeline(cfg.global_size, cfg.global_scale, name) for name in PIPELINES}
+        self.loc = {name: pipeline(cfg.local_size, cfg.local_scale, name) for name in PIPELINES}
 
     def __call__(self, image, parity):
-        online, target = pipelines_for_step(parity)
-        g = torch.stack([self.glob[online](image) for _ in range(2)])
-        loc = torch.stack([self.loc[online](image) for _ in range(self.num_local)]) if self.num_local else None
-        t = torch.stack([self.glob[target](image) for _ in range(2)])
+        online_aug, target_aug = pipelines_for_step(parity)
+        g = torch.stack([self.glob[online_aug](image) for _ in range(2)])
+        loc = torch.stack([self.loc[online_aug](image) for _ in range(self.num_local)]) if self.num_local else None
+        t = torch.stack([self.glob[target_aug](image) for _ in range(2)])
         return g, loc, t
 
 
-# ===================================================================================================================
-# Networks (SMOG_SPEC §1): backbone f → projector g → predictor q online; a copy of f and g as the target branch
-# ===================================================================================================================
-
+# ----- networks: backbone f → projector g → predictor q online; a copy of f and g as the target branch -------------
 
 def mlp(dim_in, hidden, dim_out, last_bn):
-    """Linear → BN → ReLU → Linear (→ BN without affine, for the projector), as in the authors' code."""
+    """Linear → BN → ReLU → Linear (→ BN without affine, for the projector), as the authors' src/resnet50.py."""
     layers = [nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(True), nn.Linear(hidden, dim_out)]
     if last_bn:
         layers.append(nn.BatchNorm1d(dim_out, affine=False))
     return nn.Sequential(*layers)
 
-
 class Encoder(nn.Module):
-    """Backbone + projector: crops → projections z. Crops of one resolution are forwarded as one batch."""
+    """Backbone + projector: crops → projections z. Crops of one resolution are forwarded as one batch.
 
-    def __init__(self, arch, hidden_dim, feat_dim, drop_path=0.0):
+    backbone: any module mapping (N, 3, s, s) to (N, dim) (Part 2's BACKBONES builds them)."""
+
+    def __init__(self, backbone, dim, hidden_dim, feat_dim):
         super().__init__()
-        self.backbone, dim = BACKBONES[arch](drop_path)
+        self.backbone = backbone
         self.projector = mlp(dim, hidden_dim, feat_dim, last_bn=True)
 
     def forward(self, crops):  # list of (n_i, 3, s_i, s_i) -> (Σ n_i, D)
         return self.projector(torch.cat([self.backbone(x) for x in crops]))
 
-
 class OnlineNet(nn.Module):
     """The online branch: encoder plus predictor. Returns (z, p), both (Σ n_i, D), not yet normalised."""
 
-    def __init__(self, arch, hidden_dim, feat_dim, drop_path=0.0):
+    def __init__(self, backbone, dim, hidden_dim, feat_dim):
         super().__init__()
-        self.encoder = Encoder(arch, hidden_dim, feat_dim, drop_path)
+        self.encoder = Encoder(backbone, dim, hidden_dim, feat_dim)
         self.predictor = mlp(feat_dim, hidden_dim, feat_dim, last_bn=False)
 
     def forward(self, crops):
@@ -170,16 +163,13 @@ class OnlineNet(nn.Module):
         return z, self.predictor(z)
 
 
-# ===================================================================================================================
-# Momentum grouping (SMOG_SPEC §2): centroids updated every step by an all-reduced momentum mean, reset by k-means
-# ===================================================================================================================
-
+# ----- momentum grouping: c_k moved every step by an all-reduced mean (main_SMoG.py, M_step), reset by k-means -----
 
 class MomentumGrouping(nn.Module):
-    """H independent sets of K unit-norm group centroids, updated by momentum in the same step as the network.
+    """H independent sets of K unit-norm group centroids c_k, updated by momentum in the same step as the network.
 
-    Self-contained (torch only): copy it with the three collectives helpers above or use it alone in one process.
-    Centroids are a buffer, not parameters: the authors' code detaches them, so the optimiser never moves them.
+    Needs only torch and the collectives above. The centroids are a buffer, not parameters: the authors' code
+    detaches them (main_SMoG.py, train: "cancel some gradients"), so the optimiser never moves them.
     """
 
     def __init__(self, num_groups, dim, num_heads=1):
@@ -206,7 +196,8 @@ class MomentumGrouping(nn.Module):
         h, k, d = c.shape
         z = F.normalize(z.to(c.dtype), dim=-1).expand(h, -1, -1)  # (H, N, D)
         labels = self.assign(z) + torch.arange(h, device=c.device)[:, None] * k  # (H, N), index into H·K rows
-        # One scatter for all heads: rows [Σ z | count] per group, then one all-reduce of the whole buffer.
+        # One scatter for all heads: rows [Σ z | count] per group, then one all-reduce of the whole buffer (the
+        # authors' M_step loops over the K groups in Python).
         rows = torch.cat([z, torch.ones_like(z[..., :1])], -1).reshape(-1, d + 1)  # (H·N, D+1)
         sums = torch.zeros(h * k, d + 1, device=c.device, dtype=c.dtype).index_add_(0, labels.reshape(-1), rows)
         all_reduce_(sums)
@@ -220,7 +211,7 @@ class MomentumGrouping(nn.Module):
         """Spherical k-means on a bank (M, D) or (H, M, D) of features, split across processes; replaces centroids.
 
         Init: K random rows of rank 0's bank, broadcast; then E-step (nearest centroid) and M-step (all-reduced mean,
-        i.e. update with β = 0) `iters` times.
+        i.e. update with β = 0) `iters` times, as the authors' main_SMoG.py, cluster_memory.
         """
         c = self.centroids
         h, k, d = c.shape
@@ -241,7 +232,6 @@ class MomentumGrouping(nn.Module):
         """Scores of predictions p (N, D) against every group: normalize(p) · Cᵀ / τ → (H, N, K)."""
         return torch.matmul(F.normalize(p.float(), dim=-1), self.centroids.transpose(1, 2)) / tau
 
-
 class MemoryBank:
     """This process's normalised online projections of both online global crops over one epoch: (2, M, D).
 
@@ -261,36 +251,32 @@ class MemoryBank:
         return self.feats.repeat((num_heads + 1) // 2, 1, 1)[:num_heads]  # head h clusters crop h mod 2
 
 
-# ===================================================================================================================
-# Loss (SMOG_SPEC §4)
-# ===================================================================================================================
-
+# ----- the loss (main_SMoG.py, train) ------------------------------------------------------------------------------
 
 def smog_loss(logits, labels):
-    """Cross-entropy of every online crop against every target crop's group label, averaged over all terms.
+    """Mean over heads h and target crops i of CE(p · C_hᵀ / τ, y_h,i): every online crop's scores against the group
+    label of each target crop, as the authors sum the cross-entropies and divide by their number.
 
     logits: (H, C_online, B, K) scores against the updated centroids; labels: (H, C_target, B) from the target crops
     and the centroids before the update. H·C_target·C_online terms per image (3·2·6 = 36 in the paper's recipe).
     """
     h, c_online, b, k = logits.shape
-    c_target = labels.shape[1]
-    log_prob = F.log_softmax(logits, -1).unsqueeze(1).expand(h, c_target, c_online, b, k)
-    index = labels[:, :, None, :, None].expand(h, c_target, c_online, b, 1)
-    return -log_prob.gather(-1, index).mean()
+    scores = logits.reshape(h * c_online * b, k)
+    per_target_crop = [F.cross_entropy(scores, y[:, None].expand(h, c_online, b).reshape(-1))  # y: (H, B)
+                       for y in labels.unbind(1)]
+    return torch.stack(per_target_crop).mean()
 
 
-# ===================================================================================================================
-# Optimisation (SMOG_SPEC §5): LARS or AdamW, schedules as pure functions of the global step
-# ===================================================================================================================
-
+# ----- optimisation: LARS or AdamW, schedules as pure functions of the global step, EMA ----------------------------
 
 class LARS(torch.optim.SGD):
     """SGD with momentum whose gradient of each weight is first scaled by a layer-wise trust ratio (You et al., 2017).
 
-    As apex's LARC(clip=False) around SGD in the authors' code: g ← (g + wd·w) · η‖w‖ / (‖g‖ + wd·‖w‖), then
-    momentum SGD. Parameter groups with lars=False (biases, norm layers) get plain momentum SGD, no weight decay.
-    The trust ratios take a few torch._foreach_* kernels for all tensors; the SGD step is torch's fused kernel, which
-    under fp16 takes GradScaler's overflow flag as a tensor and skips the update on the device: no host sync.
+    As apex's LARC(clip=False) around SGD in the authors' main_SMoG.py: g ← (g + wd·w) · η‖w‖ / (‖g‖ + wd·‖w‖), then
+    momentum SGD. Parameter groups with lars=False get plain momentum SGD, no weight decay. Gradients must be true
+    (unscaled) ones: under fp16 call GradScaler.unscale_ first. The trust ratios take a few torch._foreach_* kernels
+    for all tensors; the SGD step is torch's fused kernel, which skips the update on the device when GradScaler found
+    an overflow: no host sync.
     """
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001):
@@ -303,23 +289,17 @@ class LARS(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self):
-        scale = getattr(self, "grad_scale", None)  # set by GradScaler.step under fp16: gradients are still scaled
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            grads = [p.grad for p in params]
-            if params and scale is not None:
-                torch._foreach_div_(grads, scale)
-            if params and group["lars"]:
-                wd = group["lars_weight_decay"]
-                w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
-                trust = group["eta"] * w_norm / (g_norm + wd * w_norm)
-                trust = torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
-                torch._foreach_add_(grads, params, alpha=wd)
-                torch._foreach_mul_(grads, list(trust.unbind()))
-        if scale is not None:  # unscaled above; the fused step must not divide again, but still reads self.found_inf
-            self.grad_scale = torch.ones_like(scale)
+            if not params or not group["lars"]:
+                continue
+            grads, wd = [p.grad for p in params], group["lars_weight_decay"]
+            w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
+            trust = group["eta"] * w_norm / (g_norm + wd * w_norm)
+            trust = torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
+            torch._foreach_add_(grads, params, alpha=wd)
+            torch._foreach_mul_(grads, list(trust.unbind()))
         return super().step()
-
 
 def build_optimizer(cfg, modules):
     """LARS or AdamW; biases and 1-D (norm) parameters get neither weight decay nor LARS adaptation."""
@@ -330,7 +310,6 @@ def build_optimizer(cfg, modules):
         return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
-
 def lr_at(step, total_steps, warmup_steps, cfg):
     """Linear warm-up from start_lr to the peak (lr × global batch / 256), then cosine down to final_lr."""
     peak = cfg.lr * cfg.batch_size * world_size() / 256
@@ -339,11 +318,9 @@ def lr_at(step, total_steps, warmup_steps, cfg):
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return cfg.final_lr + 0.5 * (peak - cfg.final_lr) * (1 + math.cos(math.pi * t))
 
-
 def beta_at(step, total_steps, cfg):
     """Centroid momentum β: linear per step from beta_start (1.0: groups held still) to beta_end."""
     return cfg.beta_start + (cfg.beta_end - cfg.beta_start) * step / max(1, total_steps - 1)
-
 
 @torch.no_grad()
 def ema_(target, online, m):
@@ -351,49 +328,44 @@ def ema_(target, online, m):
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - m)
 
 
-# ===================================================================================================================
-# One training step
-# ===================================================================================================================
+# ----- one training step -------------------------------------------------------------------------------------------
 
+def train_step(online, target, grouping, crops, beta, opt, scaler, autocast, cfg):
+    """One SMoG step: label with the target, update the groups with online z, contrast online p with them, step, EMA.
 
-def channels_last(x, cfg):
-    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
-
-
-def train_step(crops, step, beta, nets, opt, scaler, autocast, cfg):
-    """One SMoG step: label with target, update groups with online z, contrast online p with groups, step, EMA.
-
+    online: OnlineNet (or DDP around one); target: its encoder's EMA copy; grouping: MomentumGrouping.
+    crops: (online global (2B, 3, S, S), online local (L·B, 3, s, s) or None, target global (2B, 3, S, S)), each
+    crop-major (all images' first crop, then all second crops). Uses cfg.tau, cfg.clip_grad and cfg.ema.
     Returns (loss, counts (H, K), online global z (2, B, D)) as device tensors: nothing here waits for the device.
     """
-    online, target, grouping = nets["online"], nets["target"], nets["grouping"]
-    g, loc, t = (None if x is None else channels_last(x, cfg) for x in crops)
+    g, loc, t = crops
     b = t.shape[0] // 2
+    h, k = grouping.centroids.shape[:2]
     with autocast:
         with torch.no_grad():
-            zt = target([t]).float()  # (2B, D)
+            zt = target([t]).float()  # (2B, D): target z of the two target crops
         z, p = online([g] if loc is None else [g, loc])  # (C_online·B, D) each
-    h = cfg.num_heads
-    labels = grouping.assign(zt).view(h, 2, b)  # 1. labels from the centroids before the update
-    z_global = z[:2 * b].detach().float().view(2, b, -1)
-    per_head = z_global.repeat((h + 1) // 2, 1, 1)[:h]  # (H, B, D): head i moves with online crop i mod 2
-    counts = grouping.update(per_head, beta)  # 2. (a repeat, not list indexing: that would copy from the host)
-    logits = grouping.logits(p, cfg.tau).view(h, -1, b, cfg.num_groups)  # 3. scores against the updated groups
-    loss = smog_loss(logits, labels)
+    labels = grouping.assign(zt).view(h, 2, b)  # 1. y: nearest c_k before the update
+    z_global = z[:2 * b].detach().float().view(2, b, -1)  # (2, B, D)
+    # 2. head h moves with online global crop h mod 2 (a repeat: list indexing would copy indices from the host)
+    counts = grouping.update(z_global.repeat((h + 1) // 2, 1, 1)[:h], beta)
+    loss = smog_loss(grouping.logits(p, cfg.tau).view(h, -1, b, k), labels)  # 3. p against the updated c_k
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    scaler.unscale_(opt)  # trust ratios and clipping need the true gradients; no host sync
     if cfg.clip_grad > 0:
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(nets["params"], cfg.clip_grad)
-    scaler.step(opt)
+        torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.clip_grad)
+    scaler.step(opt)  # under fp16, skipped on the device when the gradients overflowed
     scaler.update()
-    ema_(target, nets["online_encoder"], cfg.ema)
+    ema_(target, getattr(online, "module", online).encoder, cfg.ema)  # online.module: inside DDP
     return loss.detach(), counts, z_global
 
 
 # ===================================================================================================================
-# Part 2 — the trainer. Config: one dataclass, presets on top of it, explicit flags on top of the preset
+# Part 2 — Trainer: config and CLI, backbones, data, batched augmentation, feeding the device, checkpoints and
+# preemption, reports, train()
 # ===================================================================================================================
-
+# ----- config: one dataclass, presets on top of it, explicit flags on top of the preset ----------------------------
 
 @dataclass
 class Config:
@@ -408,7 +380,7 @@ class Config:
     resume: str = "auto"  # auto (out_dir/checkpoint.pt if present) | none | PATH
     stop_after: int = 0  # leave after this many epochs in this job, resumable (for time-limited jobs); 0 = run all
     synthetic_size: int = 8000  # training images of the embedded data set (its held-out split has 2000)
-    # --- multi-crop (SMOG_SPEC §3): 2 target + 2 online global crops and num_local online local crops per image ---
+    # --- multi-crop (MultiCrop): 2 target + 2 online global crops and num_local online local crops per image ---
     global_size: int = 224
     global_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range of the global crops
     local_size: int = 96
@@ -416,21 +388,21 @@ class Config:
     num_local: int = 4
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur σ range in pixels of the crop
     invert: float = 0.0  # probability of a crop's negative 1 − x (tiny: its shapes come in both polarities); 0 = off
-    gpu_aug: str = "auto"  # on: batched augmentation on the training device | off: per-image in CPU workers | auto
-    # --- networks (SMOG_SPEC §1) ---
+    batched_aug: str = "auto"  # on: on the training device (alias --gpu-aug) | off: MultiCrop in CPU workers | auto
+    # --- networks ---
     arch: str = "resnet50"  # see BACKBONES
     feat_dim: int = 128  # dimension D of z, p and the centroids
     hidden_dim: int = 2048  # hidden width of projector and predictor
     drop_path: float = 0.0  # stochastic depth of the online backbone (Swin: 0.2); the target branch has none
     ema: float = 0.999  # target ← ema·target + (1−ema)·online after every step
-    # --- momentum grouping (SMOG_SPEC §2, §4) ---
+    # --- momentum grouping and loss ---
     num_groups: int = 3000  # K centroids per head
     num_heads: int = 3  # H independent group sets
     tau: float = 0.1  # temperature of the group logits
     beta_start: float = 1.0  # momentum β of the centroid update, linear per step from beta_start to beta_end
     beta_end: float = 0.99
     kmeans_iters: int = 10  # spherical k-means iterations of the reset at every epoch start
-    # --- optimisation (SMOG_SPEC §5) ---
+    # --- optimisation ---
     optimizer: str = "lars"  # lars (ResNets) | adamw (Transformers)
     lr: float = 0.3  # peak learning rate per 256 images of global batch (4.8 at 4096)
     start_lr: float = 0.01  # learning rate at step 0, warmed up linearly to the peak
@@ -441,13 +413,12 @@ class Config:
     lars_eta: float = 0.001  # LARS trust coefficient; lower it if the loss does not decrease with large batches
     clip_grad: float = 0.0  # max gradient norm, 0 = off
     # --- system ---
-    precision: str = "auto"  # auto (CUDA: fp16, faster there: README, Performance; CPU: fp32) | bf16 | fp16 | fp32
-    channels_last: bool = True  # NHWC memory layout: faster convolutions with bf16 on GPUs, and on CPUs (oneDNN)
+    precision: str = "auto"  # auto (CUDA: fp16, see resolve_precision; CPU: fp32) | bf16 | fp16 | fp32
+    channels_last: bool = True  # NHWC memory layout: the one tensor cores and oneDNN's convolutions prefer
     compile: bool = False  # torch.compile the online and target networks (opt-in: see README, Performance)
     log_every: int = 20  # steps between log lines
     knn: bool = True  # report kNN top-1 on the held-out split at the end (labels are used only for this report)
     print_config: bool = False  # print the resolved config and exit
-
 
 TRANSFORMER_RECIPE = dict(optimizer="adamw", feat_dim=256, lr=1e-3 * 256 / 4096, start_lr=0.0, final_lr=4e-5,
                           warmup_epochs=10, weight_decay=0.05, clip_grad=3.0)
@@ -467,20 +438,21 @@ PRESETS = {
         global_scale=(0.2, 1.0), local_size=16, local_scale=(0.05, 0.2), num_local=4, blur_sigma=(0.1, 0.5),
         hidden_dim=2048, num_groups=300, lr=1.2, start_lr=0.05, warmup_epochs=10, ema=0.99,
     ),
-    # The paper's recipes (SMOG_SPEC §1–5): batch 4096 = 64 GPUs × 64, 400 epochs.
+    # The paper's recipes (the authors' scripts/pretrain/*.sh): batch 4096 = 64 GPUs × 64, 400 epochs.
     "imagenet-r50": dict(),
     "imagenet-r50w2": dict(arch="resnet50w2"),
-    # Transformers (§5): AdamW 1e-3 at batch 4096 (= 6.25e-5 per 256) → 4e-5, weight decay 0.05, clipping 3.0.
+    # Transformers (the authors' Swin-T script and src/optimizer.py): AdamW 1e-3 at batch 4096 (= 6.25e-5 per 256)
+    # → 4e-5, weight decay 0.05, clipping 3.0.
     "imagenet-swin-t": dict(arch="swin_t", drop_path=0.2, **TRANSFORMER_RECIPE),
     # Not in the paper: ViT-S/16 on the Swin-T recipe (torchvision's ViT has no drop-path).
     "imagenet-vit-s16": dict(arch="vit_s16", **TRANSFORMER_RECIPE),
 }
 PRESETS["cifar10"] = PRESETS["cifar10-r18"]  # the short name
 
+ALIASES = {"batched_aug": ("--gpu-aug",)}  # earlier names of renamed flags, still accepted
 
 def _flag(name):
     return "--" + name.replace("_", "-")
-
 
 def _parse_value(f, text):
     """Parses one CLI value for dataclass field f (tuples are written '0.2,1.0')."""
@@ -491,11 +463,13 @@ def _parse_value(f, text):
         return (float(parts[0]), float(parts[1]))
     return f.type(text)
 
+def fail(message, prog="smog.py"):
+    """Ends the program with the one line "prog: error: message" (exit status 1): no stack trace for bad input."""
+    raise SystemExit(f"{prog}: error: {message}")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
-        raise SystemExit(f"{self.prog}: error: {message}")
-
+        fail(message, self.prog)
 
 def parse_config(argv=None):
     """Builds a Config: defaults ← --preset ← flags given on the command line. Bad values end with one line."""
@@ -504,7 +478,8 @@ def parse_config(argv=None):
         if f.type is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None)
         else:
-            parser.add_argument(_flag(f.name), type=str, default=None, metavar=f.type.__name__.upper())
+            parser.add_argument(_flag(f.name), *ALIASES.get(f.name, ()), type=str, default=None,
+                                metavar=f.type.__name__.upper())
     args = parser.parse_args(argv)
     given = {}
     for f in dataclasses.fields(Config):
@@ -514,22 +489,21 @@ def parse_config(argv=None):
         try:
             given[f.name] = text if f.type is bool else _parse_value(f, text)
         except ValueError as e:
-            raise SystemExit(f"smog.py: error: {_flag(f.name)} {text!r}: {e}")
+            fail(f"{_flag(f.name)} {text!r}: {e}")
     preset = given.get("preset", Config.preset)
     if preset not in PRESETS:
-        raise SystemExit(f"smog.py: error: --preset {preset!r} is unknown (choose from {', '.join(PRESETS)})")
+        fail(f"--preset {preset!r} is unknown (choose from {', '.join(PRESETS)})")
     cfg = Config(**{**PRESETS[preset], **given, "preset": preset})
     check_config(cfg)
     return cfg
 
-
 def check_config(cfg):
     """Rejects values the run cannot use, naming the flag."""
     def bad(name, why):
-        raise SystemExit(f"smog.py: error: {_flag(name)} {getattr(cfg, name)!r}: {why}")
+        fail(f"{_flag(name)} {getattr(cfg, name)!r}: {why}")
 
     choices = dict(arch=BACKBONES, optimizer=("lars", "adamw"), precision=("auto", "bf16", "fp16", "fp32"),
-                   gpu_aug=("auto", "on", "off"))
+                   batched_aug=("auto", "on", "off"))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             bad(name, f"unknown (choose from {', '.join(allowed)})")
@@ -540,30 +514,24 @@ def check_config(cfg):
     for name in ("workers", "num_local", "kmeans_iters", "warmup_epochs", "stop_after"):
         if getattr(cfg, name) < 0:
             bad(name, "must be at least 0")
-    for name in ("global_scale", "local_scale"):
+    for name, top in (("global_scale", 1), ("local_scale", 1), ("blur_sigma", math.inf)):
         lo, hi = getattr(cfg, name)
-        if not 0 < lo <= hi <= 1:
-            bad(name, "needs 0 < low <= high <= 1")
-    lo, hi = cfg.blur_sigma
-    if not 0 < lo <= hi:
-        bad("blur_sigma", "needs 0 < low <= high")
+        if not 0 < lo <= hi <= top:
+            bad(name, "needs 0 < low <= high" + (" <= 1" if top == 1 else ""))
     for name in ("ema", "beta_start", "beta_end", "drop_path", "invert"):
         if not 0 <= getattr(cfg, name) <= 1:
             bad(name, "must lie in [0, 1]")
-    if cfg.arch.startswith("vit"):
-        for name in ("global_size", "local_size"):
-            if getattr(cfg, name) % 16:
-                bad(name, f"--arch {cfg.arch} needs crop sizes that are multiples of its 16-px patches")
+    for name in ("global_size", "local_size"):
+        if cfg.arch.startswith("vit") and getattr(cfg, name) % 16:
+            bad(name, f"--arch {cfg.arch} needs crop sizes that are multiples of its 16-px patches")
     for name in ("tau", "lr"):
         if getattr(cfg, name) <= 0:
             bad(name, "must be positive")
-
 
 def log(*args):
     """Prints on rank 0 only."""
     if rank() == 0:
         print(*args, flush=True)
-
 
 def setup_device():
     """Starts the process group under torchrun (NCCL on GPU, gloo on CPU) and picks this process's device."""
@@ -578,10 +546,7 @@ def setup_device():
     return device
 
 
-# ===================================================================================================================
-# Backbones
-# ===================================================================================================================
-
+# ----- backbones ---------------------------------------------------------------------------------------------------
 
 def _torchvision_resnet(name, small_stem=False):
     """torchvision ResNet without its classifier; small_stem: 3x3 stride-1 first conv and no max-pool (32-px images)."""
@@ -593,18 +558,16 @@ def _torchvision_resnet(name, small_stem=False):
     net.fc = nn.Identity()
     return net, dim
 
-
 def _tiny_resnet(widths=(16, 32, 64, 256)):
     """A 4-stage ResNet of torchvision BasicBlocks (one per stage, each halving the resolution) after a 3x3 stem at
     full resolution: 0.8M parameters, CPU-friendly. The full-resolution stem lets the first strided block see the
-    corners that tell a 6-px square from a disk (kNN 80.0% vs 74.5% with a stride-2 stem, for 10% more time)."""
+    corners that tell a 6-px square from a disk (README, "What the default run does")."""
     layers, c_in = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(True)], widths[0]
     for c in widths:
         down = nn.Sequential(nn.Conv2d(c_in, c, 1, 2, bias=False), nn.BatchNorm2d(c))
         layers.append(BasicBlock(c_in, c, 2, down))
         c_in = c
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), c_in
-
 
 def _resnet50_wide(widen=2):
     """ResNet-50 with every width × widen, as SwAV's and the authors' ResNet-50w2 (4096-d output, 94M parameters).
@@ -627,7 +590,6 @@ def _resnet50_wide(widen=2):
     net.fc = nn.Identity()
     return net, 2048 * widen
 
-
 def _swin_t(drop_path):
     """torchvision's Swin-T (768-d pooled output); it pads 96-px crops' feature maps to whole 7x7 windows itself."""
     net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2],
@@ -635,7 +597,6 @@ def _swin_t(drop_path):
                                              stochastic_depth_prob=drop_path)  # swin_t() fixes it at 0.2
     net.head = nn.Identity()
     return net, 768
-
 
 class ViT(torchvision.models.VisionTransformer):
     """torchvision's VisionTransformer returning the class token, at any input size: its position embedding (made
@@ -661,7 +622,6 @@ class ViT(torchvision.models.VisionTransformer):
         x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1) + self.position_embedding(rows, cols)
         return self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))[:, 0]
 
-
 # name -> (drop_path) -> (backbone module mapping (N, 3, s, s) to (N, dim), dim). drop_path (stochastic depth) is
 # used by Swin only: torchvision's ResNets and ViTs have none.
 BACKBONES = {
@@ -675,14 +635,14 @@ BACKBONES = {
     "vit_b16": lambda drop_path: (ViT(depth=12, heads=12, dim=768), 768),
 }
 
+def make_online(cfg):
+    """The online branch of a config: OnlineNet around a fresh cfg.arch backbone."""
+    return OnlineNet(*BACKBONES[cfg.arch](cfg.drop_path), cfg.hidden_dim, cfg.feat_dim)
 
-# ===================================================================================================================
-# Data: the embedded synthetic data set, ImageFolder, CIFAR-10
-# ===================================================================================================================
 
+# ----- data: the embedded synthetic data set, ImageFolder, CIFAR-10 ------------------------------------------------
 
 SHAPES = ("disk", "square", "triangle", "plus", "ring", "star", "frame", "crescent", "bar", "half-disk")
-
 
 def _shape_masks(kind, u, v):
     """Inside-masks of one shape class at rotated, unit-scaled coordinates u, v (any shape of arrays)."""
@@ -701,16 +661,12 @@ def _shape_masks(kind, u, v):
         "half-disk": (r < 0.95) & (v > -0.2),
     }[kind]
 
-
 def synthetic_shapes(n, seed, size=32):
     """The embedded data set: n grey-level images (uint8, (n, 3, size, size)) of 10 shape classes, labels (n,).
 
-    Class identity is the shape. Position, size, rotation, polarity (light on dark or dark on light), contrast and
-    sensor noise are random, so the pixels of two images of one class rarely line up (kNN on raw pixels stays low),
-    while the crops, flips and colour changes of the augmentation keep the shape. Nothing else is constant within
-    an image, so the only signal shared by two views that generalises across images is the shape. Deterministic
-    from (n, seed, size); drawn at twice the resolution and averaged for anti-aliased edges.
-    """
+    Class identity is the shape; position, size, rotation, polarity, contrast and sensor noise are random, so the
+    only signal two views share that generalises across images is the shape (README, "The embedded data set").
+    Deterministic from (n, seed, size); drawn at twice the resolution and averaged for anti-aliased edges."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, len(SHAPES), n)
     s2 = 2 * size
@@ -735,19 +691,17 @@ def synthetic_shapes(n, seed, size=32):
         images[start:start + b] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
     return torch.from_numpy(images), torch.from_numpy(labels)
 
-
 class ImageFolderData(torch.utils.data.Dataset):
     """An ImageFolder whose unreadable images are replaced by the next readable one and reported, not fatal.
 
-    __getitem__ takes (index, step parity) from ParityBatchSampler and returns (sample, label, failed path or "").
-    `transform(image, parity)` makes the sample: all crops (CPU augmentation) or one fixed-size uint8 image.
-    """
+    __getitem__ takes (index, step parity) (parity_batches) and returns (sample, label, failed path or ""); the sample
+    is `transform(image, parity)`: all crops (MultiCrop) or one fixed-size uint8 image."""
 
     def __init__(self, root, transform=None):
         try:
             self.folder = torchvision.datasets.ImageFolder(root)
         except (FileNotFoundError, OSError) as e:
-            raise SystemExit(f"smog.py: error: --data {root}: not a usable ImageFolder ({e})")
+            fail(f"--data {root}: not a usable ImageFolder ({e})")
         self.transform = transform
         self.targets = self.folder.targets
 
@@ -764,27 +718,14 @@ class ImageFolderData(torch.utils.data.Dataset):
                 return (self.transform(image, parity) if self.transform else image), label, failed
             except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable image"
                 failed = failed or f"{path} ({type(e).__name__}: {e})"
-        raise SystemExit(f"smog.py: error: --data {self.folder.root}: no readable image")
+        fail(f"--data {self.folder.root}: no readable image")
 
-
-class ParityBatchSampler(torch.utils.data.Sampler):
-    """Batches of (index, step parity) pairs, so CPU workers draw only the crops of the pipeline each branch uses.
-
-    The epoch's first `skip` batches are left out (a run resumed mid-epoch); the first batch given is step first_step.
-    """
-
-    def __init__(self, sampler, batch_size, first_step, skip=0):
-        self.sampler, self.batch_size, self.first_step, self.skip = sampler, batch_size, first_step, skip
-
-    def __len__(self):
-        return len(self.sampler) // self.batch_size - self.skip
-
-    def __iter__(self):
-        indices = list(self.sampler)
-        for i in range(len(self)):
-            b = self.skip + i
-            yield [(j, (self.first_step + i) % 2) for j in indices[b * self.batch_size:(b + 1) * self.batch_size]]
-
+def parity_batches(sampler, batch_size, first_step, skip=0):
+    """One epoch's batches of (index, step parity) pairs, less the first `skip` (a run resumed mid-epoch); the first
+    one given is step first_step. The parity lets CPU workers draw only the crops of the pipeline each branch uses."""
+    indices = list(sampler)
+    return [[(j, (first_step + b - skip) % 2) for j in indices[b * batch_size:(b + 1) * batch_size]]
+            for b in range(skip, len(indices) // batch_size)]
 
 def load_dataset(cfg, split):
     """Returns (images uint8 (N, 3, S, S) or None, labels (N,), ImageFolderData or None) for split train|val.
@@ -800,7 +741,7 @@ def load_dataset(cfg, split):
         ds = torchvision.datasets.CIFAR10(root, train=split == "train", download=True)
         return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), None
     if not os.path.isdir(cfg.data):
-        raise SystemExit(f"smog.py: error: --data {cfg.data}: no such directory (or use synthetic | cifar10)")
+        fail(f"--data {cfg.data}: no such directory (or use synthetic | cifar10)")
     root = os.path.join(cfg.data, split)
     if split == "train" and not os.path.isdir(root):
         root = cfg.data  # a plain class-per-folder tree is the training set
@@ -809,9 +750,8 @@ def load_dataset(cfg, split):
     ds = ImageFolderData(root)
     return None, torch.tensor(ds.targets), ds
 
-
 class InMemoryData(torch.utils.data.Dataset):
-    """uint8 images (N, 3, S, S) as a Dataset of (crops, label, "") for CPU workers (used with --gpu-aug off)."""
+    """uint8 images (N, 3, S, S) as a Dataset of (crops, label, "") for CPU workers (used with --batched-aug off)."""
 
     def __init__(self, images, labels, transform):
         self.images, self.labels, self.transform = images, labels, transform
@@ -825,18 +765,21 @@ class InMemoryData(torch.utils.data.Dataset):
         return self.transform(self.to_pil(self.images[index]), parity), int(self.labels[index]), ""
 
 
-# ===================================================================================================================
-# Batched augmentation: the multi-crop recipe on whole batches, on the training device
-# ===================================================================================================================
-
+# ----- batched augmentation: the multi-crop recipe on whole batches, on the training device ------------------------
+# The fast equivalent of Part 1's MultiCrop: the same crops, flips, jitter strengths and probabilities, blur σ
+# range, solarize and invert, with independent random parameters for every crop of every image, as tensor work on
+# the training device (no decoding workers, no per-image Python). Where it differs from MultiCrop:
+#   - resizing is antialiased bilinear (MultiCrop: bicubic), as two matrix products per crop;
+#   - hue jitter is a rotation about the grey axis in YIQ space, not a shift of the HSV hue;
+#   - colour jitter runs in the fixed order brightness → contrast → saturation → hue (torchvision: random order);
+#   - ImageFolder images are first squashed to a square working size (ResizeToTensor; crops keep the original's
+#     aspect ratio, but are cut from that copy, not from the full-resolution image).
 
 def _gray(x):  # (n, 3, h, w) -> (n, 1, h, w), ITU-R 601 luma as torchvision
-    return (x * _constants(x.device)["luma"].to(x.dtype)).sum(1, keepdim=True)  # (a 1x1 conv is 100x slower on CPU)
-
+    return (x * _constants(x.device)["luma"].to(x.dtype)).sum(1, keepdim=True)  # (a 1x1 conv is far slower on CPU)
 
 def _uniform(n, lo, hi, device):
     return torch.empty(n, device=device).uniform_(lo, hi)
-
 
 def random_resized_boxes(n, scale, height, width, device, ratio=(3 / 4, 4 / 3), image_aspect=None):
     """(n, 4) crop boxes x0, y0, x1, y1 in pixels with area fraction ~ U(scale), log aspect ~ U(log ratio).
@@ -854,7 +797,6 @@ def random_resized_boxes(n, scale, height, width, device, ratio=(3 / 4, 4 / 3), 
     y0 = torch.rand(n, device=device) * (height - h)
     return torch.stack([x0, y0, x0 + w, y0 + h], 1)
 
-
 @functools.lru_cache(maxsize=None)
 def _constants(device):
     """Constant tensors of the batched augmentation, made once per device (from Python data in every step, each
@@ -869,7 +811,6 @@ def _constants(device):
     return dict(scale=(1 / std).to(device), shift=(-mean / std).to(device), hue=hue.float().to(device),
                 luma=torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1).to(device))
 
-
 def _resampling_matrix(start, stop, size, length):
     """(n, size, length) resampling rows: output pixel i of each crop spanning [start, stop) of an axis `length`
     pixels long, bilinear, the triangle widened by the shrink factor when shrinking (antialiased, as PIL's resize).
@@ -883,7 +824,6 @@ def _resampling_matrix(start, stop, size, length):
     pixel = torch.arange(length, device=dev) + 0.5
     weight = (1 - (pixel - centre[..., None]).abs() / width).clamp(min=0)  # (n, size, length)
     return weight / weight.sum(-1, keepdim=True)  # pixels beyond the edge get no weight: renormalised, as PIL
-
 
 def random_resized_crops(x, size, scale, crops_per_image=1, aspect=None):
     """RandomResizedCrop + horizontal flip, batched: x (B, 3, H, W) float → (crops_per_image·B, 3, size, size),
@@ -903,7 +843,6 @@ def random_resized_crops(x, size, scale, crops_per_image=1, aspect=None):
     rows = _resampling_matrix(y0, y1, size, h).to(x.dtype).view(crops_per_image, b, 1, size, h)
     cols = _resampling_matrix(x0, x1, size, w).to(x.dtype).view(crops_per_image, b, 1, size, w)
     return (rows @ x @ cols.mT).view(n, c, size, size)  # (k, B, 1, s, H) @ (B, 3, H, W) @ (k, B, 1, W, s)
-
 
 def _color_jitter(x, p, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
     """ColorJitter(0.4, 0.4, 0.2, 0.1) applied with probability p, factors drawn per image; x is (n, 3, h, w) in [0, 1].
@@ -928,7 +867,6 @@ def _color_jitter(x, p, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
     matrix = basis[0] + torch.cos(theta) * basis[1] + torch.sin(theta) * basis[2]  # (n, 3, 3)
     return torch.einsum("nij,njhw->nihw", matrix.to(x.dtype), x).clamp_(0, 1)
 
-
 def _blur_matrix(kernel, length):
     """(n, length, length): row i holds kernel n (n, 2r+1) centred on pixel i, taps beyond an edge reflected back
     (as reflect padding); multiplying by it blurs along one axis."""
@@ -937,7 +875,6 @@ def _blur_matrix(kernel, length):
     source = torch.where(source > length - 1, 2 * (length - 1) - source, source)  # (length, 2r+1), reflected
     taps = (source[..., None] == torch.arange(length, device=dev)).to(kernel.dtype)  # (length, 2r+1, length)
     return torch.einsum("nt,itj->nij", kernel, taps)
-
 
 def _gaussian_blur(x, p, sigma):
     """Gaussian blur with probability p and σ ~ U(sigma) per image: (n, 3, h, w) → (n, 3, h, w).
@@ -955,11 +892,9 @@ def _gaussian_blur(x, p, sigma):
     rows, cols = _blur_matrix(kernel, h).to(x.dtype), _blur_matrix(kernel, w).to(x.dtype)
     return rows[:, None] @ x @ cols[:, None].mT
 
-
-def normalise(x):  # (n, 3, h, w) in [0, 1] -> (x − mean) / std in float32
+def imagenet_normalize(x):  # (n, 3, h, w) in [0, 1] -> (x − mean) / std in float32
     const = _constants(x.device)
     return torch.addcmul(const["shift"], x, const["scale"])
-
 
 def batch_augment(images, size, scale, pipeline, blur_sigma, crops_per_image=1, aspect=None, invert=0.0):
     """Augments a batch on its own device, with independent random parameters for every crop of every image.
@@ -980,29 +915,26 @@ def batch_augment(images, size, scale, pipeline, blur_sigma, crops_per_image=1, 
     x = torch.where(x >= torch.where(solarize, 0.5, 2.0).view(n, 1, 1, 1), 1 - x, x)
     if invert:  # not in the paper: for data whose objects come light on dark and dark on light alike
         x = torch.where((torch.rand(n, device=x.device) < invert).view(n, 1, 1, 1), 1 - x, x)
-    return normalise(x)
-
+    return imagenet_normalize(x)
 
 def batch_multicrop(images, step, cfg, aspect=None):
     """All crops of one step from a uint8 batch (B, 3, H, W): (online global (2B,...), online local (L·B,...) or None,
     target global (2B,...)). aspect: (B,) original width/height of squashed images, or None."""
-    online, target = pipelines_for_step(step)
+    online_aug, target_aug = pipelines_for_step(step)
     # Converted once for the three calls; float16 on GPUs halves the memory traffic of the augmentation (8-bit
     # pixels are exact in float16), float32 on CPUs, whose float16 kernels are slow.
     images = images.to(torch.float16 if images.is_cuda else torch.float32) / 255
-    g = batch_augment(images, cfg.global_size, cfg.global_scale, online, cfg.blur_sigma, 2, aspect, cfg.invert)
-    loc = (batch_augment(images, cfg.local_size, cfg.local_scale, online, cfg.blur_sigma, cfg.num_local, aspect,
+    g = batch_augment(images, cfg.global_size, cfg.global_scale, online_aug, cfg.blur_sigma, 2, aspect, cfg.invert)
+    loc = (batch_augment(images, cfg.local_size, cfg.local_scale, online_aug, cfg.blur_sigma, cfg.num_local, aspect,
                          cfg.invert) if cfg.num_local else None)
-    t = batch_augment(images, cfg.global_size, cfg.global_scale, target, cfg.blur_sigma, 2, aspect, cfg.invert)
+    t = batch_augment(images, cfg.global_size, cfg.global_scale, target_aug, cfg.blur_sigma, 2, aspect, cfg.invert)
     return g, loc, t
-
 
 class Squashed(NamedTuple):
     """Images for batched augmentation: uint8 (…, 3, S, S) squashed to a square working size, and each original's
     width/height (…,), so that crops keep the aspect ratios they would have on the original image."""
     images: torch.Tensor
     aspect: torch.Tensor
-
 
 class ResizeToTensor:
     """Decode-side work for batched augmentation: one resize to a fixed square working size, kept uint8."""
@@ -1013,7 +945,6 @@ class ResizeToTensor:
     def __call__(self, image, parity=0):  # PIL image -> Squashed((3, S, S), ())
         pixels = np.asarray(self.resize(image.convert("RGB")), np.uint8).copy()
         return Squashed(torch.from_numpy(pixels).permute(2, 0, 1), torch.tensor(image.width / image.height))
-
 
 def collate(batch):
     """Stacks samples: tensors, Squashed images, or (global, local, target) tuples of crop stacks (crop-major out)."""
@@ -1028,35 +959,64 @@ def collate(batch):
     return out, torch.tensor(labels), [f for f in failed if f]
 
 
-# ===================================================================================================================
-# Feeding the device
-# ===================================================================================================================
+# ----- feeding the device ------------------------------------------------------------------------------------------
 
+class TrainData(NamedTuple):
+    """The training split and how it reaches the device."""
+    images: torch.Tensor | None  # uint8 (N, 3, S, S) held in memory (on the device with batched augmentation)
+    labels: torch.Tensor  # (N,): used only by the kNN report
+    dataset: torch.utils.data.Dataset | None  # what loader workers read; None: batches sliced from `images`
+    folder: ImageFolderData | None  # the ImageFolder, when --data is a PATH
+    sampler: torch.utils.data.DistributedSampler  # this process's share, reshuffled per epoch
+    batched: bool  # crops drawn by batch_multicrop on the device, else by MultiCrop in loader workers
 
-def to_device_crops(batch, step, cfg, device):
-    """Moves a loader batch to the device and returns (online global, online local or None, target global) crops."""
-    batch = _tensors_to(batch, device)  # a no-op for batches that copied_ahead already moved
-    if isinstance(batch, torch.Tensor):  # uint8 images in memory: crops drawn on the device
-        return batch_multicrop(batch, step, cfg)
-    if isinstance(batch, Squashed):  # uint8 images from the loader at their working size
-        return batch_multicrop(batch.images, step, cfg, batch.aspect)
-    return batch
+def prepare_data(cfg, device):
+    """Loads the training split and picks the augmentation path: batched on the device for data held in memory and on
+    GPUs (--batched-aug auto), MultiCrop in CPU workers otherwise."""
+    images, labels, folder = load_dataset(cfg, "train")
+    per_step = cfg.batch_size * world_size()
+    if len(labels) < per_step:
+        fail(f"--batch-size {cfg.batch_size} × {world_size()} process(es) = {per_step} is larger than the data set "
+             f"({len(labels)} images in --data {cfg.data})")
+    batched = cfg.batched_aug == "on" or (cfg.batched_aug == "auto" and (device.type == "cuda" or images is not None))
+    if folder is not None:
+        folder.transform = ResizeToTensor(round(cfg.global_size * 8 / 7)) if batched else MultiCrop(cfg)
+    dataset = folder
+    if images is not None:
+        if batched:
+            images = images.to(device)
+        else:
+            dataset = InMemoryData(images, labels, MultiCrop(cfg))
+    sampler = torch.utils.data.DistributedSampler(range(len(labels)), num_replicas=world_size(), rank=rank(),
+                                                  shuffle=True, seed=cfg.seed, drop_last=True)
+    return TrainData(images, labels, dataset, folder, sampler, batched)
 
-
-def epoch_batches(cfg, sampler, images, dataset, first_step, device, skip=0):
-    """Yields (batch, failed image paths) for one epoch, less its first `skip` batches: uint8 images (B, 3, S, S),
-    or crops made by CPU workers."""
-    if dataset is None:  # in memory, augmented on the device: no loader processes needed
-        indices = torch.tensor(list(sampler))
-        for b in range(skip, len(indices) // cfg.batch_size):
-            yield images[indices[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(images.device)], []
+def epoch_batches(cfg, data, first_step, device, skip=0):
+    """Yields (batch, failed image paths) for one epoch of data.sampler, less its first `skip` batches: uint8 images
+    (B, 3, S, S), Squashed images, or crops made by CPU workers."""
+    batches = parity_batches(data.sampler, cfg.batch_size, first_step, skip)
+    if data.dataset is None:  # in memory, augmented on the device: no loader processes needed
+        for batch in batches:
+            yield data.images[torch.tensor([j for j, _ in batch], device=data.images.device)], []
         return
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=ParityBatchSampler(sampler, cfg.batch_size, first_step, skip), num_workers=cfg.workers,
-        collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=False)
+    loader = torch.utils.data.DataLoader(data.dataset, batch_sampler=batches, num_workers=cfg.workers,
+                                         collate_fn=collate, pin_memory=device.type == "cuda")
     batches = ((batch, failed) for batch, _, failed in loader)
     yield from copied_ahead(batches, device) if device.type == "cuda" else batches
 
+def channels_last(x, cfg):
+    """x in the NHWC memory layout when cfg.channels_last."""
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+
+def to_device_crops(batch, step, cfg, device):
+    """Moves a loader batch to the device and returns train_step's crops: (online global, online local or None,
+    target global), in the memory layout the networks use."""
+    batch = _tensors_to(batch, device)  # a no-op for batches that copied_ahead already moved
+    if isinstance(batch, torch.Tensor):  # uint8 images in memory: crops drawn on the device
+        batch = batch_multicrop(batch, step, cfg)
+    elif isinstance(batch, Squashed):  # uint8 images from the loader at their working size
+        batch = batch_multicrop(batch.images, step, cfg, batch.aspect)
+    return tuple(None if x is None else channels_last(x, cfg) for x in batch)
 
 def _tensors_to(batch, device):  # a tensor, or a (named) tuple of tensors and None, moved without waiting
     if isinstance(batch, torch.Tensor):
@@ -1064,11 +1024,9 @@ def _tensors_to(batch, device):  # a tensor, or a (named) tuple of tensors and N
     moved = [None if x is None else _tensors_to(x, device) for x in batch]
     return batch._make(moved) if hasattr(batch, "_make") else tuple(moved)
 
-
 def copied_ahead(batches, device):
     """Yields the (batch, failed) pairs of a loader with each batch already on the GPU: batch i+1 is copied on a side
-    stream while step i runs (on the compute stream, the device would idle during every copy: ~1 ms for 128 images
-    at 256 px)."""
+    stream while step i runs, so the device never idles during a copy."""
     stream, ahead = torch.cuda.Stream(device), None
     for batch, failed in batches:
         with torch.cuda.stream(stream):
@@ -1081,7 +1039,6 @@ def copied_ahead(batches, device):
     if ahead is not None:
         yield _handed_over(*ahead)
 
-
 def _handed_over(batch, failed, ready):
     """The compute stream waits for the copy and keeps the copied tensors' memory (allocated on the side stream)
     from being reused until it is done with them."""
@@ -1092,30 +1049,35 @@ def _handed_over(batch, failed, ready):
             t.record_stream(stream)
     return batch, failed
 
-
 def resolve_precision(cfg, device):
     """(name, autocast context, GradScaler): fp16 autocast on CUDA by default, fp32 on CPU; a scaler only for fp16.
 
-    fp16, not bf16, by default: torch runs BatchNorm on cuDNN for fp16 but on slower native kernels for bf16, which
-    makes a ResNet-50 SMoG step 23% faster in fp16 on an H200 (README, Performance). The scaler costs no host sync:
-    LARS and AdamW(fused) take its overflow flag as a tensor.
+    fp16, not bf16, by default: torch runs BatchNorm on cuDNN for fp16 but on slower native kernels for bf16
+    (README, Performance). The scaler costs no host sync: LARS and AdamW(fused) take its overflow flag as a tensor.
     """
     precision = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else nullcontext())
     return precision, autocast, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
+class Nets(NamedTuple):
+    """The networks, groups and optimiser of a run, identical on every process."""
+    online: OnlineNet  # the plain module: what checkpoints hold
+    online_ddp: nn.Module  # online wrapped in DistributedDataParallel under torchrun, else online itself
+    target: Encoder  # EMA copy of online.encoder, no gradients
+    grouping: MomentumGrouping
+    opt: torch.optim.Optimizer
 
 def build_nets(cfg, device):
     """Online net (DDP-wrapped under torchrun), target copy, groups and optimiser, identical on every rank."""
     torch.manual_seed(cfg.seed)
-    online = OnlineNet(cfg.arch, cfg.hidden_dim, cfg.feat_dim, cfg.drop_path).to(device)
+    online = make_online(cfg).to(device)
     if world_size() > 1 and device.type == "cuda":
         online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
     if cfg.channels_last:
         online = online.to(memory_format=torch.channels_last)
     target = copy.deepcopy(online.encoder).requires_grad_(False)
-    for m in target.modules():  # no drop-path in the target branch (SMOG_SPEC §5)
+    for m in target.modules():  # no drop-path in the target branch (the authors' Swin recipe)
         if isinstance(m, torchvision.ops.StochasticDepth):
             m.p = 0.0
     if cfg.compile:  # in place: state_dict keys stay free of "_orig_mod." prefixes
@@ -1123,43 +1085,49 @@ def build_nets(cfg, device):
         target.compile(dynamic=False)
     grouping = MomentumGrouping(cfg.num_groups, cfg.feat_dim, cfg.num_heads).to(device)
     opt = build_optimizer(cfg, [online])
-    model = (nn.parallel.DistributedDataParallel(online, device_ids=[device] if device.type == "cuda" else None)
-             if world_size() > 1 else online)
-    nets = dict(online=model, online_module=online, online_encoder=online.encoder, target=target,
-                grouping=grouping, params=list(online.parameters()))
-    return nets, opt
+    online_ddp = (nn.parallel.DistributedDataParallel(online, device_ids=[device] if device.type == "cuda" else None)
+                  if world_size() > 1 else online)
+    return Nets(online, online_ddp, target, grouping, opt)
+
+def reset_groups(nets, bank, cfg, epoch):
+    """Epoch-start reset, as the authors' main_SMoG.py, train: groups by k-means on last epoch's bank
+    (cluster_memory), target ← online (--reset_k_encoder). Returns the seconds it took."""
+    t0 = time.time()
+    generator = torch.Generator().manual_seed(seed_for(cfg.seed, epoch))
+    nets.grouping.kmeans_(bank.for_heads(cfg.num_heads), cfg.kmeans_iters, generator=generator)
+    for buffer in nets.online.buffers():  # BN running statistics drift apart per rank without SyncBN (CPU)
+        broadcast_(buffer)
+    nets.target.load_state_dict(nets.online.encoder.state_dict())
+    return time.time() - t0
+
+def fill_bank(nets, bank, data, cfg, device, autocast):
+    """Fills the bank with the initial network's projections of one pass over the data (the authors' init_memory)."""
+    torch.manual_seed(seed_for(cfg.seed, -1, rank()))
+    data.sampler.set_epoch(-1)
+    with torch.no_grad(), autocast:
+        for batch, _ in epoch_batches(cfg, data, 0, device):
+            g = to_device_crops(batch, 0, cfg, device)[0]
+            bank.add(nets.online.encoder([g]).float().view(2, g.shape[0] // 2, -1))
 
 
-# ===================================================================================================================
-# Checkpoints, resume, preemption
-# ===================================================================================================================
+# ----- checkpoints, resume, preemption -----------------------------------------------------------------------------
 
+def seed_for(seed, index, process=0):
+    """The seed of one step's (or epoch's) random draws on one process: a pure function of (seed, index, process), so
+    a run resumed at any step draws what an uninterrupted run would."""
+    return seed + 7919 * process + 104729 * (index + 1)
 
-def save_checkpoint(path, state):
-    """Writes atomically: a killed job never leaves a half-written checkpoint behind."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-@contextmanager
-def catch_preemption():
-    """Records SIGTERM and SIGUSR1 (what SLURM sends before it kills a job) instead of dying: the training loop then
-    writes a checkpoint at the next agreed step and leaves with exit status 0. Yields the list of caught signals."""
-    caught = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
-                for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        yield caught
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def step_seed(cfg, step):
-    """The random seed of one step's augmentation on this process: resuming at any step draws the same crops."""
-    return cfg.seed + 7919 * rank() + 104729 * (step + 1)
-
+def save_run(path, cfg, nets, scaler, bank, epoch, step, epoch_step):
+    """Checkpoint after `epoch` epochs and `epoch_step` steps of the next; mid-epoch it holds every process's bank
+    too. A collective: every process calls it, rank 0 writes, atomically (temporary file, then rename)."""
+    banks = all_gather(bank.feats).cpu() if epoch_step else None
+    if rank() == 0:
+        torch.save(dict(
+            config=dataclasses.asdict(cfg), epoch=epoch, step=step, epoch_step=epoch_step,
+            online=nets.online.state_dict(), target=nets.target.state_dict(), grouping=nets.grouping.state_dict(),
+            optimizer=nets.opt.state_dict(), scaler=scaler.state_dict(), banks=banks, bank_filled=bank.filled),
+            path + ".tmp")
+        os.replace(path + ".tmp", path)
 
 def resolve_resume(cfg):
     """The checkpoint to resume from, or None. A --resume PATH that does not exist is an error, never a fresh start."""
@@ -1169,9 +1137,8 @@ def resolve_resume(cfg):
     if cfg.resume == "auto":
         return own if os.path.exists(own) else None
     if not os.path.isfile(cfg.resume):
-        raise SystemExit(f"smog.py: error: --resume {cfg.resume}: no such checkpoint")
+        fail(f"--resume {cfg.resume}: no such checkpoint")
     return cfg.resume
-
 
 def read_checkpoint(path):
     """A checkpoint file's contents, unpickled with weights_only=True: tensors and plain Python data only, so that a
@@ -1189,24 +1156,63 @@ def read_checkpoint(path):
         raise ValueError("not a smog.py checkpoint")
     return state
 
-
-def load_checkpoint(path, cfg):
-    """Loads a checkpoint and refuses one whose networks or groups differ from the config."""
+def resume_run(path, cfg, nets, scaler, bank):
+    """Restores a run from a checkpoint, refusing one whose networks or groups differ from the config; returns
+    (epoch, global step, steps already done in that epoch)."""
     try:
         state = read_checkpoint(path)
     except ValueError as e:
-        raise SystemExit(f"smog.py: error: --resume {path}: {e}")
+        fail(f"--resume {path}: {e}")
     for name in ("arch", "feat_dim", "hidden_dim", "num_groups", "num_heads"):
         if state["config"].get(name) != getattr(cfg, name):
-            raise SystemExit(f"smog.py: error: --resume {path}: checkpoint has {_flag(name)} "
-                             f"{state['config'].get(name)!r}, the config asks for {getattr(cfg, name)!r}")
-    return state
+            fail(f"--resume {path}: checkpoint has {_flag(name)} {state['config'].get(name)!r}, the config asks for "
+                 f"{getattr(cfg, name)!r}")
+    nets.online.load_state_dict(state["online"])
+    nets.target.load_state_dict(state["target"])
+    nets.grouping.load_state_dict(state["grouping"])
+    nets.opt.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    epoch, step, epoch_step = state["epoch"], state["step"], state.get("epoch_step", 0)
+    if epoch_step:  # written mid-epoch: this process's memory bank so far comes back too
+        if state["banks"].shape[0] != world_size():
+            fail(f"--resume {path}: written mid-epoch by {state['banks'].shape[0]} process(es); resume it with as "
+                 f"many (this run has {world_size()})")
+        bank.feats.copy_(state["banks"][rank()])
+        bank.filled = state["bank_filled"]
+    log(f"resumed from {path} at epoch {epoch}, step {step}" + (f" (mid-epoch, after {epoch_step} steps)"
+                                                                if epoch_step else ""))
+    return epoch, step, epoch_step
+
+@contextmanager
+def catch_preemption():
+    """Records SIGTERM and SIGUSR1 (what SLURM sends before it kills a job) instead of dying: the training loop then
+    writes a checkpoint at the next agreed step and leaves with exit status 0. Yields the list of caught signals."""
+    caught = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield caught
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+def caught_by_any(caught, device):
+    """Whether any process caught a preemption signal; all-reduced, so every process stops at the same step."""
+    if not distributed():
+        return bool(caught)  # host-side: no device round trip
+    return all_reduce_(torch.tensor(float(bool(caught)), device=device), op="max").item() > 0
+
+def stop_if_not_finite(bad_step, ckpt_path, epoch):
+    """Ends every process together if any saw a non-finite loss. bad_step: this process's first such step, or −1,
+    kept on the device so that the steps need no host sync; checked at log intervals and before each checkpoint."""
+    first = all_reduce_(bad_step.clone(), op="max").item()
+    if first >= 0:
+        last = f"{ckpt_path} (after {epoch} epochs)" if os.path.exists(ckpt_path) else "none"
+        fail(f"the loss became NaN/inf at step {first}; every process stopped. Last good checkpoint: {last}. "
+             f"Lower --lr or raise --warmup-epochs")
 
 
-# ===================================================================================================================
-# Reports: group health and kNN on the held-out split
-# ===================================================================================================================
-
+# ----- reports: group health and kNN on the held-out split ---------------------------------------------------------
 
 def group_health(counts):
     """(mean groups used per head, mean assignment entropy in nats) from one step's counts (H, K)."""
@@ -1215,19 +1221,17 @@ def group_health(counts):
     entropy = -(prob * prob.clamp(min=1e-12).log()).sum(1).mean()
     return used.item(), entropy.item()
 
-
 def eval_batches(data, cfg, batch=256, indices=None):
     """Centre views at the global crop size, normalised (n, 3, S, S) float batches, from uint8 images (N, 3, H, W)
     in memory or from an ImageFolderData (Resize to 8/7 of the size, then CenterCrop, as in linear evaluation);
     only the rows `indices` when given."""
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     if isinstance(data, torch.Tensor):
         data = data if indices is None else data[indices.to(data.device)]
         for i in range(0, len(data), batch):
             x = data[i:i + batch].float().cpu() / 255
             if x.shape[-1] != cfg.global_size:
                 x = F.interpolate(x, size=cfg.global_size, mode="bilinear", antialias=True, align_corners=False)
-            yield (x - mean) / std
+            yield imagenet_normalize(x)
         return
     T = torchvision.transforms
     view = T.Compose([T.Resize(round(cfg.global_size * 8 / 7)), T.CenterCrop(cfg.global_size), T.ToTensor(),
@@ -1239,7 +1243,6 @@ def eval_batches(data, cfg, batch=256, indices=None):
     for x, _, _ in loader:
         yield x
 
-
 @torch.no_grad()
 def extract_features(backbone, data, cfg, device, normalize=True, indices=None):
     """Backbone features (N, dim) of a data set's centre views (only rows `indices` when given), in eval mode;
@@ -1250,7 +1253,6 @@ def extract_features(backbone, data, cfg, device, normalize=True, indices=None):
     backbone.train(was_training)
     feats = torch.cat(feats)
     return F.normalize(feats, dim=1) if normalize else feats
-
 
 @torch.no_grad()
 def knn_top1(train_feats, train_labels, test_feats, test_labels, k=20, t=0.07, num_classes=None):
@@ -1264,7 +1266,6 @@ def knn_top1(train_feats, train_labels, test_feats, test_labels, k=20, t=0.07, n
         correct += (votes.argmax(1) == test_labels[i:i + 1024]).sum().item()
     return 100.0 * correct / len(test_feats)
 
-
 def knn_report(backbone, cfg, device, train_data, train_labels):
     """kNN top-1 (%) on the held-out split: trained encoder, the same architecture at random init, and (for data
     sets held in memory) raw pixels. None when the data set has no held-out split."""
@@ -1276,11 +1277,9 @@ def knn_report(backbone, cfg, device, train_data, train_labels):
     torch.manual_seed(cfg.seed)
     random_backbone = BACKBONES[cfg.arch](0.0)[0].to(device)
 
-    def knn(net):
-        return knn_top1(extract_features(net, train_data, cfg, device), train_labels,
-                        extract_features(net, test_data, cfg, device), test_labels)
-
-    result = dict(knn_top1=knn(backbone), knn_top1_random_init=knn(random_backbone))
+    result = {key: knn_top1(extract_features(net, train_data, cfg, device), train_labels,
+                            extract_features(net, test_data, cfg, device), test_labels)
+              for key, net in (("knn_top1", backbone), ("knn_top1_random_init", random_backbone))}
     if test_images is not None:
         pixels = [F.normalize(x.flatten(1).float() - x.flatten(1).float().mean(1, keepdim=True), dim=1).to(device)
                   for x in (train_data, test_images)]  # centred per image: invariant to brightness and contrast
@@ -1288,13 +1287,68 @@ def knn_report(backbone, cfg, device, train_data, train_labels):
     return result
 
 
-# ===================================================================================================================
-# Training
-# ===================================================================================================================
+# ----- training ----------------------------------------------------------------------------------------------------
 
+class Progress:
+    """The log line every cfg.log_every steps (console and log.jsonl): loss, lr, β, images/s, the share of time spent
+    waiting for data, group health, unreadable images."""
+
+    def __init__(self, cfg, total_steps, jsonl):
+        self.cfg, self.total_steps, self.jsonl = cfg, total_steps, jsonl
+        self.restart()
+
+    def restart(self):  # at each epoch start: the k-means reset does not count as waiting for data
+        self.t_log, self.data_time, self.images, self.bad_images = time.time(), 0.0, 0, 0
+
+    def timed(self, batches):
+        """Yields the batches of (batch, failed paths) pairs, timing the wait for each one. Unreadable images were
+        replaced by readable ones: counted, and more than 1% of a batch ends the run."""
+        batches = iter(batches)
+        while True:
+            t0 = time.time()
+            batch, failed = next(batches, (None, None))
+            if failed is None:
+                return
+            self.data_time += time.time() - t0
+            if len(failed) > 0.01 * self.cfg.batch_size:
+                fail(f"{len(failed)} of {self.cfg.batch_size} images of a batch are unreadable, e.g. {failed[0]}")
+            self.bad_images += len(failed)
+            self.images += self.cfg.batch_size * world_size()
+            yield batch
+
+    def report(self, step, epoch, loss, lr, beta, counts):
+        """Prints and records one interval (one host sync)."""
+        used, entropy = group_health(counts)
+        elapsed = time.time() - self.t_log
+        record = dict(step=step, epoch=epoch, loss=loss.item(), lr=lr, beta=beta, img_per_s=self.images / elapsed,
+                      data_time=self.data_time / elapsed, groups_used=used, assign_entropy=entropy,
+                      bad_images=self.bad_images)
+        log(f"step {step}/{self.total_steps} | epoch {epoch} | loss {record['loss']:.4f} | lr {lr:.4f} | "
+            f"β {beta:.4f} | {record['img_per_s']:.0f} img/s | data {100 * record['data_time']:.0f}% | "
+            f"groups used {used:.0f}/{self.cfg.num_groups}")
+        self.write(record)
+        self.t_log, self.data_time, self.images = time.time(), 0.0, 0
+
+    def write(self, record):  # one line of log.jsonl, which rank 0 holds (the others have None)
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+
+def final_report(nets, cfg, device, data, progress, step):
+    """kNN top-1 on the held-out split, printed and logged (labels are used only here)."""
+    result = knn_report(nets.online.encoder.backbone, cfg, device,
+                        data.images if data.folder is None else data.folder, data.labels)
+    if result is None:
+        log("kNN report skipped: the data set has no held-out split (PATH/val)")
+        return
+    log("kNN top-1 on the held-out split: " + " | ".join(
+        f"{name} {result[key]:.1f}%" for key, name in (
+            ("knn_top1", "trained"), ("knn_top1_random_init", "same architecture at random init"),
+            ("knn_top1_raw_pixels", "raw pixels")) if key in result))
+    progress.write(dict(step=step, **result))
 
 def train(cfg):
-    """The whole run: data, networks, optional resume, epochs with group resets, checkpoints, final kNN report."""
+    """The whole run: data, networks, resume or a fresh bank, epochs with group resets and checkpoints, kNN report."""
     device = setup_device()
     os.makedirs(cfg.out_dir, exist_ok=True)
     precision, autocast, scaler = resolve_precision(cfg, device)
@@ -1304,186 +1358,81 @@ def train(cfg):
     log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     log(f"device: {device}, processes: {world_size()}, precision: {precision}")
 
-    # ----- data -----
-    images, labels, folder = load_dataset(cfg, "train")
-    per_step = cfg.batch_size * world_size()
-    if len(labels) < per_step:
-        raise SystemExit(f"smog.py: error: --batch-size {cfg.batch_size} × {world_size()} process(es) = {per_step} "
-                         f"is larger than the data set ({len(labels)} images in --data {cfg.data})")
-    batched_aug = cfg.gpu_aug == "on" or (cfg.gpu_aug == "auto" and (device.type == "cuda" or images is not None))
-    if folder is not None:
-        folder.transform = ResizeToTensor(round(cfg.global_size * 8 / 7)) if batched_aug else CPUMultiCrop(cfg)
-    dataset = folder
-    if images is not None:
-        if batched_aug:
-            images = images.to(device)
-        else:
-            dataset = InMemoryData(images, labels, CPUMultiCrop(cfg))
-    sampler = torch.utils.data.DistributedSampler(range(len(labels)), num_replicas=world_size(), rank=rank(),
-                                                  shuffle=True, seed=cfg.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // cfg.batch_size
+    data = prepare_data(cfg, device)
+    steps_per_epoch = len(data.sampler) // cfg.batch_size
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    log(f"data: {len(labels)} images, {steps_per_epoch} steps per epoch, global batch {per_step}, "
-        f"augmentation {'batched on ' + device.type if batched_aug else 'per image in CPU workers'}")
-
-    # ----- networks, groups, optimiser (same seed on every rank: identical initial weights) -----
-    nets, opt = build_nets(cfg, device)
-    online, target, grouping = nets["online_module"], nets["target"], nets["grouping"]
+    log(f"data: {len(data.labels)} images, {steps_per_epoch} steps per epoch, global batch "
+        f"{cfg.batch_size * world_size()}, augmentation {'batched' if data.batched else 'per image in CPU workers'}")
+    nets = build_nets(cfg, device)  # the same seed on every process: identical initial weights
     bank = MemoryBank(steps_per_epoch * cfg.batch_size, cfg.feat_dim, device)
-
-    def reset_groups(epoch):
-        """Epoch-start reset (SMOG_SPEC §2): k-means on last epoch's bank; target ← online (--reset_k_encoder)."""
-        t0 = time.time()
-        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-        grouping.kmeans_(bank.for_heads(cfg.num_heads), cfg.kmeans_iters, generator=gen)
-        for buffer in online.buffers():  # BN running statistics drift apart per rank without SyncBN (CPU)
-            broadcast_(buffer)
-        target.load_state_dict(online.encoder.state_dict())
-        return time.time() - t0
-
-    # ----- resume, or fill the bank with the initial network -----
-    ckpt_path, start_epoch, step, skip = os.path.join(cfg.out_dir, "checkpoint.pt"), 0, 0, 0
-    resume = resolve_resume(cfg)
+    ckpt_path, resume = os.path.join(cfg.out_dir, "checkpoint.pt"), resolve_resume(cfg)
     if resume:
-        state = load_checkpoint(resume, cfg)
-        online.load_state_dict(state["online"])
-        target.load_state_dict(state["target"])
-        grouping.load_state_dict(state["grouping"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, step, skip = state["epoch"], state["step"], state.get("epoch_step", 0)
-        if skip:  # written mid-epoch: this process's memory bank so far comes back too
-            if state["banks"].shape[0] != world_size():
-                raise SystemExit(f"smog.py: error: --resume {resume}: written mid-epoch by {state['banks'].shape[0]} "
-                                 f"process(es); resume it with as many (this run has {world_size()})")
-            bank.feats.copy_(state["banks"][rank()])
-            bank.filled = state["bank_filled"]
-        log(f"resumed from {resume} at epoch {start_epoch}, step {step}" + (f" (mid-epoch, after {skip} steps)"
-                                                                              if skip else ""))
+        start_epoch, step, skip = resume_run(resume, cfg, nets, scaler, bank)
     else:
-        torch.manual_seed(cfg.seed + 7919 * rank())
-        sampler.set_epoch(-1)
-        with torch.no_grad(), autocast:
-            for i, (batch, _) in enumerate(epoch_batches(cfg, sampler, images, dataset, 0, device)):
-                g = to_device_crops(batch, 0, cfg, device)[0]
-                bank.add(online.encoder([channels_last(g, cfg)]).float().view(2, g.shape[0] // 2, -1))
-        log(f"bank filled by the initial network, groups set by k-means ({reset_groups(-1):.1f}s)")
+        start_epoch, step, skip = 0, 0, 0
+        fill_bank(nets, bank, data, cfg, device, autocast)
+        log(f"bank filled by the initial network, groups set by k-means ({reset_groups(nets, bank, cfg, -1):.1f}s)")
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
 
-    # The first step whose loss was not finite, kept on the device (no sync per step), checked by every process
-    # together at log intervals and before each checkpoint: all stop at once, none writes non-finite weights.
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)
-
-    def stop_if_not_finite():
-        first = all_reduce_(bad_step.clone(), op="max").item()
-        if first >= 0:
-            last = f"{ckpt_path} (after {epoch} epochs)" if os.path.exists(ckpt_path) else "none"
-            raise SystemExit(f"smog.py: error: the loss became NaN/inf at step {first}; every process stopped. "
-                             f"Last good checkpoint: {last}. Lower --lr or raise --warmup-epochs")
-
-    def save(epoch, epoch_step):
-        """Checkpoint after `epoch` epochs and `epoch_step` steps of the next; mid-epoch it holds every bank too."""
-        banks = all_gather(bank.feats).cpu() if epoch_step else None  # a collective: every process calls save
-        if rank() == 0:
-            save_checkpoint(ckpt_path, dict(
-                config=dataclasses.asdict(cfg), epoch=epoch, step=step, epoch_step=epoch_step,
-                online=online.state_dict(), target=target.state_dict(), grouping=grouping.state_dict(),
-                optimizer=opt.state_dict(), scaler=scaler.state_dict(), banks=banks, bank_filled=bank.filled))
-
-    def caught_by_any():
-        """Whether any process caught a preemption signal; all-reduced, so every process stops at the same step."""
-        if not distributed():
-            return bool(caught)  # host-side: no device round trip
-        return all_reduce_(torch.tensor(float(bool(caught)), device=device), op="max").item() > 0
-
-    # ----- epochs -----
     with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank() == 0 else nullcontext() as jsonl, \
             catch_preemption() as caught:
+        progress = Progress(cfg, total_steps, jsonl)
         for epoch in range(start_epoch, cfg.epochs):
-            # Data order is a function of (seed, epoch), each step's crops of (seed, rank, step): resuming at any
+            # Data order is a function of (seed, epoch), each step's crops of (seed, process, step): resuming at any
             # step is exact with batched augmentation (CPU workers draw from their own per-epoch seeds).
-            sampler.set_epoch(epoch)
-            torch.manual_seed(cfg.seed + 7919 * rank() + 104729 * (epoch + 1))  # the loader's worker seeds
-            t_log, data_time, images_seen, bad_images = time.time(), 0.0, 0, 0
-            t_data = time.time()
-            first = step - skip  # this epoch's first step
-            for batch, failed in epoch_batches(cfg, sampler, images, dataset, step, device, skip):
-                data_time += time.time() - t_data
-                if len(failed) > 0.01 * cfg.batch_size:
-                    raise SystemExit(f"smog.py: error: {len(failed)} of {cfg.batch_size} images of a batch are "
-                                     f"unreadable, e.g. {failed[0]}")
-                bad_images += len(failed)
+            data.sampler.set_epoch(epoch)
+            torch.manual_seed(seed_for(cfg.seed, epoch, rank()))  # the loader's worker seeds
+            progress.restart()
+            epoch_step, preempted = skip, False
+            for batch in progress.timed(epoch_batches(cfg, data, step, device, skip)):
                 lr, beta = lr_at(step, total_steps, warmup_steps, cfg), beta_at(step, total_steps, cfg)
-                for group in opt.param_groups:
+                for group in nets.opt.param_groups:
                     group["lr"] = lr
-                torch.manual_seed(step_seed(cfg, step))
+                torch.manual_seed(seed_for(cfg.seed, step, rank()))
                 crops = to_device_crops(batch, step, cfg, device)
-                loss, counts, z_global = train_step(crops, step, beta, nets, opt, scaler, autocast, cfg)
+                loss, counts, z_global = train_step(nets.online_ddp, nets.target, nets.grouping, crops, beta,
+                                                    nets.opt, scaler, autocast, cfg)
                 bank.add(z_global)
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
-                step += 1
-                images_seen += per_step
+                step, epoch_step = step + 1, epoch_step + 1
                 if step % cfg.log_every == 0 or step == total_steps:
-                    stop_if_not_finite()
-                    used, entropy = group_health(counts)
-                    elapsed = time.time() - t_log
-                    record = dict(step=step, epoch=epoch, loss=loss.item(), lr=lr, beta=beta,
-                                  img_per_s=images_seen / elapsed, data_time=data_time / elapsed,
-                                  groups_used=used, assign_entropy=entropy, bad_images=bad_images)
-                    log(f"step {step}/{total_steps} | epoch {epoch} | loss {record['loss']:.4f} | lr {lr:.4f} | "
-                        f"β {beta:.4f} | {record['img_per_s']:.0f} img/s | data {100 * record['data_time']:.0f}% | "
-                        f"groups used {used:.0f}/{cfg.num_groups}")
-                    if jsonl:
-                        jsonl.write(json.dumps(record) + "\n")
-                        jsonl.flush()
-                    t_log, data_time, images_seen = time.time(), 0.0, 0
+                    stop_if_not_finite(bad_step, ckpt_path, epoch)
+                    progress.report(step, epoch, loss, lr, beta, counts)
                 # Checked every step in one process (free), every 10 steps under torchrun (one host sync each).
-                if (step % 10 == 0 or not distributed()) and caught_by_any():
+                if (step % 10 == 0 or not distributed()) and caught_by_any(caught, device):
+                    preempted = True
                     break
-                t_data = time.time()
             skip = 0
-            stop_if_not_finite()
-            if step - first < steps_per_epoch:  # left the epoch early: preempted
-                save(epoch, step - first)
-                log(f"caught a preemption signal: checkpoint {ckpt_path} at epoch {epoch}, step {step}; "
+            stop_if_not_finite(bad_step, ckpt_path, epoch)  # exit: non-finite loss, before any checkpoint of it
+            finished = epoch_step == steps_per_epoch
+            reset_seconds = reset_groups(nets, bank, cfg, epoch) if finished else 0.0
+            epochs_done = epoch + 1 if finished else epoch
+            save_run(ckpt_path, cfg, nets, scaler, bank, epochs_done, step, 0 if finished else epoch_step)
+            if preempted or caught_by_any(caught, device):  # exit: preempted (mid-epoch or at its end)
+                log(f"caught a preemption signal: checkpoint {ckpt_path} at epoch {epochs_done}, step {step}; "
                     f"run again to resume from there")
                 break
-            reset_seconds = reset_groups(epoch)
-            save(epoch + 1, 0)
-            if (epoch + 1) % max(1, cfg.epochs // 20) == 0 or epoch + 1 == cfg.epochs:  # ≤ ~20 such lines
+            if (epoch + 1) % max(1, cfg.epochs // 20) == 0 or epoch + 1 == cfg.epochs:  # at most ~20 such lines
                 log(f"epoch {epoch} done: groups reset by k-means ({reset_seconds:.1f}s), checkpoint {ckpt_path}")
-            if caught_by_any():
-                log(f"caught a preemption signal: checkpoint {ckpt_path} at epoch {epoch + 1}; run again to resume")
-                break
-            if cfg.stop_after and epoch + 1 - start_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:
+            if cfg.stop_after and epoch + 1 - start_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:  # exit
                 log(f"stopping after {cfg.stop_after} epoch(s) as asked; run again to resume from epoch {epoch + 1}")
                 break
-        # ----- final report: kNN on the held-out split (labels used only here) -----
         if cfg.knn and rank() == 0 and step == total_steps:
-            result = knn_report(online.encoder.backbone, cfg, device, images if folder is None else folder, labels)
-            if result is None:
-                log("kNN report skipped: the data set has no held-out split (PATH/val)")
-            else:
-                log("kNN top-1 on the held-out split: " + " | ".join(
-                    f"{name} {result[key]:.1f}%" for key, name in (
-                        ("knn_top1", "trained"), ("knn_top1_random_init", "same architecture at random init"),
-                        ("knn_top1_raw_pixels", "raw pixels")) if key in result))
-                jsonl.write(json.dumps(dict(step=step, **result)) + "\n")
+            final_report(nets, cfg, device, data, progress, step)
     if distributed():
         dist.barrier()
-    return dict(online=online, target=target, grouping=grouping, step=step)
-
+    return nets, step
 
 def parameter_counts(cfg):
     """Millions of parameters of the networks a config builds (made on the meta device: nothing is allocated)."""
     with torch.device("meta"):
-        online = OnlineNet(cfg.arch, cfg.hidden_dim, cfg.feat_dim)
+        online = make_online(cfg)
     millions = lambda module: sum(p.numel() for p in module.parameters()) / 1e6  # noqa: E731
     backbone = millions(online.encoder.backbone)
     classifier = (online.encoder.projector[0].in_features + 1) * 1000 / 1e6
     return dict(backbone=round(backbone, 2), backbone_with_1000_class_classifier=round(backbone + classifier, 2),
                 projector=round(millions(online.encoder.projector), 2),
                 predictor=round(millions(online.predictor), 2), online=round(millions(online), 2))
-
 
 def main(argv=None):
     cfg = parse_config(argv)
@@ -1495,7 +1444,6 @@ def main(argv=None):
     train(cfg)
     if distributed():
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()
