@@ -75,7 +75,7 @@ def load_backbone(args):
     if not os.path.isfile(args.checkpoint):
         fail(f"--checkpoint {args.checkpoint}: no such file")
     try:
-        state = smog.read_checkpoint(args.checkpoint)
+        state = smog.read_checkpoint(args.checkpoint, needs=("online",))
     except ValueError as e:
         fail(f"--checkpoint {args.checkpoint}: {e}")
     try:

@@ -9,6 +9,11 @@
 # The mode defaults to `node` when GPUs are present. Without a GPU it says so and runs the CPU command instead.
 # DRY_RUN=1 prints the command without running it.
 #
+# Faults: when a process dies (out of memory, a GPU lost, a node rebooted), torchrun restarts the whole group up to
+# MAX_RESTARTS times (default 3) and the new group resumes from out_dir/checkpoint.pt; what is lost is the work since
+# that checkpoint (--checkpoint-every N bounds it to N steps). A process that stops answering makes the others fail
+# within --dist-timeout seconds (default 300), which triggers the same restart.
+#
 # Batch size: --batch-size is per process, so the global batch is batch_size × GPUs × nodes. --lr is per 256 images
 # of global batch (linear scaling): keep --lr and adjust --batch-size to keep a recipe on a different GPU count,
 # e.g. the paper's 4096 = 64 GPUs × 64 = 32 GPUs × 128.
@@ -39,14 +44,15 @@ if [ "$gpus" -eq 0 ] && [ "$mode" != slurm ]; then
 fi
 
 port=${MASTER_PORT:-29500}
+restarts=--max-restarts=${MAX_RESTARTS:-3}
 case "$mode" in
   single)
     run python smog.py "$@" ;;
   node)
-    run torchrun --standalone --nproc_per_node=gpu smog.py "$@" ;;
+    run torchrun --standalone --nproc_per_node=gpu "$restarts" smog.py "$@" ;;
   multinode)
     : "${NNODES:?set NNODES (number of nodes) for multinode}" "${MASTER_ADDR:?set MASTER_ADDR (host of node 0)}"
-    run torchrun --nnodes="$NNODES" --nproc_per_node=gpu --rdzv-backend=c10d \
+    run torchrun --nnodes="$NNODES" --nproc_per_node=gpu "$restarts" --rdzv-backend=c10d \
       --rdzv-endpoint="$MASTER_ADDR:$port" --rdzv-id="${RDZV_ID:-smog}" smog.py "$@" ;;
   slurm)
     # One task per node; torchrun starts one process per GPU. sbatch's --signal=B:USR1@120 reaches this shell two
@@ -55,7 +61,7 @@ case "$mode" in
     # then this script requeues the job, which resumes mid-epoch from that checkpoint (--resume auto).
     : "${SLURM_JOB_NODELIST:?slurm mode runs inside an sbatch allocation}"
     head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-    cmd=(srun torchrun --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node=gpu --rdzv-backend=c10d
+    cmd=(srun torchrun --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node=gpu "$restarts" --rdzv-backend=c10d
          --rdzv-endpoint="$head:$port" --rdzv-id="$SLURM_JOB_ID" smog.py "$@")
     echo "+ ${cmd[*]}"
     [ "${DRY_RUN:-0}" = 1 ] && exit 0

@@ -10,7 +10,7 @@ At every epoch start the groups are re-clustered by spherical k-means on a bank 
 Run (one file, no launcher needed):
     python smog.py                                   # tiny preset: embedded data set, small ResNet, CPU, minutes
     python smog.py --preset cifar10                  # ResNet-18, CIFAR-10 (downloads through torchvision)
-    torchrun --standalone --nproc_per_node=gpu smog.py --preset imagenet-r50 --data /path/to/imagenet
+    torchrun --standalone --nproc_per_node=gpu --max-restarts=3 smog.py --preset imagenet-r50 --data /path/to/imagenet
     python smog.py --preset imagenet-r50 --print-config   # show the resolved config and exit
 
 Part 1, "SMoG" (the method, copyable as one block; torch and torchvision only): collectives that are no-ops in one
@@ -23,11 +23,13 @@ Part 2, "Trainer", starts at `class Config`: presets and CLI, the backbone zoo, 
 import argparse
 import copy
 import dataclasses
+import datetime
 import functools
 import json
 import math
 import os
 import pickle
+import re
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -315,12 +317,12 @@ def lr_at(step, total_steps, warmup_steps, cfg):
     peak = cfg.lr * cfg.batch_size * world_size() / 256
     if step < warmup_steps:
         return cfg.start_lr + (peak - cfg.start_lr) * step / warmup_steps
-    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))  # clamped: no second cosine
     return cfg.final_lr + 0.5 * (peak - cfg.final_lr) * (1 + math.cos(math.pi * t))
 
 def beta_at(step, total_steps, cfg):
     """Centroid momentum β: linear per step from beta_start (1.0: groups held still) to beta_end."""
-    return cfg.beta_start + (cfg.beta_end - cfg.beta_start) * step / max(1, total_steps - 1)
+    return cfg.beta_start + (cfg.beta_end - cfg.beta_start) * min(1.0, step / max(1, total_steps - 1))
 
 @torch.no_grad()
 def ema_(target, online, m):
@@ -379,6 +381,8 @@ class Config:
     seed: int = 0
     resume: str = "auto"  # auto (out_dir/checkpoint.pt if present) | none | PATH
     stop_after: int = 0  # leave after this many epochs in this job, resumable (for time-limited jobs); 0 = run all
+    checkpoint_every: int = 0  # also checkpoint every N steps (bounds what a killed process loses); 0 = epoch ends only
+    dist_timeout: int = 300  # seconds a process waits for the others in a collective before it fails (torchrun)
     synthetic_size: int = 8000  # training images of the embedded data set (its held-out split has 2000)
     # --- multi-crop (MultiCrop): 2 target + 2 online global crops and num_local online local crops per image ---
     global_size: int = 224
@@ -511,7 +515,7 @@ def check_config(cfg):
                  "num_heads", "log_every", "synthetic_size"):
         if getattr(cfg, name) < 1:
             bad(name, "must be at least 1")
-    for name in ("workers", "num_local", "kmeans_iters", "warmup_epochs", "stop_after"):
+    for name in ("workers", "num_local", "kmeans_iters", "warmup_epochs", "stop_after", "checkpoint_every"):
         if getattr(cfg, name) < 0:
             bad(name, "must be at least 0")
     for name, top in (("global_scale", 1), ("local_scale", 1), ("blur_sigma", math.inf)):
@@ -524,7 +528,7 @@ def check_config(cfg):
     for name in ("global_size", "local_size"):
         if cfg.arch.startswith("vit") and getattr(cfg, name) % 16:
             bad(name, f"--arch {cfg.arch} needs crop sizes that are multiples of its 16-px patches")
-    for name in ("tau", "lr"):
+    for name in ("tau", "lr", "dist_timeout"):
         if getattr(cfg, name) <= 0:
             bad(name, "must be positive")
 
@@ -533,11 +537,21 @@ def log(*args):
     if rank() == 0:
         print(*args, flush=True)
 
-def setup_device():
-    """Starts the process group under torchrun (NCCL on GPU, gloo on CPU) and picks this process's device."""
+def setup_device(timeout=300):
+    """Starts the process group under torchrun (NCCL on GPU, gloo on CPU) and picks this process's device.
+
+    timeout: seconds a collective may wait for the other processes before this one fails (instead of the backends'
+    10–30 minutes), so a process that died or stopped answering ends the run, and torchrun can restart it.
+    """
     if "RANK" in os.environ and not distributed():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # NCCL: a timed-out collective ends the process
+        wait = datetime.timedelta(seconds=timeout)
+        store, rank_, world = next(dist.rendezvous("env://", timeout=wait))
+        # After a restart (torchrun --max-restarts) the store may still hold the addresses the dead processes
+        # published: the new group reads and writes its own keys.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=wait, rank=rank_,
+                                world_size=world, store=dist.PrefixStore(f"attempt{attempt}/", store))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -1117,32 +1131,49 @@ def seed_for(seed, index, process=0):
     a run resumed at any step draws what an uninterrupted run would."""
     return seed + 7919 * process + 104729 * (index + 1)
 
-def save_run(path, cfg, nets, scaler, bank, epoch, step, epoch_step):
+def previous_of(path):
+    """Where the checkpoint before `path` is kept: checkpoint.pt → checkpoint.prev.pt."""
+    root, ext = os.path.splitext(path)
+    return root + ".prev" + ext
+
+def save_run(path, cfg, nets, scaler, bank, num_images, epoch, step, epoch_step):
     """Checkpoint after `epoch` epochs and `epoch_step` steps of the next; mid-epoch it holds every process's bank
-    too. A collective: every process calls it, rank 0 writes, atomically (temporary file, then rename)."""
+    too. A collective: every process calls it, rank 0 writes. The new file is written aside and read back before
+    it replaces the old one, which is kept as previous_of(path): a process killed at any moment, a full disk or a
+    damaged copy never leaves the run without a checkpoint that loads."""
     banks = all_gather(bank.feats).cpu() if epoch_step else None
-    if rank() == 0:
-        torch.save(dict(
-            config=dataclasses.asdict(cfg), epoch=epoch, step=step, epoch_step=epoch_step,
-            online=nets.online.state_dict(), target=nets.target.state_dict(), grouping=nets.grouping.state_dict(),
-            optimizer=nets.opt.state_dict(), scaler=scaler.state_dict(), banks=banks, bank_filled=bank.filled),
-            path + ".tmp")
-        os.replace(path + ".tmp", path)
+    if rank() != 0:
+        return
+    tmp = path + ".tmp"
+    torch.save(dict(
+        config=dataclasses.asdict(cfg), epoch=epoch, step=step, epoch_step=epoch_step, processes=world_size(),
+        num_images=num_images, online=nets.online.state_dict(), target=nets.target.state_dict(),
+        grouping=nets.grouping.state_dict(), optimizer=nets.opt.state_dict(), scaler=scaler.state_dict(),
+        banks=banks, bank_filled=bank.filled), tmp)
+    try:
+        read_checkpoint(tmp)
+    except ValueError as e:
+        fail(f"the checkpoint just written to {tmp} does not read back ({e}); {path} is unchanged")
+    if os.path.exists(path):
+        os.replace(path, previous_of(path))
+    os.replace(tmp, path)
 
 def resolve_resume(cfg):
-    """The checkpoint to resume from, or None. A --resume PATH that does not exist is an error, never a fresh start."""
-    own = os.path.join(cfg.out_dir, "checkpoint.pt")
+    """The checkpoints to try, newest first: [] for a fresh start. A --resume PATH that does not exist is an error,
+    never a fresh start; checkpoint.prev.pt beside it is the fallback."""
     if cfg.resume == "none":
-        return None
-    if cfg.resume == "auto":
-        return own if os.path.exists(own) else None
-    if not os.path.isfile(cfg.resume):
-        fail(f"--resume {cfg.resume}: no such checkpoint")
-    return cfg.resume
+        return []
+    path = os.path.join(cfg.out_dir, "checkpoint.pt") if cfg.resume == "auto" else cfg.resume
+    if cfg.resume != "auto" and not os.path.isfile(path):
+        fail(f"--resume {path}: no such checkpoint")
+    return [p for p in (path, previous_of(path)) if os.path.isfile(p)]
 
-def read_checkpoint(path):
+RUN_STATE = ("online", "target", "grouping", "optimizer", "scaler", "epoch", "step")  # what resuming needs
+
+def read_checkpoint(path, needs=RUN_STATE):
     """A checkpoint file's contents, unpickled with weights_only=True: tensors and plain Python data only, so that a
-    file from elsewhere can never run code. Raises ValueError saying why a file is refused."""
+    file from elsewhere can never run code. Raises ValueError saying why a file is refused (damaged, foreign, or
+    without the entries `needs`)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -1154,19 +1185,38 @@ def read_checkpoint(path):
         raise ValueError(f"not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise ValueError("not a smog.py checkpoint")
+    missing = set(needs) - state.keys()
+    if missing:
+        raise ValueError(f"incomplete: no {', '.join(sorted(missing))}")
     return state
 
-def resume_run(path, cfg, nets, scaler, bank):
-    """Restores a run from a checkpoint, refusing one whose networks or groups differ from the config; returns
-    (epoch, global step, steps already done in that epoch)."""
-    try:
-        state = read_checkpoint(path)
-    except ValueError as e:
-        fail(f"--resume {path}: {e}")
+def resume_run(paths, cfg, nets, scaler, bank, num_images):
+    """Restores a run from the first of `paths` that loads (saying so when it falls back to an older one), refusing
+    a checkpoint whose networks, groups, global batch or data set differ from this run's; returns (epoch, global
+    step, steps already done in that epoch)."""
+    errors = []
+    for path in paths:
+        try:
+            state = read_checkpoint(path)
+            break
+        except ValueError as e:
+            errors.append(f"{path} ({e})")
+            log(f"checkpoint {path} does not load ({e})" + ("; trying the one before it" if path != paths[-1] else ""))
+    else:
+        fail(f"--resume: no checkpoint loads: {'; '.join(errors)}")
+    saved = state["config"]
     for name in ("arch", "feat_dim", "hidden_dim", "num_groups", "num_heads"):
-        if state["config"].get(name) != getattr(cfg, name):
-            fail(f"--resume {path}: checkpoint has {_flag(name)} {state['config'].get(name)!r}, the config asks for "
+        if saved.get(name) != getattr(cfg, name):
+            fail(f"--resume {path}: checkpoint has {_flag(name)} {saved.get(name)!r}, the config asks for "
                  f"{getattr(cfg, name)!r}")
+    batch, processes = saved.get("batch_size"), state.get("processes", world_size())
+    if batch * processes != cfg.batch_size * world_size():  # steps per epoch and the schedules would not match
+        fail(f"--resume {path}: written with a global batch of {batch * processes} ({batch} × {processes} "
+             f"process(es)), this run has {cfg.batch_size * world_size()} ({cfg.batch_size} × {world_size()}); "
+             f"keep --batch-size × processes, or start a new run")
+    if state.get("num_images", num_images) != num_images:
+        fail(f"--resume {path}: written for a data set of {state['num_images']} images, --data {cfg.data} now has "
+             f"{num_images}; the epochs would not match: restore the data set, or start a new run")
     nets.online.load_state_dict(state["online"])
     nets.target.load_state_dict(state["target"])
     nets.grouping.load_state_dict(state["grouping"])
@@ -1289,13 +1339,27 @@ def knn_report(backbone, cfg, device, train_data, train_labels):
 
 # ----- training ----------------------------------------------------------------------------------------------------
 
+# What gloo and NCCL say when a peer died or a collective timed out (not all of them raise dist.DistError).
+COLLECTIVE_FAILURE = re.compile("gloo|nccl|timed out|timeout|connection (reset|closed|refused)|closed by peer", re.I)
+
 class Progress:
     """The log line every cfg.log_every steps (console and log.jsonl): loss, lr, β, images/s, the share of time spent
-    waiting for data, group health, unreadable images."""
+    waiting for data, group health, unreadable images. As a context, it turns a collective that failed into one line
+    naming this process and its step."""
 
-    def __init__(self, cfg, total_steps, jsonl):
-        self.cfg, self.total_steps, self.jsonl = cfg, total_steps, jsonl
+    def __init__(self, cfg, total_steps, jsonl, step):
+        self.cfg, self.total_steps, self.jsonl, self.step = cfg, total_steps, jsonl, step
         self.restart()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):  # another process died, or stopped answering within dist_timeout
+        if distributed() and isinstance(error, RuntimeError) and (
+                isinstance(error, dist.DistError) or COLLECTIVE_FAILURE.search(str(error))):
+            fail(f"process {rank()} of {world_size()} stopped at step {self.step}: a collective failed, so another "
+                 f"process died or did not answer within --dist-timeout {self.cfg.dist_timeout} s "
+                 f"({str(error).strip().splitlines()[0][:240]})")
 
     def restart(self):  # at each epoch start: the k-means reset does not count as waiting for data
         self.t_log, self.data_time, self.images, self.bad_images = time.time(), 0.0, 0, 0
@@ -1310,6 +1374,7 @@ class Progress:
             if failed is None:
                 return
             self.data_time += time.time() - t0
+            self.step += 1  # the step this batch is for, counted from 1
             if len(failed) > 0.01 * self.cfg.batch_size:
                 fail(f"{len(failed)} of {self.cfg.batch_size} images of a batch are unreadable, e.g. {failed[0]}")
             self.bad_images += len(failed)
@@ -1349,7 +1414,7 @@ def final_report(nets, cfg, device, data, progress, step):
 
 def train(cfg):
     """The whole run: data, networks, resume or a fresh bank, epochs with group resets and checkpoints, kNN report."""
-    device = setup_device()
+    device = setup_device(cfg.dist_timeout)
     os.makedirs(cfg.out_dir, exist_ok=True)
     precision, autocast, scaler = resolve_precision(cfg, device)
     if device.type == "cuda":
@@ -1367,7 +1432,7 @@ def train(cfg):
     bank = MemoryBank(steps_per_epoch * cfg.batch_size, cfg.feat_dim, device)
     ckpt_path, resume = os.path.join(cfg.out_dir, "checkpoint.pt"), resolve_resume(cfg)
     if resume:
-        start_epoch, step, skip = resume_run(resume, cfg, nets, scaler, bank)
+        start_epoch, step, skip = resume_run(resume, cfg, nets, scaler, bank, len(data.labels))
     else:
         start_epoch, step, skip = 0, 0, 0
         fill_bank(nets, bank, data, cfg, device, autocast)
@@ -1375,8 +1440,7 @@ def train(cfg):
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
 
     with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank() == 0 else nullcontext() as jsonl, \
-            catch_preemption() as caught:
-        progress = Progress(cfg, total_steps, jsonl)
+            catch_preemption() as caught, Progress(cfg, total_steps, jsonl, step) as progress:
         for epoch in range(start_epoch, cfg.epochs):
             # Data order is a function of (seed, epoch), each step's crops of (seed, process, step): resuming at any
             # step is exact with batched augmentation (CPU workers draw from their own per-epoch seeds).
@@ -1398,6 +1462,9 @@ def train(cfg):
                 if step % cfg.log_every == 0 or step == total_steps:
                     stop_if_not_finite(bad_step, ckpt_path, epoch)
                     progress.report(step, epoch, loss, lr, beta, counts)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and epoch_step < steps_per_epoch:
+                    stop_if_not_finite(bad_step, ckpt_path, epoch)
+                    save_run(ckpt_path, cfg, nets, scaler, bank, len(data.labels), epoch, step, epoch_step)
                 # Checked every step in one process (free), every 10 steps under torchrun (one host sync each).
                 if (step % 10 == 0 or not distributed()) and caught_by_any(caught, device):
                     preempted = True
@@ -1407,7 +1474,8 @@ def train(cfg):
             finished = epoch_step == steps_per_epoch
             reset_seconds = reset_groups(nets, bank, cfg, epoch) if finished else 0.0
             epochs_done = epoch + 1 if finished else epoch
-            save_run(ckpt_path, cfg, nets, scaler, bank, epochs_done, step, 0 if finished else epoch_step)
+            save_run(ckpt_path, cfg, nets, scaler, bank, len(data.labels), epochs_done, step,
+                     0 if finished else epoch_step)
             if preempted or caught_by_any(caught, device):  # exit: preempted (mid-epoch or at its end)
                 log(f"caught a preemption signal: checkpoint {ckpt_path} at epoch {epochs_done}, step {step}; "
                     f"run again to resume from there")
@@ -1417,10 +1485,8 @@ def train(cfg):
             if cfg.stop_after and epoch + 1 - start_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:  # exit
                 log(f"stopping after {cfg.stop_after} epoch(s) as asked; run again to resume from epoch {epoch + 1}")
                 break
-        if cfg.knn and rank() == 0 and step == total_steps:
+        if cfg.knn and rank() == 0 and step == total_steps:  # the other processes need not wait for it
             final_report(nets, cfg, device, data, progress, step)
-    if distributed():
-        dist.barrier()
     return nets, step
 
 def parameter_counts(cfg):

@@ -364,7 +364,8 @@ R50_RECIPE = dict(epochs=400, global_size=224, global_scale=(0.2, 1.0), local_si
                   beta_start=1.0, beta_end=0.99, kmeans_iters=10, optimizer="lars", lr=0.3, start_lr=0.01,
                   final_lr=0.0048, warmup_epochs=10, weight_decay=1e-6, momentum=0.9, lars_eta=0.001, clip_grad=0.0,
                   drop_path=0.0, blur_sigma=(0.1, 2.0), invert=0.0)
-# The authors' Swin-T recipe: AdamW 1e-3 at batch 4096 (per 256: 1e-3 / 16) → 4e-5, 10 warm-up epochs, wd 0.05, clip 3.0, D = 256.
+# The authors' Swin-T recipe: AdamW 1e-3 at batch 4096 (per 256: 1e-3 / 16) → 4e-5, 10 warm-up epochs, wd 0.05,
+# clip 3.0, D = 256.
 SWIN_RECIPE = {**R50_RECIPE, **dict(optimizer="adamw", lr=1e-3 / 16, start_lr=0.0, final_lr=4e-5, weight_decay=0.05,
                                     clip_grad=3.0, feat_dim=256)}
 
@@ -480,6 +481,110 @@ def test_catch_preemption_records_sigterm_and_sigusr1_then_restores_handlers():
         time.sleep(0.05)  # Python runs handlers between bytecodes of the main thread
     assert caught == [signal.SIGUSR1, signal.SIGTERM]
     assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == before
+
+
+# ----- faults: damaged checkpoints, changed data, killed and stalled processes -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    """An out_dir after a 2-epoch SMALL run: checkpoint.pt (epoch 2) and checkpoint.prev.pt (epoch 1)."""
+    out = tmp_path_factory.mktemp("two_epochs")
+    r = run_smog(*SMALL, "--epochs", "2", "--no-knn", "--out-dir", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_previous_checkpoint_is_kept_and_a_damaged_newest_falls_back_to_it(two_epochs, tmp_path):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(two_epochs, out)
+    assert final_state(out)["epoch"] == 2
+    assert torch.load(out / "checkpoint.prev.pt", weights_only=True)["epoch"] == 1
+    data = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(data[:len(data) // 2])  # a copy cut short
+    r = run_smog(*SMALL, "--epochs", "3", "--no-knn", "--out-dir", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "checkpoint.pt does not load" in r.stdout and "trying the one before it" in r.stdout
+    assert f"resumed from {out / 'checkpoint.prev.pt'} at epoch 1" in r.stdout
+    assert final_state(out)["epoch"] == 3 and torch.load(out / "checkpoint.prev.pt", weights_only=True)["epoch"] == 2
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (out / name).write_bytes(b"not a checkpoint")
+    r = run_smog(*SMALL, "--epochs", "4", "--no-knn", "--out-dir", str(out))
+    assert_one_line_error(r, "no checkpoint loads", "checkpoint.pt", "checkpoint.prev.pt")
+
+
+def test_resume_refuses_another_data_set_size_or_global_batch(two_epochs):
+    flags = [*SMALL, "--epochs", "3", "--no-knn", "--out-dir", str(two_epochs)]
+    assert_one_line_error(run_smog(*flags, "--synthetic-size", "320"), "--resume", "384 images", "now has 320")
+    assert_one_line_error(run_smog(*flags, "--batch-size", "32"), "--resume", "global batch of 64", "this run has 32")
+    cfg = smog.parse_config(["--final-lr", "0.001"])
+    assert smog.lr_at(150, 100, 10, cfg) == pytest.approx(0.001)  # schedules stay at their ends past the last step
+    assert smog.beta_at(150, 100, cfg) == pytest.approx(cfg.beta_end)
+
+
+def workers_of(torchrun_pid):
+    """{rank: pid} of the training processes below a torchrun process (read from /proc)."""
+    found, todo = {}, [torchrun_pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            todo += map(int, open(f"/proc/{pid}/task/{pid}/children").read().split())
+            env = dict(v.split("=", 1) for v in open(f"/proc/{pid}/environ").read().split("\0") if "=" in v)
+        except OSError:
+            continue
+        if "LOCAL_RANK" in env and pid != torchrun_pid:
+            found[int(env["RANK"])] = pid
+    return found
+
+
+def torchrun(out, *flags, restarts=0, limit=240):
+    """smog.py in 2 gloo processes under torchrun, killed after `limit` seconds so that a hang fails the test."""
+    import threading
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             f"--max-restarts={restarts}", os.path.join(REPO, "smog.py"), *SMALL, "--no-knn",
+                             "--out-dir", str(out), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    timer = threading.Timer(limit, lambda: proc.poll() is None and os.killpg(proc.pid, signal.SIGKILL))
+    timer.daemon = True
+    timer.start()
+    return proc
+
+
+def test_killed_process_restarts_the_group_which_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    flags = ["--epochs", "3", "--log-every", "1", "--checkpoint-every", "2"]  # 3 steps per epoch over 2 processes
+    straight = torchrun(tmp_path / "straight", *flags)
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()[-3000:]
+    proc, lines = torchrun(tmp_path / "killed", *flags, restarts=1), []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 5/") and not any(seen.startswith("resumed from") for seen in lines):
+            os.kill(workers_of(proc.pid)[1], signal.SIGKILL)  # checkpoints were written at steps 2, 3 and 4
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    assert any(line.startswith("resumed from") for line in lines), lines
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "killed")
+    assert a["step"] == b["step"] == 9
+    for key in ("online", "target", "grouping"):
+        for name in a[key]:
+            assert torch.allclose(a[key][name].float(), b[key][name].float(), atol=1e-6), (key, name)
+
+
+def test_stalled_process_ends_the_others_within_the_timeout(tmp_path):
+    proc = torchrun(tmp_path / "out", "--epochs", "50", "--log-every", "1", "--dist-timeout", "10")
+    for line in proc.stdout:
+        if line.startswith("step 2/"):
+            stalled, t0 = workers_of(proc.pid)[1], time.time()
+            os.kill(stalled, signal.SIGSTOP)
+            break
+    message, waited = "", math.inf
+    for line in proc.stderr:
+        if "smog.py: error:" in line:
+            message, waited = line, time.time() - t0
+            break
+    os.killpg(proc.pid, signal.SIGKILL)  # the stalled process too, which torchrun would wait for
+    assert proc.wait(timeout=120) != 0
+    assert "process 0 of 2 stopped at step" in message and "--dist-timeout 10 s" in message, message
+    assert 5 < waited < 40
 
 
 DRIVER = textwrap.dedent("""
@@ -791,6 +896,18 @@ def test_launch_without_gpu_prints_the_cpu_command():
                        text=True, timeout=60, env={**os.environ, "DRY_RUN": "1"})
     assert r.returncode == 0, r.stderr
     assert "no GPU found" in r.stdout and "+ python smog.py --epochs 1" in r.stdout
+
+
+def test_launch_on_gpus_restarts_a_group_whose_process_died(tmp_path):
+    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: stand-in'\necho 'GPU 1: stand-in'\n")
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    env = {**os.environ, "DRY_RUN": "1", "PATH": f"{tmp_path}:{os.environ['PATH']}", "NNODES": "2",
+           "MASTER_ADDR": "node001"}
+    for mode, restarts in (("node", "3"), ("multinode", "3"), ("node", "7")):
+        r = subprocess.run(["bash", os.path.join(REPO, "launch.sh"), mode, "--epochs", "1"], capture_output=True,
+                           text=True, timeout=60, env={**env, "MAX_RESTARTS": restarts} if restarts != "3" else env)
+        assert r.returncode == 0, r.stderr
+        assert f"--nproc_per_node=gpu --max-restarts={restarts} " in r.stdout, r.stdout
 
 
 def test_launch_slurm_passes_the_preemption_signal_on_and_requeues(tmp_path):
