@@ -303,11 +303,17 @@ class LARS(torch.optim.SGD):
             torch._foreach_mul_(grads, list(trust.unbind()))
         return super().step()
 
+NO_DECAY = ("relative_position_bias_table", "absolute_pos_embed")  # the authors' Swin skip list (src/optimizer.py)
+
 def build_optimizer(cfg, modules):
-    """LARS or AdamW; biases and 1-D (norm) parameters get neither weight decay nor LARS adaptation."""
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.ndim > 1]),
-              dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0, lars=False)]
+    """LARS or AdamW. Every parameter gets weight decay and the LARS trust ratio, as the authors' LARC around SGD;
+    with cfg.exclude_1d (the authors' Swin recipe; ours in the small presets), biases, 1-D (norm) parameters and
+    Swin's position tables get neither."""
+    named = [(n, p) for m in modules for n, p in m.named_parameters() if p.requires_grad]
+    excluded = [cfg.exclude_1d and (p.ndim <= 1 or n.endswith(NO_DECAY)) for n, p in named]
+    groups = [dict(params=[p for (_, p), x in zip(named, excluded) if not x]),
+              dict(params=[p for (_, p), x in zip(named, excluded) if x], weight_decay=0.0, lars=False)]
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "lars":
         return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
@@ -416,6 +422,7 @@ class Config:
     momentum: float = 0.9
     lars_eta: float = 0.001  # LARS trust coefficient; lower it if the loss does not decrease with large batches
     clip_grad: float = 0.0  # max gradient norm, 0 = off
+    exclude_1d: bool = False  # no weight decay or LARS on biases, norms, Swin's position tables (authors: Swin only)
     # --- system ---
     precision: str = "auto"  # auto (CUDA: fp16, see resolve_precision; CPU: fp32) | bf16 | fp16 | fp32
     channels_last: bool = True  # NHWC memory layout: the one tensor cores and oneDNN's convolutions prefer
@@ -424,8 +431,8 @@ class Config:
     knn: bool = True  # report kNN top-1 on the held-out split at the end (labels are used only for this report)
     print_config: bool = False  # print the resolved config and exit
 
-TRANSFORMER_RECIPE = dict(optimizer="adamw", feat_dim=256, lr=1e-3 * 256 / 4096, start_lr=0.0, final_lr=4e-5,
-                          warmup_epochs=10, weight_decay=0.05, clip_grad=3.0)
+TRANSFORMER_RECIPE = dict(optimizer="adamw", feat_dim=256, lr=1e-3 * 256 / 4096, start_lr=4e-5, final_lr=4e-5,
+                          warmup_epochs=10, weight_decay=0.05, clip_grad=3.0, exclude_1d=True)
 
 # Each preset lists only what differs from the defaults above (which are the paper's ResNet-50 recipe).
 PRESETS = {
@@ -433,14 +440,14 @@ PRESETS = {
     "tiny": dict(
         data="synthetic", synthetic_size=2000, arch="resnet_tiny", epochs=160, batch_size=64, workers=0,
         global_size=32, global_scale=(0.5, 1.0), num_local=0, local_size=16, local_scale=(0.1, 0.4),
-        blur_sigma=(0.1, 0.6), invert=0.5, hidden_dim=512,
+        blur_sigma=(0.1, 0.6), invert=0.5, hidden_dim=512, exclude_1d=True,
         num_groups=200, tau=0.05, lr=6.0, start_lr=0.05, final_lr=0.01, warmup_epochs=2, ema=0.996, log_every=100,
     ),
     # ResNet-18 with a 3x3 stem on 32-px images.
     "cifar10-r18": dict(
         data="cifar10", arch="resnet18_cifar", epochs=200, batch_size=256, workers=4, global_size=32,
         global_scale=(0.2, 1.0), local_size=16, local_scale=(0.05, 0.2), num_local=4, blur_sigma=(0.1, 0.5),
-        hidden_dim=2048, num_groups=300, lr=1.2, start_lr=0.05, warmup_epochs=10, ema=0.99,
+        hidden_dim=2048, num_groups=300, lr=1.2, start_lr=0.05, warmup_epochs=10, ema=0.99, exclude_1d=True,
     ),
     # The paper's recipes (the authors' scripts/pretrain/*.sh): batch 4096 = 64 GPUs × 64, 400 epochs.
     "imagenet-r50": dict(),

@@ -287,8 +287,34 @@ def test_lars_under_grad_scaler_unscales_and_skips_overflow():
     assert scaler.get_scale() == 512.0
 
 
+@pytest.mark.parametrize("preset", ["imagenet-r50", "imagenet-r50w2"])
+def test_paper_resnet_recipes_give_every_parameter_weight_decay_and_a_trust_ratio(preset):
+    cfg = smog.parse_config(["--preset", preset, "--num-groups", "8"])
+    with torch.device("meta"):
+        online = smog.make_online(cfg)
+        opt = smog.build_optimizer(cfg, [online])
+    assert isinstance(opt, smog.LARS) and len(opt.param_groups) == 1
+    group = opt.param_groups[0]
+    assert group["lars"] and group["lars_weight_decay"] == 1e-6 and group["eta"] == 0.001
+    assert {id(p) for p in group["params"]} == {id(p) for p in online.parameters()}  # biases and BN included
+    assert any(p.ndim == 1 for p in group["params"])
+
+
+def test_swin_recipe_spares_biases_norms_and_position_tables():
+    cfg = smog.parse_config(["--preset", "imagenet-swin-t", "--num-groups", "8"])
+    with torch.device("meta"):
+        online = smog.make_online(cfg)
+        opt = smog.build_optimizer(cfg, [online])
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for name, p in online.named_parameters():
+        spared = p.ndim <= 1 or name.endswith("relative_position_bias_table")
+        assert decay[id(p)] == (0.0 if spared else 0.05), name
+    assert any(name.endswith("relative_position_bias_table") for name, _ in online.named_parameters())
+
+
 def test_adamw_recipe_decays_only_matrices_and_clips(tmp_path, monkeypatch):
-    cfg = tiny_cfg(tmp_path, "--optimizer", "adamw", "--weight-decay", "0.05", "--clip-grad", "3.0", "--lr", "1e-3")
+    cfg = tiny_cfg(tmp_path, "--optimizer", "adamw", "--weight-decay", "0.05", "--clip-grad", "3.0", "--lr", "1e-3",
+                   "--exclude-1d")
     nets = build_nets(cfg)
     assert isinstance(nets.opt, torch.optim.AdamW)
     decay = {id(p): g["weight_decay"] for g in nets.opt.param_groups for p in g["params"]}
@@ -363,11 +389,11 @@ R50_RECIPE = dict(epochs=400, global_size=224, global_scale=(0.2, 1.0), local_si
                   num_local=4, feat_dim=128, hidden_dim=2048, ema=0.999, num_groups=3000, num_heads=3, tau=0.1,
                   beta_start=1.0, beta_end=0.99, kmeans_iters=10, optimizer="lars", lr=0.3, start_lr=0.01,
                   final_lr=0.0048, warmup_epochs=10, weight_decay=1e-6, momentum=0.9, lars_eta=0.001, clip_grad=0.0,
-                  drop_path=0.0, blur_sigma=(0.1, 2.0), invert=0.0)
-# The authors' Swin-T recipe: AdamW 1e-3 at batch 4096 (per 256: 1e-3 / 16) → 4e-5, 10 warm-up epochs, wd 0.05,
-# clip 3.0, D = 256.
-SWIN_RECIPE = {**R50_RECIPE, **dict(optimizer="adamw", lr=1e-3 / 16, start_lr=0.0, final_lr=4e-5, weight_decay=0.05,
-                                    clip_grad=3.0, feat_dim=256)}
+                  drop_path=0.0, blur_sigma=(0.1, 2.0), invert=0.0, exclude_1d=False)
+# The authors' Swin-T recipe: AdamW 1e-3 at batch 4096 (per 256: 1e-3 / 16), warm-up from 4e-5, cosine to 4e-5,
+# 10 warm-up epochs, wd 0.05 except biases, 1-D parameters and position tables, clip 3.0, D = 256.
+SWIN_RECIPE = {**R50_RECIPE, **dict(optimizer="adamw", lr=1e-3 / 16, start_lr=4e-5, final_lr=4e-5, weight_decay=0.05,
+                                    clip_grad=3.0, feat_dim=256, exclude_1d=True)}
 
 
 @pytest.mark.parametrize("preset, expected, published", [
@@ -955,8 +981,17 @@ def test_eval_linear_json_line_and_frozen_backbone(tmp_path):
     r = run_eval("--checkpoint", str(tmp_path / "ck.pt"), "--cache-features", "--knn", "--epochs", "3")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(result) >= {"top1", "top5", "knn_top1", "checkpoint", "epochs"} and result["epochs"] == 3
+    assert set(result) >= {"top1", "top5", "best_top1", "best_epoch", "knn_top1", "checkpoint", "epochs"}
+    assert result["epochs"] == 3 and 1 <= result["best_epoch"] <= 3 and result["best_top1"] >= result["top1"]
     assert 0 <= result["top1"] <= result["top5"] <= 100 and "best epoch" in r.stdout
+    assert result["standardized"]  # ours, the default for small runs
+    # A checkpoint of a paper preset is probed on raw features, as the authors do, unless told otherwise.
+    fake_checkpoint(tmp_path / "paper.pt", "--preset", "imagenet-r50", "--arch", "resnet_tiny", "--data", "synthetic",
+                    "--synthetic-size", "300", "--global-size", "32", "--hidden-dim", "32", "--feat-dim", "16")
+    for flags, expected in (((), False), (("--standardize", "on"), True)):
+        r = run_eval("--checkpoint", str(tmp_path / "paper.pt"), "--cache-features", "--epochs", "2", *flags)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout.strip().splitlines()[-1])["standardized"] is expected
 
 
 def test_eval_linear_augmented_probe_and_torchrun_two_processes(tmp_path):
