@@ -44,30 +44,34 @@ def timed(fn, steps, warmup, device):
 
 
 def fake_crops(cfg, device):
-    """Random device tensors shaped like one step's crops: (online global, online local or None, target global)."""
+    """Random device tensors shaped like one step's crops: (online global, online local or None, target global,
+    target local or None)."""
     b = cfg.batch_size
 
     def make(n, size):
-        return torch.randn(n * b, 3, size, size, device=device)
+        return torch.randn(n * b, 3, size, size, device=device) if n else None
 
-    return make(2, cfg.global_size), make(cfg.num_local, cfg.local_size) if cfg.num_local else None, \
-        make(2, cfg.global_size)
+    return (make(2, cfg.global_size), make(cfg.num_local, cfg.local_size), make(2, cfg.global_size),
+            make(cfg.num_local if cfg.target_local else 0, cfg.local_size))
 
 
 def bench_ceiling(cfg, device, autocast, steps, warmup):
-    """(a) backbone alone: forward+backward on online crops, forward on target crops, one batch per resolution."""
+    """(a) backbone alone: forward+backward on online crops, forward on target crops, one batch per resolution and
+    BN statistics per resolution (the step's BN over all sizes is part of (b))."""
     torch.manual_seed(0)
     backbone = smog.BACKBONES[cfg.arch](cfg.drop_path)[0].to(device)
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     if cfg.compile:
         backbone.compile(dynamic=False)
-    g, loc, t = (None if x is None else smog.channels_last(x, cfg) for x in fake_crops(cfg, device))
+    g, loc, t, t_loc = (None if x is None else smog.channels_last(x, cfg) for x in fake_crops(cfg, device))
 
     def run():
         with autocast:
             with torch.no_grad():
-                backbone(t)
+                for x in (t, t_loc):
+                    if x is not None:
+                        backbone(x)
             out = backbone(g).float().sum() + (backbone(loc).float().sum() if loc is not None else 0)
         out.backward()
 

@@ -96,19 +96,19 @@ class MultiCrop:
     """The crops of one image for one step, drawn by a per-image torchvision pipeline: the definition of the recipe.
 
     Called with (PIL image, step parity); returns (online global (2, 3, S, S), online local (L, 3, s, s) or None,
-    target global (2, 3, S, S)). Each crop: RandomResizedCrop, flip, ColorJitter(0.4, 0.4, 0.2, 0.1) with p = 0.8,
+    target global (2, 3, S, S), target local (L, 3, s, s) or None (cfg.target_local)). Each crop: RandomResizedCrop, flip, ColorJitter(0.4, 0.4, 0.2, 0.1) with p = 0.8,
     grayscale p = 0.2, Gaussian blur and solarize with the pipeline's probabilities, ImageNet mean/std.
     """
 
     def __init__(self, cfg):
         T = torchvision.transforms
-        self.num_local = cfg.num_local
+        self.num_local, self.num_target_local = cfg.num_local, cfg.num_local if cfg.target_local else 0
 
         def pipeline(size, scale, name):
             blur_p, solarize_p = PIPELINES[name]
             kernel = 2 * min(math.ceil(3 * cfg.blur_sigma[1]), (size - 1) // 2) + 1
             return T.Compose([
-                T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+                T.RandomResizedCrop(size, scale=scale),  # bilinear, as the authors' (torchvision's default)
                 T.RandomHorizontalFlip(),
                 T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
                 T.RandomGrayscale(p=0.2),
@@ -124,10 +124,12 @@ class MultiCrop:
 
     def __call__(self, image, parity):
         online_aug, target_aug = pipelines_for_step(parity)
-        g = torch.stack([self.glob[online_aug](image) for _ in range(2)])
-        loc = torch.stack([self.loc[online_aug](image) for _ in range(self.num_local)]) if self.num_local else None
-        t = torch.stack([self.glob[target_aug](image) for _ in range(2)])
-        return g, loc, t
+
+        def crops(pipelines, name, n):  # (n, 3, s, s), or None
+            return torch.stack([pipelines[name](image) for _ in range(n)]) if n else None
+
+        return (crops(self.glob, online_aug, 2), crops(self.loc, online_aug, self.num_local),
+                crops(self.glob, target_aug, 2), crops(self.loc, target_aug, self.num_target_local))
 
 
 # ----- networks: backbone f → projector g → predictor q online; a copy of f and g as the target branch -------------
@@ -139,25 +141,61 @@ def mlp(dim_in, hidden, dim_out, last_bn):
         layers.append(nn.BatchNorm1d(dim_out, affine=False))
     return nn.Sequential(*layers)
 
+def bn_over_sizes(bn, xs):
+    """One BatchNorm call for crops of several sizes: xs, a list of (N_i, C, H_i, W_i), is packed as (1, C, Σ N·H·W, 1),
+    so every pixel of every crop shares one set of statistics (and running statistics move once), then unpacked.
+    As the authors' src/resnet50.py, list_bn_forward; SyncBatchNorm works on the packed tensor unchanged."""
+    if len(xs) == 1:
+        return [bn(xs[0])]
+    flat = [x.transpose(0, 1).reshape(x.shape[1], -1) for x in xs]  # (C, N_i·H_i·W_i) each
+    out = bn(torch.cat(flat, 1)[None, :, :, None])[0, :, :, 0]  # (C, Σ N·H·W)
+    return [o.reshape(x.shape[1], x.shape[0], *x.shape[2:]).transpose(0, 1).contiguous(memory_format=(
+                torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format))
+            for o, x in zip(out.split([f.shape[1] for f in flat], 1), xs)]  # in the layout each crop came in
+
+def resnet_over_sizes(net, xs):
+    """A ResNet made of torchvision modules (conv, BN, ReLU, pooling, BasicBlock or Bottleneck, in forward order) run
+    on crop batches of several sizes, each BN over all of them; the BN of a downsample shortcut runs per size, as in
+    the authors' code. xs: list of (N_i, 3, s_i, s_i) → list of (N_i, ...) outputs."""
+    for m in net.children():
+        if isinstance(m, nn.Sequential):
+            xs = resnet_over_sizes(m, xs)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            xs = bn_over_sizes(m, xs)
+        elif isinstance(m, (BasicBlock, Bottleneck)):  # torchvision's forward, with BNs over all sizes
+            out = [F.relu(o) for o in bn_over_sizes(m.bn1, [m.conv1(x) for x in xs])]
+            out = bn_over_sizes(m.bn2, [m.conv2(o) for o in out])
+            if isinstance(m, Bottleneck):
+                out = bn_over_sizes(m.bn3, [m.conv3(F.relu(o)) for o in out])
+            shortcut = xs if m.downsample is None else [m.downsample(x) for x in xs]
+            xs = [F.relu(o + x) for o, x in zip(out, shortcut)]
+        else:
+            xs = [m(x) for x in xs]
+    return xs
+
 class Encoder(nn.Module):
-    """Backbone + projector: crops → projections z. Crops of one resolution are forwarded as one batch.
+    """Backbone + projector: crops → projections z. Crops of one resolution are forwarded as one batch; with
+    shared_bn (ResNets), every BN of the backbone normalises all sizes together (resnet_over_sizes). The projector
+    runs once over all crops.
 
-    backbone: any module mapping (N, 3, s, s) to (N, dim) (Part 2's BACKBONES builds them)."""
+    backbone: a module mapping (N, 3, s, s) to (N, dim) (Part 2's BACKBONES builds them)."""
 
-    def __init__(self, backbone, dim, hidden_dim, feat_dim):
+    def __init__(self, backbone, dim, hidden_dim, feat_dim, shared_bn=False):
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.shared_bn = backbone, shared_bn
         self.projector = mlp(dim, hidden_dim, feat_dim, last_bn=True)
 
     def forward(self, crops):  # list of (n_i, 3, s_i, s_i) -> (Σ n_i, D)
+        if self.shared_bn and len(crops) > 1:
+            return self.projector(torch.cat([x.flatten(1) for x in resnet_over_sizes(self.backbone, crops)]))
         return self.projector(torch.cat([self.backbone(x) for x in crops]))
 
 class OnlineNet(nn.Module):
     """The online branch: encoder plus predictor. Returns (z, p), both (Σ n_i, D), not yet normalised."""
 
-    def __init__(self, backbone, dim, hidden_dim, feat_dim):
+    def __init__(self, backbone, dim, hidden_dim, feat_dim, shared_bn=False):
         super().__init__()
-        self.encoder = Encoder(backbone, dim, hidden_dim, feat_dim)
+        self.encoder = Encoder(backbone, dim, hidden_dim, feat_dim, shared_bn)
         self.predictor = mlp(feat_dim, hidden_dim, feat_dim, last_bn=False)
 
     def forward(self, crops):
@@ -342,16 +380,17 @@ def train_step(online, target, grouping, crops, beta, opt, scaler, autocast, cfg
     """One SMoG step: label with the target, update the groups with online z, contrast online p with them, step, EMA.
 
     online: OnlineNet (or DDP around one); target: its encoder's EMA copy; grouping: MomentumGrouping.
-    crops: (online global (2B, 3, S, S), online local (L·B, 3, s, s) or None, target global (2B, 3, S, S)), each
-    crop-major (all images' first crop, then all second crops). Uses cfg.tau, cfg.clip_grad and cfg.ema.
+    crops: (online global (2B, 3, S, S), online local (L·B, 3, s, s) or None, target global (2B, 3, S, S), target
+    local (L·B, 3, s, s) or None), each crop-major (all images' first crop, then all second crops). Uses cfg.tau,
+    cfg.clip_grad and cfg.ema.
     Returns (loss, counts (H, K), online global z (2, B, D)) as device tensors: nothing here waits for the device.
     """
-    g, loc, t = crops
+    g, loc, t, t_loc = crops
     b = t.shape[0] // 2
     h, k = grouping.centroids.shape[:2]
     with autocast:
         with torch.no_grad():
-            zt = target([t]).float()  # (2B, D): target z of the two target crops
+            zt = target([t] if t_loc is None else [t, t_loc])[:2 * b].float()  # (2B, D): the global crops' z
         z, p = online([g] if loc is None else [g, loc])  # (C_online·B, D) each
     labels = grouping.assign(zt).view(h, 2, b)  # 1. y: nearest c_k before the update
     z_global = z[:2 * b].detach().float().view(2, b, -1)  # (2, B, D)
@@ -396,6 +435,8 @@ class Config:
     local_size: int = 96
     local_scale: tuple[float, float] = (0.05, 0.2)
     num_local: int = 4
+    target_local: bool = True  # the target also forwards num_local local crops, which only join its BN statistics
+    bn_over_sizes: bool = True  # ResNets: one BN statistics over all crop sizes of a branch (the authors'); else per size
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur σ range in pixels of the crop
     invert: float = 0.0  # probability of a crop's negative 1 − x (tiny: its shapes come in both polarities); 0 = off
     batched_aug: str = "auto"  # on: on the training device (alias --gpu-aug) | off: MultiCrop in CPU workers | auto
@@ -432,7 +473,7 @@ class Config:
     print_config: bool = False  # print the resolved config and exit
 
 TRANSFORMER_RECIPE = dict(optimizer="adamw", feat_dim=256, lr=1e-3 * 256 / 4096, start_lr=4e-5, final_lr=4e-5,
-                          warmup_epochs=10, weight_decay=0.05, clip_grad=3.0, exclude_1d=True)
+                          warmup_epochs=10, weight_decay=0.05, clip_grad=3.0, exclude_1d=True, target_local=False)
 
 # Each preset lists only what differs from the defaults above (which are the paper's ResNet-50 recipe).
 PRESETS = {
@@ -658,7 +699,8 @@ BACKBONES = {
 
 def make_online(cfg):
     """The online branch of a config: OnlineNet around a fresh cfg.arch backbone."""
-    return OnlineNet(*BACKBONES[cfg.arch](cfg.drop_path), cfg.hidden_dim, cfg.feat_dim)
+    return OnlineNet(*BACKBONES[cfg.arch](cfg.drop_path), cfg.hidden_dim, cfg.feat_dim,
+                     shared_bn=cfg.bn_over_sizes and cfg.arch.startswith("resnet"))
 
 
 # ----- data: the embedded synthetic data set, ImageFolder, CIFAR-10 ------------------------------------------------
@@ -789,8 +831,8 @@ class InMemoryData(torch.utils.data.Dataset):
 # ----- batched augmentation: the multi-crop recipe on whole batches, on the training device ------------------------
 # The fast equivalent of Part 1's MultiCrop: the same crops, flips, jitter strengths and probabilities, blur σ
 # range, solarize and invert, with independent random parameters for every crop of every image, as tensor work on
-# the training device (no decoding workers, no per-image Python). Where it differs from MultiCrop:
-#   - resizing is antialiased bilinear (MultiCrop: bicubic), as two matrix products per crop;
+# the training device (no decoding workers, no per-image Python); resizing is antialiased bilinear, as torchvision's
+# on PIL images, done as two matrix products per crop. Where it differs from MultiCrop:
 #   - hue jitter is a rotation about the grey axis in YIQ space, not a shift of the HSV hue;
 #   - colour jitter runs in the fixed order brightness → contrast → saturation → hue (torchvision: random order);
 #   - ImageFolder images are first squashed to a square working size (ResizeToTensor; crops keep the original's
@@ -939,8 +981,9 @@ def batch_augment(images, size, scale, pipeline, blur_sigma, crops_per_image=1, 
     return imagenet_normalize(x)
 
 def batch_multicrop(images, step, cfg, aspect=None):
-    """All crops of one step from a uint8 batch (B, 3, H, W): (online global (2B,...), online local (L·B,...) or None,
-    target global (2B,...)). aspect: (B,) original width/height of squashed images, or None."""
+    """All crops of one step from a uint8 batch (B, 3, H, W), as MultiCrop's: (online global (2B, ...), online local
+    (L·B, ...) or None, target global (2B, ...), target local (L·B, ...) or None). aspect: (B,) original
+    width/height of squashed images, or None."""
     online_aug, target_aug = pipelines_for_step(step)
     # Converted once for the three calls; float16 on GPUs halves the memory traffic of the augmentation (8-bit
     # pixels are exact in float16), float32 on CPUs, whose float16 kernels are slow.
@@ -949,7 +992,9 @@ def batch_multicrop(images, step, cfg, aspect=None):
     loc = (batch_augment(images, cfg.local_size, cfg.local_scale, online_aug, cfg.blur_sigma, cfg.num_local, aspect,
                          cfg.invert) if cfg.num_local else None)
     t = batch_augment(images, cfg.global_size, cfg.global_scale, target_aug, cfg.blur_sigma, 2, aspect, cfg.invert)
-    return g, loc, t
+    t_loc = (batch_augment(images, cfg.local_size, cfg.local_scale, target_aug, cfg.blur_sigma, cfg.num_local, aspect,
+                           cfg.invert) if cfg.num_local and cfg.target_local else None)
+    return g, loc, t, t_loc
 
 class Squashed(NamedTuple):
     """Images for batched augmentation: uint8 (…, 3, S, S) squashed to a square working size, and each original's

@@ -243,6 +243,53 @@ def test_step_changes_online_and_moves_target_by_ema(tmp_path):
     assert counts.sum().item() == cfg.num_heads * cfg.batch_size
 
 
+@given(st.lists(st.tuples(st.integers(1, 3), st.integers(2, 5)), min_size=1, max_size=3), st.integers(0, 10**6))
+def test_bn_over_sizes_normalises_with_the_statistics_of_every_pixel_of_every_crop(shapes, seed):
+    torch.manual_seed(seed)
+    xs = [torch.randn(n, 4, s, s) * (1 + i) + i for i, (n, s) in enumerate(shapes)]  # (N_i, C, s_i, s_i)
+    bn = torch.nn.BatchNorm2d(4)
+    out = smog.bn_over_sizes(bn, xs)
+    pixels = torch.cat([x.transpose(0, 1).reshape(4, -1) for x in xs], 1)  # (C, Σ N·H·W)
+    mean, var = pixels.mean(1).view(1, 4, 1, 1), pixels.var(1, unbiased=False).view(1, 4, 1, 1)
+    for x, o in zip(xs, out):
+        assert o.shape == x.shape
+        assert torch.allclose(o, (x - mean) / torch.sqrt(var + bn.eps), atol=1e-4)
+    assert bn.num_batches_tracked.item() == 1 and torch.allclose(bn.running_mean, 0.1 * mean.flatten(), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["resnet_tiny", "resnet18_cifar", "resnet50"])
+def test_resnet_over_sizes_is_torchvisions_forward_with_bn_shared_by_sizes(arch):
+    torch.manual_seed(0)
+    net = smog.BACKBONES[arch](0.0)[0]
+    xs = [torch.randn(2, 3, 64, 64), torch.randn(3, 3, 32, 32)]
+    with torch.no_grad():
+        net.eval()  # running statistics: every crop alone must give the plain forward's features
+        for got, x in zip(smog.resnet_over_sizes(net, xs), xs):
+            assert torch.allclose(got.flatten(1), net(x), atol=1e-4)
+        net.train()  # one crop size: the plain forward of that batch
+        assert torch.allclose(smog.resnet_over_sizes(net, xs[:1])[0].flatten(1), net(xs[0]), atol=1e-4)
+    cfg = smog.parse_config(["--arch", arch, "--hidden-dim", "32", "--feat-dim", "16"])
+    encoder = smog.make_online(cfg).encoder
+    assert encoder.shared_bn
+    encoder(xs)  # statistics move once per forward, per size only in the downsample shortcuts
+    for name, m in encoder.backbone.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert m.num_batches_tracked.item() == (2 if "downsample" in name else 1), name
+
+
+def test_target_forwards_its_local_crops_and_labels_come_from_its_global_crops(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    assert cfg.target_local and cfg.num_local == 2
+    nets, seen = build_nets(cfg), {}
+    forward, assign = nets.target.forward, nets.grouping.assign
+    nets.target.forward = lambda crops: seen.setdefault("target", [c.shape for c in crops]) and forward(crops)
+    nets.grouping.assign = lambda x: seen.setdefault("assign", x.shape) and assign(x)
+    one_step(cfg, nets)
+    b = cfg.batch_size
+    assert seen["target"] == [(2 * b, 3, 32, 32), (2 * b, 3, 16, 16)]  # 2 global and num_local local crops
+    assert seen["assign"] == (2 * b, cfg.feat_dim)  # labels: the 2 global crops only
+
+
 def test_lars_trust_ratio_and_exclusions():
     w = torch.nn.Parameter(torch.full((4, 4), 2.0))
     b = torch.nn.Parameter(torch.ones(4))
@@ -351,17 +398,19 @@ def test_synthetic_data_is_deterministic_and_balanced():
 def test_batch_multicrop_shapes_and_per_image_randomness(tmp_path):
     cfg = tiny_cfg(tmp_path)
     img = smog.synthetic_shapes(1, seed=0)[0].expand(8, -1, -1, -1)  # eight copies of one image
-    g, loc, t = smog.batch_multicrop(img, 0, cfg)
-    assert g.shape == (16, 3, 32, 32) and t.shape == (16, 3, 32, 32) and loc.shape == (16, 3, 16, 16)
-    assert all(x.dtype == torch.float32 and torch.isfinite(x).all() for x in (g, loc, t))
+    g, loc, t, t_loc = smog.batch_multicrop(img, 0, cfg)
+    assert g.shape == (16, 3, 32, 32) and t.shape == (16, 3, 32, 32) and loc.shape == t_loc.shape == (16, 3, 16, 16)
+    assert all(x.dtype == torch.float32 and torch.isfinite(x).all() for x in (g, loc, t, t_loc))
+    assert smog.batch_multicrop(img, 0, dataclasses.replace(cfg, target_local=False))[3] is None
     assert len({tuple(x.flatten()[:50].tolist()) for x in g}) == 16  # no two copies get the same crop
 
 
 def test_cpu_multicrop_matches_shapes(tmp_path):
     cfg = tiny_cfg(tmp_path)
     pil = torchvision_pil(smog.synthetic_shapes(1, seed=0)[0][0])
-    g, loc, t = smog.MultiCrop(cfg)(pil, 1)
-    assert g.shape == (2, 3, 32, 32) and t.shape == (2, 3, 32, 32) and loc.shape == (cfg.num_local, 3, 16, 16)
+    g, loc, t, t_loc = smog.MultiCrop(cfg)(pil, 1)
+    assert g.shape == (2, 3, 32, 32) and t.shape == (2, 3, 32, 32)
+    assert loc.shape == t_loc.shape == (cfg.num_local, 3, 16, 16)
 
 
 def torchvision_pil(x):
@@ -898,7 +947,7 @@ def test_crop_boxes_keep_the_original_aspect_of_squashed_images():
     images, labels, _ = smog.collate([(sample, 1, ""), (sample, 0, "")])
     crops = smog.to_device_crops(images, 0, smog.parse_config(["--global-size", "16", "--num-local", "1",
                                                                "--local-size", "8"]), torch.device("cpu"))
-    assert [c.shape[0] for c in crops] == [4, 2, 4] and crops[0].shape[-1] == 16 and crops[1].shape[-1] == 8
+    assert [c.shape[0] for c in crops] == [4, 2, 4, 2] and crops[0].shape[-1] == 16 and crops[1].shape[-1] == 8
 
 
 def test_compile_keeps_checkpoint_keys_plain(tmp_path):
