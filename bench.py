@@ -107,14 +107,31 @@ def write_profile(fn, device, path, title):
 
 
 def bench_augment(cfg, device, steps, warmup, profile=""):
-    """Batched multi-crop augmentation of one step on the device, from uint8 images at the working size."""
-    size = round(cfg.global_size * 8 / 7)
-    images = torch.randint(0, 256, (cfg.batch_size, 3, size, size), dtype=torch.uint8, device=device)
-    aspect = torch.full((cfg.batch_size,), 4 / 3, device=device)
-    seconds = timed(lambda: smog.batch_multicrop(images, 0, cfg, aspect), steps, warmup, device)
+    """The device's share of the batched augmentation of one ImageFolder step: flips and photometric work on the
+    uint8 crops that the loader workers cut (smog.cut_multicrop)."""
+    b, n_local = cfg.batch_size, cfg.num_local * (2 if cfg.target_local else 1)
+    cut = smog.Cut(torch.randint(0, 256, (b, 4, 3, cfg.global_size, cfg.global_size), dtype=torch.uint8,
+                                 device=device),
+                   torch.randint(0, 256, (b, n_local, 3, cfg.local_size, cfg.local_size), dtype=torch.uint8,
+                                 device=device) if n_local else None)
+    seconds = timed(lambda: smog.cut_multicrop(cut, 0, cfg), steps, warmup, device)
     if profile:
-        write_profile(lambda: smog.batch_multicrop(images, 0, cfg, aspect), device, profile, "batched augmentation")
+        write_profile(lambda: smog.cut_multicrop(cut, 0, cfg), device, profile, "batched augmentation")
     return seconds
+
+
+def bench_decode_and_cut(cfg, root, seconds=5.0):
+    """The loader workers' share of the batched augmentation, in one process (one core): decoding an ImageFolder
+    JPEG and cutting all of one step's crops from it at full resolution (smog.CutCrops); images per second."""
+    _, _, folder = smog.load_dataset(dataclasses.replace(cfg, data=root), "train")
+    folder.transform = smog.CutCrops(cfg)
+    torch.set_num_threads(1)
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        folder[done % len(folder)]
+        done += 1
+    torch.set_num_threads(os.cpu_count())
+    return done / (time.perf_counter() - t0)
 
 
 def write_jpegs(root, count, classes=4, size=(500, 375)):
@@ -138,7 +155,7 @@ def bench_e2e(cfg, device, autocast, scaler, steps, warmup, root, batched):
     warmup, steps = max(warmup, cfg.workers), max(steps, 3 * cfg.workers)
     cfg = dataclasses.replace(cfg, data=root)
     _, labels, folder = smog.load_dataset(cfg, "train")
-    folder.transform = smog.ResizeToTensor(round(cfg.global_size * 8 / 7)) if batched else smog.MultiCrop(cfg)
+    folder.transform = smog.CutCrops(cfg) if batched else smog.MultiCrop(cfg)
     nets = smog.build_nets(cfg, device)
     sampler = torch.utils.data.RandomSampler(range(len(labels)), replacement=True,
                                              num_samples=(steps + warmup) * cfg.batch_size)
@@ -247,9 +264,13 @@ def main():
                 report("c_e2e_cpu_aug", bench_e2e(cfg, device, autocast, scaler, args.steps, args.warmup, root,
                                                   False))
             report("c_e2e_gpu_aug", bench_e2e(cfg, device, autocast, scaler, args.steps, args.warmup, root, True))
+            per_core = bench_decode_and_cut(cfg, root, seconds=5.0 if cuda else 1.0)
+            result["c_decode_cut_img_per_s_per_core"] = per_core
+            print(f"(c) decoding + cutting the crops at full resolution: {per_core:.1f} img/s on one core "
+                  f"({os.cpu_count()} cores: {per_core * os.cpu_count():.0f} img/s)", flush=True)
         aug = bench_augment(cfg, device, args.steps, args.warmup, args.profile)
         result["c_gpu_aug_ms_per_step"] = 1000 * aug
-        print(f"(c) batched augmentation alone: {1000 * aug:.1f} ms/step on {device.type}", flush=True)
+        print(f"(c) batched augmentation alone (device part): {1000 * aug:.1f} ms/step on {device.type}", flush=True)
     if "d" not in skip:
         update, floor = bench_grouping(device, max(args.steps, 5), args.warmup)
         result.update(d_grouping_update_ms=1000 * update, d_grouping_floor_ms=1000 * floor,

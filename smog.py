@@ -758,7 +758,7 @@ class ImageFolderData(torch.utils.data.Dataset):
     """An ImageFolder whose unreadable images are replaced by the next readable one and reported, not fatal.
 
     __getitem__ takes (index, step parity) (parity_batches) and returns (sample, label, failed path or ""); the sample
-    is `transform(image, parity)`: all crops (MultiCrop) or one fixed-size uint8 image."""
+    is `transform(image, parity)`: all crops (MultiCrop) or their uint8 cuts (CutCrops)."""
 
     def __init__(self, root, transform=None):
         try:
@@ -835,8 +835,8 @@ class InMemoryData(torch.utils.data.Dataset):
 # on PIL images, done as two matrix products per crop. Where it differs from MultiCrop:
 #   - hue jitter is a rotation about the grey axis in YIQ space, not a shift of the HSV hue;
 #   - colour jitter runs in the fixed order brightness → contrast → saturation → hue (torchvision: random order);
-#   - ImageFolder images are first squashed to a square working size (ResizeToTensor; crops keep the original's
-#     aspect ratio, but are cut from that copy, not from the full-resolution image).
+# Images held in memory are cropped on the device; ImageFolder images are cropped at full resolution in the loader
+# workers (CutCrops), where they are decoded, and only their flips and photometric work run on the device.
 
 def _gray(x):  # (n, 3, h, w) -> (n, 1, h, w), ITU-R 601 luma as torchvision
     return (x * _constants(x.device)["luma"].to(x.dtype)).sum(1, keepdim=True)  # (a 1x1 conv is far slower on CPU)
@@ -844,16 +844,10 @@ def _gray(x):  # (n, 3, h, w) -> (n, 1, h, w), ITU-R 601 luma as torchvision
 def _uniform(n, lo, hi, device):
     return torch.empty(n, device=device).uniform_(lo, hi)
 
-def random_resized_boxes(n, scale, height, width, device, ratio=(3 / 4, 4 / 3), image_aspect=None):
-    """(n, 4) crop boxes x0, y0, x1, y1 in pixels with area fraction ~ U(scale), log aspect ~ U(log ratio).
-
-    image_aspect (n,): width/height of each original image that was squashed to height × width; the aspect ratio is
-    then drawn in the original's geometry, as RandomResizedCrop on the original image would.
-    """
+def random_resized_boxes(n, scale, height, width, device, ratio=(3 / 4, 4 / 3)):
+    """(n, 4) crop boxes x0, y0, x1, y1 in pixels with area fraction ~ U(scale), log aspect ~ U(log ratio)."""
     area = _uniform(n, *scale, device) * height * width
     aspect = torch.exp(_uniform(n, math.log(ratio[0]), math.log(ratio[1]), device))
-    if image_aspect is not None:
-        aspect = aspect * width / (height * image_aspect)
     w = torch.sqrt(area * aspect).clamp(max=width)
     h = torch.sqrt(area / aspect).clamp(max=height)
     x0 = torch.rand(n, device=device) * (width - w)
@@ -888,9 +882,9 @@ def _resampling_matrix(start, stop, size, length):
     weight = (1 - (pixel - centre[..., None]).abs() / width).clamp(min=0)  # (n, size, length)
     return weight / weight.sum(-1, keepdim=True)  # pixels beyond the edge get no weight: renormalised, as PIL
 
-def random_resized_crops(x, size, scale, crops_per_image=1, aspect=None):
+def random_resized_crops(x, size, scale, crops_per_image=1):
     """RandomResizedCrop + horizontal flip, batched: x (B, 3, H, W) float → (crops_per_image·B, 3, size, size),
-    crop i from image i % B; aspect: (B,) original width/height of squashed images, or None.
+    crop i from image i % B.
 
     Cropping, resizing and flipping are linear in the rows and in the columns, so each crop is R · image · Cᵀ with a
     (size, H) matrix R and a (size, W) matrix C of its own: two batched matrix products, which GPUs run on tensor
@@ -898,9 +892,7 @@ def random_resized_crops(x, size, scale, crops_per_image=1, aspect=None):
     """
     b, c, h, w = x.shape
     n = b * crops_per_image
-    x0, y0, x1, y1 = random_resized_boxes(
-        n, scale, h, w, x.device, image_aspect=None if aspect is None else aspect.to(x.device).repeat(crops_per_image)
-    ).unbind(1)
+    x0, y0, x1, y1 = random_resized_boxes(n, scale, h, w, x.device).unbind(1)
     flip = torch.rand(n, device=x.device) < 0.5
     x0, x1 = torch.where(flip, x1, x0), torch.where(flip, x0, x1)  # columns read right to left: mirrored
     rows = _resampling_matrix(y0, y1, size, h).to(x.dtype).view(crops_per_image, b, 1, size, h)
@@ -959,17 +951,14 @@ def imagenet_normalize(x):  # (n, 3, h, w) in [0, 1] -> (x − mean) / std in fl
     const = _constants(x.device)
     return torch.addcmul(const["shift"], x, const["scale"])
 
-def batch_augment(images, size, scale, pipeline, blur_sigma, crops_per_image=1, aspect=None, invert=0.0):
-    """Augments a batch on its own device, with independent random parameters for every crop of every image.
-
-    images: (B, 3, H, W) uint8, or float16/32 in [0, 1] (the dtype the work is done in); aspect: (B,) original
-    width/height of squashed images, or None. Returns (crops_per_image·B, 3, size, size) normalised float32,
-    crop-major (all images' first crop, then all second crops, ...).
-    """
-    x = images.float() / 255 if images.dtype == torch.uint8 else images
-    blur_p, solarize_p = PIPELINES[pipeline]
-    x = random_resized_crops(x, size, scale, crops_per_image, aspect)
+def photometric(x, pipeline, blur_sigma, invert=0.0, flip=False):
+    """The rest of the recipe on crops already cut, with independent random parameters per crop: (optionally) the
+    horizontal flip, colour jitter, grayscale, blur, solarize (and invert). x: (n, 3, s, s) float in [0, 1] →
+    normalised float32."""
     n = x.shape[0]
+    if flip:
+        x = torch.where((torch.rand(n, device=x.device) < 0.5).view(n, 1, 1, 1), x.flip(-1), x)
+    blur_p, solarize_p = PIPELINES[pipeline]
     x = _color_jitter(x, p=0.8)
     gray = torch.rand(n, device=x.device) < 0.2
     x = torch.where(gray.view(n, 1, 1, 1), _gray(x), x)
@@ -980,45 +969,83 @@ def batch_augment(images, size, scale, pipeline, blur_sigma, crops_per_image=1, 
         x = torch.where((torch.rand(n, device=x.device) < invert).view(n, 1, 1, 1), 1 - x, x)
     return imagenet_normalize(x)
 
-def batch_multicrop(images, step, cfg, aspect=None):
+def batch_augment(images, size, scale, pipeline, blur_sigma, crops_per_image=1, invert=0.0):
+    """Augments a batch on its own device, with independent random parameters for every crop of every image.
+
+    images: (B, 3, H, W) uint8, or float16/32 in [0, 1] (the dtype the work is done in). Returns
+    (crops_per_image·B, 3, size, size) normalised float32, crop-major (all images' first crop, then all second ...).
+    """
+    x = images.float() / 255 if images.dtype == torch.uint8 else images
+    return photometric(random_resized_crops(x, size, scale, crops_per_image), pipeline, blur_sigma, invert)
+
+def _work_dtype(x):
+    """float16 on GPUs halves the memory traffic of the augmentation (8-bit pixels are exact in it); float32 on CPUs,
+    whose float16 kernels are slow."""
+    return torch.float16 if x.is_cuda else torch.float32
+
+def batch_multicrop(images, step, cfg):
     """All crops of one step from a uint8 batch (B, 3, H, W), as MultiCrop's: (online global (2B, ...), online local
-    (L·B, ...) or None, target global (2B, ...), target local (L·B, ...) or None). aspect: (B,) original
-    width/height of squashed images, or None."""
+    (L·B, ...) or None, target global (2B, ...), target local (L·B, ...) or None)."""
     online_aug, target_aug = pipelines_for_step(step)
-    # Converted once for the three calls; float16 on GPUs halves the memory traffic of the augmentation (8-bit
-    # pixels are exact in float16), float32 on CPUs, whose float16 kernels are slow.
-    images = images.to(torch.float16 if images.is_cuda else torch.float32) / 255
-    g = batch_augment(images, cfg.global_size, cfg.global_scale, online_aug, cfg.blur_sigma, 2, aspect, cfg.invert)
-    loc = (batch_augment(images, cfg.local_size, cfg.local_scale, online_aug, cfg.blur_sigma, cfg.num_local, aspect,
-                         cfg.invert) if cfg.num_local else None)
-    t = batch_augment(images, cfg.global_size, cfg.global_scale, target_aug, cfg.blur_sigma, 2, aspect, cfg.invert)
-    t_loc = (batch_augment(images, cfg.local_size, cfg.local_scale, target_aug, cfg.blur_sigma, cfg.num_local, aspect,
-                           cfg.invert) if cfg.num_local and cfg.target_local else None)
-    return g, loc, t, t_loc
+    images = images.to(_work_dtype(images)) / 255  # converted once for the four calls
+    n_target_local = cfg.num_local if cfg.target_local else 0
+    return (batch_augment(images, cfg.global_size, cfg.global_scale, online_aug, cfg.blur_sigma, 2, cfg.invert),
+            batch_augment(images, cfg.local_size, cfg.local_scale, online_aug, cfg.blur_sigma, cfg.num_local,
+                          cfg.invert) if cfg.num_local else None,
+            batch_augment(images, cfg.global_size, cfg.global_scale, target_aug, cfg.blur_sigma, 2, cfg.invert),
+            batch_augment(images, cfg.local_size, cfg.local_scale, target_aug, cfg.blur_sigma, n_target_local,
+                          cfg.invert) if n_target_local else None)
 
-class Squashed(NamedTuple):
-    """Images for batched augmentation: uint8 (…, 3, S, S) squashed to a square working size, and each original's
-    width/height (…,), so that crops keep the aspect ratios they would have on the original image."""
-    images: torch.Tensor
-    aspect: torch.Tensor
+class Cut(NamedTuple):
+    """One step's crops of ImageFolder images, cut at full resolution by CutCrops: uint8 (…, 4, 3, S, S) global crops
+    (2 online, then 2 target) and (…, L + L_target, 3, s, s) local crops (online, then target), or None."""
+    glob: torch.Tensor
+    loc: torch.Tensor | None
 
-class ResizeToTensor:
-    """Decode-side work for batched augmentation: one resize to a fixed square working size, kept uint8."""
+class CutCrops:
+    """Decode-side work of the batched augmentation: every RandomResizedCrop of one image for one step, its geometry
+    drawn on the full-resolution image and cut and resized there (bilinear, antialiased), as the authors' pipeline;
+    flips and photometric work follow on the device (cut_multicrop). Returns Cut, uint8."""
 
-    def __init__(self, size):
-        self.resize = torchvision.transforms.Resize((size, size), antialias=True)
+    def __init__(self, cfg):
+        self.cfg = cfg
 
-    def __call__(self, image, parity=0):  # PIL image -> Squashed((3, S, S), ())
-        pixels = np.asarray(self.resize(image.convert("RGB")), np.uint8).copy()
-        return Squashed(torch.from_numpy(pixels).permute(2, 0, 1), torch.tensor(image.width / image.height))
+    def _cut(self, image, size, scale, n):  # (n, 3, size, size) uint8
+        import PIL.Image
+        crops = []
+        for _ in range(n):
+            top, left, h, w = torchvision.transforms.RandomResizedCrop.get_params(image, scale, (3 / 4, 4 / 3))
+            crop = image.crop((left, top, left + w, top + h))  # then resized: no pixel beyond the box is read
+            crops.append(np.asarray(crop.resize((size, size), PIL.Image.BILINEAR)))
+        return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
+
+    def __call__(self, image, parity=0):
+        cfg, image = self.cfg, image.convert("RGB")
+        n_local = cfg.num_local * (2 if cfg.target_local else 1)
+        return Cut(self._cut(image, cfg.global_size, cfg.global_scale, 4),
+                   self._cut(image, cfg.local_size, cfg.local_scale, n_local) if n_local else None)
+
+def cut_multicrop(cut, step, cfg):
+    """batch_multicrop's four crop batches from crops that CutCrops cut: flips and photometric work on the device."""
+    online_aug, target_aug = pipelines_for_step(step)
+    n = cfg.num_local
+
+    def augment(x, pipeline):  # (B, k, 3, s, s) uint8 -> (k·B, 3, s, s), crop-major
+        x = x.transpose(0, 1).flatten(0, 1)
+        return photometric(x.to(_work_dtype(x)) / 255, pipeline, cfg.blur_sigma, cfg.invert, flip=True)
+
+    return (augment(cut.glob[:, :2], online_aug), augment(cut.loc[:, :n], online_aug) if n else None,
+            augment(cut.glob[:, 2:], target_aug), augment(cut.loc[:, n:], target_aug) if n and cfg.target_local
+            else None)
 
 def collate(batch):
-    """Stacks samples: tensors, Squashed images, or (global, local, target) tuples of crop stacks (crop-major out)."""
+    """Stacks samples: tensors, Cut crops, or MultiCrop's tuples of crop stacks (crop-major out)."""
     samples, labels, failed = zip(*batch)
     if isinstance(samples[0], torch.Tensor):
         out = torch.stack(samples)
-    elif isinstance(samples[0], Squashed):
-        out = Squashed(torch.stack([s.images for s in samples]), torch.stack([s.aspect for s in samples]))
+    elif isinstance(samples[0], Cut):
+        out = Cut(torch.stack([s.glob for s in samples]), None if samples[0].loc is None else
+                  torch.stack([s.loc for s in samples]))
     else:  # (B, n_crops, 3, s, s) -> (n_crops·B, 3, s, s), crop-major like batch_multicrop
         out = tuple(None if parts[0] is None else torch.stack(parts, 1).flatten(0, 1)
                     for parts in zip(*samples))
@@ -1046,7 +1073,7 @@ def prepare_data(cfg, device):
              f"({len(labels)} images in --data {cfg.data})")
     batched = cfg.batched_aug == "on" or (cfg.batched_aug == "auto" and (device.type == "cuda" or images is not None))
     if folder is not None:
-        folder.transform = ResizeToTensor(round(cfg.global_size * 8 / 7)) if batched else MultiCrop(cfg)
+        folder.transform = CutCrops(cfg) if batched else MultiCrop(cfg)
     dataset = folder
     if images is not None:
         if batched:
@@ -1059,7 +1086,7 @@ def prepare_data(cfg, device):
 
 def epoch_batches(cfg, data, first_step, device, skip=0):
     """Yields (batch, failed image paths) for one epoch of data.sampler, less its first `skip` batches: uint8 images
-    (B, 3, S, S), Squashed images, or crops made by CPU workers."""
+    (B, 3, S, S), Cut crops, or crops made by CPU workers."""
     batches = parity_batches(data.sampler, cfg.batch_size, first_step, skip)
     if data.dataset is None:  # in memory, augmented on the device: no loader processes needed
         for batch in batches:
@@ -1080,8 +1107,8 @@ def to_device_crops(batch, step, cfg, device):
     batch = _tensors_to(batch, device)  # a no-op for batches that copied_ahead already moved
     if isinstance(batch, torch.Tensor):  # uint8 images in memory: crops drawn on the device
         batch = batch_multicrop(batch, step, cfg)
-    elif isinstance(batch, Squashed):  # uint8 images from the loader at their working size
-        batch = batch_multicrop(batch.images, step, cfg, batch.aspect)
+    elif isinstance(batch, Cut):  # uint8 crops cut at full resolution by the loader workers
+        batch = cut_multicrop(batch, step, cfg)
     return tuple(None if x is None else channels_last(x, cfg) for x in batch)
 
 def _tensors_to(batch, device):  # a tensor, or a (named) tuple of tensors and None, moved without waiting

@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -934,20 +935,38 @@ def test_crop_boxes_lie_inside_and_follow_scale():
     assert area.max() <= 0.6 + 1e-4 and area.min() >= 0.1 and 0.3 < area.mean() < 0.45
 
 
-def test_crop_boxes_keep_the_original_aspect_of_squashed_images():
-    # A 2:1 image squashed to a square: a square crop of the original is 1:2 (w:h) in working pixels.
-    torch.manual_seed(6)
-    boxes = smog.random_resized_boxes(200, (0.1, 0.3), 64, 64, torch.device("cpu"), ratio=(1, 1),
-                                      image_aspect=torch.full((200,), 2.0))
-    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    assert torch.allclose(w / h, torch.full((200,), 0.5), rtol=1e-4)
+def test_folder_crops_are_cut_at_full_resolution_as_torchvisions_random_resized_crop():
     import PIL.Image
-    sample = smog.ResizeToTensor(20)(PIL.Image.new("RGB", (60, 30)))
-    assert sample.images.shape == (3, 20, 20) and sample.images.dtype == torch.uint8 and sample.aspect.item() == 2.0
-    images, labels, _ = smog.collate([(sample, 1, ""), (sample, 0, "")])
-    crops = smog.to_device_crops(images, 0, smog.parse_config(["--global-size", "16", "--num-local", "1",
-                                                               "--local-size", "8"]), torch.device("cpu"))
-    assert [c.shape[0] for c in crops] == [4, 2, 4, 2] and crops[0].shape[-1] == 16 and crops[1].shape[-1] == 8
+    import torchvision.transforms.functional as TF
+    # A large non-square image with detail finer than a 256x256 copy can hold: stripes 3 px apart.
+    stripes = (np.arange(900) % 3 == 0)[None, :].repeat(700, 0) * 255
+    image = PIL.Image.fromarray(np.stack([stripes] * 3, -1).astype(np.uint8))
+    cfg = smog.parse_config(["--global-size", "64", "--local-size", "64", "--num-local", "2",
+                             "--local-scale", "0.005,0.008"])  # local boxes of 56-71 px: about 1:1
+    torch.manual_seed(3)
+    cut = smog.CutCrops(cfg)(image)
+    assert cut.glob.shape == (4, 3, 64, 64) and cut.loc.shape == (4, 3, 64, 64) and cut.loc.dtype == torch.uint8
+    torch.manual_seed(3)  # the same draws: the boxes torchvision's RandomResizedCrop would take
+    boxes = [torchvision_rrc_params(image, cfg.global_scale) for _ in range(4)]
+    boxes += [torchvision_rrc_params(image, cfg.local_scale) for _ in range(4)]
+    crops = list(cut.glob) + list(cut.loc)
+    for (top, left, h, w), crop in zip(boxes, crops):
+        expected = TF.pil_to_tensor(TF.resized_crop(image, top, left, h, w, [crop.shape[-1]] * 2))
+        assert (expected.int() - crop.int()).abs().max() <= 1
+    squashed = image.resize((256, 256), PIL.Image.BILINEAR)  # what crops were cut from before
+    for (top, left, h, w), crop in zip(boxes[4:], crops[4:]):
+        sx, sy = 256 / 900, 256 / 700
+        blurry = TF.pil_to_tensor(squashed.resize((64, 64), PIL.Image.BILINEAR,
+                                                  box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy)))
+        assert crop.float().std() > 2 * blurry.float().std()  # the small crop keeps the stripes
+    images, _, _ = smog.collate([(cut, 1, ""), (cut, 0, "")])
+    crops = smog.to_device_crops(images, 0, cfg, torch.device("cpu"))
+    assert [c.shape for c in crops] == [(4, 3, 64, 64)] * 4
+
+
+def torchvision_rrc_params(image, scale):
+    import torchvision
+    return torchvision.transforms.RandomResizedCrop.get_params(image, scale, (3 / 4, 4 / 3))
 
 
 def test_compile_keeps_checkpoint_keys_plain(tmp_path):
@@ -961,7 +980,7 @@ def test_bench_runs_every_part_on_cpu():
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("a_ceiling_img_per_s", "b_step_img_per_s", "c_e2e_cpu_aug_img_per_s", "c_e2e_gpu_aug_img_per_s",
-                "d_update_over_floor", "b_over_a"):
+                "c_decode_cut_img_per_s_per_core", "d_update_over_floor", "b_over_a"):
         assert result[key] > 0, key
 
 
