@@ -96,8 +96,9 @@ class MultiCrop:
     """The crops of one image for one step, drawn by a per-image torchvision pipeline: the definition of the recipe.
 
     Called with (PIL image, step parity); returns (online global (2, 3, S, S), online local (L, 3, s, s) or None,
-    target global (2, 3, S, S), target local (L, 3, s, s) or None (cfg.target_local)). Each crop: RandomResizedCrop, flip, ColorJitter(0.4, 0.4, 0.2, 0.1) with p = 0.8,
-    grayscale p = 0.2, Gaussian blur and solarize with the pipeline's probabilities, ImageNet mean/std.
+    target global (2, 3, S, S), target local (L, 3, s, s) or None (cfg.target_local)). Each crop:
+    RandomResizedCrop, flip, ColorJitter(0.4, 0.4, 0.2, 0.1) with p = 0.8, grayscale p = 0.2, Gaussian blur and
+    solarize with the pipeline's probabilities, ImageNet mean/std.
     """
 
     def __init__(self, cfg):
@@ -134,11 +135,16 @@ class MultiCrop:
 
 # ----- networks: backbone f → projector g → predictor q online; a copy of f and g as the target branch -------------
 
-def mlp(dim_in, hidden, dim_out, last_bn):
-    """Linear → BN → ReLU → Linear (→ BN without affine, for the projector), as the authors' src/resnet50.py."""
-    layers = [nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(True), nn.Linear(hidden, dim_out)]
+def mlp(dim_in, hidden, dim_out, last_bn, swin=False):
+    """Linear → BN → ReLU → Linear (→ BN without affine, for the projector), as the authors' src/resnet50.py; swin:
+    GELU and trunc-normal(0.02) weights, as their src/SwinTrans_multicrop.py."""
+    layers = [nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.GELU() if swin else nn.ReLU(True),
+              nn.Linear(hidden, dim_out)]
     if last_bn:
         layers.append(nn.BatchNorm1d(dim_out, affine=False))
+    for linear in layers[::3] if swin else []:
+        nn.init.trunc_normal_(linear.weight, std=0.02)
+        nn.init.zeros_(linear.bias)
     return nn.Sequential(*layers)
 
 def bn_over_sizes(bn, xs):
@@ -173,34 +179,54 @@ def resnet_over_sizes(net, xs):
             xs = [m(x) for x in xs]
     return xs
 
+def heads(head, xs, per_size):
+    """A projector or predictor on the features of every crop size: one pass over all of them (the authors'
+    ResNets), or one per size (their Swin). xs: list of (n_i, d) → (Σ n_i, D)."""
+    return torch.cat([head(x) for x in xs]) if per_size else head(torch.cat(xs))
+
 class Encoder(nn.Module):
     """Backbone + projector: crops → projections z. Crops of one resolution are forwarded as one batch; with
-    shared_bn (ResNets), every BN of the backbone normalises all sizes together (resnet_over_sizes). The projector
-    runs once over all crops.
+    shared_bn (ResNets), every BN of the backbone normalises all sizes together (resnet_over_sizes); with swin_heads,
+    the projector is the authors' Swin one (mlp(swin=True)), run per crop size.
 
     backbone: a module mapping (N, 3, s, s) to (N, dim) (Part 2's BACKBONES builds them)."""
 
-    def __init__(self, backbone, dim, hidden_dim, feat_dim, shared_bn=False):
+    def __init__(self, backbone, dim, hidden_dim, feat_dim, shared_bn=False, swin_heads=False):
         super().__init__()
-        self.backbone, self.shared_bn = backbone, shared_bn
-        self.projector = mlp(dim, hidden_dim, feat_dim, last_bn=True)
+        self.backbone, self.shared_bn, self.swin_heads = backbone, shared_bn, swin_heads
+        self.projector = mlp(dim, hidden_dim, feat_dim, last_bn=True, swin=swin_heads)
 
     def forward(self, crops):  # list of (n_i, 3, s_i, s_i) -> (Σ n_i, D)
         if self.shared_bn and len(crops) > 1:
-            return self.projector(torch.cat([x.flatten(1) for x in resnet_over_sizes(self.backbone, crops)]))
-        return self.projector(torch.cat([self.backbone(x) for x in crops]))
+            feats = [x.flatten(1) for x in resnet_over_sizes(self.backbone, crops)]
+        else:
+            feats = [self.backbone(x) for x in crops]
+        return heads(self.projector, feats, self.swin_heads)
 
 class OnlineNet(nn.Module):
     """The online branch: encoder plus predictor. Returns (z, p), both (Σ n_i, D), not yet normalised."""
 
-    def __init__(self, backbone, dim, hidden_dim, feat_dim, shared_bn=False):
+    def __init__(self, backbone, dim, hidden_dim, feat_dim, shared_bn=False, swin_heads=False):
         super().__init__()
-        self.encoder = Encoder(backbone, dim, hidden_dim, feat_dim, shared_bn)
-        self.predictor = mlp(feat_dim, hidden_dim, feat_dim, last_bn=False)
+        self.encoder = Encoder(backbone, dim, hidden_dim, feat_dim, shared_bn, swin_heads)
+        self.predictor = mlp(feat_dim, hidden_dim, feat_dim, last_bn=False, swin=swin_heads)
 
     def forward(self, crops):
         z = self.encoder(crops)
-        return z, self.predictor(z)
+        return z, heads(self.predictor, z.split([len(x) for x in crops]), self.encoder.swin_heads)
+
+@torch.no_grad()
+def without_drop_path(encoder, crops):
+    """encoder(crops) with stochastic depth off and no gradients: the online z that the authors' Swin recipe uses
+    for the group update and the memory bank (src/two_stream_network.py, TwoStreamNet.forward)."""
+    dropping = [m for m in encoder.modules() if isinstance(m, torchvision.ops.StochasticDepth) and m.training]
+    for m in dropping:
+        m.eval()
+    try:
+        return encoder(crops)
+    finally:
+        for m in dropping:
+            m.train()
 
 
 # ----- momentum grouping: c_k moved every step by an all-reduced mean (main_SMoG.py, M_step), reset by k-means -----
@@ -393,6 +419,9 @@ def train_step(online, target, grouping, crops, beta, opt, scaler, autocast, cfg
             zt = target([t] if t_loc is None else [t, t_loc])[:2 * b].float()  # (2B, D): the global crops' z
         z, p = online([g] if loc is None else [g, loc])  # (C_online·B, D) each
     labels = grouping.assign(zt).view(h, 2, b)  # 1. y: nearest c_k before the update
+    if cfg.drop_path:  # the update and the bank see the online global crops without stochastic depth
+        with autocast:
+            z = without_drop_path(getattr(online, "module", online).encoder, [g])
     z_global = z[:2 * b].detach().float().view(2, b, -1)  # (2, B, D)
     # 2. head h moves with online global crop h mod 2 (a repeat: list indexing would copy indices from the host)
     counts = grouping.update(z_global.repeat((h + 1) // 2, 1, 1)[:h], beta)
@@ -436,7 +465,7 @@ class Config:
     local_scale: tuple[float, float] = (0.05, 0.2)
     num_local: int = 4
     target_local: bool = True  # the target also forwards num_local local crops, which only join its BN statistics
-    bn_over_sizes: bool = True  # ResNets: one BN statistics over all crop sizes of a branch (the authors'); else per size
+    bn_over_sizes: bool = True  # ResNets: one set of BN statistics for all crop sizes of a branch (the authors')
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur σ range in pixels of the crop
     invert: float = 0.0  # probability of a crop's negative 1 − x (tiny: its shapes come in both polarities); 0 = off
     batched_aug: str = "auto"  # on: on the training device (alias --gpu-aug) | off: MultiCrop in CPU workers | auto
@@ -444,7 +473,8 @@ class Config:
     arch: str = "resnet50"  # see BACKBONES
     feat_dim: int = 128  # dimension D of z, p and the centroids
     hidden_dim: int = 2048  # hidden width of projector and predictor
-    drop_path: float = 0.0  # stochastic depth of the online backbone (Swin: 0.2); the target branch has none
+    drop_path: float = 0.0  # stochastic depth of the online backbone (Swin: 0.2); the target, update and bank: none
+    swin_heads: bool = False  # the authors' Swin heads: GELU, trunc-normal(0.02) init, one pass per crop size
     ema: float = 0.999  # target ← ema·target + (1−ema)·online after every step
     # --- momentum grouping and loss ---
     num_groups: int = 3000  # K centroids per head
@@ -495,7 +525,7 @@ PRESETS = {
     "imagenet-r50w2": dict(arch="resnet50w2"),
     # Transformers (the authors' Swin-T script and src/optimizer.py): AdamW 1e-3 at batch 4096 (= 6.25e-5 per 256)
     # → 4e-5, weight decay 0.05, clipping 3.0.
-    "imagenet-swin-t": dict(arch="swin_t", drop_path=0.2, **TRANSFORMER_RECIPE),
+    "imagenet-swin-t": dict(arch="swin_t_bn", drop_path=0.2, swin_heads=True, **TRANSFORMER_RECIPE),
     # Not in the paper: ViT-S/16 on the Swin-T recipe (torchvision's ViT has no drop-path).
     "imagenet-vit-s16": dict(arch="vit_s16", **TRANSFORMER_RECIPE),
 }
@@ -652,11 +682,26 @@ def _resnet50_wide(widen=2):
     net.fc = nn.Identity()
     return net, 2048 * widen
 
-def _swin_t(drop_path):
-    """torchvision's Swin-T (768-d pooled output); it pads 96-px crops' feature maps to whole 7x7 windows itself."""
+class SwinBlockBN(torchvision.models.swin_transformer.SwinTransformerBlock):
+    """The authors' Swin block (src/SwinTrans_multicrop.py, norm_before_mlp='bn', as MoBY): a BatchNorm over the
+    channels in place of the LayerNorm before the MLP, and the normalised tensor is also the MLP's residual."""
+
+    def __init__(self, dim, *args, **kwargs):
+        super().__init__(dim, *args, **kwargs)
+        self.norm2 = nn.BatchNorm1d(dim)
+
+    def forward(self, x):  # (N, H, W, C)
+        x = x + self.stochastic_depth(self.attn(self.norm1(x)))
+        x = self.norm2(x.flatten(0, 2)).view_as(x)
+        return x + self.stochastic_depth(self.mlp(x))
+
+def _swin_t(drop_path, bn_blocks=False):
+    """torchvision's Swin-T (768-d pooled output), or with the authors' blocks (SwinBlockBN); it pads 96-px crops'
+    feature maps to whole 7x7 windows itself."""
+    block = dict(block=SwinBlockBN) if bn_blocks else {}
     net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2],
                                              num_heads=[3, 6, 12, 24], window_size=[7, 7],
-                                             stochastic_depth_prob=drop_path)  # swin_t() fixes it at 0.2
+                                             stochastic_depth_prob=drop_path, **block)  # swin_t() fixes it at 0.2
     net.head = nn.Identity()
     return net, 768
 
@@ -693,6 +738,7 @@ BACKBONES = {
     "resnet50": lambda drop_path: _torchvision_resnet("resnet50"),
     "resnet50w2": lambda drop_path: _resnet50_wide(2),
     "swin_t": _swin_t,
+    "swin_t_bn": lambda drop_path: _swin_t(drop_path, bn_blocks=True),
     "vit_s16": lambda drop_path: (ViT(depth=12, heads=6, dim=384), 384),
     "vit_b16": lambda drop_path: (ViT(depth=12, heads=12, dim=768), 768),
 }
@@ -700,7 +746,7 @@ BACKBONES = {
 def make_online(cfg):
     """The online branch of a config: OnlineNet around a fresh cfg.arch backbone."""
     return OnlineNet(*BACKBONES[cfg.arch](cfg.drop_path), cfg.hidden_dim, cfg.feat_dim,
-                     shared_bn=cfg.bn_over_sizes and cfg.arch.startswith("resnet"))
+                     shared_bn=cfg.bn_over_sizes and cfg.arch.startswith("resnet"), swin_heads=cfg.swin_heads)
 
 
 # ----- data: the embedded synthetic data set, ImageFolder, CIFAR-10 ------------------------------------------------

@@ -291,6 +291,46 @@ def test_target_forwards_its_local_crops_and_labels_come_from_its_global_crops(t
     assert seen["assign"] == (2 * b, cfg.feat_dim)  # labels: the 2 global crops only
 
 
+def swin_cfg():
+    return smog.parse_config(["--preset", "imagenet-swin-t", "--global-size", "64", "--local-size", "32",
+                              "--num-local", "1", "--batch-size", "4", "--num-groups", "8", "--hidden-dim", "32",
+                              "--feat-dim", "16"])
+
+
+def test_swin_update_and_bank_see_the_online_z_without_drop_path():
+    cfg = swin_cfg()
+    assert cfg.drop_path == 0.2 and cfg.swin_heads and cfg.arch == "swin_t_bn"
+    nets = smog.build_nets(cfg, torch.device("cpu"))
+    crops = smog.batch_multicrop(smog.synthetic_shapes(4, seed=1)[0], 0, cfg)
+    before = copy.deepcopy(nets.online)
+    _, _, z_global = smog.train_step(nets.online_ddp, nets.target, nets.grouping, crops, 0.9, nets.opt,
+                                     torch.amp.GradScaler("cpu", enabled=False), smog.nullcontext(), cfg)
+    expected = smog.without_drop_path(before.encoder, [crops[0]])  # (2B, D), weights before the step
+    assert torch.allclose(z_global.flatten(0, 1), expected, atol=1e-5)
+    torch.manual_seed(1)
+    assert not torch.allclose(before.encoder([crops[0]]), expected, atol=1e-3)  # drop-path on: another z
+
+
+def test_swin_block_and_heads_are_the_authors():
+    torch.manual_seed(0)
+    backbone = smog.BACKBONES["swin_t_bn"](0.0)[0]
+    block = backbone.features[1][0]
+    assert isinstance(block, smog.SwinBlockBN) and isinstance(block.norm2, torch.nn.BatchNorm1d)
+    torch.nn.init.zeros_(block.mlp[-2].weight), torch.nn.init.zeros_(block.mlp[-2].bias)  # MLP out: 0
+    x = torch.randn(2, 8, 8, 96)
+    after_attention = x + block.attn(block.norm1(x))
+    normalised = block.norm2(after_attention.flatten(0, 2)).view_as(x)  # the residual is the normalised tensor
+    assert torch.allclose(block(x), normalised, atol=1e-5)
+    online = smog.make_online(dataclasses.replace(swin_cfg(), drop_path=0.0))  # deterministic forwards
+    assert isinstance(online.encoder.projector[2], torch.nn.GELU) and online.encoder.swin_heads
+    assert abs(online.encoder.projector[0].weight.std().item() - 0.02) < 0.002  # trunc-normal(0.02), bias 0
+    assert not online.encoder.projector[0].bias.any()
+    crops = [torch.randn(4, 3, 64, 64), torch.randn(2, 3, 32, 32)]
+    z, p = online(crops)
+    alone = online.encoder.projector(online.encoder.backbone(crops[1]))  # the heads run per crop size
+    assert z.shape == p.shape == (6, 16) and torch.allclose(z[4:], alone, atol=1e-5)
+
+
 def test_lars_trust_ratio_and_exclusions():
     w = torch.nn.Parameter(torch.full((4, 4), 2.0))
     b = torch.nn.Parameter(torch.ones(4))
@@ -449,8 +489,9 @@ SWIN_RECIPE = {**R50_RECIPE, **dict(optimizer="adamw", lr=1e-3 / 16, start_lr=4e
 @pytest.mark.parametrize("preset, expected, published", [
     ("imagenet-r50", dict(R50_RECIPE, arch="resnet50"), 25.6),
     ("imagenet-r50w2", dict(R50_RECIPE, arch="resnet50w2"), 94.0),
-    ("imagenet-swin-t", dict(SWIN_RECIPE, arch="swin_t", drop_path=0.2), 28.0),
-    ("imagenet-vit-s16", dict(SWIN_RECIPE, arch="vit_s16"), 22.0),
+    ("imagenet-swin-t", dict(SWIN_RECIPE, arch="swin_t_bn", drop_path=0.2, swin_heads=True, target_local=False),
+     28.0),
+    ("imagenet-vit-s16", dict(SWIN_RECIPE, arch="vit_s16", target_local=False), 22.0),
     ("cifar10-r18", dict(arch="resnet18_cifar", data="cifar10", global_size=32), 11.7),
 ])
 def test_presets_print_the_spec_config_and_published_parameter_counts(preset, expected, published, capsys):
@@ -1113,6 +1154,7 @@ TORCHVISION_TWINS = {  # arch -> (torchvision model with the same backbone keys,
                                                                                   "heads.head.bias"}),
     "vit_b16": (lambda tv: tv.models.vit_b_16(), {"heads.head.weight", "heads.head.bias"}),
     "resnet50w2": (None, set()),  # no torchvision twin: compared with smog.py's own builder
+    "swin_t_bn": (None, set()),
 }
 
 
@@ -1121,9 +1163,9 @@ def test_backbone_trains_a_step_at_both_crop_sizes_reloads_and_exports(arch, tmp
     import torchvision
     cfg = smog.parse_config(["--arch", arch, "--global-size", "64", "--local-size", "32", "--num-local", "1",
                              "--batch-size", "4", "--num-groups", "8", "--hidden-dim", "32", "--feat-dim", "16",
-                             "--drop-path", "0.2" if arch == "swin_t" else "0", "--channels-last"])
+                             "--drop-path", "0.2" if arch.startswith("swin") else "0", "--channels-last"])
     nets = smog.build_nets(cfg, torch.device("cpu"))
-    if arch == "swin_t":  # drop-path in the online branch only
+    if arch.startswith("swin"):  # drop-path in the online branch only
         depths = [m.p for m in nets.online.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
         assert max(depths) == pytest.approx(0.2)
         assert all(m.p == 0 for m in nets.target.modules() if isinstance(m, torchvision.ops.StochasticDepth))
