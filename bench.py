@@ -123,7 +123,7 @@ def bench_augment(cfg, device, steps, warmup, profile=""):
 def bench_decode_and_cut(cfg, root, seconds=5.0):
     """The loader workers' share of the batched augmentation, in one process (one core): decoding an ImageFolder
     JPEG and cutting all of one step's crops from it at full resolution (smog.CutCrops); images per second."""
-    _, _, folder = smog.load_dataset(dataclasses.replace(cfg, data=root), "train")
+    _, _, folder = smog.load_dataset(dataclasses.replace(cfg, data=root, memory_budget=0), "train")
     folder.transform = smog.CutCrops(cfg)
     torch.set_num_threads(1)
     done, t0 = 0, time.perf_counter()
@@ -153,7 +153,7 @@ def bench_e2e(cfg, device, autocast, scaler, steps, warmup, root, batched):
     after a warm-up long enough for every worker to have delivered once.
     """
     warmup, steps = max(warmup, cfg.workers), max(steps, 3 * cfg.workers)
-    cfg = dataclasses.replace(cfg, data=root)
+    cfg = dataclasses.replace(cfg, data=root, memory_budget=0)  # streamed, as a large folder is
     _, labels, folder = smog.load_dataset(cfg, "train")
     folder.transform = smog.CutCrops(cfg) if batched else smog.MultiCrop(cfg)
     nets = smog.build_nets(cfg, device)

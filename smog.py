@@ -451,7 +451,8 @@ class Config:
     out_dir: str = "out"  # checkpoint.pt and log.jsonl go here
     epochs: int = 400
     batch_size: int = 64  # images per process; the global batch is batch_size × number of processes
-    workers: int = 8  # data-loading processes per training process (ImageFolder only)
+    workers: int = -1  # loader processes per training process (streamed ImageFolder); -1: the cores / processes
+    memory_budget: float = 2.0  # GiB: an ImageFolder whose decoded images fit is decoded once and held in memory
     seed: int = 0
     resume: str = "auto"  # auto (out_dir/checkpoint.pt if present) | none | PATH
     stop_after: int = 0  # leave after this many epochs in this job, resumable (for time-limited jobs); 0 = run all
@@ -467,7 +468,8 @@ class Config:
     target_local: bool = True  # the target also forwards num_local local crops, which only join its BN statistics
     bn_over_sizes: bool = True  # ResNets: one set of BN statistics for all crop sizes of a branch (the authors')
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur σ range in pixels of the crop
-    invert: float = 0.0  # probability of a crop's negative 1 − x (tiny: its shapes come in both polarities); 0 = off
+    invert: float = 0.0  # probability of a crop's negative 1 − x; -1: 0.5 for --data synthetic (its shapes come in
+    # both polarities), else 0 (the tiny preset)
     batched_aug: str = "auto"  # on: on the training device (alias --gpu-aug) | off: MultiCrop in CPU workers | auto
     # --- networks ---
     arch: str = "resnet50"  # see BACKBONES
@@ -499,8 +501,10 @@ class Config:
     channels_last: bool = True  # NHWC memory layout: the one tensor cores and oneDNN's convolutions prefer
     compile: bool = False  # torch.compile the online and target networks (opt-in: see README, Performance)
     log_every: int = 20  # steps between log lines
-    knn: bool = True  # report kNN top-1 on the held-out split at the end (labels are used only for this report)
+    knn: bool = True  # report kNN top-1 on the held-out split at the end (labels are used only for these reports)
+    eval_every: int = 0  # also every N epochs during training (online backbone, rank 0); -1: about ten per run
     print_config: bool = False  # print the resolved config and exit
+    plot: str = ""  # draw OUT_DIR/log.jsonl as OUT_DIR/curves.svg (loss, lr, β, groups, kNN over steps) and exit
 
 TRANSFORMER_RECIPE = dict(optimizer="adamw", feat_dim=256, lr=1e-3 * 256 / 4096, start_lr=4e-5, final_lr=4e-5,
                           warmup_epochs=10, weight_decay=0.05, clip_grad=3.0, exclude_1d=True, target_local=False)
@@ -509,9 +513,9 @@ TRANSFORMER_RECIPE = dict(optimizer="adamw", feat_dim=256, lr=1e-3 * 256 / 4096,
 PRESETS = {
     # CPU-friendly: embedded 32-px data set, small ResNet, a few minutes on 2 cores.
     "tiny": dict(
-        data="synthetic", synthetic_size=2000, arch="resnet_tiny", epochs=160, batch_size=64, workers=0,
+        data="synthetic", synthetic_size=2000, arch="resnet_tiny", epochs=160, batch_size=64,
         global_size=32, global_scale=(0.5, 1.0), num_local=0, local_size=16, local_scale=(0.1, 0.4),
-        blur_sigma=(0.1, 0.6), invert=0.5, hidden_dim=512, exclude_1d=True,
+        blur_sigma=(0.1, 0.6), invert=-1, hidden_dim=512, exclude_1d=True, eval_every=-1,
         num_groups=200, tau=0.05, lr=6.0, start_lr=0.05, final_lr=0.01, warmup_epochs=2, ema=0.996, log_every=100,
     ),
     # ResNet-18 with a 3x3 stem on 32-px images.
@@ -519,6 +523,7 @@ PRESETS = {
         data="cifar10", arch="resnet18_cifar", epochs=200, batch_size=256, workers=4, global_size=32,
         global_scale=(0.2, 1.0), local_size=16, local_scale=(0.05, 0.2), num_local=4, blur_sigma=(0.1, 0.5),
         hidden_dim=2048, num_groups=300, lr=1.2, start_lr=0.05, warmup_epochs=10, ema=0.99, exclude_1d=True,
+        eval_every=-1,
     ),
     # The paper's recipes (the authors' scripts/pretrain/*.sh): batch 4096 = 64 GPUs × 64, 400 epochs.
     "imagenet-r50": dict(),
@@ -577,6 +582,13 @@ def parse_config(argv=None):
         fail(f"--preset {preset!r} is unknown (choose from {', '.join(PRESETS)})")
     cfg = Config(**{**PRESETS[preset], **given, "preset": preset})
     check_config(cfg)
+    if cfg.invert == -1:  # a property of the embedded data set, not of the preset
+        cfg = dataclasses.replace(cfg, invert=0.5 if cfg.data == "synthetic" else 0.0)
+    if cfg.eval_every == -1:
+        cfg = dataclasses.replace(cfg, eval_every=max(1, cfg.epochs // 10))
+    if cfg.workers == -1:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        cfg = dataclasses.replace(cfg, workers=max(1, (os.cpu_count() or 1) // local_processes))
     return cfg
 
 def check_config(cfg):
@@ -593,19 +605,25 @@ def check_config(cfg):
                  "num_heads", "log_every", "synthetic_size"):
         if getattr(cfg, name) < 1:
             bad(name, "must be at least 1")
-    for name in ("workers", "num_local", "kmeans_iters", "warmup_epochs", "stop_after", "checkpoint_every"):
+    if cfg.eval_every < -1:
+        bad("eval_every", "must be at least 0 (or -1: about ten reports per run)")
+    for name in ("num_local", "kmeans_iters", "warmup_epochs", "stop_after", "checkpoint_every"):
         if getattr(cfg, name) < 0:
             bad(name, "must be at least 0")
     for name, top in (("global_scale", 1), ("local_scale", 1), ("blur_sigma", math.inf)):
         lo, hi = getattr(cfg, name)
         if not 0 < lo <= hi <= top:
             bad(name, "needs 0 < low <= high" + (" <= 1" if top == 1 else ""))
-    for name in ("ema", "beta_start", "beta_end", "drop_path", "invert"):
+    for name in ("ema", "beta_start", "beta_end", "drop_path"):
         if not 0 <= getattr(cfg, name) <= 1:
             bad(name, "must lie in [0, 1]")
     for name in ("global_size", "local_size"):
         if cfg.arch.startswith("vit") and getattr(cfg, name) % 16:
             bad(name, f"--arch {cfg.arch} needs crop sizes that are multiples of its 16-px patches")
+    if not (cfg.invert == -1 or 0 <= cfg.invert <= 1):
+        bad("invert", "must lie in [0, 1] (or -1: 0.5 for --data synthetic, else 0)")
+    if cfg.workers < -1:
+        bad("workers", "must be at least 0 (or -1: the cores per process)")
     for name in ("tau", "lr", "dist_timeout"):
         if getattr(cfg, name) <= 0:
             bad(name, "must be positive")
@@ -857,7 +875,44 @@ def load_dataset(cfg, split):
     if split == "val" and not os.path.isdir(root):
         return None, None, None
     ds = ImageFolderData(root)
-    return None, torch.tensor(ds.targets), ds
+    decoded = decode_into_memory(ds, cfg.memory_budget, split)
+    return (*decoded, None) if decoded else (None, torch.tensor(ds.targets), ds)
+
+def decode_into_memory(ds, budget_gib, split):
+    """(images uint8 (N, 3, H, W), labels (N,)) of a small ImageFolder, decoded once, when its images share one size
+    and fit in budget_gib; else None, and the folder streams through loader workers. Unreadable images are left out
+    and reported; more than 1% of them end the run."""
+    samples, first = ds.folder.samples, None
+    for path, _ in samples[:20]:  # the first readable image tells the size
+        try:
+            first = np.asarray(ds.folder.loader(path).convert("RGB"))
+            break
+        except Exception:  # noqa: BLE001 - reported below, when every image is read
+            continue
+    if first is None or len(samples) * first.nbytes > budget_gib * 2**30:
+        if first is not None and budget_gib > 0:
+            log(f"data ({split}): {len(samples)} images would take {len(samples) * first.nbytes / 2**30:.1f} GiB "
+                f"decoded, over --memory-budget {budget_gib:g}: streamed through loader workers")
+        return None
+    t0, images, labels, failed = time.time(), [], [], []
+    for path, label in samples:
+        try:
+            pixels = np.asarray(ds.folder.loader(path).convert("RGB"))
+        except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable image"
+            failed.append(f"{path} ({type(e).__name__}: {e})")
+            continue
+        if pixels.shape != first.shape:
+            log(f"data ({split}): images of several sizes ({path}: {pixels.shape[1]}x{pixels.shape[0]}, "
+                f"others {first.shape[1]}x{first.shape[0]}): streamed through loader workers")
+            return None
+        images.append(pixels)
+        labels.append(label)
+    if len(failed) > 0.01 * len(samples):
+        fail(f"{len(failed)} of {len(samples)} images are unreadable, e.g. {failed[0]}")
+    log(f"data ({split}): {len(images)} images of {first.shape[1]}x{first.shape[0]} decoded into memory "
+        f"({len(images) * first.nbytes / 2**20:.0f} MiB, {time.time() - t0:.1f}s; --memory-budget {budget_gib:g} GiB)"
+        + (f"; {len(failed)} unreadable left out, e.g. {failed[0]}" if failed else ""))
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
 
 class InMemoryData(torch.utils.data.Dataset):
     """uint8 images (N, 3, S, S) as a Dataset of (crops, label, "") for CPU workers (used with --batched-aug off)."""
@@ -1390,7 +1445,8 @@ def stop_if_not_finite(bad_step, ckpt_path, epoch):
 # ----- reports: group health and kNN on the held-out split ---------------------------------------------------------
 
 def group_health(counts):
-    """(mean groups used per head, mean assignment entropy in nats) from one step's counts (H, K)."""
+    """(mean distinct groups used per head, mean entropy of the assignments in nats) from counts (H, K) summed over
+    an interval of steps; log K is the most the entropy can be (every group used equally)."""
     used = (counts > 0).sum(1).float().mean()
     prob = counts / counts.sum(1, keepdim=True).clamp(min=1)
     entropy = -(prob * prob.clamp(min=1e-12).log()).sum(1).mean()
@@ -1441,21 +1497,21 @@ def knn_top1(train_feats, train_labels, test_feats, test_labels, k=20, t=0.07, n
         correct += (votes.argmax(1) == test_labels[i:i + 1024]).sum().item()
     return 100.0 * correct / len(test_feats)
 
-def knn_report(backbone, cfg, device, train_data, train_labels):
-    """kNN top-1 (%) on the held-out split: trained encoder, the same architecture at random init, and (for data
-    sets held in memory) raw pixels. None when the data set has no held-out split."""
-    test_images, test_labels, test_folder = load_dataset(cfg, "val")
+def knn_report(backbone, cfg, device, train_data, train_labels, held_out, baselines=True):
+    """kNN top-1 (%) on the held-out split (load_dataset(cfg, "val")): the trained encoder, and with baselines the
+    same architecture at random init and (for data sets held in memory) raw pixels. None without a held-out split."""
+    test_images, test_labels, test_folder = held_out
     if test_labels is None:
         return None
     test_data = test_images if test_images is not None else test_folder
     train_labels, test_labels = train_labels.to(device), test_labels.to(device)
-    torch.manual_seed(cfg.seed)
-    random_backbone = BACKBONES[cfg.arch](0.0)[0].to(device)
-
+    nets = [("knn_top1", backbone)]
+    if baselines:
+        torch.manual_seed(cfg.seed)
+        nets.append(("knn_top1_random_init", BACKBONES[cfg.arch](0.0)[0].to(device)))
     result = {key: knn_top1(extract_features(net, train_data, cfg, device), train_labels,
-                            extract_features(net, test_data, cfg, device), test_labels)
-              for key, net in (("knn_top1", backbone), ("knn_top1_random_init", random_backbone))}
-    if test_images is not None:
+                            extract_features(net, test_data, cfg, device), test_labels) for key, net in nets}
+    if baselines and test_images is not None:
         pixels = [F.normalize(x.flatten(1).float() - x.flatten(1).float().mean(1, keepdim=True), dim=1).to(device)
                   for x in (train_data, test_images)]  # centred per image: invariant to brightness and contrast
         result["knn_top1_raw_pixels"] = knn_top1(pixels[0], train_labels, pixels[1], test_labels)
@@ -1474,6 +1530,7 @@ class Progress:
 
     def __init__(self, cfg, total_steps, jsonl, step):
         self.cfg, self.total_steps, self.jsonl, self.step = cfg, total_steps, jsonl, step
+        self.t_start, self.first_step, self.counts = time.time(), step, 0
         self.restart()
 
     def __enter__(self):
@@ -1506,36 +1563,45 @@ class Progress:
             self.images += self.cfg.batch_size * world_size()
             yield batch
 
-    def report(self, step, epoch, loss, lr, beta, counts):
-        """Prints and records one interval (one host sync)."""
-        used, entropy = group_health(counts)
-        elapsed = time.time() - self.t_log
+    def add(self, counts):  # one step's group counts (H, K), summed on the device until the next report
+        self.counts = self.counts + counts
+
+    def report(self, step, epoch, loss, lr, beta):
+        """Prints and records one interval (one host sync): groups used and assignment entropy over the interval,
+        against K and log K, and the time left at this job's pace."""
+        used, entropy = group_health(self.counts)
+        elapsed, now = time.time() - self.t_log, time.time()
+        eta = (now - self.t_start) / max(1, step - self.first_step) * (self.total_steps - step)
         record = dict(step=step, epoch=epoch, loss=loss.item(), lr=lr, beta=beta, img_per_s=self.images / elapsed,
                       data_time=self.data_time / elapsed, groups_used=used, assign_entropy=entropy,
-                      bad_images=self.bad_images)
+                      assign_entropy_max=math.log(self.cfg.num_groups), eta_s=eta, bad_images=self.bad_images)
         log(f"step {step}/{self.total_steps} | epoch {epoch} | loss {record['loss']:.4f} | lr {lr:.4f} | "
-            f"β {beta:.4f} | {record['img_per_s']:.0f} img/s | data {100 * record['data_time']:.0f}% | "
-            f"groups used {used:.0f}/{self.cfg.num_groups}")
+            f"β {beta:.4f} | {record['img_per_s']:.0f} img/s | data {100 * record['data_time']:.0f}% | groups used "
+            f"{used:.0f}/{self.cfg.num_groups}, entropy {entropy:.2f}/{record['assign_entropy_max']:.2f} | "
+            f"ETA {datetime.timedelta(seconds=round(eta))}")
         self.write(record)
-        self.t_log, self.data_time, self.images = time.time(), 0.0, 0
+        self.t_log, self.data_time, self.images, self.counts = time.time(), 0.0, 0, 0
 
     def write(self, record):  # one line of log.jsonl, which rank 0 holds (the others have None)
         if self.jsonl:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
 
-def final_report(nets, cfg, device, data, progress, step):
-    """kNN top-1 on the held-out split, printed and logged (labels are used only here)."""
-    result = knn_report(nets.online.encoder.backbone, cfg, device,
-                        data.images if data.folder is None else data.folder, data.labels)
+def knn_during_training(nets, cfg, device, data, held_out, progress, epoch, step, final=False):
+    """kNN top-1 of the online backbone on the held-out split, printed and logged (labels are used only here); at the
+    end of the run with the baselines (random init, raw pixels) too. Rank 0 alone: the others wait at their next
+    collective (within --dist-timeout)."""
+    result = knn_report(nets.online.encoder.backbone, cfg, device, data.images if data.folder is None else
+                        data.folder, data.labels, held_out, baselines=final)
     if result is None:
-        log("kNN report skipped: the data set has no held-out split (PATH/val)")
+        if final:
+            log("kNN report skipped: the data set has no held-out split (PATH/val)")
         return
-    log("kNN top-1 on the held-out split: " + " | ".join(
-        f"{name} {result[key]:.1f}%" for key, name in (
-            ("knn_top1", "trained"), ("knn_top1_random_init", "same architecture at random init"),
-            ("knn_top1_raw_pixels", "raw pixels")) if key in result))
-    progress.write(dict(step=step, **result))
+    names = (("knn_top1", "trained"), ("knn_top1_random_init", "same architecture at random init"),
+             ("knn_top1_raw_pixels", "raw pixels"))
+    log(f"kNN top-1 on the held-out split{'' if final else f' after epoch {epoch}'}: " + " | ".join(
+        f"{name} {result[key]:.1f}%" for key, name in names if key in result))
+    progress.write(dict(step=step, epoch=epoch, **result))
 
 def train(cfg):
     """The whole run: data, networks, resume or a fresh bank, epochs with group resets and checkpoints, kNN report."""
@@ -1563,6 +1629,7 @@ def train(cfg):
         fill_bank(nets, bank, data, cfg, device, autocast)
         log(f"bank filled by the initial network, groups set by k-means ({reset_groups(nets, bank, cfg, -1):.1f}s)")
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
+    held_out = load_dataset(cfg, "val") if rank() == 0 and (cfg.knn or cfg.eval_every) else None
 
     with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank() == 0 else nullcontext() as jsonl, \
             catch_preemption() as caught, Progress(cfg, total_steps, jsonl, step) as progress:
@@ -1582,11 +1649,12 @@ def train(cfg):
                 loss, counts, z_global = train_step(nets.online_ddp, nets.target, nets.grouping, crops, beta,
                                                     nets.opt, scaler, autocast, cfg)
                 bank.add(z_global)
+                progress.add(counts)
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
                 step, epoch_step = step + 1, epoch_step + 1
                 if step % cfg.log_every == 0 or step == total_steps:
                     stop_if_not_finite(bad_step, ckpt_path, epoch)
-                    progress.report(step, epoch, loss, lr, beta, counts)
+                    progress.report(step, epoch, loss, lr, beta)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and epoch_step < steps_per_epoch:
                     stop_if_not_finite(bad_step, ckpt_path, epoch)
                     save_run(ckpt_path, cfg, nets, scaler, bank, len(data.labels), epoch, step, epoch_step)
@@ -1607,11 +1675,13 @@ def train(cfg):
                 break
             if (epoch + 1) % max(1, cfg.epochs // 20) == 0 or epoch + 1 == cfg.epochs:  # at most ~20 such lines
                 log(f"epoch {epoch} done: groups reset by k-means ({reset_seconds:.1f}s), checkpoint {ckpt_path}")
+            if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and rank() == 0:
+                knn_during_training(nets, cfg, device, data, held_out, progress, epoch, step)
             if cfg.stop_after and epoch + 1 - start_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:  # exit
                 log(f"stopping after {cfg.stop_after} epoch(s) as asked; run again to resume from epoch {epoch + 1}")
                 break
         if cfg.knn and rank() == 0 and step == total_steps:  # the other processes need not wait for it
-            final_report(nets, cfg, device, data, progress, step)
+            knn_during_training(nets, cfg, device, data, held_out, progress, cfg.epochs - 1, step, final=True)
     return nets, step
 
 def parameter_counts(cfg):
@@ -1625,8 +1695,47 @@ def parameter_counts(cfg):
                 projector=round(millions(online.encoder.projector), 2),
                 predictor=round(millions(online.predictor), 2), online=round(millions(online), 2))
 
+def plot_curves(out_dir):
+    """Writes out_dir/curves.svg: the log's loss, lr, β, groups used, assignment entropy and kNN top-1 over steps,
+    one panel each (plain SVG: no plotting package needed). Returns the path."""
+    path = os.path.join(out_dir, "log.jsonl")
+    try:
+        records = [json.loads(line) for line in open(path) if line.strip()]
+    except (OSError, ValueError) as e:
+        fail(f"--plot {out_dir}: no readable log.jsonl ({type(e).__name__}: {e})")
+    panels = [("loss", "loss"), ("lr", "learning rate"), ("beta", "β (centroid momentum)"),
+              ("groups_used", "groups used"), ("assign_entropy", "assignment entropy (nats)"),
+              ("knn_top1", "kNN top-1 (%)")]
+    w, h, pad = 360, 220, 40
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{3 * w}" height="{2 * h}" font-family="sans-serif" '
+           f'font-size="12"><rect width="100%" height="100%" fill="white"/>']
+    for i, (key, title) in enumerate(panels):
+        x0, y0 = (i % 3) * w, (i // 3) * h
+        points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
+        svg.append(f'<text x="{x0 + pad}" y="{y0 + 18}" font-weight="bold">{title}</text>')
+        svg.append(f'<rect x="{x0 + pad}" y="{y0 + 28}" width="{w - 2 * pad}" height="{h - 68}" fill="none" '
+                   f'stroke="#999"/>')
+        if not points:
+            continue
+        (s_lo, s_hi), (v_lo, v_hi) = [(min(c), max(c)) for c in zip(*points)]
+        sx = lambda v: x0 + pad + (w - 2 * pad) * (v - s_lo) / max(s_hi - s_lo, 1e-12)  # noqa: E731
+        sy = lambda v: y0 + h - 40 - (h - 68) * (v - v_lo) / max(v_hi - v_lo, 1e-12)  # noqa: E731
+        line = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in points)
+        svg.append(f'<polyline points="{line}" fill="none" stroke="#1f5fa8" stroke-width="1.5"/>' if len(points) > 1
+                   else f'<circle cx="{sx(points[0][0]):.1f}" cy="{sy(points[0][1]):.1f}" r="3" fill="#1f5fa8"/>')
+        svg.append(f'<text x="{x0 + pad}" y="{y0 + h - 22}">step {s_lo}</text><text x="{x0 + w - pad}" '
+                   f'y="{y0 + h - 22}" text-anchor="end">{s_hi}</text><text x="{x0 + pad - 4}" y="{y0 + 40}" '
+                   f'text-anchor="end">{v_hi:.3g}</text><text x="{x0 + pad - 4}" y="{y0 + h - 40}" '
+                   f'text-anchor="end">{v_lo:.3g}</text>')
+    with open(os.path.join(out_dir, "curves.svg"), "w") as f:
+        f.write("\n".join(svg + ["</svg>"]) + "\n")
+    return os.path.join(out_dir, "curves.svg")
+
 def main(argv=None):
     cfg = parse_config(argv)
+    if cfg.plot:
+        print(f"wrote {plot_curves(cfg.plot)}")
+        return
     if cfg.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         # Papers quote backbones with their ImageNet classifier (ResNet-50: 25.6M); SMoG replaces it by the heads.
