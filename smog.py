@@ -408,12 +408,13 @@ def train_step(online, target, grouping, crops, beta, opt, scaler, autocast, cfg
     online: OnlineNet (or DDP around one); target: its encoder's EMA copy; grouping: MomentumGrouping.
     crops: (online global (2B, 3, S, S), online local (L·B, 3, s, s) or None, target global (2B, 3, S, S), target
     local (L·B, 3, s, s) or None), each crop-major (all images' first crop, then all second crops). Uses cfg.tau,
-    cfg.clip_grad and cfg.ema.
+    cfg.clip_grad, cfg.ema and cfg.drop_path.
     Returns (loss, counts (H, K), online global z (2, B, D)) as device tensors: nothing here waits for the device.
     """
     g, loc, t, t_loc = crops
     b = t.shape[0] // 2
     h, k = grouping.centroids.shape[:2]
+    module = getattr(online, "module", online)  # the OnlineNet itself, also inside DDP
     with autocast:
         with torch.no_grad():
             zt = target([t] if t_loc is None else [t, t_loc])[:2 * b].float()  # (2B, D): the global crops' z
@@ -421,7 +422,7 @@ def train_step(online, target, grouping, crops, beta, opt, scaler, autocast, cfg
     labels = grouping.assign(zt).view(h, 2, b)  # 1. y: nearest c_k before the update
     if cfg.drop_path:  # the update and the bank see the online global crops without stochastic depth
         with autocast:
-            z = without_drop_path(getattr(online, "module", online).encoder, [g])
+            z = without_drop_path(module.encoder, [g])
     z_global = z[:2 * b].detach().float().view(2, b, -1)  # (2, B, D)
     # 2. head h moves with online global crop h mod 2 (a repeat: list indexing would copy indices from the host)
     counts = grouping.update(z_global.repeat((h + 1) // 2, 1, 1)[:h], beta)
@@ -433,7 +434,7 @@ def train_step(online, target, grouping, crops, beta, opt, scaler, autocast, cfg
         torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.clip_grad)
     scaler.step(opt)  # under fp16, skipped on the device when the gradients overflowed
     scaler.update()
-    ema_(target, getattr(online, "module", online).encoder, cfg.ema)  # online.module: inside DDP
+    ema_(target, module.encoder, cfg.ema)
     return loss.detach(), counts, z_global
 
 
