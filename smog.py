@@ -342,7 +342,9 @@ class LARS(torch.optim.SGD):
     momentum SGD. Parameter groups with lars=False get plain momentum SGD, no weight decay. Gradients must be true
     (unscaled) ones: under fp16 call GradScaler.unscale_ first. The trust ratios take a few torch._foreach_* kernels
     for all tensors; the SGD step is torch's fused kernel, which skips the update on the device when GradScaler found
-    an overflow: no host sync.
+    an overflow: no host sync. Every momentum buffer starts as zeros before the first step: the fused kernel would
+    otherwise create it uninitialised (empty_like) and, when GradScaler skips that first step, leave it unwritten for
+    the next real step to add (momentum·0 + g is what plain SGD's first step gives).
     """
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001):
@@ -357,6 +359,9 @@ class LARS(torch.optim.SGD):
     def step(self):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
+            for p in params if group["momentum"] else []:  # host-side check: no device work after the first step
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             if not params or not group["lars"]:
                 continue
             grads, wd = [p.grad for p in params], group["lars_weight_decay"]

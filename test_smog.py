@@ -376,6 +376,36 @@ def test_lars_under_grad_scaler_unscales_and_skips_overflow():
     assert scaler.get_scale() == 512.0
 
 
+def test_lars_first_step_skipped_by_grad_scaler_then_a_normal_one_equals_one_clean_step():
+    # torch's fused SGD would create its momentum buffers uninitialised on a first step that the scaler skips; memory
+    # freed just before is filled with garbage so that such a buffer would hold it.
+    def make():
+        w, b = torch.nn.Parameter(torch.full((64, 64), 2.0)), torch.nn.Parameter(torch.ones(64))
+        opt = smog.LARS([dict(params=[w]), dict(params=[b], weight_decay=0.0, lars=False)], lr=1.0, momentum=0.9,
+                        weight_decay=0.1, eta=0.001)
+        return w, b, opt
+
+    def fill_freed_memory():
+        for _ in range(4):
+            del_me = torch.full((1 << 16,), 1e30)
+            del del_me
+
+    w0, b0, clean = make()
+    w0.grad, b0.grad = torch.full_like(w0, 0.5), torch.full_like(b0, 0.5)
+    clean.step()
+    w1, b1, opt = make()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    for grad in (float("inf"), 0.5):  # the first step overflows and is skipped, the second is an ordinary one
+        fill_freed_memory()
+        w1.grad, b1.grad = scaler.scale(torch.full_like(w1, grad)), scaler.scale(torch.full_like(b1, grad))
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+    assert scaler.get_scale() == 2.0 ** 15  # the first step was skipped
+    assert torch.allclose(w0, w1, atol=1e-6, rtol=0) and torch.allclose(b0, b1, atol=1e-6, rtol=0)
+    assert not torch.equal(w0, torch.full_like(w0, 2.0)) and not torch.equal(b0, torch.ones_like(b0))
+
+
 @pytest.mark.parametrize("preset", ["imagenet-r50", "imagenet-r50w2"])
 def test_paper_resnet_recipes_give_every_parameter_weight_decay_and_a_trust_ratio(preset):
     cfg = smog.parse_config(["--preset", preset, "--num-groups", "8"])
