@@ -3,12 +3,14 @@
     python bench.py                        # GPU: ResNet-50, paper recipe, 128 images; CPU: the same paths at tiny sizes
     python bench.py --arch resnet50 --batch-size 128 --steps 30 --out results.json
     python bench.py --precision fp16 --skip c,d     # GPU: the other precision; --compile: with torch.compile
+    python bench.py --acceptance OUT_DIR            # GPU acceptance: speed, then fp16 training runs (see acceptance)
 
 Measures, in one process:
   (a) ceiling   the bare backbone: forward+backward over the online crops, forward over the target crops
   (b) step      the full SMoG training step on device tensors (heads, grouping, loss, optimiser, EMA)
   (c) e2e       end to end from an ImageFolder of generated JPEGs through the real DataLoader, with CPU augmentation
                 and with batched (GPU) augmentation, as many workers as cores; and the batched augmentation alone
+  (bn)          the ResNet-50 encoder with one BN over all crop sizes against a BN per size (smog.bn_over_sizes)
   (d) grouping  MomentumGrouping.update alone (K = 3000, D = 128, 3 heads, N = 4096) against its floor, the
                 assignment matmul plus argmax for all heads
 and prints img/s for each, (b)/(a), (c)/(b), the share of grouping + loss in (b) at the step's own sizes, and the
@@ -17,6 +19,7 @@ peak GPU memory.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -134,6 +137,40 @@ def bench_decode_and_cut(cfg, root, seconds=5.0):
     return done / (time.perf_counter() - t0)
 
 
+def bench_bn_over_sizes(cfg, device, autocast, reps=7):
+    """The cost of one set of BN statistics for all crop sizes (smog.bn_over_sizes): the ResNet-50 online encoder's
+    forward+backward on one step's online crops with every BN over all sizes, over the same with a BN per size.
+    Returns (shared seconds, per-size seconds, ratio of medians), the two measured alternately. On a CPU: 2 images of
+    2x112 + 4x48 crops on one thread; on a GPU: the config's crops and batch."""
+    cpu = device.type == "cpu"
+    b, big, small, n_local = (2, 112, 48, 4) if cpu else (cfg.batch_size, cfg.global_size, cfg.local_size,
+                                                             cfg.num_local)
+    threads = torch.get_num_threads()
+    if cpu:
+        torch.set_num_threads(1)
+    torch.manual_seed(0)
+    encoders = {shared: smog.Encoder(*smog.BACKBONES["resnet50"](0.0), cfg.hidden_dim, cfg.feat_dim,
+                                     shared_bn=shared).to(device).to(memory_format=torch.channels_last)
+                for shared in (True, False)}
+    crops = [torch.randn(2 * b, 3, big, big, device=device), torch.randn(n_local * b, 3, small, small, device=device)]
+    crops = [x.contiguous(memory_format=torch.channels_last) for x in crops]
+
+    def run(shared):
+        with autocast:
+            z = encoders[shared](crops)
+        z.float().sum().backward()
+
+    times = {True: [], False: []}
+    for rep in range(reps + 1):
+        for shared in (True, False) if rep % 2 else (False, True):
+            seconds = timed(lambda: run(shared), 1 if cpu else 5, 0, device)
+            if rep:  # the first round warms up both
+                times[shared].append(seconds)
+    torch.set_num_threads(threads)
+    shared, per_size = float(np.median(times[True])), float(np.median(times[False]))
+    return shared, per_size, shared / per_size
+
+
 def write_jpegs(root, count, classes=4, size=(500, 375)):
     """An ImageFolder of `count` random-content JPEGs of about ImageNet's size."""
     import PIL.Image
@@ -209,7 +246,8 @@ def bench_grouping_in_step(cfg, device, steps, warmup):
     return wall, micros / 1e6 / steps
 
 
-def main():
+def parse_args(argv=None):
+    """bench.py's flags: GPU defaults are the paper's ResNet-50 at 128 images per step, CPU defaults tiny sizes."""
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="imagenet-r50" if cuda else "tiny")
@@ -221,11 +259,19 @@ def main():
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks, as smog.py --compile")
     parser.add_argument("--images", type=int, default=0, help="JPEGs to generate for (c); default 4 batches")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: a, b, c, d, or c-cpu (only the "
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: a, b, bn, c, d, or c-cpu (only the "
                         "CPU-augmentation run of c)")
     parser.add_argument("--out", default="", help="also write the JSON line to this file")
     parser.add_argument("--profile", default="", help="write the top operators of (b) and of the augmentation here")
-    args = parser.parse_args()
+    parser.add_argument("--acceptance", default="", metavar="OUT_DIR",
+                        help="the acceptance run instead: speed (a, b, bn, c) and two training runs of smog.py, "
+                             "results in OUT_DIR/acceptance.json and OUT_DIR/summary.txt (see acceptance())")
+    return parser.parse_args(argv)
+
+
+def measure(args):
+    """Runs the parts of the benchmark that args asks for; prints a line per figure and returns them as a dict."""
+    cuda = torch.cuda.is_available()
 
     flags = ["--preset", args.preset, "--batch-size", str(args.batch_size), "--precision", args.precision,
              "--workers", str(args.workers)]
@@ -245,8 +291,9 @@ def main():
     b = cfg.batch_size
     result = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, arch=cfg.arch,
                   batch_size=b, precision=precision, compile=cfg.compile, workers=cfg.workers,
-                  crops=f"2x{cfg.global_size}+{cfg.num_local}x{cfg.local_size}"
-                  f" online, 2x{cfg.global_size} target", num_groups=cfg.num_groups, num_heads=cfg.num_heads)
+                  crops=f"2x{cfg.global_size}+{cfg.num_local}x{cfg.local_size} online, 2x{cfg.global_size}"
+                  + (f"+{cfg.num_local}x{cfg.local_size}" if cfg.target_local and cfg.num_local else "") + " target",
+                  num_groups=cfg.num_groups, num_heads=cfg.num_heads)
     print(f"bench: {json.dumps(result)}", flush=True)
 
     def report(name, seconds):
@@ -256,7 +303,16 @@ def main():
     if "a" not in skip:
         report("a_ceiling", bench_ceiling(cfg, device, autocast, args.steps, args.warmup))
     if "b" not in skip:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         report("b_step", bench_step(cfg, device, autocast, scaler, args.steps, args.warmup, args.profile))
+        if cuda:
+            result["b_peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if "bn" not in skip:
+        shared, per_size, ratio = bench_bn_over_sizes(cfg, device, autocast)
+        result.update(bn_over_sizes_ms=1000 * shared, bn_per_size_ms=1000 * per_size, bn_over_sizes_ratio=ratio)
+        print(f"(b) BN over all crop sizes: ResNet-50 encoder forward+backward {1000 * shared:.1f} ms vs "
+              f"{1000 * per_size:.1f} ms with a BN per size, ratio {ratio:.3f}", flush=True)
     if "c" not in skip:
         with tempfile.TemporaryDirectory() as root:
             write_jpegs(root, args.images or 4 * b)
@@ -291,11 +347,141 @@ def main():
             result[f"c_{kind}_aug_over_b"] = result[f"c_e2e_{kind}_aug_img_per_s"] / result["b_step_img_per_s"]
     if cuda:
         result["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    line = json.dumps(result)
+    return result
+
+
+
+
+def shapes_folder(root, n, size):
+    """root/train: an ImageFolder of n JPEGs of the embedded data set's shapes (smog.synthetic_shapes) at size px."""
+    import PIL.Image
+    images, labels = smog.synthetic_shapes(n, seed=0, size=size)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = os.path.join(root, "train", smog.SHAPES[label])
+        os.makedirs(folder, exist_ok=True)
+        PIL.Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{i}.jpg"), quality=90)
+    return root
+
+
+def acceptance_runs(cuda, data_root):
+    """The two training runs of the acceptance check: (name, smog.py flags, seconds allowed). On a GPU, the default
+    run in fp16, and the paper's ResNet-50 recipe for 300 steps of 128 streamed JPEGs; on a CPU, the same commands
+    at sizes that check the plumbing in seconds."""
+    tiny = ["--preset", "tiny", "--precision", "fp16"]
+    r50 = ["--preset", "imagenet-r50", "--precision", "fp16", "--data", data_root, "--memory-budget", "0",
+           "--warmup-epochs", "1", "--no-knn", "--eval-every", "0"]
+    if cuda:  # 3200 images: 25 steps of 128 per epoch, 12 epochs
+        return [("tiny", tiny, 240), ("r50", r50 + ["--batch-size", "128", "--epochs", "12", "--log-every", "10"], 240)]
+    return [("tiny", tiny + ["--synthetic-size", "128", "--batch-size", "32", "--epochs", "2", "--log-every", "2"],
+             240),
+            ("r50", r50 + ["--arch", "resnet_tiny", "--global-size", "32", "--local-size", "16", "--hidden-dim", "64",
+                           "--feat-dim", "32", "--num-groups", "50", "--batch-size", "16", "--epochs", "1",
+                           "--log-every", "2", "--workers", "0"], 240)]
+
+
+def train_and_read(name, flags, limit, out_dir, work_dir):
+    """Runs `python smog.py FLAGS` (at most `limit` seconds), keeps its console output and log.jsonl under out_dir,
+    and returns what the checks read from them."""
+    import subprocess
+    run_dir = os.path.join(work_dir, name)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "smog.py"),
+                               *flags, "--out-dir", run_dir], capture_output=True, text=True, timeout=limit)
+        rc, console = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, console = "timeout", (e.stdout or b"").decode() + (e.stderr or b"").decode()
+    seconds = time.perf_counter() - t0
+    with open(os.path.join(out_dir, f"{name}.log"), "w") as f:
+        f.write(console)
+    log_path = os.path.join(run_dir, "log.jsonl")
+    records = [json.loads(line) for line in open(log_path)] if os.path.exists(log_path) else []
+    if records:
+        with open(os.path.join(out_dir, f"{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    steps = [r for r in records if "loss" in r]
+    losses = [r["loss"] for r in steps]
+    knn = next((r for r in records if "knn_top1_random_init" in r), {})
+    rates = [r["img_per_s"] for r in steps[1:]] or [r["img_per_s"] for r in steps]
+    return dict(command="python smog.py " + " ".join(flags), exit=rc, seconds=round(seconds, 1),
+                steps=steps[-1]["step"] if steps else 0, first_loss=losses[0] if losses else None,
+                last_loss=losses[-1] if losses else None, finite=bool(losses) and all(map(math.isfinite, losses)),
+                skipped_steps=sum(r.get("skipped_steps", 0) for r in steps),
+                grad_scale=steps[-1].get("grad_scale") if steps else None,
+                img_per_s=float(np.median(rates)) if rates else None,
+                peak_gpu_mem_gib=max((r["gpu_mem_gib"] for r in steps if "gpu_mem_gib" in r), default=None),
+                knn_top1=knn.get("knn_top1"), knn_top1_random_init=knn.get("knn_top1_random_init"),
+                console_tail=console.strip().splitlines()[-3:])
+
+
+def acceptance(args):
+    """The acceptance check of the default GPU path, one command: speed of today's code for --preset imagenet-r50
+    (fp16, eager: (a) ceiling, (b) step with its peak memory, BN over crop sizes, (c) JPEG end to end), then two
+    training runs of smog.py in fp16 (the default tiny run, kNN against random init; the ResNet-50 recipe for 300
+    steps on generated JPEGs: the loss falls, nothing is NaN, skipped steps are counted). Writes OUT_DIR/
+    acceptance.json (everything), OUT_DIR/summary.txt (what a person reads) and each run's console log and
+    log.jsonl; exit status 0 when every check holds. On a GPU it takes about 5 minutes; on a CPU the same at tiny
+    sizes (the checks that need a real run, falling loss and kNN, are then reported but not required)."""
+    cuda = torch.cuda.is_available()
+    out_dir = args.acceptance
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    args.skip = ",".join(filter(None, [args.skip, "c-cpu", "d"]))
+    speed = measure(args)
+    runs, checks = {}, {}
+    with tempfile.TemporaryDirectory() as work:
+        data_root = shapes_folder(os.path.join(work, "data"), 3200 if cuda else 64, 96 if cuda else 32)
+        for name, flags, limit in acceptance_runs(cuda, data_root):
+            print(f"acceptance: training {name}: python smog.py {' '.join(flags)}", flush=True)
+            runs[name] = run = train_and_read(name, flags, limit, out_dir, work)
+            checks[f"{name}_finished"] = run["exit"] == 0
+            checks[f"{name}_loss_finite"] = run["finite"]
+            checks[f"{name}_skipped_steps_counted"] = run["grad_scale"] is not None
+            falls = run["finite"] and run["last_loss"] < run["first_loss"]
+            checks[f"{name}_loss_falls" + ("" if cuda else "_not_required")] = falls
+    tiny = runs["tiny"]
+    learned = None not in (tiny["knn_top1"], tiny["knn_top1_random_init"]) and (
+        tiny["knn_top1"] > tiny["knn_top1_random_init"] + 20)
+    checks["tiny_knn_20_points_over_random_init" + ("" if cuda else "_not_required")] = learned
+    required = {k: v for k, v in checks.items() if not k.endswith("_not_required")}
+    report = dict(passed=all(required.values()), checks=checks, speed=speed, runs=runs,
+                  seconds=round(time.perf_counter() - t0, 1), device=speed["device"], torch=torch.__version__,
+                  cuda=torch.version.cuda, date=time.strftime("%Y-%m-%d"))
+    with open(os.path.join(out_dir, "acceptance.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    lines = [f"acceptance {'PASSED' if report['passed'] else 'FAILED'} on {report['device']}, torch {torch.__version__},"
+             f" {report['date']}, {report['seconds']:.0f} s"]
+    for key in ("a_ceiling_img_per_s", "b_step_img_per_s", "b_over_a", "b_peak_gpu_mem_gib", "bn_over_sizes_ratio",
+                "c_e2e_gpu_aug_img_per_s", "c_gpu_aug_over_b", "c_decode_cut_img_per_s_per_core"):
+        if key in speed:
+            lines.append(f"  {key:<34} {speed[key]:.3f}")
+    def show(x, digits=2):
+        return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+    for name, run in runs.items():
+        lines.append(f"  run {name}: exit {run['exit']}, {run['steps']} steps in {run['seconds']:.0f} s, loss "
+                     f"{show(run['first_loss'])} -> {show(run['last_loss'])}, skipped {run['skipped_steps']}, scale "
+                     f"{show(run['grad_scale'], 0)}, {show(run['img_per_s'], 0)} img/s, peak GPU memory "
+                     f"{show(run['peak_gpu_mem_gib'])} GiB, kNN {show(run['knn_top1'], 1)} vs random init "
+                     f"{show(run['knn_top1_random_init'], 1)}")
+    lines += [f"  {'info' if name.endswith('_not_required') else 'ok  ' if ok else 'FAIL'} {name}: {ok}"
+              for name, ok in checks.items()]
+    with open(os.path.join(out_dir, "summary.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    return 0 if report["passed"] else 1
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.acceptance:
+        return acceptance(args)
+    line = json.dumps(measure(args))
     if args.out:
         with open(args.out, "w") as f:
             f.write(line + "\n")
     print(line)
+    return 0
 
 
 if __name__ == "__main__":

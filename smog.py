@@ -147,34 +147,45 @@ def mlp(dim_in, hidden, dim_out, last_bn, swin=False):
         nn.init.zeros_(linear.bias)
     return nn.Sequential(*layers)
 
-def bn_over_sizes(bn, xs):
-    """One BatchNorm call for crops of several sizes: xs, a list of (N_i, C, H_i, W_i), is packed as (1, C, Σ N·H·W, 1),
-    so every pixel of every crop shares one set of statistics (and running statistics move once), then unpacked.
-    As the authors' src/resnet50.py, list_bn_forward; SyncBatchNorm works on the packed tensor unchanged."""
+def bn_over_sizes(bn, xs, relu=False):
+    """One BatchNorm call for crops of several sizes (then ReLU in place, when asked): xs, a list of (N_i, C, H_i, W_i),
+    share one set of statistics over every pixel of every crop (and running statistics move once), as the authors'
+    src/resnet50.py, list_bn_forward, which packs them as one (1, C, Σ N·H·W, 1) batch. Channels-last activations
+    already are (N·H·W, C) rows in memory, so the packed batch is one concatenation of rows, seen as that
+    (1, C, L, 1) shape in the channels-last layout; the outputs are views of it. SyncBatchNorm takes it unchanged."""
     if len(xs) == 1:
-        return [bn(xs[0])]
-    flat = [x.transpose(0, 1).reshape(x.shape[1], -1) for x in xs]  # (C, N_i·H_i·W_i) each
-    out = bn(torch.cat(flat, 1)[None, :, :, None])[0, :, :, 0]  # (C, Σ N·H·W)
-    return [o.reshape(x.shape[1], x.shape[0], *x.shape[2:]).transpose(0, 1).contiguous(memory_format=(
-                torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format))
-            for o, x in zip(out.split([f.shape[1] for f in flat], 1), xs)]  # in the layout each crop came in
+        return [F.relu(bn(xs[0]), inplace=True) if relu else bn(xs[0])]
+    c = xs[0].shape[1]
+    rows = torch.cat([x.permute(0, 2, 3, 1).reshape(-1, c) for x in xs])  # (Σ N·H·W, C); views of NHWC crops
+    # (1, C, L, 1) in channels-last strides over the rows' own memory. Made by view + permute, not rows.t()[None, ...,
+    # None]: its strides on the size-1 dimensions are not the canonical ones, and CPU BatchNorm's backward then
+    # computes wrong gradients (torch 2.14).
+    out = bn(rows.view(1, -1, 1, c).permute(0, 3, 1, 2))
+    out = (F.relu(out, inplace=True) if relu else out).permute(0, 2, 3, 1).reshape(-1, c)  # (L, C)
+    out = [o.reshape(x.shape[0], x.shape[2], x.shape[3], c).permute(0, 3, 1, 2)  # (N_i, C, H_i, W_i), NHWC
+           for o, x in zip(out.split([x.numel() // c for x in xs]), xs)]
+    return [o if x.is_contiguous(memory_format=torch.channels_last) else o.contiguous() for o, x in zip(out, xs)]
 
 def resnet_over_sizes(net, xs):
     """A ResNet made of torchvision modules (conv, BN, ReLU, pooling, BasicBlock or Bottleneck, in forward order) run
     on crop batches of several sizes, each BN over all of them; the BN of a downsample shortcut runs per size, as in
     the authors' code. xs: list of (N_i, 3, s_i, s_i) → list of (N_i, ...) outputs."""
-    for m in net.children():
+    children = list(net.children())
+    for i, m in enumerate(children):
         if isinstance(m, nn.Sequential):
             xs = resnet_over_sizes(m, xs)
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            xs = bn_over_sizes(m, xs)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):  # and the ReLU after it (the stem's), in place
+            xs = bn_over_sizes(m, xs, relu=i + 1 < len(children) and isinstance(children[i + 1], nn.ReLU))
+        elif isinstance(m, nn.ReLU):
+            if not isinstance(children[i - 1], nn.modules.batchnorm._BatchNorm):
+                xs = [F.relu(x) for x in xs]
         elif isinstance(m, (BasicBlock, Bottleneck)):  # torchvision's forward, with BNs over all sizes
-            out = [F.relu(o) for o in bn_over_sizes(m.bn1, [m.conv1(x) for x in xs])]
-            out = bn_over_sizes(m.bn2, [m.conv2(o) for o in out])
+            out = bn_over_sizes(m.bn1, [m.conv1(x) for x in xs], relu=True)
+            out = bn_over_sizes(m.bn2, [m.conv2(o) for o in out], relu=isinstance(m, Bottleneck))
             if isinstance(m, Bottleneck):
-                out = bn_over_sizes(m.bn3, [m.conv3(F.relu(o)) for o in out])
+                out = bn_over_sizes(m.bn3, [m.conv3(o) for o in out])
             shortcut = xs if m.downsample is None else [m.downsample(x) for x in xs]
-            xs = [F.relu(o + x) for o, x in zip(out, shortcut)]
+            xs = [(o + x).relu_() for o, x in zip(out, shortcut)]
         else:
             xs = [m(x) for x in xs]
     return xs
@@ -414,7 +425,8 @@ def train_step(online, target, grouping, crops, beta, opt, scaler, autocast, cfg
     crops: (online global (2B, 3, S, S), online local (L·B, 3, s, s) or None, target global (2B, 3, S, S), target
     local (L·B, 3, s, s) or None), each crop-major (all images' first crop, then all second crops). Uses cfg.tau,
     cfg.clip_grad, cfg.ema and cfg.drop_path.
-    Returns (loss, counts (H, K), online global z (2, B, D)) as device tensors: nothing here waits for the device.
+    Returns (loss, counts (H, K), online global z (2, B, D), skipped: whether GradScaler skipped the optimiser step)
+    as device tensors: nothing here waits for the device.
     """
     g, loc, t, t_loc = crops
     b = t.shape[0] // 2
@@ -435,12 +447,15 @@ def train_step(online, target, grouping, crops, beta, opt, scaler, autocast, cfg
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(opt)  # trust ratios and clipping need the true gradients; no host sync
+    grads = [q.grad for q in online.parameters() if q.grad is not None]
+    # An inf or NaN in any unscaled gradient makes the norm non-finite: the steps GradScaler skips (fp16 only).
+    skipped = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()) & scaler.is_enabled()
     if cfg.clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.clip_grad)
     scaler.step(opt)  # under fp16, skipped on the device when the gradients overflowed
     scaler.update()
     ema_(target, module.encoder, cfg.ema)
-    return loss.detach(), counts, z_global
+    return loss.detach(), counts, z_global, skipped
 
 
 # ===================================================================================================================
@@ -1531,12 +1546,13 @@ COLLECTIVE_FAILURE = re.compile("gloo|nccl|timed out|timeout|connection (reset|c
 
 class Progress:
     """The log line every cfg.log_every steps (console and log.jsonl): loss, lr, β, images/s, the share of time spent
-    waiting for data, group health, unreadable images. As a context, it turns a collective that failed into one line
-    naming this process and its step."""
+    waiting for data, group health, unreadable images, and under fp16 the optimiser steps GradScaler skipped and its
+    scale. As a context, it turns a collective that failed into one line naming this process and its step."""
 
-    def __init__(self, cfg, total_steps, jsonl, step):
-        self.cfg, self.total_steps, self.jsonl, self.step = cfg, total_steps, jsonl, step
-        self.t_start, self.first_step, self.counts = time.time(), step, 0
+    def __init__(self, cfg, total_steps, jsonl, step, scaler):
+        self.cfg, self.total_steps, self.jsonl, self.step, self.scaler = cfg, total_steps, jsonl, step, scaler
+        self.t_start, self.first_step, self.counts, self.skipped = time.time(), step, 0, 0
+        self.skipped_in_job, self.warned = 0, False
         self.restart()
 
     def __enter__(self):
@@ -1569,8 +1585,8 @@ class Progress:
             self.images += self.cfg.batch_size * world_size()
             yield batch
 
-    def add(self, counts):  # one step's group counts (H, K), summed on the device until the next report
-        self.counts = self.counts + counts
+    def add(self, counts, skipped):  # one step's group counts (H, K) and skip flag, summed on the device
+        self.counts, self.skipped = self.counts + counts, self.skipped + skipped
 
     def report(self, step, epoch, loss, lr, beta):
         """Prints and records one interval (one host sync): groups used and assignment entropy over the interval,
@@ -1578,15 +1594,29 @@ class Progress:
         used, entropy = group_health(self.counts)
         elapsed, now = time.time() - self.t_log, time.time()
         eta = (now - self.t_start) / max(1, step - self.first_step) * (self.total_steps - step)
+        skipped = int(self.skipped) if self.scaler.is_enabled() else 0
         record = dict(step=step, epoch=epoch, loss=loss.item(), lr=lr, beta=beta, img_per_s=self.images / elapsed,
                       data_time=self.data_time / elapsed, groups_used=used, assign_entropy=entropy,
-                      assign_entropy_max=math.log(self.cfg.num_groups), eta_s=eta, bad_images=self.bad_images)
+                      assign_entropy_max=math.log(self.cfg.num_groups), eta_s=eta, bad_images=self.bad_images,
+                      skipped_steps=skipped, grad_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None)
+        if torch.cuda.is_available():
+            record["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30  # peak so far, this process
         log(f"step {step}/{self.total_steps} | epoch {epoch} | loss {record['loss']:.4f} | lr {lr:.4f} | "
             f"β {beta:.4f} | {record['img_per_s']:.0f} img/s | data {100 * record['data_time']:.0f}% | groups used "
             f"{used:.0f}/{self.cfg.num_groups}, entropy {entropy:.2f}/{record['assign_entropy_max']:.2f} | "
-            f"ETA {datetime.timedelta(seconds=round(eta))}")
+            + (f"fp16 steps skipped {skipped}, scale {record['grad_scale']:g} | " if self.scaler.is_enabled() else "")
+            + f"ETA {datetime.timedelta(seconds=round(eta))}")
         self.write(record)
-        self.t_log, self.data_time, self.images, self.counts = time.time(), 0.0, 0, 0
+        self.skipped_in_job += skipped
+        steps_in_job = step - self.first_step
+        # From its initial 2^16 the scale finds its level within ~20 skipped steps; more than 3% after that is not
+        # calibration but gradients that keep overflowing.
+        if not self.warned and self.skipped_in_job > 20 + 0.03 * steps_in_job:
+            self.warned = True
+            log(f"warning: GradScaler skipped {self.skipped_in_job} of the {steps_in_job} optimiser steps of this job "
+                f"(fp16 gradients overflowed; scale now {record['grad_scale']:g}): lower --lr, or use --precision "
+                f"bf16 or fp32")
+        self.t_log, self.data_time, self.images, self.counts, self.skipped = time.time(), 0.0, 0, 0, 0
 
     def write(self, record):  # one line of log.jsonl, which rank 0 holds (the others have None)
         if self.jsonl:
@@ -1638,7 +1668,7 @@ def train(cfg):
     held_out = load_dataset(cfg, "val") if rank() == 0 and (cfg.knn or cfg.eval_every) else None
 
     with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank() == 0 else nullcontext() as jsonl, \
-            catch_preemption() as caught, Progress(cfg, total_steps, jsonl, step) as progress:
+            catch_preemption() as caught, Progress(cfg, total_steps, jsonl, step, scaler) as progress:
         for epoch in range(start_epoch, cfg.epochs):
             # Data order is a function of (seed, epoch), each step's crops of (seed, process, step): resuming at any
             # step is exact with batched augmentation (CPU workers draw from their own per-epoch seeds).
@@ -1652,10 +1682,10 @@ def train(cfg):
                     group["lr"] = lr
                 torch.manual_seed(seed_for(cfg.seed, step, rank()))
                 crops = to_device_crops(batch, step, cfg, device)
-                loss, counts, z_global = train_step(nets.online_ddp, nets.target, nets.grouping, crops, beta,
-                                                    nets.opt, scaler, autocast, cfg)
+                loss, counts, z_global, skipped = train_step(nets.online_ddp, nets.target, nets.grouping, crops,
+                                                             beta, nets.opt, scaler, autocast, cfg)
                 bank.add(z_global)
-                progress.add(counts)
+                progress.add(counts, skipped)
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
                 step, epoch_step = step + 1, epoch_step + 1
                 if step % cfg.log_every == 0 or step == total_steps:

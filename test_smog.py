@@ -234,7 +234,7 @@ def test_step_changes_online_and_moves_target_by_ema(tmp_path):
     online_before = [p.clone() for p in nets.online.encoder.parameters()]
     target_before = [p.clone() for p in nets.target.parameters()]
     centroids_before = nets.grouping.centroids.clone()
-    loss, counts, _ = one_step(cfg, nets)
+    loss, counts, _, _ = one_step(cfg, nets)
     assert torch.isfinite(loss)
     online_after = list(nets.online.encoder.parameters())
     changed = sum(not torch.equal(a, b) for a, b in zip(online_before, online_after))
@@ -245,18 +245,31 @@ def test_step_changes_online_and_moves_target_by_ema(tmp_path):
     assert counts.sum().item() == cfg.num_heads * cfg.batch_size
 
 
-@given(st.lists(st.tuples(st.integers(1, 3), st.integers(2, 5)), min_size=1, max_size=3), st.integers(0, 10**6))
-def test_bn_over_sizes_normalises_with_the_statistics_of_every_pixel_of_every_crop(shapes, seed):
+@given(st.lists(st.tuples(st.integers(1, 3), st.integers(2, 5)), min_size=1, max_size=3), st.integers(0, 10**6),
+       st.booleans())
+def test_bn_over_sizes_normalises_with_the_statistics_of_every_pixel_of_every_crop(shapes, seed, nhwc):
     torch.manual_seed(seed)
-    xs = [torch.randn(n, 4, s, s) * (1 + i) + i for i, (n, s) in enumerate(shapes)]  # (N_i, C, s_i, s_i)
+    layout = torch.channels_last if nhwc else torch.contiguous_format
+    xs = [(torch.randn(n, 4, s, s) * (1 + i) + i).contiguous(memory_format=layout).requires_grad_()
+          for i, (n, s) in enumerate(shapes)]  # (N_i, C, s_i, s_i)
     bn = torch.nn.BatchNorm2d(4)
+    torch.nn.init.uniform_(bn.weight, 0.5, 2.0)
     out = smog.bn_over_sizes(bn, xs)
     pixels = torch.cat([x.transpose(0, 1).reshape(4, -1) for x in xs], 1)  # (C, Σ N·H·W)
     mean, var = pixels.mean(1).view(1, 4, 1, 1), pixels.var(1, unbiased=False).view(1, 4, 1, 1)
-    for x, o in zip(xs, out):
-        assert o.shape == x.shape
-        assert torch.allclose(o, (x - mean) / torch.sqrt(var + bn.eps), atol=1e-4)
+    expected = [(x - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(1, 4, 1, 1) for x in xs]
+    for x, o, e in zip(xs, out, expected):
+        assert o.shape == x.shape and o.is_contiguous(memory_format=layout)  # in the layout the crop came in
+        assert torch.allclose(o, e, atol=1e-4)
     assert bn.num_batches_tracked.item() == 1 and torch.allclose(bn.running_mean, 0.1 * mean.flatten(), atol=1e-5)
+    n = pixels.shape[1]
+    unbiased = pixels.var(1, unbiased=n > 1) if n > 1 else torch.zeros(4)
+    assert torch.allclose(bn.running_var, 0.9 + 0.1 * unbiased, atol=1e-4)
+    # Gradients through the shared statistics, against autograd through the explicit formula.
+    weights = [torch.randn_like(x) for x in xs]
+    got = torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, weights)), xs)
+    want = torch.autograd.grad(sum((e * w).sum() for e, w in zip(expected, weights)), xs)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got, want))
 
 
 @pytest.mark.parametrize("arch", ["resnet_tiny", "resnet18_cifar", "resnet50"])
@@ -304,7 +317,7 @@ def test_swin_update_and_bank_see_the_online_z_without_drop_path():
     nets = smog.build_nets(cfg, torch.device("cpu"))
     crops = smog.batch_multicrop(smog.synthetic_shapes(4, seed=1)[0], 0, cfg)
     before = copy.deepcopy(nets.online)
-    _, _, z_global = smog.train_step(nets.online_ddp, nets.target, nets.grouping, crops, 0.9, nets.opt,
+    _, _, z_global, _ = smog.train_step(nets.online_ddp, nets.target, nets.grouping, crops, 0.9, nets.opt,
                                      torch.amp.GradScaler("cpu", enabled=False), smog.nullcontext(), cfg)
     expected = smog.without_drop_path(before.encoder, [crops[0]])  # (2B, D), weights before the step
     assert torch.allclose(z_global.flatten(0, 1), expected, atol=1e-5)
@@ -406,6 +419,57 @@ def test_lars_first_step_skipped_by_grad_scaler_then_a_normal_one_equals_one_cle
     assert not torch.equal(w0, torch.full_like(w0, 2.0)) and not torch.equal(b0, torch.ones_like(b0))
 
 
+ADAMW = ("--optimizer", "adamw", "--lr", "0.02", "--start-lr", "1e-4", "--final-lr", "1e-4", "--weight-decay", "0.05",
+         "--clip-grad", "3")
+
+
+@pytest.mark.parametrize("recipe", [(), ADAMW], ids=["lars", "adamw"])
+def test_fp16_with_grad_scaler_and_bf16_train_like_fp32(recipe, tmp_path):
+    # The tiny preset on 256 embedded images for 3 epochs (24 steps of 32): the CUDA default (fp16 autocast, a
+    # GradScaler that skips its first overflowing steps) runs the same code on the CPU.
+    losses, skipped = {}, {}
+    for precision in ("fp32", "fp16", "bf16"):
+        out = tmp_path / precision
+        smog.main(["--synthetic-size", "256", "--batch-size", "32", "--epochs", "3", "--log-every", "4",
+                   "--eval-every", "0", "--no-knn", "--precision", precision, "--out-dir", str(out), *recipe])
+        records = [json.loads(line) for line in open(out / "log.jsonl")]
+        losses[precision] = [r["loss"] for r in records]
+        skipped[precision] = sum(r["skipped_steps"] for r in records)
+        assert all(math.isfinite(v) for v in losses[precision]) and len(losses[precision]) == 6
+    assert skipped["fp16"] >= 1 and skipped["fp32"] == skipped["bf16"] == 0  # the scaler found its scale
+    end = {p: np.mean(v[-2:]) for p, v in losses.items()}  # the last two log intervals
+    for precision, v in losses.items():
+        assert end[precision] < v[0] - 0.4, (precision, v)  # the loss falls (fp32: about 6.5 -> 5.5)
+    # Stated tolerance: the reduced-precision runs end within 0.5 nats of fp32 (measured: 0.1-0.3).
+    assert abs(end["fp16"] - end["fp32"]) < 0.5 and abs(end["bf16"] - end["fp32"]) < 0.5, end
+
+
+def test_skipped_steps_and_scale_are_logged_and_many_skips_say_so_once(tmp_path, capsys):
+    cfg = tiny_cfg(tmp_path, "--precision", "fp16")
+    jsonl = open(tmp_path / "log.jsonl", "w")
+    progress = smog.Progress(cfg, 200, jsonl, 0, torch.amp.GradScaler("cpu"))
+    counts = torch.ones(cfg.num_heads, cfg.num_groups)
+    for interval, skips in enumerate((3, 10)):  # 3 of 50 steps (calibration), then 10 of 50: 13 > 20 + 3% of 100?
+        for i in range(50):
+            progress.add(counts, torch.tensor(i < skips))
+        progress.report(50 * (interval + 1), 0, torch.tensor(1.0), 0.1, 0.99)
+    first = capsys.readouterr().out
+    assert "fp16 steps skipped 3, scale 65536" in first and "fp16 steps skipped 10" in first
+    assert "warning" not in first  # 13 skipped of 100: calibration
+    for i in range(50):
+        progress.add(counts, torch.tensor(True))
+    progress.report(150, 0, torch.tensor(1.0), 0.1, 0.99)
+    for i in range(50):
+        progress.add(counts, torch.tensor(True))
+    progress.report(200, 0, torch.tensor(1.0), 0.1, 0.99)
+    out = capsys.readouterr().out
+    assert out.count("warning: GradScaler skipped 63 of the 150 optimiser steps") == 1 and "--precision bf16" in out
+    assert out.count("warning") == 1  # said once
+    jsonl.close()
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["skipped_steps"] for r in records] == [3, 10, 50, 50] and records[0]["grad_scale"] == 65536.0
+
+
 @pytest.mark.parametrize("preset", ["imagenet-r50", "imagenet-r50w2"])
 def test_paper_resnet_recipes_give_every_parameter_weight_decay_and_a_trust_ratio(preset):
     cfg = smog.parse_config(["--preset", preset, "--num-groups", "8"])
@@ -442,7 +506,7 @@ def test_adamw_recipe_decays_only_matrices_and_clips(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
                         lambda params, max_norm: clipped.append(max_norm) or original(params, max_norm))
     before = [p.clone() for p in nets.online.parameters()]
-    loss, _, _ = one_step(cfg, nets)
+    loss, _, _, _ = one_step(cfg, nets)
     assert torch.isfinite(loss) and clipped == [3.0]
     assert all(not torch.equal(a, b) for a, b in zip(before, nets.online.parameters()))
 
@@ -786,7 +850,7 @@ SPLIT_DRIVER = textwrap.dedent("""
     losses = []
     for step in range(3):
         torch.manual_seed(smog.seed_for(cfg.seed, step, rank))
-        loss, _, _ = smog.train_step(nets.online_ddp, nets.target, nets.grouping,
+        loss, _, _, _ = smog.train_step(nets.online_ddp, nets.target, nets.grouping,
                                      smog.batch_multicrop(images, step, cfg), 0.99, nets.opt,
                                      torch.amp.GradScaler("cpu", enabled=False), smog.nullcontext(), cfg)
         losses.append(loss.item())
@@ -1052,8 +1116,27 @@ def test_bench_runs_every_part_on_cpu():
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("a_ceiling_img_per_s", "b_step_img_per_s", "c_e2e_cpu_aug_img_per_s", "c_e2e_gpu_aug_img_per_s",
-                "c_decode_cut_img_per_s_per_core", "d_update_over_floor", "b_over_a"):
+                "c_decode_cut_img_per_s_per_core", "d_update_over_floor", "b_over_a", "bn_over_sizes_ratio"):
         assert result[key] > 0, key
+    assert result["bn_over_sizes_ms"] / result["bn_per_size_ms"] == pytest.approx(result["bn_over_sizes_ratio"],
+                                                                                 rel=0.5)
+
+
+def test_acceptance_command_trains_in_fp16_and_writes_its_report(tmp_path):
+    out = tmp_path / "acceptance"
+    r = run_script("bench.py", "--acceptance", str(out), "--steps", "1", "--warmup", "0", "--batch-size", "8",
+                   "--workers", "0", "--skip", "bn")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    report = json.load(open(out / "acceptance.json"))
+    assert report["passed"] and report["device"] == "cpu" and report["speed"]["b_step_img_per_s"] > 0
+    for name in ("tiny", "r50"):
+        run = report["runs"][name]
+        assert run["exit"] == 0 and run["finite"] and run["steps"] == {"tiny": 8, "r50": 4}[name]
+        assert run["grad_scale"] is not None and run["skipped_steps"] >= 1  # fp16: the scaler's first steps
+        assert (out / f"{name}.log").exists() and len((out / f"{name}.jsonl").read_text().splitlines()) >= 2
+    assert report["runs"]["tiny"]["knn_top1_random_init"] is not None  # the tiny run's final report
+    summary = (out / "summary.txt").read_text()
+    assert summary.startswith("acceptance PASSED on cpu") and "ok   r50_loss_finite: True" in summary
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine-without-GPU path")
@@ -1204,7 +1287,7 @@ def test_backbone_trains_a_step_at_both_crop_sizes_reloads_and_exports(arch, tmp
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     images, _ = smog.synthetic_shapes(4, seed=1)
     crops = smog.batch_multicrop(images, 0, cfg)  # online: 64 and 32 px in one forward, target: 64 px
-    loss, _, _ = smog.train_step(nets.online_ddp, nets.target, nets.grouping, crops, 0.9, nets.opt,
+    loss, _, _, _ = smog.train_step(nets.online_ddp, nets.target, nets.grouping, crops, 0.9, nets.opt,
                                  torch.amp.GradScaler("cpu", enabled=False), smog.nullcontext(), cfg)
     assert torch.isfinite(loss)
     assert any(not torch.equal(before[k], v) for k, v in backbone.state_dict().items())
