@@ -126,7 +126,7 @@ def bench_augment(cfg, device, steps, warmup, profile=""):
 def bench_decode_and_cut(cfg, root, seconds=5.0):
     """The loader workers' share of the batched augmentation, in one process (one core): decoding an ImageFolder
     JPEG and cutting all of one step's crops from it at full resolution (smog.CutCrops); images per second."""
-    _, _, folder = smog.load_dataset(dataclasses.replace(cfg, data=root, memory_budget=0), "train")
+    folder = smog.load_dataset(dataclasses.replace(cfg, data=root, memory_budget=0), "train").folder
     folder.transform = smog.CutCrops(cfg)
     torch.set_num_threads(1)
     done, t0 = 0, time.perf_counter()
@@ -137,7 +137,7 @@ def bench_decode_and_cut(cfg, root, seconds=5.0):
     return done / (time.perf_counter() - t0)
 
 
-def bench_bn_over_sizes(cfg, device, autocast, reps=7):
+def bench_bn_over_sizes(cfg, device, autocast, reps):
     """The cost of one set of BN statistics for all crop sizes (smog.bn_over_sizes): the ResNet-50 online encoder's
     forward+backward on one step's online crops with every BN over all sizes, over the same with a BN per size.
     Returns (shared seconds, per-size seconds, ratio of medians), the two measured alternately. On a CPU: 2 images of
@@ -191,12 +191,12 @@ def bench_e2e(cfg, device, autocast, scaler, steps, warmup, root, batched):
     """
     warmup, steps = max(warmup, cfg.workers), max(steps, 3 * cfg.workers)
     cfg = dataclasses.replace(cfg, data=root, memory_budget=0)  # streamed, as a large folder is
-    _, labels, folder = smog.load_dataset(cfg, "train")
+    _, labels, folder, _ = smog.load_dataset(cfg, "train")
     folder.transform = smog.CutCrops(cfg) if batched else smog.MultiCrop(cfg)
     nets = smog.build_nets(cfg, device)
     sampler = torch.utils.data.RandomSampler(range(len(labels)), replacement=True,
                                              num_samples=(steps + warmup) * cfg.batch_size)
-    data = smog.TrainData(None, labels, folder, folder, sampler, batched)
+    data = smog.TrainData(None, labels, folder, folder, sampler, batched, folder.fingerprint())
     for step, (batch, _) in enumerate(smog.epoch_batches(cfg, data, 0, device)):
         if step == warmup:
             if device.type == "cuda":
@@ -261,6 +261,7 @@ def parse_args(argv=None):
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: a, b, bn, c, d, or c-cpu (only the "
                         "CPU-augmentation run of c)")
+    parser.add_argument("--bn-reps", type=int, default=7, help="(bn): rounds of the two encoders, medians compared")
     parser.add_argument("--out", default="", help="also write the JSON line to this file")
     parser.add_argument("--profile", default="", help="write the top operators of (b) and of the augmentation here")
     parser.add_argument("--acceptance", default="", metavar="OUT_DIR",
@@ -309,7 +310,7 @@ def measure(args):
         if cuda:
             result["b_peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if "bn" not in skip:
-        shared, per_size, ratio = bench_bn_over_sizes(cfg, device, autocast)
+        shared, per_size, ratio = bench_bn_over_sizes(cfg, device, autocast, args.bn_reps)
         result.update(bn_over_sizes_ms=1000 * shared, bn_per_size_ms=1000 * per_size, bn_over_sizes_ratio=ratio)
         print(f"(b) BN over all crop sizes: ResNet-50 encoder forward+backward {1000 * shared:.1f} ms vs "
               f"{1000 * per_size:.1f} ms with a BN per size, ratio {ratio:.3f}", flush=True)

@@ -33,13 +33,35 @@ import smog
 
 fail = functools.partial(smog.fail, prog="eval_linear.py")
 
+# arch -> the torchvision model an exported backbone loads into with strict key matching (its classifier replaced by
+# an identity); archs not listed have no torchvision twin and load into smog.py's own builder.
+EXPORT_INTO = {
+    "resnet18": "m = torchvision.models.resnet18(); m.fc = torch.nn.Identity()",
+    "resnet18_cifar": "m = torchvision.models.resnet18(); m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); "
+                      "m.maxpool = torch.nn.Identity(); m.fc = torch.nn.Identity()",
+    "resnet50": "m = torchvision.models.resnet50(); m.fc = torch.nn.Identity()",
+    "swin_t": "m = torchvision.models.swin_t(); m.head = torch.nn.Identity()",
+    "vit_s16": "m = torchvision.models.VisionTransformer(224, 16, 12, 6, 384, 1536); m.heads = torch.nn.Identity()",
+    "vit_b16": "m = torchvision.models.vit_b_16(); m.heads = torch.nn.Identity()",
+}
+
+
+def export_advice(arch, path):
+    """One line saying how to load an exported backbone of this arch."""
+    build = EXPORT_INTO.get(arch, f"import smog; m = smog.BACKBONES[{arch!r}](0.0)[0]")
+    where = "torchvision" if arch in EXPORT_INTO else f"smog.py's builder (no torchvision model is {arch})"
+    return (f"backbone ({arch}) written to {path}; it loads into {where} with strict key matching: "
+            f"{build}; m.load_state_dict(torch.load({str(path)!r}, weights_only=True))")
+
 
 def parse_args(argv=None):
     p = smog._Parser(prog="eval_linear.py", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default="", help="smog.py checkpoint whose online backbone is evaluated")
     p.add_argument("--random-init", action="store_true", help="evaluate the architecture untrained instead")
     p.add_argument("--arch", default="", help="with --random-init: the architecture (default: the tiny preset's)")
-    p.add_argument("--data", default="", help="synthetic | cifar10 | PATH with train/ and val/ (default: the run's)")
+    p.add_argument("--data", default="", help="synthetic | cifar10 | PATH with train/ and val/ (default: synthetic "
+                   "for a run on the embedded data set; other runs must name it: paths come only from these flags)")
+    p.add_argument("--download-dir", default="data", help="--data cifar10 is downloaded to DOWNLOAD_DIR/cifar10")
     p.add_argument("--epochs", type=int, default=None, help="default 100 (Swin: 150)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=None, help="per 256 images of batch; default 0.3 (Swin: 0.1)")
@@ -216,19 +238,21 @@ def main(argv=None):
     protocol_defaults(args, cfg.arch)
     if args.export:
         torch.save({k: v.clone() for k, v in backbone.state_dict().items()}, args.export)
-        print(f"backbone ({cfg.arch}) written to {args.export}: load it into the torchvision model with "
-              f"strict=False (only its classifier is missing)")
+        print(export_advice(cfg.arch, args.export))
         return
-    if args.data:
-        cfg = dataclasses.replace(cfg, data=args.data)
-    cfg = dataclasses.replace(cfg, workers=args.workers, channels_last=False)
+    # Paths come from this script's flags only: a shared checkpoint's out_dir and data are never used for files.
+    if not args.data and cfg.data != "synthetic" and not args.random_init:
+        fail(f"--data: give the data set to evaluate on (the checkpoint was trained on "
+             f"{smog.printable(cfg.data)!r}; paths are taken only from this script's flags)")
+    cfg = dataclasses.replace(cfg, data=args.data or "synthetic", out_dir=args.download_dir, workers=args.workers,
+                              channels_last=False)
     device = smog.setup_device()
     backbone = backbone.to(device).eval().requires_grad_(False)
     assert not any(p.requires_grad for p in backbone.parameters())  # only the classifier will be trained
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
 
-    train_images, train_y, train_folder = smog.load_dataset(cfg, "train")
-    test_images, test_y, test_folder = smog.load_dataset(cfg, "val")
+    train_images, train_y, train_folder, _ = smog.load_dataset(cfg, "train")
+    test_images, test_y, test_folder, _ = smog.load_dataset(cfg, "val")
     if test_y is None:
         fail(f"--data {cfg.data}: no val/ split to evaluate on")
     train_data = train_images if train_images is not None else train_folder

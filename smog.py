@@ -25,12 +25,15 @@ import copy
 import dataclasses
 import datetime
 import functools
+import hashlib
 import json
 import math
 import os
 import pickle
 import re
 import signal
+import socket
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -648,6 +651,8 @@ def check_config(cfg):
     for name in ("tau", "lr", "dist_timeout"):
         if getattr(cfg, name) <= 0:
             bad(name, "must be positive")
+    if not (math.isfinite(cfg.memory_budget) and cfg.memory_budget >= 0):
+        bad("memory_budget", "must be a finite number of GiB, at least 0 (0: always stream through workers)")
 
 def log(*args):
     """Prints on rank 0 only."""
@@ -839,34 +844,101 @@ def synthetic_shapes(n, seed, size=32):
         images[start:start + b] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
     return torch.from_numpy(images), torch.from_numpy(labels)
 
+def rgb8(image):
+    """A PIL image of any mode as 8-bit RGB. 16-bit grey (I;16) is scaled from 0–65535, 32-bit integer grey (I) from
+    0–65535 when its values fit (how PIL opens many 16-bit files) else from 0–2³¹−1, float grey (F) from 0–1 (or as
+    I when larger): PIL's own convert("RGB") clips them at 255, which turns most 16-bit images white."""
+    import PIL.Image
+    if image.mode.startswith("I") or image.mode == "F":
+        x = np.asarray(image, dtype=np.float64)
+        top = x.max(initial=0)
+        full = (1.0 if image.mode == "F" and top <= 1 else 65535.0 if image.mode.startswith("I;16") or top <= 65535
+                else 2.0 ** 31 - 1)
+        image = PIL.Image.fromarray(np.clip(x / full * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+def scan_folder(root, classes=None):
+    """(class names, [(path, class index)]) of a class-per-folder tree: each subfolder of root is a class, the image
+    files at any depth below it its samples, in sorted order. Symbolic links are followed, but each real folder and
+    file is read once (a link to a parent folder would repeat the tree without end). classes: the names to index by
+    (a val/ split by its train/ split's): a subfolder not among them is an error naming it."""
+    try:
+        names = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    except OSError as e:
+        fail(f"--data {root}: not a readable folder ({e.strerror})")
+    if not names:
+        fail(f"--data {root}: no class folders (expected one subfolder of images per class)")
+    classes = names if classes is None else classes
+    unknown = [n for n in names if n not in classes]
+    if unknown:
+        fail(f"--data {os.path.join(root, unknown[0])!r}: a class the training split {os.path.dirname(root)}/train "
+             f"does not have (its classes: {', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''})")
+    index = {c: i for i, c in enumerate(classes)}
+    seen = {os.path.realpath(root)} | {os.path.realpath(os.path.join(root, n)) for n in names}  # folders and files
+    extensions = torchvision.datasets.folder.IMG_EXTENSIONS
+    samples = []
+    for name in names:
+        found = len(samples)
+        for folder, subfolders, files in os.walk(os.path.join(root, name), followlinks=True):
+            kept = []
+            for sub in sorted(subfolders):
+                real = os.path.realpath(os.path.join(folder, sub))
+                if real not in seen:
+                    seen.add(real)
+                    kept.append(sub)
+            subfolders[:] = kept  # os.walk descends only into folders not read yet
+            for file in sorted(files):
+                path = os.path.join(folder, file)
+                real = os.path.realpath(path)
+                if file.lower().endswith(extensions) and real not in seen:
+                    seen.add(real)
+                    samples.append((path, index[name]))
+        if len(samples) == found:
+            fail(f"--data {os.path.join(root, name)!r}: a class folder without images ({', '.join(extensions)})")
+    return classes, samples
+
 class ImageFolderData(torch.utils.data.Dataset):
-    """An ImageFolder whose unreadable images are replaced by the next readable one and reported, not fatal.
+    """A class-per-folder tree (scan_folder) whose unreadable images are replaced by the next readable one and
+    reported, not fatal; every image is read as 8-bit RGB (rgb8).
 
     __getitem__ takes (index, step parity) (parity_batches) and returns (sample, label, failed path or ""); the sample
     is `transform(image, parity)`: all crops (MultiCrop) or their uint8 cuts (CutCrops)."""
 
-    def __init__(self, root, transform=None):
-        try:
-            self.folder = torchvision.datasets.ImageFolder(root)
-        except (FileNotFoundError, OSError) as e:
-            fail(f"--data {root}: not a usable ImageFolder ({e})")
-        self.transform = transform
-        self.targets = self.folder.targets
+    def __init__(self, root, classes=None, transform=None):
+        self.root, self.transform = root, transform
+        self.classes, self.samples = scan_folder(root, classes)
+        self.targets = [label for _, label in self.samples]
+
+    @staticmethod
+    def load(path):
+        """The image at path as 8-bit RGB."""
+        import PIL.Image
+        with open(path, "rb") as f:
+            return rgb8(PIL.Image.open(f))
+
+    def fingerprint(self):
+        """What identifies this data set in a checkpoint: its image count and a hash of its sorted relative paths."""
+        digest = hashlib.sha1("\n".join(os.path.relpath(p, self.root) for p, _ in self.samples).encode())
+        return f"{len(self.samples)} images in {len(self.classes)} classes, paths sha1 {digest.hexdigest()[:12]}"
 
     def __len__(self):
-        return len(self.folder)
+        return len(self.samples)
 
     def __getitem__(self, key):
         index, parity = key if isinstance(key, tuple) else (key, 0)
         failed = ""
         for attempt in range(len(self)):
-            path, label = self.folder.samples[(index + attempt) % len(self)]
+            path, label = self.samples[(index + attempt) % len(self)]
             try:
-                image = self.folder.loader(path)
+                image = self.load(path)
                 return (self.transform(image, parity) if self.transform else image), label, failed
             except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable image"
-                failed = failed or f"{path} ({type(e).__name__}: {e})"
-        fail(f"--data {self.folder.root}: no readable image")
+                failed = failed or f"{printable(path)} ({type(e).__name__}: {e})"
+        fail(f"--data {printable(self.root)}: no readable image")
+
+def printable(text):
+    """text with control characters (newlines, terminal escapes) escaped, for file names in messages."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 def parity_batches(sampler, batch_size, first_step, skip=0):
     """One epoch's batches of (index, step parity) pairs, less the first `skip` (a run resumed mid-epoch); the first
@@ -875,38 +947,62 @@ def parity_batches(sampler, batch_size, first_step, skip=0):
     return [[(j, (first_step + b - skip) % 2) for j in indices[b * batch_size:(b + 1) * batch_size]]
             for b in range(skip, len(indices) // batch_size)]
 
-def load_dataset(cfg, split):
-    """Returns (images uint8 (N, 3, S, S) or None, labels (N,), ImageFolderData or None) for split train|val.
+class Split(NamedTuple):
+    """One split of a data set, as load_dataset returns it."""
+    images: torch.Tensor | None  # uint8 (N, 3, H, W) held in memory, or None: read from `folder` by workers
+    labels: torch.Tensor | None  # (N,); None: there is no such split
+    folder: "ImageFolderData | None"
+    fingerprint: str  # what identifies the data set in a checkpoint (resume refuses another one)
 
-    The embedded and CIFAR-10 sets live in memory as uint8 tensors; an ImageFolder is read by workers.
-    """
+def load_dataset(cfg, split):
+    """The split train|val of cfg.data: the embedded and CIFAR-10 sets, and small folders, held in memory as uint8
+    tensors; larger folders read by loader workers."""
     if cfg.data == "synthetic":
         n = cfg.synthetic_size if split == "train" else 2000
+        need, free = n * 3 * 32 * 32 / 2**30, available_memory_gib()
+        if need > free:
+            fail(f"--synthetic-size {n}: its images need {need:.1f} GiB, more than the {free:.1f} GiB of memory free")
         images, labels = synthetic_shapes(n, seed=cfg.seed * 2 + (split != "train"))
-        return images, labels, None
+        return Split(images, labels, None, f"the embedded data set, {n} images, --seed {cfg.seed}")
     if cfg.data == "cifar10":
         root = os.path.join(cfg.out_dir, "cifar10")
-        ds = torchvision.datasets.CIFAR10(root, train=split == "train", download=True)
-        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), None
+        try:
+            ds = torchvision.datasets.CIFAR10(root, train=split == "train", download=True)
+        except Exception as e:  # noqa: BLE001 - no network, a proxy, a damaged archive: all say the same
+            fail(f"--data cifar10: could not download CIFAR-10 to {root} ({type(e).__name__}: {e}); put "
+                 f"cifar-10-batches-py there by hand, or train on --data PATH")
+        return Split(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), None,
+                     f"CIFAR-10 {split}, {len(ds)} images")
     if not os.path.isdir(cfg.data):
         fail(f"--data {cfg.data}: no such directory (or use synthetic | cifar10)")
-    root = os.path.join(cfg.data, split)
-    if split == "train" and not os.path.isdir(root):
-        root = cfg.data  # a plain class-per-folder tree is the training set
-    if split == "val" and not os.path.isdir(root):
-        return None, None, None
-    ds = ImageFolderData(root)
+    train_root, val_root = os.path.join(cfg.data, "train"), os.path.join(cfg.data, "val")
+    if not os.path.isdir(train_root) and os.path.isdir(val_root):
+        fail(f"--data {cfg.data}: has val/ but no train/ (a folder with val/ needs its training images in train/)")
+    if not os.path.isdir(train_root):
+        train_root = cfg.data  # a plain class-per-folder tree is the training set
+    if split == "val" and not os.path.isdir(val_root):
+        return Split(None, None, None, "")
+    classes = None if split == "train" else scan_folder(train_root)[0]  # val/ labels follow train/'s class names
+    ds = ImageFolderData(train_root if split == "train" else val_root, classes)
     decoded = decode_into_memory(ds, cfg.memory_budget, split)
-    return (*decoded, None) if decoded else (None, torch.tensor(ds.targets), ds)
+    return Split(*decoded, None, ds.fingerprint()) if decoded else Split(None, torch.tensor(ds.targets), ds,
+                                                                         ds.fingerprint())
+
+def available_memory_gib():
+    """Memory the system has free now (Linux), in GiB; infinite where it cannot be read."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return math.inf
 
 def decode_into_memory(ds, budget_gib, split):
     """(images uint8 (N, 3, H, W), labels (N,)) of a small ImageFolder, decoded once, when its images share one size
     and fit in budget_gib; else None, and the folder streams through loader workers. Unreadable images are left out
     and reported; more than 1% of them end the run."""
-    samples, first = ds.folder.samples, None
+    samples, first = ds.samples, None
     for path, _ in samples[:20]:  # the first readable image tells the size
         try:
-            first = np.asarray(ds.folder.loader(path).convert("RGB"))
+            first = np.asarray(ds.load(path))
             break
         except Exception:  # noqa: BLE001 - reported below, when every image is read
             continue
@@ -918,12 +1014,12 @@ def decode_into_memory(ds, budget_gib, split):
     t0, images, labels, failed = time.time(), [], [], []
     for path, label in samples:
         try:
-            pixels = np.asarray(ds.folder.loader(path).convert("RGB"))
+            pixels = np.asarray(ds.load(path))
         except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable image"
-            failed.append(f"{path} ({type(e).__name__}: {e})")
+            failed.append(f"{printable(path)} ({type(e).__name__}: {e})")
             continue
         if pixels.shape != first.shape:
-            log(f"data ({split}): images of several sizes ({path}: {pixels.shape[1]}x{pixels.shape[0]}, "
+            log(f"data ({split}): images of several sizes ({printable(path)}: {pixels.shape[1]}x{pixels.shape[0]}, "
                 f"others {first.shape[1]}x{first.shape[0]}): streamed through loader workers")
             return None
         images.append(pixels)
@@ -1184,11 +1280,12 @@ class TrainData(NamedTuple):
     folder: ImageFolderData | None  # the ImageFolder, when --data is a PATH
     sampler: torch.utils.data.DistributedSampler  # this process's share, reshuffled per epoch
     batched: bool  # crops drawn by batch_multicrop on the device, else by MultiCrop in loader workers
+    fingerprint: str  # what identifies the data set (Split.fingerprint)
 
 def prepare_data(cfg, device):
     """Loads the training split and picks the augmentation path: batched on the device for data held in memory and on
     GPUs (--batched-aug auto), MultiCrop in CPU workers otherwise."""
-    images, labels, folder = load_dataset(cfg, "train")
+    images, labels, folder, fingerprint = load_dataset(cfg, "train")
     per_step = cfg.batch_size * world_size()
     if len(labels) < per_step:
         fail(f"--batch-size {cfg.batch_size} × {world_size()} process(es) = {per_step} is larger than the data set "
@@ -1204,7 +1301,7 @@ def prepare_data(cfg, device):
             dataset = InMemoryData(images, labels, MultiCrop(cfg))
     sampler = torch.utils.data.DistributedSampler(range(len(labels)), num_replicas=world_size(), rank=rank(),
                                                   shuffle=True, seed=cfg.seed, drop_last=True)
-    return TrainData(images, labels, dataset, folder, sampler, batched)
+    return TrainData(images, labels, dataset, folder, sampler, batched, fingerprint)
 
 def epoch_batches(cfg, data, first_step, device, skip=0):
     """Yields (batch, failed image paths) for one epoch of data.sampler, less its first `skip` batches: uint8 images
@@ -1337,34 +1434,50 @@ def previous_of(path):
     root, ext = os.path.splitext(path)
     return root + ".prev" + ext
 
-def save_run(path, cfg, nets, scaler, bank, num_images, epoch, step, epoch_step):
+def save_run(path, cfg, nets, scaler, bank, data, epoch, step, epoch_step):
     """Checkpoint after `epoch` epochs and `epoch_step` steps of the next; mid-epoch it holds every process's bank
     too. A collective: every process calls it, rank 0 writes. The new file is written aside and read back before
     it replaces the old one, which is kept as previous_of(path): a process killed at any moment, a full disk or a
-    damaged copy never leaves the run without a checkpoint that loads."""
+    damaged copy never leaves the run without a checkpoint that loads. A write that fails ends the run with one
+    line, its partial file removed."""
     banks = all_gather(bank.feats).cpu() if epoch_step else None
     if rank() != 0:
         return
     tmp = path + ".tmp"
-    torch.save(dict(
-        config=dataclasses.asdict(cfg), epoch=epoch, step=step, epoch_step=epoch_step, processes=world_size(),
-        num_images=num_images, online=nets.online.state_dict(), target=nets.target.state_dict(),
-        grouping=nets.grouping.state_dict(), optimizer=nets.opt.state_dict(), scaler=scaler.state_dict(),
-        banks=banks, bank_filled=bank.filled), tmp)
     try:
+        torch.save(dict(
+            config=dataclasses.asdict(cfg), epoch=epoch, step=step, epoch_step=epoch_step, processes=world_size(),
+            num_images=len(data.labels), data_fingerprint=data.fingerprint, online=nets.online.state_dict(),
+            target=nets.target.state_dict(), grouping=nets.grouping.state_dict(), optimizer=nets.opt.state_dict(),
+            scaler=scaler.state_dict(), banks=banks, bank_filled=bank.filled), tmp)
         read_checkpoint(tmp)
-    except ValueError as e:
-        fail(f"the checkpoint just written to {tmp} does not read back ({e}); {path} is unchanged")
-    if os.path.exists(path):
-        os.replace(path, previous_of(path))
-    os.replace(tmp, path)
+        if os.path.exists(path):
+            os.replace(path, previous_of(path))
+        os.replace(tmp, path)
+    except (OSError, RuntimeError, ValueError) as e:  # torch.save says RuntimeError for a full disk
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        fail(f"could not write the checkpoint {tmp} ({str(e).strip().splitlines()[0][:200]}); the previous "
+             f"checkpoints in --out-dir {cfg.out_dir} are as they were: free space there, or give another --out-dir")
 
 def resolve_resume(cfg):
     """The checkpoints to try, newest first: [] for a fresh start. A --resume PATH that does not exist is an error,
-    never a fresh start; checkpoint.prev.pt beside it is the fallback."""
+    never a fresh start; checkpoint.prev.pt beside it is the fallback. --resume none in an out-dir that holds
+    checkpoints moves them (and log.jsonl) aside under names that say when, and says so: never overwritten."""
+    path = os.path.join(cfg.out_dir, "checkpoint.pt") if cfg.resume in ("auto", "none") else cfg.resume
+    for p in (path, previous_of(path)):
+        if os.path.exists(p) and not os.path.isfile(p):
+            fail(f"--out-dir {cfg.out_dir}: {p} is not a file (a folder of that name?); move it away")
     if cfg.resume == "none":
+        old = [p for p in (path, previous_of(path), os.path.join(cfg.out_dir, "log.jsonl")) if os.path.isfile(p)]
+        if old and rank() == 0:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for p in old:
+                root, ext = os.path.splitext(p)
+                os.replace(p, f"{root}.{stamp}{ext}")
+            log(f"--resume none: the earlier run's {', '.join(os.path.basename(p) for p in old)} moved aside as "
+                f"*.{stamp}.* in {cfg.out_dir}")
         return []
-    path = os.path.join(cfg.out_dir, "checkpoint.pt") if cfg.resume == "auto" else cfg.resume
     if cfg.resume != "auto" and not os.path.isfile(path):
         fail(f"--resume {path}: no such checkpoint")
     return [p for p in (path, previous_of(path)) if os.path.isfile(p)]
@@ -1391,61 +1504,154 @@ def read_checkpoint(path, needs=RUN_STATE):
         raise ValueError(f"incomplete: no {', '.join(sorted(missing))}")
     return state
 
-def resume_run(paths, cfg, nets, scaler, bank, num_images):
-    """Restores a run from the first of `paths` that loads (saying so when it falls back to an older one), refusing
-    a checkpoint whose networks, groups, global batch or data set differ from this run's; returns (epoch, global
-    step, steps already done in that epoch)."""
-    errors = []
-    for path in paths:
-        try:
-            state = read_checkpoint(path)
-            break
-        except ValueError as e:
-            errors.append(f"{path} ({e})")
-            log(f"checkpoint {path} does not load ({e})" + ("; trying the one before it" if path != paths[-1] else ""))
-    else:
-        fail(f"--resume: no checkpoint loads: {'; '.join(errors)}")
+# What a checkpoint's config must share with the run resuming it: the shapes of networks, groups and optimiser state
+# (arch .. exclude_1d), and the seed of the data order and the crops.
+RESUME_MUST_MATCH = ("arch", "feat_dim", "hidden_dim", "num_groups", "num_heads", "swin_heads", "optimizer",
+                     "exclude_1d", "seed")
+
+def check_resumable(path, state, cfg, data):
+    """Ends with one line when the run cannot continue the checkpoint: another recipe, data set or global batch, or
+    mid-epoch with another number of processes. Another number of processes at the same global batch at an epoch
+    boundary is allowed, and said."""
     saved = state["config"]
-    for name in ("arch", "feat_dim", "hidden_dim", "num_groups", "num_heads"):
+    for name in RESUME_MUST_MATCH:
         if saved.get(name) != getattr(cfg, name):
             fail(f"--resume {path}: checkpoint has {_flag(name)} {saved.get(name)!r}, the config asks for "
-                 f"{getattr(cfg, name)!r}")
+                 f"{getattr(cfg, name)!r}; keep the checkpoint's value, or start a new run (--resume none)")
     batch, processes = saved.get("batch_size"), state.get("processes", world_size())
     if batch * processes != cfg.batch_size * world_size():  # steps per epoch and the schedules would not match
         fail(f"--resume {path}: written with a global batch of {batch * processes} ({batch} × {processes} "
              f"process(es)), this run has {cfg.batch_size * world_size()} ({cfg.batch_size} × {world_size()}); "
              f"keep --batch-size × processes, or start a new run")
-    if state.get("num_images", num_images) != num_images:
-        fail(f"--resume {path}: written for a data set of {state['num_images']} images, --data {cfg.data} now has "
-             f"{num_images}; the epochs would not match: restore the data set, or start a new run")
+    written_for = state.get("data_fingerprint", f"{state.get('num_images')} images")
+    if ("data_fingerprint" in state and written_for != data.fingerprint) or state.get("num_images") != len(
+            data.labels):
+        fail(f"--resume {path}: written for another data set ({written_for}); --data {printable(cfg.data)} is "
+             f"{data.fingerprint}: restore that data set, or start a new run (--resume none)")
+    if processes != world_size():
+        if state.get("epoch_step", 0):
+            fail(f"--resume {path}: written mid-epoch by {processes} process(es); resume it with as many (this run "
+                 f"has {world_size()}), or from the end of an epoch")
+        log(f"resuming {processes} process(es) × {batch} images as {world_size()} × {cfg.batch_size}: the same global "
+            f"batch and schedules; BN statistics are now over {cfg.batch_size} images per process (SyncBN: all), and "
+            f"the data order differs from an uninterrupted run")
+
+def load_run_state(state, nets, scaler, bank):
+    """Copies a checkpoint's networks, groups, optimiser, scaler and (mid-epoch) this process's bank into the run."""
     nets.online.load_state_dict(state["online"])
     nets.target.load_state_dict(state["target"])
     nets.grouping.load_state_dict(state["grouping"])
     nets.opt.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    epoch, step, epoch_step = state["epoch"], state["step"], state.get("epoch_step", 0)
-    if epoch_step:  # written mid-epoch: this process's memory bank so far comes back too
-        if state["banks"].shape[0] != world_size():
-            fail(f"--resume {path}: written mid-epoch by {state['banks'].shape[0]} process(es); resume it with as "
-                 f"many (this run has {world_size()})")
+    if state.get("epoch_step", 0):  # written mid-epoch: this process's memory bank so far comes back too
+        if state["banks"][rank()].shape != bank.feats.shape:
+            raise ValueError(f"memory bank of shape {tuple(state['banks'][rank()].shape)}, this run's is "
+                             f"{tuple(bank.feats.shape)}")
         bank.feats.copy_(state["banks"][rank()])
         bank.filled = state["bank_filled"]
+
+def resume_run(paths, cfg, nets, scaler, bank, data):
+    """Restores a run from the first of `paths` that loads and fits (saying so when it falls back to an older one),
+    refusing in one line a checkpoint that this run's config or data cannot continue (check_resumable); returns
+    (epoch, global step, steps already done in that epoch)."""
+    errors = []
+    for path in paths:
+        try:
+            state = read_checkpoint(path)
+            check_resumable(path, state, cfg, data)
+            load_run_state(state, nets, scaler, bank)
+            break
+        except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:  # damaged, foreign, or cut short
+            why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            errors.append(f"{path} ({why})")
+            log(f"checkpoint {path} does not load ({why})" + ("; trying the one before it" if path != paths[-1]
+                                                              else ""))
+    else:
+        fail(f"--resume: no checkpoint loads: {'; '.join(errors)}")
+    epoch, step, epoch_step = state["epoch"], state["step"], state.get("epoch_step", 0)
     log(f"resumed from {path} at epoch {epoch}, step {step}" + (f" (mid-epoch, after {epoch_step} steps)"
                                                                 if epoch_step else ""))
     return epoch, step, epoch_step
 
 @contextmanager
 def catch_preemption():
-    """Records SIGTERM and SIGUSR1 (what SLURM sends before it kills a job) instead of dying: the training loop then
-    writes a checkpoint at the next agreed step and leaves with exit status 0. Yields the list of caught signals."""
+    """Records SIGTERM and SIGUSR1 (what SLURM sends before it kills a job) and SIGINT (Ctrl-C) instead of dying:
+    the training loop then writes a checkpoint at the next agreed step and leaves (exit status 0; 130 after
+    Ctrl-C). A second Ctrl-C stops at once, without a checkpoint. Yields the list of caught signals."""
     caught = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
-                for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def record(signum, frame):
+        if signum == signal.SIGINT and signal.SIGINT in caught:
+            print("smog.py: stopped at once by a second Ctrl-C, without a checkpoint", file=sys.stderr, flush=True)
+            raise SystemExit(130)
+        if signum == signal.SIGINT:
+            log("Ctrl-C: a checkpoint at the next agreed step, then exit (Ctrl-C again: stop at once, without one)")
+        caught.append(signum)
+
+    previous = {sig: signal.signal(sig, record) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         yield caught
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+@contextmanager
+def holding_out_dir(out_dir, device):
+    """Creates out_dir and holds out_dir/lock for the run (rank 0), so that a second run on the same out-dir refuses
+    in one line instead of both writing the same checkpoints; a lock left by a process that is gone (same host) is
+    taken over, and said. A collective: every process learns whether rank 0 got it. Also the check, before any data
+    is read, that out_dir can be written."""
+    path, error, mine = os.path.join(out_dir, "lock"), None, None
+    if rank() == 0:
+        error = _take_lock(out_dir, path)
+        mine = None if error else open(path).read()
+    if all_reduce_(torch.tensor(float(error is not None), device=device), op="max").item() > 0:
+        fail(error or f"process {rank()}: process 0 could not take --out-dir {out_dir} (see its message)")
+    try:
+        yield
+    finally:
+        try:
+            if mine is not None and open(path).read() == mine:
+                os.remove(path)
+        except OSError:
+            pass
+
+def _take_lock(out_dir, path):
+    """Creates the lock file at path holding this process's host, pid and start time; returns why it could not."""
+    me = dict(host=socket.gethostname(), pid=os.getpid(), since=time.strftime("%Y-%m-%d %H:%M:%S"))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        return f"--out-dir {out_dir}: cannot be created ({e.strerror}: {e.filename})"
+    for _ in range(2):
+        try:
+            with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as f:
+                json.dump(me, f)
+            return None
+        except FileExistsError:
+            try:
+                holder = json.load(open(path))
+                host, pid, since = holder["host"], int(holder["pid"]), holder.get("since", "?")
+            except (OSError, ValueError, KeyError, TypeError):
+                return f"--out-dir {out_dir}: holds a lock file {path} that does not read; delete it if no run uses it"
+            if host != me["host"] or _alive(pid):
+                return (f"--out-dir {out_dir}: in use by process {pid} on {host} since {since} ({path}); wait for "
+                        f"it, give another --out-dir, or delete the lock if that run is gone")
+            log(f"--out-dir {out_dir}: taking over the lock of process {pid} on {host} (since {since}), which is gone")
+            os.remove(path)
+        except OSError as e:
+            return f"--out-dir {out_dir}: not writable ({e.strerror})"
+    return f"--out-dir {out_dir}: could not take its lock {path}"
+
+def _alive(pid):
+    """Whether a process with this pid runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
 
 def caught_by_any(caught, device):
     """Whether any process caught a preemption signal; all-reduced, so every process stops at the same step."""
@@ -1453,14 +1659,26 @@ def caught_by_any(caught, device):
         return bool(caught)  # host-side: no device round trip
     return all_reduce_(torch.tensor(float(bool(caught)), device=device), op="max").item() > 0
 
-def stop_if_not_finite(bad_step, ckpt_path, epoch):
-    """Ends every process together if any saw a non-finite loss. bad_step: this process's first such step, or −1,
-    kept on the device so that the steps need no host sync; checked at log intervals and before each checkpoint."""
+DIVERGED = 1000.0  # the online weights' norm grown this many times over its value at the job's start: diverged
+
+def weight_norm(module):
+    """The L2 norm of all of a module's parameters together, as a device tensor."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach() for p in module.parameters()])))
+
+def stop_if_diverged(bad_step, online, start_norm, ckpt_path, epoch, step):
+    """Ends every process together if any saw a non-finite loss, or if the online weights are not finite or their
+    norm grew DIVERGED times over start_norm (a run can diverge while its loss stays finite). bad_step: this
+    process's first step with a non-finite loss, or −1, kept on the device so that the steps need no host sync;
+    checked at log intervals and before each checkpoint, so no checkpoint holds such weights."""
     first = all_reduce_(bad_step.clone(), op="max").item()
+    norm = weight_norm(online).item()  # the same on every process: DDP keeps the weights identical
+    last = f"{ckpt_path} (after {epoch} epochs)" if os.path.exists(ckpt_path) else "none"
     if first >= 0:
-        last = f"{ckpt_path} (after {epoch} epochs)" if os.path.exists(ckpt_path) else "none"
         fail(f"the loss became NaN/inf at step {first}; every process stopped. Last good checkpoint: {last}. "
              f"Lower --lr or raise --warmup-epochs")
+    if not math.isfinite(norm) or norm > DIVERGED * start_norm:
+        fail(f"the online weights diverged by step {step}: their norm grew from {start_norm:.3g} to {norm:.3g} "
+             f"while the loss stayed finite; every process stopped. Last good checkpoint: {last}. Lower --lr")
 
 
 # ----- reports: group health and kNN on the held-out split ---------------------------------------------------------
@@ -1521,7 +1739,7 @@ def knn_top1(train_feats, train_labels, test_feats, test_labels, k=20, t=0.07, n
 def knn_report(backbone, cfg, device, train_data, train_labels, held_out, baselines=True):
     """kNN top-1 (%) on the held-out split (load_dataset(cfg, "val")): the trained encoder, and with baselines the
     same architecture at random init and (for data sets held in memory) raw pixels. None without a held-out split."""
-    test_images, test_labels, test_folder = held_out
+    test_images, test_labels, test_folder, _ = held_out
     if test_labels is None:
         return None
     test_data = test_images if test_images is not None else test_folder
@@ -1549,8 +1767,9 @@ class Progress:
     waiting for data, group health, unreadable images, and under fp16 the optimiser steps GradScaler skipped and its
     scale. As a context, it turns a collective that failed into one line naming this process and its step."""
 
-    def __init__(self, cfg, total_steps, jsonl, step, scaler):
+    def __init__(self, cfg, total_steps, jsonl, step, scaler, epoch_images=0):
         self.cfg, self.total_steps, self.jsonl, self.step, self.scaler = cfg, total_steps, jsonl, step, scaler
+        self.epoch_images = epoch_images  # images this process reads per epoch: the unreadable ones are up to 1%
         self.t_start, self.first_step, self.counts, self.skipped = time.time(), step, 0, 0
         self.skipped_in_job, self.warned = 0, False
         self.restart()
@@ -1567,10 +1786,12 @@ class Progress:
 
     def restart(self):  # at each epoch start: the k-means reset does not count as waiting for data
         self.t_log, self.data_time, self.images, self.bad_images = time.time(), 0.0, 0, 0
+        self.bad_in_epoch, self.first_bad = 0, ""
 
     def timed(self, batches):
         """Yields the batches of (batch, failed paths) pairs, timing the wait for each one. Unreadable images were
-        replaced by readable ones: counted, and more than 1% of a batch ends the run."""
+        replaced by readable ones: counted, and more than 1% of this process's images of one epoch end the run (as
+        for a folder decoded into memory)."""
         batches = iter(batches)
         while True:
             t0 = time.time()
@@ -1579,8 +1800,11 @@ class Progress:
                 return
             self.data_time += time.time() - t0
             self.step += 1  # the step this batch is for, counted from 1
-            if len(failed) > 0.01 * self.cfg.batch_size:
-                fail(f"{len(failed)} of {self.cfg.batch_size} images of a batch are unreadable, e.g. {failed[0]}")
+            self.bad_in_epoch += len(failed)
+            self.first_bad = self.first_bad or (failed[0] if failed else "")
+            if self.bad_in_epoch > 0.01 * self.epoch_images:
+                fail(f"{self.bad_in_epoch} images unreadable in one epoch, more than 1% of the {self.epoch_images} "
+                     f"this process reads per epoch; e.g. {self.first_bad}")
             self.bad_images += len(failed)
             self.images += self.cfg.batch_size * world_size()
             yield batch
@@ -1605,6 +1829,7 @@ class Progress:
             f"β {beta:.4f} | {record['img_per_s']:.0f} img/s | data {100 * record['data_time']:.0f}% | groups used "
             f"{used:.0f}/{self.cfg.num_groups}, entropy {entropy:.2f}/{record['assign_entropy_max']:.2f} | "
             + (f"fp16 steps skipped {skipped}, scale {record['grad_scale']:g} | " if self.scaler.is_enabled() else "")
+            + (f"unreadable images {self.bad_images} (replaced) | " if self.bad_images else "")
             + f"ETA {datetime.timedelta(seconds=round(eta))}")
         self.write(record)
         self.skipped_in_job += skipped
@@ -1617,6 +1842,7 @@ class Progress:
                 f"(fp16 gradients overflowed; scale now {record['grad_scale']:g}): lower --lr, or use --precision "
                 f"bf16 or fp32")
         self.t_log, self.data_time, self.images, self.counts, self.skipped = time.time(), 0.0, 0, 0, 0
+        self.bad_images = 0  # each log line counts its own interval's
 
     def write(self, record):  # one line of log.jsonl, which rank 0 holds (the others have None)
         if self.jsonl:
@@ -1640,9 +1866,13 @@ def knn_during_training(nets, cfg, device, data, held_out, progress, epoch, step
     progress.write(dict(step=step, epoch=epoch, **result))
 
 def train(cfg):
-    """The whole run: data, networks, resume or a fresh bank, epochs with group resets and checkpoints, kNN report."""
+    """The whole run, holding its out-dir: data, networks, resume or a fresh bank, epochs with group resets and
+    checkpoints, kNN report. Returns (online network etc., steps done)."""
     device = setup_device(cfg.dist_timeout)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    with holding_out_dir(cfg.out_dir, device):
+        return _train(cfg, device)
+
+def _train(cfg, device):
     precision, autocast, scaler = resolve_precision(cfg, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -1650,6 +1880,7 @@ def train(cfg):
     log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     log(f"device: {device}, processes: {world_size()}, precision: {precision}")
 
+    resume = resolve_resume(cfg)
     data = prepare_data(cfg, device)
     steps_per_epoch = len(data.sampler) // cfg.batch_size
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
@@ -1657,18 +1888,20 @@ def train(cfg):
         f"{cfg.batch_size * world_size()}, augmentation {'batched' if data.batched else 'per image in CPU workers'}")
     nets = build_nets(cfg, device)  # the same seed on every process: identical initial weights
     bank = MemoryBank(steps_per_epoch * cfg.batch_size, cfg.feat_dim, device)
-    ckpt_path, resume = os.path.join(cfg.out_dir, "checkpoint.pt"), resolve_resume(cfg)
+    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
     if resume:
-        start_epoch, step, skip = resume_run(resume, cfg, nets, scaler, bank, len(data.labels))
+        start_epoch, step, skip = resume_run(resume, cfg, nets, scaler, bank, data)
     else:
         start_epoch, step, skip = 0, 0, 0
         fill_bank(nets, bank, data, cfg, device, autocast)
         log(f"bank filled by the initial network, groups set by k-means ({reset_groups(nets, bank, cfg, -1):.1f}s)")
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
+    start_norm = weight_norm(nets.online).item()
     held_out = load_dataset(cfg, "val") if rank() == 0 and (cfg.knn or cfg.eval_every) else None
 
     with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank() == 0 else nullcontext() as jsonl, \
-            catch_preemption() as caught, Progress(cfg, total_steps, jsonl, step, scaler) as progress:
+            catch_preemption() as caught, \
+            Progress(cfg, total_steps, jsonl, step, scaler, steps_per_epoch * cfg.batch_size) as progress:
         for epoch in range(start_epoch, cfg.epochs):
             # Data order is a function of (seed, epoch), each step's crops of (seed, process, step): resuming at any
             # step is exact with batched augmentation (CPU workers draw from their own per-epoch seeds).
@@ -1689,25 +1922,25 @@ def train(cfg):
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
                 step, epoch_step = step + 1, epoch_step + 1
                 if step % cfg.log_every == 0 or step == total_steps:
-                    stop_if_not_finite(bad_step, ckpt_path, epoch)
+                    stop_if_diverged(bad_step, nets.online, start_norm, ckpt_path, epoch, step)
                     progress.report(step, epoch, loss, lr, beta)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and epoch_step < steps_per_epoch:
-                    stop_if_not_finite(bad_step, ckpt_path, epoch)
-                    save_run(ckpt_path, cfg, nets, scaler, bank, len(data.labels), epoch, step, epoch_step)
+                    stop_if_diverged(bad_step, nets.online, start_norm, ckpt_path, epoch, step)
+                    save_run(ckpt_path, cfg, nets, scaler, bank, data, epoch, step, epoch_step)
                 # Checked every step in one process (free), every 10 steps under torchrun (one host sync each).
                 if (step % 10 == 0 or not distributed()) and caught_by_any(caught, device):
                     preempted = True
                     break
             skip = 0
-            stop_if_not_finite(bad_step, ckpt_path, epoch)  # exit: non-finite loss, before any checkpoint of it
+            stop_if_diverged(bad_step, nets.online, start_norm, ckpt_path, epoch, step)  # exit: before any checkpoint
             finished = epoch_step == steps_per_epoch
             reset_seconds = reset_groups(nets, bank, cfg, epoch) if finished else 0.0
             epochs_done = epoch + 1 if finished else epoch
-            save_run(ckpt_path, cfg, nets, scaler, bank, len(data.labels), epochs_done, step,
+            save_run(ckpt_path, cfg, nets, scaler, bank, data, epochs_done, step,
                      0 if finished else epoch_step)
-            if preempted or caught_by_any(caught, device):  # exit: preempted (mid-epoch or at its end)
-                log(f"caught a preemption signal: checkpoint {ckpt_path} at epoch {epochs_done}, step {step}; "
-                    f"run again to resume from there")
+            if preempted or caught_by_any(caught, device):  # exit: preempted or Ctrl-C (mid-epoch or at its end)
+                log(f"caught {'Ctrl-C' if signal.SIGINT in caught else 'a preemption signal'}: checkpoint "
+                    f"{ckpt_path} at epoch {epochs_done}, step {step}; run again to resume from there")
                 break
             if (epoch + 1) % max(1, cfg.epochs // 20) == 0 or epoch + 1 == cfg.epochs:  # at most ~20 such lines
                 log(f"epoch {epoch} done: groups reset by k-means ({reset_seconds:.1f}s), checkpoint {ckpt_path}")
@@ -1718,6 +1951,8 @@ def train(cfg):
                 break
         if cfg.knn and rank() == 0 and step == total_steps:  # the other processes need not wait for it
             knn_during_training(nets, cfg, device, data, held_out, progress, cfg.epochs - 1, step, final=True)
+    if signal.SIGINT in caught:
+        raise SystemExit(130)  # the shell's status for a program stopped by Ctrl-C
     return nets, step
 
 def parameter_counts(cfg):
@@ -1777,7 +2012,10 @@ def main(argv=None):
         # Papers quote backbones with their ImageNet classifier (ResNet-50: 25.6M); SMoG replaces it by the heads.
         print(f"parameters (millions): {json.dumps(parameter_counts(cfg))}")
         return
-    train(cfg)
+    try:
+        train(cfg)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading data, filling the bank, the kNN report)
+        raise SystemExit("smog.py: stopped by Ctrl-C; the run resumes from its last checkpoint") from None
     if distributed():
         dist.destroy_process_group()
 

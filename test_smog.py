@@ -425,12 +425,12 @@ ADAMW = ("--optimizer", "adamw", "--lr", "0.02", "--start-lr", "1e-4", "--final-
 
 @pytest.mark.parametrize("recipe", [(), ADAMW], ids=["lars", "adamw"])
 def test_fp16_with_grad_scaler_and_bf16_train_like_fp32(recipe, tmp_path):
-    # The tiny preset on 256 embedded images for 3 epochs (24 steps of 32): the CUDA default (fp16 autocast, a
+    # The tiny preset on 128 embedded images for 3 epochs (12 steps of 32): the CUDA default (fp16 autocast, a
     # GradScaler that skips its first overflowing steps) runs the same code on the CPU.
     losses, skipped = {}, {}
     for precision in ("fp32", "fp16", "bf16"):
         out = tmp_path / precision
-        smog.main(["--synthetic-size", "256", "--batch-size", "32", "--epochs", "3", "--log-every", "4",
+        smog.main(["--synthetic-size", "128", "--batch-size", "32", "--epochs", "3", "--log-every", "2",
                    "--eval-every", "0", "--no-knn", "--precision", precision, "--out-dir", str(out), *recipe])
         records = [json.loads(line) for line in open(out / "log.jsonl")]
         losses[precision] = [r["loss"] for r in records]
@@ -439,9 +439,9 @@ def test_fp16_with_grad_scaler_and_bf16_train_like_fp32(recipe, tmp_path):
     assert skipped["fp16"] >= 1 and skipped["fp32"] == skipped["bf16"] == 0  # the scaler found its scale
     end = {p: np.mean(v[-2:]) for p, v in losses.items()}  # the last two log intervals
     for precision, v in losses.items():
-        assert end[precision] < v[0] - 0.4, (precision, v)  # the loss falls (fp32: about 6.5 -> 5.5)
-    # Stated tolerance: the reduced-precision runs end within 0.5 nats of fp32 (measured: 0.1-0.3).
-    assert abs(end["fp16"] - end["fp32"]) < 0.5 and abs(end["bf16"] - end["fp32"]) < 0.5, end
+        assert end[precision] < v[0] - 0.3, (precision, v)  # the loss falls (measured: by 0.5-1.0 from 6.6)
+    # Stated tolerance: the reduced-precision runs end within 0.6 nats of fp32 (measured: 0.1-0.4).
+    assert abs(end["fp16"] - end["fp32"]) < 0.6 and abs(end["bf16"] - end["fp32"]) < 0.6, end
 
 
 def test_skipped_steps_and_scale_are_logged_and_many_skips_say_so_once(tmp_path, capsys):
@@ -685,14 +685,37 @@ def test_train_resume_continue_matches_uninterrupted(tmp_path):
     assert resumed_losses == pytest.approx([rec["loss"] for rec in steps], abs=1e-6)
 
 
-def test_catch_preemption_records_sigterm_and_sigusr1_then_restores_handlers():
-    before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
+def test_catch_preemption_records_sigterm_sigusr1_and_sigint_then_restores_handlers():
+    signals = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+    before = [signal.getsignal(s) for s in signals]
     with smog.catch_preemption() as caught:
-        os.kill(os.getpid(), signal.SIGUSR1)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)  # Python runs handlers between bytecodes of the main thread
-    assert caught == [signal.SIGUSR1, signal.SIGTERM]
-    assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == before
+        for s in signals:
+            os.kill(os.getpid(), s)
+            time.sleep(0.05)  # Python runs handlers between bytecodes of the main thread
+    assert caught == list(signals)
+    assert [signal.getsignal(s) for s in signals] == before
+
+
+def test_ctrl_c_checkpoints_and_exits_130_and_a_second_one_stops_at_once(tmp_path, capsys):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "smog.py"), *SMALL, "--epochs", "2", "--no-knn",
+                             "--out-dir", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 8/"):
+            proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 130
+    assert not proc.stderr.read().strip()  # no traceback
+    assert any("caught Ctrl-C: checkpoint" in line for line in lines), lines
+    assert 0 < final_state(out)["epoch_step"] < 6 and not (out / "lock").exists()  # mid-epoch; the out-dir is free
+    with pytest.raises(SystemExit) as e:  # the second Ctrl-C: at once
+        with smog.catch_preemption():
+            for _ in range(2):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+    assert e.value.code == 130 and "stopped at once by a second Ctrl-C" in capsys.readouterr().err
 
 
 # ----- faults: damaged checkpoints, changed data, killed and stalled processes -----------------------------------
@@ -728,11 +751,125 @@ def test_previous_checkpoint_is_kept_and_a_damaged_newest_falls_back_to_it(two_e
 
 def test_resume_refuses_another_data_set_size_or_global_batch(two_epochs):
     flags = [*SMALL, "--epochs", "3", "--no-knn", "--out-dir", str(two_epochs)]
-    assert_one_line_error(run_smog(*flags, "--synthetic-size", "320"), "--resume", "384 images", "now has 320")
+    assert_one_line_error(run_smog(*flags, "--synthetic-size", "320"), "--resume", "another data set",
+                          "the embedded data set, 384 images", "is the embedded data set, 320 images")
     assert_one_line_error(run_smog(*flags, "--batch-size", "32"), "--resume", "global batch of 64", "this run has 32")
+    for changed, flag in ((["--seed", "1"], "--seed"), (["--optimizer", "adamw"], "--optimizer"),
+                          (["--no-exclude-1d"], "--exclude-1d"), (["--hidden-dim", "32"], "--hidden-dim")):
+        assert_one_line_error(run_smog(*flags, *changed), "--resume", f"checkpoint has {flag}", "--resume none")
     cfg = smog.parse_config(["--final-lr", "0.001"])
     assert smog.lr_at(150, 100, 10, cfg) == pytest.approx(0.001)  # schedules stay at their ends past the last step
     assert smog.beta_at(150, 100, cfg) == pytest.approx(cfg.beta_end)
+
+
+def test_resume_checks_the_data_set_fingerprint_and_allows_another_process_count(tmp_path, monkeypatch, capsys):
+    cfg = smog.parse_config(["--batch-size", "32"])
+    data = smog.TrainData(None, torch.zeros(256), None, None, None, True, "the folder B, 256 images")
+    state = dict(config=dataclasses.asdict(dataclasses.replace(cfg, batch_size=64)), processes=1, num_images=256,
+                 data_fingerprint="the folder A, 256 images", epoch_step=0)
+    monkeypatch.setattr(smog, "world_size", lambda: 2)  # 1 × 64 resumed as 2 × 32: the same global batch
+    with pytest.raises(SystemExit, match="another data set .the folder A, 256 images.* is the folder B"):
+        smog.check_resumable("ck.pt", state, cfg, data)
+    state["data_fingerprint"] = data.fingerprint
+    smog.check_resumable("ck.pt", state, cfg, data)
+    assert "resuming 1 process(es) × 64 images as 2 × 32" in capsys.readouterr().out
+    state["epoch_step"] = 3
+    with pytest.raises(SystemExit, match="mid-epoch by 1 process"):
+        smog.check_resumable("ck.pt", state, cfg, data)
+
+
+def test_a_checkpoint_that_loads_but_does_not_fit_falls_back_to_the_previous_one(two_epochs, tmp_path):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(two_epochs, out)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    name = next(k for k in state["online"] if k.endswith("conv1.weight"))
+    state["online"][name] = state["online"][name][:1]  # a tensor of the wrong shape
+    torch.save(state, out / "checkpoint.pt")
+    r = run_smog(*SMALL, "--epochs", "3", "--no-knn", "--out-dir", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "checkpoint.pt does not load" in r.stdout and f"resumed from {out / 'checkpoint.prev.pt'}" in r.stdout
+    del state["grouping"]  # and one without a state entry: both refused, one line
+    torch.save(state, out / "checkpoint.pt")
+    torch.save(state, out / "checkpoint.prev.pt")
+    assert_one_line_error(run_smog(*SMALL, "--epochs", "4", "--no-knn", "--out-dir", str(out)), "no checkpoint loads",
+                          "incomplete: no grouping")
+
+
+def test_resume_none_moves_earlier_checkpoints_aside_and_odd_out_dirs_get_one_line(two_epochs, tmp_path):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(two_epochs, out)
+    r = run_smog(*SMALL, "--epochs", "1", "--no-knn", "--resume", "none", "--out-dir", str(out))
+    assert r.returncode == 0 and "--resume none: the earlier run's checkpoint.pt" in r.stdout, r.stderr
+    aside = sorted(p.name for p in out.iterdir() if p.name.count(".") == 2)  # checkpoint.<when>.pt, log.<when>.jsonl
+    assert len(aside) == 2 and torch.load(out / aside[0], weights_only=True)["epoch"] == 2
+    assert final_state(out)["epoch"] == 1  # the new run's own
+    (tmp_path / "file").write_text("")
+    assert_one_line_error(run_smog("--out-dir", str(tmp_path / "file" / "out")), "--out-dir", "cannot be created")
+    (tmp_path / "odd" / "checkpoint.pt").mkdir(parents=True)
+    assert_one_line_error(run_smog("--out-dir", str(tmp_path / "odd")), "--out-dir", "is not a file")
+
+
+def test_a_second_run_on_a_live_out_dir_refuses_and_a_dead_runs_lock_is_taken_over(tmp_path):
+    import socket
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tmp_path.joinpath("lock").write_text(json.dumps(dict(host=socket.gethostname(), pid=sleeper.pid,
+                                                             since="2026-01-01 00:00:00")))
+        assert_one_line_error(run_smog(*SMALL, "--epochs", "1", "--out-dir", str(tmp_path)), "--out-dir",
+                              f"in use by process {sleeper.pid} on {socket.gethostname()}")
+        assert not (tmp_path / "checkpoint.pt").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    r = run_smog(*SMALL, "--epochs", "1", "--no-knn", "--out-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert f"taking over the lock of process {sleeper.pid}" in r.stdout and not (tmp_path / "lock").exists()
+
+
+def test_a_read_only_out_dir_is_one_line_before_any_data_is_read(tmp_path, monkeypatch):
+    import errno
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith("lock") and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    monkeypatch.setattr(smog, "prepare_data", lambda *a: pytest.fail("data read before the out-dir was checked"))
+    with pytest.raises(SystemExit, match="--out-dir .*: not writable .Read-only file system."):
+        smog.train(smog.parse_config(["--out-dir", str(tmp_path)]))
+
+
+def test_a_failed_checkpoint_write_ends_in_one_line_and_keeps_the_previous_ones(tmp_path, monkeypatch):
+    cfg = smog.parse_config([*SMALL, "--epochs", "3", "--no-knn", "--out-dir", str(tmp_path)])
+    smog.train(dataclasses.replace(cfg, epochs=1))
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def disk_full(obj, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file: "
+                           "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit) as e:
+        smog.train(cfg)
+    monkeypatch.setattr(torch, "save", real_save)
+    message = str(e.value)
+    assert "could not write the checkpoint" in message and "No space left" in message and "\n" not in message
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before and not (tmp_path / "checkpoint.pt.tmp").exists()
+    assert not (tmp_path / "lock").exists()
+
+
+def test_a_run_whose_weights_explode_with_a_finite_loss_stops(tmp_path):
+    r = run_smog(*SMALL, "--epochs", "2", "--no-knn", "--optimizer", "adamw", "--lr", "1e6", "--exclude-1d",
+                 "--out-dir", str(tmp_path))
+    assert_one_line_error(r, "diverged by step", "Lower --lr")
+    assert not (tmp_path / "checkpoint.pt").exists()  # no checkpoint of such weights
 
 
 def workers_of(torchrun_pid):
@@ -793,7 +930,8 @@ def test_stalled_process_ends_the_others_within_the_timeout(tmp_path):
         if "smog.py: error:" in line:
             message, waited = line, time.time() - t0
             break
-    os.killpg(proc.pid, signal.SIGKILL)  # the stalled process too, which torchrun would wait for
+    os.killpg(proc.pid, signal.SIGKILL)
+    os.kill(stalled, signal.SIGKILL)  # torchrun starts its workers in sessions of their own: killpg misses it
     assert proc.wait(timeout=120) != 0
     assert "process 0 of 2 stopped at step" in message and "--dist-timeout 10 s" in message, message
     assert 5 < waited < 40
@@ -911,6 +1049,8 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     assert_one_line_error(run_smog("--preset", "huge"), "--preset")
     assert_one_line_error(run_smog("--synthetic-size", "100", "--batch-size", "128"), "--batch-size")
     assert_one_line_error(run_smog("--resume", str(tmp_path / "nope.pt")), "--resume")
+    for budget in ("nan", "-1", "inf"):
+        assert_one_line_error(run_smog("--memory-budget", budget), "--memory-budget", "finite")
 
 
 class RunsCode:
@@ -1112,7 +1252,7 @@ def test_compile_keeps_checkpoint_keys_plain(tmp_path):
 
 
 def test_bench_runs_every_part_on_cpu():
-    r = run_script("bench.py", "--steps", "1", "--warmup", "0", "--batch-size", "8", "--workers", "0")
+    r = run_script("bench.py", "--steps", "1", "--warmup", "0", "--batch-size", "8", "--workers", "0", "--bn-reps", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("a_ceiling_img_per_s", "b_step_img_per_s", "c_e2e_cpu_aug_img_per_s", "c_e2e_gpu_aug_img_per_s",
@@ -1125,7 +1265,7 @@ def test_bench_runs_every_part_on_cpu():
 def test_acceptance_command_trains_in_fp16_and_writes_its_report(tmp_path):
     out = tmp_path / "acceptance"
     r = run_script("bench.py", "--acceptance", str(out), "--steps", "1", "--warmup", "0", "--batch-size", "8",
-                   "--workers", "0", "--skip", "bn")
+                   "--workers", "0", "--skip", "a,bn,c")  # bench's parts have their own test
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     report = json.load(open(out / "acceptance.json"))
     assert report["passed"] and report["device"] == "cpu" and report["speed"]["b_step_img_per_s"] > 0
@@ -1248,17 +1388,34 @@ def test_eval_linear_refuses_checkpoint_with_missing_key(tmp_path):
     assert_one_line_error(run_eval("--checkpoint", str(tmp_path / "nope.pt")), "--checkpoint")
 
 
-def test_eval_linear_export_loads_into_torchvision(tmp_path):
+def load_export_as_advised(r, arch):
+    """Runs the loading code that eval_linear.py --export printed; returns the model it built."""
     import torchvision
-    online = fake_checkpoint(tmp_path / "ck.pt", "--arch", "resnet18", "--hidden-dim", "32", "--feat-dim", "16")
+    line = r.stdout.strip().splitlines()[-1]
+    assert f"backbone ({arch}) written to" in line and "strict=False" not in line
+    scope = dict(torch=torch, torchvision=torchvision, smog=smog)
+    exec(line.split("with strict key matching: ", 1)[1], scope)  # e.g. "m = ...; m.load_state_dict(torch.load(...))"
+    return scope["m"]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet18_cifar", "resnet_tiny"])
+def test_eval_linear_export_loads_where_it_says(arch, tmp_path):
+    online = fake_checkpoint(tmp_path / "ck.pt", "--arch", arch, "--hidden-dim", "32", "--feat-dim", "16")
     r = run_eval("--checkpoint", str(tmp_path / "ck.pt"), "--export", str(tmp_path / "backbone.pt"))
     assert r.returncode == 0, r.stderr
     sd = torch.load(tmp_path / "backbone.pt", weights_only=True)
     assert not any(k.startswith(("module.", "_orig_mod.", "encoder.")) for k in sd)
-    model = torchvision.models.resnet18()
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
-    assert torch.equal(model.conv1.weight, online.encoder.backbone.conv1.weight)
+    model = load_export_as_advised(r, arch)
+    assert ("no torchvision model is resnet_tiny" in r.stdout) == (arch == "resnet_tiny")  # said where none exists
+    first_conv = next(k for k in sd if k.endswith("weight") and sd[k].ndim == 4)
+    assert torch.equal(model.state_dict()[first_conv], online.encoder.backbone.state_dict()[first_conv])
+
+
+def test_eval_linear_takes_paths_only_from_its_own_flags(tmp_path):
+    fake_checkpoint(tmp_path / "ck.pt", "--data", "cifar10", "--out-dir", str(tmp_path / "chosen_by_author"))
+    r = run_eval("--checkpoint", str(tmp_path / "ck.pt"), "--cache-features")
+    assert_one_line_error(r, "--data", "give the data set", "cifar10")
+    assert not (tmp_path / "chosen_by_author").exists()
 
 
 TORCHVISION_TWINS = {  # arch -> (torchvision model with the same backbone keys, keys that only it has)
@@ -1299,10 +1456,10 @@ def test_backbone_trains_a_step_at_both_crop_sizes_reloads_and_exports(arch, tmp
     make, only_twin = TORCHVISION_TWINS[arch]
     model = make(torchvision) if make else smog.BACKBONES[arch](0.0)[0]
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert set(missing) == only_twin and not unexpected
+    assert set(missing) == only_twin and not unexpected  # the twin differs only by its classifier
+    model = load_export_as_advised(r, arch)  # and the printed advice loads it with strict key matching
     for k, v in model.state_dict().items():
-        if k in sd:
-            assert torch.equal(v, backbone.state_dict()[k]), k
+        assert torch.equal(v, backbone.state_dict()[k]), k
 
 
 def test_knn_on_toy_set_with_known_answer():
@@ -1342,13 +1499,87 @@ def test_truncated_jpeg_is_skipped_and_counted(tmp_path):
         PIL.Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.jpg", quality=90)
     whole = (tmp_path / "train" / "c0" / "0.jpg").read_bytes()
     (tmp_path / "train" / "c0" / "0.jpg").write_bytes(whole[:len(whole) // 2])  # truncated: 1 of 128 < 1%
-    r = run_smog("--data", str(tmp_path), "--batch-size", "128", "--epochs", "1", "--num-groups", "8",
-                 "--hidden-dim", "16", "--feat-dim", "8", "--log-every", "1", "--out-dir", str(tmp_path / "out"),
-                 "--memory-budget", "0")  # streamed through loader workers, not decoded into memory
+    flags = ["--data", str(tmp_path), "--batch-size", "16", "--epochs", "1", "--num-groups", "8", "--hidden-dim", "16",
+             "--feat-dim", "8", "--log-every", "1", "--memory-budget", "0"]  # streamed through loader workers
+    r = run_smog(*flags, "--out-dir", str(tmp_path / "out"))  # 1 of the 16 images of a batch: per epoch, < 1%
     assert r.returncode == 0, r.stderr[-2000:]
     assert "augmentation per image in CPU workers" in r.stdout
     records = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
     assert sum(rec.get("bad_images", 0) for rec in records) == 1
+    (tmp_path / "train" / "c1" / "1.jpg").write_bytes(b"")  # 2 of 128: more than 1% of the epoch
+    assert_one_line_error(run_smog(*flags, "--out-dir", str(tmp_path / "out2")), "2 images unreadable in one epoch",
+                          "0.jpg")
+
+
+def shapes_png(path, i=0, size=None):
+    import PIL.Image
+    image = PIL.Image.fromarray(smog.synthetic_shapes(i + 1, seed=0)[0][i].permute(1, 2, 0).numpy())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (image.resize(size) if size else image).save(path)
+
+
+def test_folders_are_read_as_a_user_expects(tmp_path):
+    import PIL.Image
+    for c in ("a", "b", "c"):
+        for i in range(3):
+            shapes_png(tmp_path / "train" / c / f"{i}.png", i)
+    (tmp_path / "train" / "a" / "up").symlink_to("..")  # a link to the parent: read once, not without end
+    (tmp_path / "train" / "b" / "same.png").symlink_to(tmp_path / "train" / "b" / "0.png")  # the same file twice
+    ds = smog.ImageFolderData(str(tmp_path / "train"))
+    assert len(ds) == 9 and ds.targets == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    # val/ is labelled by train/'s class names, whatever it lacks; a class train/ lacks is one line naming it
+    for c in ("c", "b"):
+        shapes_png(tmp_path / "val" / c / "0.png")
+    val = smog.load_dataset(smog.parse_config(["--data", str(tmp_path)]), "val")
+    assert val.labels.tolist() == [1, 2]
+    shapes_png(tmp_path / "val" / "d" / "0.png")
+    with pytest.raises(SystemExit, match="val/d.* a class the training split .*train does not have"):
+        smog.load_dataset(smog.parse_config(["--data", str(tmp_path)]), "val")
+    # a held-out split alone is not a training set
+    (tmp_path / "only_val" / "val").mkdir(parents=True)
+    (tmp_path / "train").rename(tmp_path / "only_val" / "val" / "x")
+    assert_one_line_error(run_smog("--data", str(tmp_path / "only_val"), "--out-dir", str(tmp_path / "o")),
+                          "--data", "has val/ but no train/")
+
+
+def test_every_image_mode_becomes_8_bit_rgb_without_clipping(tmp_path):
+    import PIL.Image
+    ramp = np.arange(256 * 4).reshape(4, 256)
+    cases = {"g16.png": ((ramp * 64).astype(np.uint16), lambda v: v * 64 / 65535 * 255),  # I;16: 0-65535
+             "g32.tif": ((ramp * 2**21).astype(np.int32), lambda v: v * 2**21 / (2**31 - 1) * 255),  # I: 0-2^31-1
+             "f32.tif": ((ramp / 1023).astype(np.float32), lambda v: v / 1023 * 255)}  # F: 0-1
+    for name, (pixels, expected) in cases.items():
+        PIL.Image.fromarray(pixels).save(tmp_path / name)
+        rgb = np.asarray(smog.ImageFolderData.load(tmp_path / name)).astype(float)
+        assert rgb.shape == (4, 256, 3) and np.abs(rgb[..., 0] - expected(ramp)).max() <= 0.51, name
+        assert np.all(rgb[..., 0] == rgb[..., 2]) and rgb.max() > 250, name  # grey, and not all white
+    for mode in ("L", "P", "RGBA", "CMYK", "1", "LA"):
+        image = PIL.Image.fromarray(np.full((4, 4, 3), 200, np.uint8)).convert(mode)
+        assert np.asarray(smog.rgb8(image)).shape == (4, 4, 3) and smog.rgb8(image).mode == "RGB", mode
+
+
+def test_file_names_in_messages_are_printed_escaped(tmp_path):
+    assert smog.printable("a\nb\x1b[31mc") == "a\\nb\\x1b[31mc"
+    for c in ("a", "b"):
+        for i in range(4):
+            shapes_png(tmp_path / "train" / c / f"{i}.png", i)
+    (tmp_path / "train" / "a" / "evil\n\x1b[2J.png").write_text("not an image")
+    r = run_smog("--data", str(tmp_path), "--batch-size", "9", "--epochs", "1", "--num-groups", "4",
+                 "--hidden-dim", "16", "--feat-dim", "8", "--out-dir", str(tmp_path / "out"))
+    assert_one_line_error(r, "evil\\n\\x1b[2J.png", "unreadable")
+    assert "\x1b" not in r.stderr
+
+
+def test_data_that_cannot_be_had_is_one_line(tmp_path, monkeypatch):
+    assert_one_line_error(run_smog("--synthetic-size", "100000000000", "--out-dir", str(tmp_path)),
+                          "--synthetic-size", "GiB")
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(smog.torchvision.datasets, "CIFAR10", offline)  # no network in tests: a stand-in
+    with pytest.raises(SystemExit, match="--data cifar10: could not download CIFAR-10 .* name resolution"):
+        smog.load_dataset(smog.parse_config(["--data", "cifar10", "--out-dir", str(tmp_path)]), "train")
 
 
 # ----- your own small data set: decoded into memory, watched while it trains -------------------------------------
@@ -1373,7 +1604,7 @@ def test_small_folder_is_decoded_once_and_trains_from_memory_watched_as_it_goes(
     images, labels = png_folder(tmp_path / "data")
     cfg = smog.parse_config(["--data", str(tmp_path / "data")])
     assert cfg.invert == 0.0 and smog.parse_config([]).invert == 0.5  # the embedded set's polarity trick only
-    decoded, decoded_labels, folder = smog.load_dataset(cfg, "train")
+    decoded, decoded_labels, folder, _ = smog.load_dataset(cfg, "train")
     assert folder is None and decoded.dtype == torch.uint8 and decoded.shape == (96, 3, 32, 32)
     order = [int(os.path.basename(p)[:4]) for p, _ in
              __import__("torchvision").datasets.ImageFolder(str(tmp_path / "data" / "train")).samples]
@@ -1401,10 +1632,10 @@ def test_small_folder_is_decoded_once_and_trains_from_memory_watched_as_it_goes(
 def test_folder_over_the_memory_budget_or_of_mixed_sizes_streams(tmp_path, capsys):
     png_folder(tmp_path / "a", n=24)
     cfg = smog.parse_config(["--data", str(tmp_path / "a"), "--memory-budget", "0.00001"])
-    images, _, folder = smog.load_dataset(cfg, "train")
+    images, _, folder, _ = smog.load_dataset(cfg, "train")
     assert images is None and folder is not None and "over --memory-budget" in capsys.readouterr().out
     png_folder(tmp_path / "b", n=24, sizes={5: (48, 40)})
-    images, _, folder = smog.load_dataset(smog.parse_config(["--data", str(tmp_path / "b")]), "train")
+    images, _, folder, _ = smog.load_dataset(smog.parse_config(["--data", str(tmp_path / "b")]), "train")
     assert images is None and folder is not None and "images of several sizes" in capsys.readouterr().out
 
 
