@@ -138,14 +138,14 @@ class MultiCrop:
 
 # ----- networks: backbone f → projector g → predictor q online; a copy of f and g as the target branch -------------
 
-def mlp(dim_in, hidden, dim_out, last_bn, swin=False):
-    """Linear → BN → ReLU → Linear (→ BN without affine, for the projector), as the authors' src/resnet50.py; swin:
-    GELU and trunc-normal(0.02) weights, as their src/SwinTrans_multicrop.py."""
-    layers = [nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.GELU() if swin else nn.ReLU(True),
+def mlp(dim_in, hidden, dim_out, last_bn, gelu=False, trunc_init=False):
+    """Linear → BN → ReLU (or GELU) → Linear (→ BN without affine, for the projector), as the authors'
+    src/resnet50.py; trunc_init: trunc-normal(0.02) weights and zero biases, as their src/SwinTrans_multicrop.py."""
+    layers = [nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.GELU() if gelu else nn.ReLU(True),
               nn.Linear(hidden, dim_out)]
     if last_bn:
         layers.append(nn.BatchNorm1d(dim_out, affine=False))
-    for linear in layers[::3] if swin else []:
+    for linear in layers[::3] if trunc_init else []:
         nn.init.trunc_normal_(linear.weight, std=0.02)
         nn.init.zeros_(linear.bias)
     return nn.Sequential(*layers)
@@ -201,14 +201,15 @@ def heads(head, xs, per_size):
 class Encoder(nn.Module):
     """Backbone + projector: crops → projections z. Crops of one resolution are forwarded as one batch; with
     shared_bn (ResNets), every BN of the backbone normalises all sizes together (resnet_over_sizes); with swin_heads,
-    the projector is the authors' Swin one (mlp(swin=True)), run per crop size.
+    the heads are the authors' Swin ones (GELU in the projector, ReLU in the predictor, trunc-normal init), run per
+    crop size.
 
     backbone: a module mapping (N, 3, s, s) to (N, dim) (Part 2's BACKBONES builds them)."""
 
     def __init__(self, backbone, dim, hidden_dim, feat_dim, shared_bn=False, swin_heads=False):
         super().__init__()
         self.backbone, self.shared_bn, self.swin_heads = backbone, shared_bn, swin_heads
-        self.projector = mlp(dim, hidden_dim, feat_dim, last_bn=True, swin=swin_heads)
+        self.projector = mlp(dim, hidden_dim, feat_dim, last_bn=True, gelu=swin_heads, trunc_init=swin_heads)
 
     def forward(self, crops):  # list of (n_i, 3, s_i, s_i) -> (Σ n_i, D)
         if self.shared_bn and len(crops) > 1:
@@ -223,7 +224,8 @@ class OnlineNet(nn.Module):
     def __init__(self, backbone, dim, hidden_dim, feat_dim, shared_bn=False, swin_heads=False):
         super().__init__()
         self.encoder = Encoder(backbone, dim, hidden_dim, feat_dim, shared_bn, swin_heads)
-        self.predictor = mlp(feat_dim, hidden_dim, feat_dim, last_bn=False, swin=swin_heads)
+        self.predictor = mlp(feat_dim, hidden_dim, feat_dim, last_bn=False, trunc_init=swin_heads)  # ReLU: the
+        # authors' Swin predictor too (src/SwinTrans_multicrop.py, predictor_head)
 
     def forward(self, crops):
         z = self.encoder(crops)
@@ -500,7 +502,7 @@ class Config:
     feat_dim: int = 128  # dimension D of z, p and the centroids
     hidden_dim: int = 2048  # hidden width of projector and predictor
     drop_path: float = 0.0  # stochastic depth of the online backbone (Swin: 0.2); the target, update and bank: none
-    swin_heads: bool = False  # the authors' Swin heads: GELU, trunc-normal(0.02) init, one pass per crop size
+    swin_heads: bool = False  # the authors' Swin heads: GELU projector, ReLU predictor, trunc-normal(0.02), per crop size
     ema: float = 0.999  # target ← ema·target + (1−ema)·online after every step
     # --- momentum grouping and loss ---
     num_groups: int = 3000  # K centroids per head
@@ -726,12 +728,35 @@ def _resnet50_wide(widen=2):
     net.fc = nn.Identity()
     return net, 2048 * widen
 
+class KeptShiftWindowAttention(torchvision.models.swin_transformer.ShiftedWindowAttention):
+    """torchvision's shifted-window attention, except that a map padded to a single window is still shifted (with
+    the attention mask): the authors fix each block's shift when they build it (src/SwinTrans_multicrop.py,
+    SwinTransformerBlock), so the 6x6 maps of a 96-px crop's stage 3 are padded to 7x7 and rolled by 3, where
+    torchvision drops the shift."""
+
+    def forward(self, x):  # (B, H, W, C)
+        b, h, w, c = x.shape
+        (wh, ww), (sh, sw) = self.window_size, self.shift_size
+        if not (sh or sw) or h > wh or w > ww:  # several windows, or no shift: torchvision's own computation
+            return super().forward(x)
+        n, heads = wh * ww, self.num_heads
+        x = torch.roll(F.pad(x, (0, 0, 0, ww - w, 0, wh - h)), (-sh, -sw), (1, 2)).reshape(b, n, c)
+        q, k, v = self.qkv(x).view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)  # each (B, heads, N, d)
+        rows, cols = torch.arange(wh, device=x.device), torch.arange(ww, device=x.device)
+        region = ((rows >= wh - sh)[:, None] * 2 + (cols >= ww - sw)[None]).flatten()  # (N,): wrapped or not
+        mask = torch.where(region[:, None] == region[None], 0.0, -100.0).to(q.dtype)  # the masks' −100
+        attn = (q * (c // heads) ** -0.5) @ k.mT + self.get_relative_position_bias() + mask  # (B, heads, N, N)
+        attn = F.dropout(attn.softmax(-1), self.attention_dropout, self.training)
+        out = F.dropout(self.proj((attn @ v).transpose(1, 2).reshape(b, n, c)), self.dropout, self.training)
+        return torch.roll(out.view(b, wh, ww, c), (sh, sw), (1, 2))[:, :h, :w]
+
 class SwinBlockBN(torchvision.models.swin_transformer.SwinTransformerBlock):
     """The authors' Swin block (src/SwinTrans_multicrop.py, norm_before_mlp='bn', as MoBY): a BatchNorm over the
-    channels in place of the LayerNorm before the MLP, and the normalised tensor is also the MLP's residual."""
+    channels in place of the LayerNorm before the MLP, and the normalised tensor is also the MLP's residual; the
+    shifted windows as theirs (KeptShiftWindowAttention, and no shift where _swin_t says so)."""
 
     def __init__(self, dim, *args, **kwargs):
-        super().__init__(dim, *args, **kwargs)
+        super().__init__(dim, *args, attn_layer=KeptShiftWindowAttention, **kwargs)
         self.norm2 = nn.BatchNorm1d(dim)
 
     def forward(self, x):  # (N, H, W, C)
@@ -747,6 +772,11 @@ def _swin_t(drop_path, bn_blocks=False):
                                              num_heads=[3, 6, 12, 24], window_size=[7, 7],
                                              stochastic_depth_prob=drop_path, **block)  # swin_t() fixes it at 0.2
     net.head = nn.Identity()
+    if bn_blocks:  # the authors build each block for 224 px: one whose map fits one window there is never shifted
+        for stage, side in zip(net.features[1::2], (56, 28, 14, 7)):
+            for block in stage:
+                if side <= block.attn.window_size[0]:
+                    block.attn.shift_size = [0, 0]
     return net, 768
 
 class ViT(torchvision.models.VisionTransformer):
