@@ -87,7 +87,7 @@ def bench_step(cfg, device, autocast, scaler, steps, warmup, profile=""):
     crops = tuple(None if x is None else smog.channels_last(x, cfg) for x in fake_crops(cfg, device))
 
     def run():
-        smog.train_step(nets.online_ddp, nets.target, nets.grouping, crops, 0.995, nets.opt, scaler, autocast, cfg)
+        smog.train_step(nets.online_ddp, nets.target, nets.grouping, [crops], 0.995, nets.opt, scaler, autocast, cfg)
 
     seconds = timed(run, steps, warmup, device)
     if profile:
@@ -203,7 +203,7 @@ def bench_e2e(cfg, device, autocast, scaler, steps, warmup, root, batched):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
         crops = smog.to_device_crops(batch, step, cfg, device)
-        smog.train_step(nets.online_ddp, nets.target, nets.grouping, crops, 0.995, nets.opt, scaler, autocast, cfg)
+        smog.train_step(nets.online_ddp, nets.target, nets.grouping, [crops], 0.995, nets.opt, scaler, autocast, cfg)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps

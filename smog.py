@@ -405,7 +405,7 @@ def build_optimizer(cfg, modules):
 
 def lr_at(step, total_steps, warmup_steps, cfg):
     """Linear warm-up from start_lr to the peak (lr × global batch / 256), then cosine down to final_lr."""
-    peak = cfg.lr * cfg.batch_size * world_size() / 256
+    peak = cfg.lr * cfg.batch_size * world_size() * cfg.accumulate / 256
     if step < warmup_steps:
         return cfg.start_lr + (peak - cfg.start_lr) * step / warmup_steps
     t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))  # clamped: no second cosine
@@ -423,34 +423,45 @@ def ema_(target, online, m):
 
 # ----- one training step -------------------------------------------------------------------------------------------
 
-def train_step(online, target, grouping, crops, beta, opt, scaler, autocast, cfg):
+def train_step(online, target, grouping, passes, beta, opt, scaler, autocast, cfg):
     """One SMoG step: label with the target, update the groups with online z, contrast online p with them, step, EMA.
 
     online: OnlineNet (or DDP around one); target: its encoder's EMA copy; grouping: MomentumGrouping.
-    crops: (online global (2B, 3, S, S), online local (L·B, 3, s, s) or None, target global (2B, 3, S, S), target
-    local (L·B, 3, s, s) or None), each crop-major (all images' first crop, then all second crops). Uses cfg.tau,
-    cfg.clip_grad, cfg.ema and cfg.drop_path.
-    Returns (loss, counts (H, K), online global z (2, B, D), skipped: whether GradScaler skipped the optimiser step)
-    as device tensors: nothing here waits for the device.
+    passes: the step's forward passes (one, or cfg.accumulate of them), each the crops (online global (2B, 3, S, S),
+    online local (L·B, 3, s, s) or None, target global (2B, 3, S, S), target local (L·B, 3, s, s) or None),
+    crop-major (all images' first crop, then all second crops); an iterable, so that each pass's crops can be made
+    when it runs. With several passes, as the authors' main_SMoG.py (train, --multi_forward): each pass is labelled
+    and backpropagated on its own (its gradient 1/N of the step's), the groups move once, with every pass's z, before
+    the last pass's loss, then one optimiser step and one EMA. Uses cfg.tau, cfg.clip_grad, cfg.ema, cfg.drop_path.
+    Returns (mean loss, counts (H, K), online global z (2, N·B, D), skipped: whether GradScaler skipped the optimiser
+    step) as device tensors: nothing here waits for the device.
     """
-    g, loc, t, t_loc = crops
-    b = t.shape[0] // 2
     h, k = grouping.centroids.shape[:2]
     module = getattr(online, "module", online)  # the OnlineNet itself, also inside DDP
-    with autocast:
-        with torch.no_grad():
-            zt = target([t] if t_loc is None else [t, t_loc])[:2 * b].float()  # (2B, D): the global crops' z
-        z, p = online([g] if loc is None else [g, loc])  # (C_online·B, D) each
-    labels = grouping.assign(zt).view(h, 2, b)  # 1. y: nearest c_k before the update
-    if cfg.drop_path:  # the update and the bank see the online global crops without stochastic depth
-        with autocast:
-            z = without_drop_path(module.encoder, [g])
-    z_global = z[:2 * b].detach().float().view(2, b, -1)  # (2, B, D)
-    # 2. head h moves with online global crop h mod 2 (a repeat: list indexing would copy indices from the host)
-    counts = grouping.update(z_global.repeat((h + 1) // 2, 1, 1)[:h], beta)
-    loss = smog_loss(grouping.logits(p, cfg.tau).view(h, -1, b, k), labels)  # 3. p against the updated c_k
     opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    z_globals, losses = [], []
+    for i, (g, loc, t, t_loc) in enumerate(passes):
+        last = i == cfg.accumulate - 1
+        b = t.shape[0] // 2
+        # DDP all-reduces the gradients once, in the last pass's backward
+        with nullcontext() if last or not hasattr(online, "no_sync") else online.no_sync():
+            with autocast:
+                with torch.no_grad():
+                    zt = target([t] if t_loc is None else [t, t_loc])[:2 * b].float()  # (2B, D): global crops' z
+                z, p = online([g] if loc is None else [g, loc])  # (C_online·B, D) each
+            labels = grouping.assign(zt).view(h, 2, b)  # 1. y: nearest c_k before the update
+            if cfg.drop_path:  # the update and the bank see the online global crops without stochastic depth
+                with autocast:
+                    z = without_drop_path(module.encoder, [g])
+            z_globals.append(z[:2 * b].detach().float().view(2, b, -1))  # (2, B, D)
+            if last:  # 2. head h moves with online global crop h mod 2, of every pass (a repeat: list indexing
+                z_global = torch.cat(z_globals, 1)  # would copy indices from the host)
+                counts = grouping.update(z_global.repeat((h + 1) // 2, 1, 1)[:h], beta)
+            loss = smog_loss(grouping.logits(p, cfg.tau).view(h, -1, b, k), labels)  # 3. p against the c_k
+            scaler.scale(loss / cfg.accumulate).backward()
+        losses.append(loss.detach())
+    if len(losses) != cfg.accumulate:
+        raise ValueError(f"train_step got {len(losses)} forward passes, cfg.accumulate is {cfg.accumulate}")
     scaler.unscale_(opt)  # trust ratios and clipping need the true gradients; no host sync
     grads = [q.grad for q in online.parameters() if q.grad is not None]
     # An inf or NaN in any unscaled gradient makes the norm non-finite: the steps GradScaler skips (fp16 only).
@@ -460,7 +471,7 @@ def train_step(online, target, grouping, crops, beta, opt, scaler, autocast, cfg
     scaler.step(opt)  # under fp16, skipped on the device when the gradients overflowed
     scaler.update()
     ema_(target, module.encoder, cfg.ema)
-    return loss.detach(), counts, z_global, skipped
+    return torch.stack(losses).mean(), counts, z_global, skipped
 
 
 # ===================================================================================================================
@@ -476,7 +487,9 @@ class Config:
     data: str = "synthetic"  # synthetic (embedded, no files) | cifar10 (torchvision download) | PATH to an ImageFolder
     out_dir: str = "out"  # checkpoint.pt and log.jsonl go here
     epochs: int = 400
-    batch_size: int = 64  # images per process; the global batch is batch_size × number of processes
+    batch_size: int = 64  # images per process and pass; the global batch is batch_size × processes × accumulate
+    accumulate: int = 1  # forward passes per optimiser step (the authors' --multi_forward), for a large global batch
+    # on few GPUs: each pass is labelled and backpropagated alone, the groups move once per step with every pass's z
     workers: int = -1  # loader processes per training process (streamed ImageFolder); -1: the cores / processes
     memory_budget: float = 2.0  # GiB: an ImageFolder whose decoded images fit is decoded once and held in memory
     seed: int = 0
@@ -627,7 +640,7 @@ def check_config(cfg):
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             bad(name, f"unknown (choose from {', '.join(allowed)})")
-    for name in ("epochs", "batch_size", "global_size", "local_size", "feat_dim", "hidden_dim", "num_groups",
+    for name in ("epochs", "batch_size", "accumulate", "global_size", "local_size", "feat_dim", "hidden_dim", "num_groups",
                  "num_heads", "log_every", "synthetic_size"):
         if getattr(cfg, name) < 1:
             bad(name, "must be at least 1")
@@ -970,12 +983,13 @@ def printable(text):
     """text with control characters (newlines, terminal escapes) escaped, for file names in messages."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
-def parity_batches(sampler, batch_size, first_step, skip=0):
-    """One epoch's batches of (index, step parity) pairs, less the first `skip` (a run resumed mid-epoch); the first
-    one given is step first_step. The parity lets CPU workers draw only the crops of the pipeline each branch uses."""
+def parity_batches(sampler, batch_size, first_pass, skip=0, passes=None):
+    """One epoch's batches of (index, pass parity) pairs (the first `passes` batches, default all), less the first
+    `skip` (a run resumed mid-epoch); the first one given is forward pass first_pass (a step with --accumulate N
+    has N passes). The parity lets CPU workers draw only the crops of the pipeline each branch uses."""
     indices = list(sampler)
-    return [[(j, (first_step + b - skip) % 2) for j in indices[b * batch_size:(b + 1) * batch_size]]
-            for b in range(skip, len(indices) // batch_size)]
+    return [[(j, (first_pass + b - skip) % 2) for j in indices[b * batch_size:(b + 1) * batch_size]]
+            for b in range(skip, passes or len(indices) // batch_size)]
 
 class Split(NamedTuple):
     """One split of a data set, as load_dataset returns it."""
@@ -1316,10 +1330,10 @@ def prepare_data(cfg, device):
     """Loads the training split and picks the augmentation path: batched on the device for data held in memory and on
     GPUs (--batched-aug auto), MultiCrop in CPU workers otherwise."""
     images, labels, folder, fingerprint = load_dataset(cfg, "train")
-    per_step = cfg.batch_size * world_size()
+    per_step = cfg.batch_size * world_size() * cfg.accumulate
     if len(labels) < per_step:
-        fail(f"--batch-size {cfg.batch_size} × {world_size()} process(es) = {per_step} is larger than the data set "
-             f"({len(labels)} images in --data {cfg.data})")
+        fail(f"--batch-size {cfg.batch_size} × {world_size()} process(es) × --accumulate {cfg.accumulate} = "
+             f"{per_step} is larger than the data set ({len(labels)} images in --data {cfg.data})")
     batched = cfg.batched_aug == "on" or (cfg.batched_aug == "auto" and (device.type == "cuda" or images is not None))
     if folder is not None:
         folder.transform = CutCrops(cfg) if batched else MultiCrop(cfg)
@@ -1333,10 +1347,11 @@ def prepare_data(cfg, device):
                                                   shuffle=True, seed=cfg.seed, drop_last=True)
     return TrainData(images, labels, dataset, folder, sampler, batched, fingerprint)
 
-def epoch_batches(cfg, data, first_step, device, skip=0):
-    """Yields (batch, failed image paths) for one epoch of data.sampler, less its first `skip` batches: uint8 images
-    (B, 3, S, S), Cut crops, or crops made by CPU workers."""
-    batches = parity_batches(data.sampler, cfg.batch_size, first_step, skip)
+def epoch_batches(cfg, data, first_pass, device, skip=0):
+    """Yields (batch, failed image paths) for one epoch of data.sampler (whole steps of cfg.accumulate passes), less
+    its first `skip` batches: uint8 images (B, 3, S, S), Cut crops, or crops made by CPU workers."""
+    passes = len(data.sampler) // cfg.batch_size // cfg.accumulate * cfg.accumulate
+    batches = parity_batches(data.sampler, cfg.batch_size, first_pass, skip, passes)
     if data.dataset is None:  # in memory, augmented on the device: no loader processes needed
         for batch in batches:
             yield data.images[torch.tensor([j for j, _ in batch], device=data.images.device)], []
@@ -1359,6 +1374,12 @@ def to_device_crops(batch, step, cfg, device):
     elif isinstance(batch, Cut):  # uint8 crops cut at full resolution by the loader workers
         batch = cut_multicrop(batch, step, cfg)
     return tuple(None if x is None else channels_last(x, cfg) for x in batch)
+
+def pass_crops(batch, index, cfg, device):
+    """The crops of forward pass `index` (a step's with --accumulate 1), from random draws seeded by (seed, process,
+    pass): a run resumed at any step draws what an uninterrupted run would."""
+    torch.manual_seed(seed_for(cfg.seed, index, rank()))
+    return to_device_crops(batch, index, cfg, device)
 
 def _tensors_to(batch, device):  # a tensor, or a (named) tuple of tensors and None, moved without waiting
     if isinstance(batch, torch.Tensor):
@@ -1548,23 +1569,25 @@ def check_resumable(path, state, cfg, data):
         if saved.get(name) != getattr(cfg, name):
             fail(f"--resume {path}: checkpoint has {_flag(name)} {saved.get(name)!r}, the config asks for "
                  f"{getattr(cfg, name)!r}; keep the checkpoint's value, or start a new run (--resume none)")
-    batch, processes = saved.get("batch_size"), state.get("processes", world_size())
-    if batch * processes != cfg.batch_size * world_size():  # steps per epoch and the schedules would not match
-        fail(f"--resume {path}: written with a global batch of {batch * processes} ({batch} × {processes} "
-             f"process(es)), this run has {cfg.batch_size * world_size()} ({cfg.batch_size} × {world_size()}); "
-             f"keep --batch-size × processes, or start a new run")
+    batch, processes, passes = saved.get("batch_size"), state.get("processes", world_size()), saved.get("accumulate", 1)
+    if batch * processes * passes != cfg.batch_size * world_size() * cfg.accumulate:  # steps, schedules would differ
+        fail(f"--resume {path}: written with a global batch of {batch * processes * passes} ({batch} × {processes} "
+             f"process(es) × {passes} passes), this run has {cfg.batch_size * world_size() * cfg.accumulate} "
+             f"({cfg.batch_size} × {world_size()} × {cfg.accumulate}); keep --batch-size × processes × "
+             f"--accumulate, or start a new run")
     written_for = state.get("data_fingerprint", f"{state.get('num_images')} images")
     if ("data_fingerprint" in state and written_for != data.fingerprint) or state.get("num_images") != len(
             data.labels):
         fail(f"--resume {path}: written for another data set ({written_for}); --data {printable(cfg.data)} is "
              f"{data.fingerprint}: restore that data set, or start a new run (--resume none)")
-    if processes != world_size():
+    if (processes, passes) != (world_size(), cfg.accumulate):
         if state.get("epoch_step", 0):
-            fail(f"--resume {path}: written mid-epoch by {processes} process(es); resume it with as many (this run "
-                 f"has {world_size()}), or from the end of an epoch")
-        log(f"resuming {processes} process(es) × {batch} images as {world_size()} × {cfg.batch_size}: the same global "
-            f"batch and schedules; BN statistics are now over {cfg.batch_size} images per process (SyncBN: all), and "
-            f"the data order differs from an uninterrupted run")
+            fail(f"--resume {path}: written mid-epoch by {processes} process(es) × {passes} passes; resume it with "
+                 f"as many (this run has {world_size()} × {cfg.accumulate}), or from the end of an epoch")
+        log(f"resuming {processes} process(es) × {batch} images × {passes} passes as {world_size()} × "
+            f"{cfg.batch_size} × {cfg.accumulate}: the same global batch and schedules; BN statistics are now over "
+            f"{cfg.batch_size} images per process and pass (SyncBN: all processes), and the data order differs from "
+            f"an uninterrupted run")
 
 def load_run_state(state, nets, scaler, bank):
     """Copies a checkpoint's networks, groups, optimiser, scaler and (mid-epoch) this process's bank into the run."""
@@ -1819,17 +1842,16 @@ class Progress:
         self.bad_in_epoch, self.first_bad = 0, ""
 
     def timed(self, batches):
-        """Yields the batches of (batch, failed paths) pairs, timing the wait for each one. Unreadable images were
-        replaced by readable ones: counted, and more than 1% of this process's images of one epoch end the run (as
-        for a folder decoded into memory)."""
-        batches = iter(batches)
+        """Yields the batches of (batch, failed paths) pairs, cfg.accumulate at a time (one step's passes), timing
+        the wait for each. Unreadable images were replaced by readable ones: counted, and more than 1% of this
+        process's images of one epoch end the run (as for a folder decoded into memory)."""
+        batches, step = iter(batches), []
         while True:
             t0 = time.time()
             batch, failed = next(batches, (None, None))
             if failed is None:
                 return
             self.data_time += time.time() - t0
-            self.step += 1  # the step this batch is for, counted from 1
             self.bad_in_epoch += len(failed)
             self.first_bad = self.first_bad or (failed[0] if failed else "")
             if self.bad_in_epoch > 0.01 * self.epoch_images:
@@ -1837,7 +1859,11 @@ class Progress:
                      f"this process reads per epoch; e.g. {self.first_bad}")
             self.bad_images += len(failed)
             self.images += self.cfg.batch_size * world_size()
-            yield batch
+            step.append(batch)
+            if len(step) == self.cfg.accumulate:
+                self.step += 1  # the step these batches are for, counted from 1
+                yield step
+                step = []
 
     def add(self, counts, skipped):  # one step's group counts (H, K) and skip flag, summed on the device
         self.counts, self.skipped = self.counts + counts, self.skipped + skipped
@@ -1912,12 +1938,15 @@ def _train(cfg, device):
 
     resume = resolve_resume(cfg)
     data = prepare_data(cfg, device)
-    steps_per_epoch = len(data.sampler) // cfg.batch_size
+    n = cfg.accumulate  # forward passes per step
+    steps_per_epoch = len(data.sampler) // cfg.batch_size // n
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     log(f"data: {len(data.labels)} images, {steps_per_epoch} steps per epoch, global batch "
-        f"{cfg.batch_size * world_size()}, augmentation {'batched' if data.batched else 'per image in CPU workers'}")
+        f"{cfg.batch_size * world_size() * n} ({cfg.batch_size} × {world_size()} process(es)"
+        + (f" × {n} passes" if n > 1 else "")
+        + f"), augmentation {'batched' if data.batched else 'per image in CPU workers'}")
     nets = build_nets(cfg, device)  # the same seed on every process: identical initial weights
-    bank = MemoryBank(steps_per_epoch * cfg.batch_size, cfg.feat_dim, device)
+    bank = MemoryBank(steps_per_epoch * n * cfg.batch_size, cfg.feat_dim, device)
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
     if resume:
         start_epoch, step, skip = resume_run(resume, cfg, nets, scaler, bank, data)
@@ -1931,21 +1960,20 @@ def _train(cfg, device):
 
     with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank() == 0 else nullcontext() as jsonl, \
             catch_preemption() as caught, \
-            Progress(cfg, total_steps, jsonl, step, scaler, steps_per_epoch * cfg.batch_size) as progress:
+            Progress(cfg, total_steps, jsonl, step, scaler, steps_per_epoch * n * cfg.batch_size) as progress:
         for epoch in range(start_epoch, cfg.epochs):
-            # Data order is a function of (seed, epoch), each step's crops of (seed, process, step): resuming at any
+            # Data order is a function of (seed, epoch), each pass's crops of (seed, process, pass): resuming at any
             # step is exact with batched augmentation (CPU workers draw from their own per-epoch seeds).
             data.sampler.set_epoch(epoch)
             torch.manual_seed(seed_for(cfg.seed, epoch, rank()))  # the loader's worker seeds
             progress.restart()
             epoch_step, preempted = skip, False
-            for batch in progress.timed(epoch_batches(cfg, data, step, device, skip)):
+            for batches in progress.timed(epoch_batches(cfg, data, step * n, device, skip * n)):
                 lr, beta = lr_at(step, total_steps, warmup_steps, cfg), beta_at(step, total_steps, cfg)
                 for group in nets.opt.param_groups:
                     group["lr"] = lr
-                torch.manual_seed(seed_for(cfg.seed, step, rank()))
-                crops = to_device_crops(batch, step, cfg, device)
-                loss, counts, z_global, skipped = train_step(nets.online_ddp, nets.target, nets.grouping, crops,
+                passes = (pass_crops(batch, step * n + i, cfg, device) for i, batch in enumerate(batches))
+                loss, counts, z_global, skipped = train_step(nets.online_ddp, nets.target, nets.grouping, passes,
                                                              beta, nets.opt, scaler, autocast, cfg)
                 bank.add(z_global)
                 progress.add(counts, skipped)

@@ -207,7 +207,7 @@ def one_step(cfg, nets, step=0):
     images, _ = smog.synthetic_shapes(cfg.batch_size, seed=1)
     crops = smog.batch_multicrop(images, step, cfg)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return smog.train_step(nets.online_ddp, nets.target, nets.grouping, crops, 0.9, nets.opt, scaler,
+    return smog.train_step(nets.online_ddp, nets.target, nets.grouping, [crops], 0.9, nets.opt, scaler,
                            smog.nullcontext(), cfg)
 
 
@@ -243,6 +243,47 @@ def test_step_changes_online_and_moves_target_by_ema(tmp_path):
         assert torch.allclose(t1, 0.9 * t0 + 0.1 * o1, atol=1e-6, rtol=0)
     assert not torch.equal(nets.grouping.centroids, centroids_before)
     assert counts.sum().item() == cfg.num_heads * cfg.batch_size
+
+
+def test_accumulated_passes_equal_a_reference_loop(tmp_path):
+    # Two passes of 32 images: each labelled by the target with the groups as they were, one group update with both
+    # passes' z before the second pass's loss (the first pass's loss saw the groups before it), the gradients
+    # averaged, one LARS step, one EMA. The reference builds one graph of both passes and backpropagates once.
+    cfg = tiny_cfg(tmp_path, "--accumulate", "2", "--ema", "0.9")
+    nets, ref = build_nets(cfg), build_nets(cfg)
+    images, _ = smog.synthetic_shapes(64, seed=3)
+    passes = []
+    for i in range(2):
+        torch.manual_seed(i)
+        passes.append(smog.batch_multicrop(images[32 * i:32 * (i + 1)], i, cfg))
+    loss, counts, z_global, _ = smog.train_step(nets.online_ddp, nets.target, nets.grouping, iter(passes), 0.9,
+                                                nets.opt, torch.amp.GradScaler("cpu", enabled=False),
+                                                smog.nullcontext(), cfg)
+    h, k, b = cfg.num_heads, cfg.num_groups, 32
+    losses, zs = [], []
+    for i, (g, loc, t, t_loc) in enumerate(passes):
+        with torch.no_grad():
+            labels = ref.grouping.assign(ref.target([t, t_loc])[:2 * b]).view(h, 2, b)
+        z, p = ref.online([g, loc])
+        zs.append(z[:2 * b].detach().view(2, b, -1))
+        if i == 1:
+            ref.grouping.update(torch.cat(zs, 1).repeat(2, 1, 1)[:h], 0.9)
+        c = ref.grouping.centroids.clone()  # as they are for this pass's loss (the update works in place)
+        logits = torch.matmul(torch.nn.functional.normalize(p, dim=-1), c.transpose(1, 2)) / cfg.tau
+        losses.append(smog.smog_loss(logits.view(h, -1, b, k), labels))
+    ref.opt.zero_grad()
+    (sum(losses) / 2).backward()
+    ref.opt.step()
+    smog.ema_(ref.target, ref.online.encoder, 0.9)
+    assert loss.item() == pytest.approx(sum(losses).item() / 2, abs=1e-6)
+    assert counts.sum().item() == h * 64 and z_global.shape == (2, 64, cfg.feat_dim)
+    assert torch.allclose(nets.grouping.centroids, ref.grouping.centroids, atol=1e-6)
+    for a, r in zip([*nets.online.parameters(), *nets.target.parameters()],
+                    [*ref.online.parameters(), *ref.target.parameters()]):
+        assert torch.allclose(a, r, atol=1e-6)
+    with pytest.raises(ValueError, match="1 forward passes"):  # a step needs exactly --accumulate passes
+        smog.train_step(nets.online_ddp, nets.target, nets.grouping, passes[:1], 0.9, nets.opt,
+                        torch.amp.GradScaler("cpu", enabled=False), smog.nullcontext(), cfg)
 
 
 @given(st.lists(st.tuples(st.integers(1, 3), st.integers(2, 5)), min_size=1, max_size=3), st.integers(0, 10**6),
@@ -317,7 +358,7 @@ def test_swin_update_and_bank_see_the_online_z_without_drop_path():
     nets = smog.build_nets(cfg, torch.device("cpu"))
     crops = smog.batch_multicrop(smog.synthetic_shapes(4, seed=1)[0], 0, cfg)
     before = copy.deepcopy(nets.online)
-    _, _, z_global, _ = smog.train_step(nets.online_ddp, nets.target, nets.grouping, crops, 0.9, nets.opt,
+    _, _, z_global, _ = smog.train_step(nets.online_ddp, nets.target, nets.grouping, [crops], 0.9, nets.opt,
                                      torch.amp.GradScaler("cpu", enabled=False), smog.nullcontext(), cfg)
     expected = smog.without_drop_path(before.encoder, [crops[0]])  # (2B, D), weights before the step
     assert torch.allclose(z_global.flatten(0, 1), expected, atol=1e-5)
@@ -719,6 +760,27 @@ def test_train_resume_continue_matches_uninterrupted(tmp_path):
     assert resumed_losses == pytest.approx([rec["loss"] for rec in steps], abs=1e-6)
 
 
+def test_accumulated_run_preempted_mid_epoch_resumes_exactly(tmp_path):
+    flags = [*SMALL, "--batch-size", "32", "--accumulate", "2", "--epochs", "2", "--no-knn"]  # global batch 64
+    r = run_smog(*flags, "--out-dir", str(tmp_path / "straight"))
+    assert r.returncode == 0 and "global batch 64 (32 × 1 process(es) × 2 passes)" in r.stdout, r.stderr
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "smog.py"), *flags, "--out-dir",
+                             str(tmp_path / "preempted")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    for line in proc.stdout:
+        if line.startswith("step 8/"):
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert 0 < final_state(tmp_path / "preempted")["epoch_step"] < 6
+    r = run_smog(*flags, "--out-dir", str(tmp_path / "preempted"))
+    assert r.returncode == 0 and "mid-epoch" in r.stdout, r.stderr
+    a, c = final_state(tmp_path / "straight"), final_state(tmp_path / "preempted")
+    assert a["step"] == c["step"] == 12
+    for key in ("online", "target", "grouping"):
+        for name in a[key]:
+            assert torch.allclose(a[key][name].float(), c[key][name].float(), atol=1e-6), (key, name)
+
+
 def test_catch_preemption_records_sigterm_sigusr1_and_sigint_then_restores_handlers():
     signals = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
     before = [signal.getsignal(s) for s in signals]
@@ -983,13 +1045,15 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def test_torchrun_two_processes_stay_in_sync(tmp_path):
+@pytest.mark.parametrize("accumulate", ["1", "2"])
+def test_torchrun_two_processes_stay_in_sync(accumulate, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(repo=REPO, out=str(tmp_path)))
     # 390 images: not divisible by 2 processes × 64, so ranks drop different tails and must still agree after the
-    # epoch's 3 steps (195 images per rank) and its k-means reset.
+    # epoch's 3 steps (195 images per rank) and its k-means reset; with --accumulate 2, steps of 2 passes of 32.
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(driver), *SMALL, "--synthetic-size", "390", "--epochs", "1", "--no-knn",
+                        "--accumulate", accumulate, "--batch-size", str(64 // int(accumulate)),
                         "--out-dir", str(tmp_path / "out")],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -1023,7 +1087,7 @@ SPLIT_DRIVER = textwrap.dedent("""
     for step in range(3):
         torch.manual_seed(smog.seed_for(cfg.seed, step, rank))
         loss, _, _, _ = smog.train_step(nets.online_ddp, nets.target, nets.grouping,
-                                     smog.batch_multicrop(images, step, cfg), 0.99, nets.opt,
+                                     [smog.batch_multicrop(images, step, cfg)], 0.99, nets.opt,
                                      torch.amp.GradScaler("cpu", enabled=False), smog.nullcontext(), cfg)
         losses.append(loss.item())
     params = {{name: p for name, p in nets.online.named_parameters()}}
@@ -1478,7 +1542,7 @@ def test_backbone_trains_a_step_at_both_crop_sizes_reloads_and_exports(arch, tmp
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     images, _ = smog.synthetic_shapes(4, seed=1)
     crops = smog.batch_multicrop(images, 0, cfg)  # online: 64 and 32 px in one forward, target: 64 px
-    loss, _, _, _ = smog.train_step(nets.online_ddp, nets.target, nets.grouping, crops, 0.9, nets.opt,
+    loss, _, _, _ = smog.train_step(nets.online_ddp, nets.target, nets.grouping, [crops], 0.9, nets.opt,
                                  torch.amp.GradScaler("cpu", enabled=False), smog.nullcontext(), cfg)
     assert torch.isfinite(loss)
     assert any(not torch.equal(before[k], v) for k, v in backbone.state_dict().items())
