@@ -354,8 +354,8 @@ def smog_loss(logits, labels):
 class LARS(torch.optim.SGD):
     """SGD with momentum whose gradient of each weight is first scaled by a layer-wise trust ratio (You et al., 2017).
 
-    As apex's LARC(clip=False) around SGD in the authors' main_SMoG.py: g ← (g + wd·w) · η‖w‖ / (‖g‖ + wd·‖w‖), then
-    momentum SGD. Parameter groups with lars=False get plain momentum SGD, no weight decay. Gradients must be true
+    As apex's LARC(clip=False) around SGD in the authors' main_SMoG.py: g ← (g + wd·w) · η‖w‖ / (‖g‖ + wd·‖w‖ + ε),
+    g left as it is where ‖w‖ or ‖g‖ is 0, then momentum SGD. Parameter groups with lars=False get plain momentum SGD, no weight decay. Gradients must be true
     (unscaled) ones: under fp16 call GradScaler.unscale_ first. The trust ratios take a few torch._foreach_* kernels
     for all tensors; the SGD step is torch's fused kernel, which skips the update on the device when GradScaler found
     an overflow: no host sync. Every momentum buffer starts as zeros before the first step: the fused kernel would
@@ -382,8 +382,9 @@ class LARS(torch.optim.SGD):
                 continue
             grads, wd = [p.grad for p in params], group["lars_weight_decay"]
             w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
-            trust = group["eta"] * w_norm / (g_norm + wd * w_norm)
-            trust = torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
+            trust = group["eta"] * w_norm / (g_norm + wd * w_norm + 1e-8)
+            # Where a norm is 0, LARC leaves g alone: g + wd·w is g when w = 0, and times 0 is g when g = 0.
+            trust = torch.where((w_norm > 0) & (g_norm > 0), trust, (g_norm > 0).to(trust.dtype))
             torch._foreach_add_(grads, params, alpha=wd)
             torch._foreach_mul_(grads, list(trust.unbind()))
         return super().step()
@@ -404,16 +405,18 @@ def build_optimizer(cfg, modules):
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 def lr_at(step, total_steps, warmup_steps, cfg):
-    """Linear warm-up from start_lr to the peak (lr × global batch / 256), then cosine down to final_lr."""
+    """Linear warm-up from start_lr to the peak (lr × global batch / 256), reached at the last warm-up step (the
+    authors' np.linspace), then cosine down to final_lr."""
     peak = cfg.lr * cfg.batch_size * world_size() * cfg.accumulate / 256
     if step < warmup_steps:
-        return cfg.start_lr + (peak - cfg.start_lr) * step / warmup_steps
+        return cfg.start_lr + (peak - cfg.start_lr) * step / max(1, warmup_steps - 1)
     t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))  # clamped: no second cosine
     return cfg.final_lr + 0.5 * (peak - cfg.final_lr) * (1 + math.cos(math.pi * t))
 
 def beta_at(step, total_steps, cfg):
-    """Centroid momentum β: linear per step from beta_start (1.0: groups held still) to beta_end."""
-    return cfg.beta_start + (cfg.beta_end - cfg.beta_start) * min(1.0, step / max(1, total_steps - 1))
+    """Centroid momentum β: linear per step from beta_start (1.0: groups held still) to beta_end at the last step,
+    one decrement already taken at step 0 (as the authors' main_SMoG.py, train, lowers it before each use)."""
+    return cfg.beta_start + (cfg.beta_end - cfg.beta_start) * min(1.0, (step + 1) / max(1, total_steps))
 
 @torch.no_grad()
 def ema_(target, online, m):
@@ -1464,13 +1467,14 @@ def reset_groups(nets, bank, cfg, epoch):
     return time.time() - t0
 
 def fill_bank(nets, bank, data, cfg, device, autocast):
-    """Fills the bank with the initial network's projections of one pass over the data (the authors' init_memory)."""
+    """Fills the bank with the initial network's projections of one pass over the data, each online global crop
+    forwarded alone, so that its BN sees one crop of every image (the authors' init_memory)."""
     torch.manual_seed(seed_for(cfg.seed, -1, rank()))
     data.sampler.set_epoch(-1)
     with torch.no_grad(), autocast:
         for batch, _ in epoch_batches(cfg, data, 0, device):
-            g = to_device_crops(batch, 0, cfg, device)[0]
-            bank.add(nets.online.encoder([g]).float().view(2, g.shape[0] // 2, -1))
+            g = to_device_crops(batch, 0, cfg, device)[0]  # (2B, 3, S, S), crop-major
+            bank.add(torch.stack([nets.online.encoder([crop]).float() for crop in g.chunk(2)]))  # (2, B, D)
 
 
 # ----- checkpoints, resume, preemption -----------------------------------------------------------------------------
