@@ -448,15 +448,17 @@ def test_lars_trust_ratio_and_exclusions():
     assert torch.equal(w, before)
 
 
-def test_lars_under_grad_scaler_unscales_and_skips_overflow():
-    def make():
-        w, b = torch.nn.Parameter(torch.full((4, 4), 2.0)), torch.nn.Parameter(torch.ones(4))
-        opt = smog.LARS([dict(params=[w]), dict(params=[b], weight_decay=0.0, lars=False)], lr=1.0, momentum=0.9,
-                        weight_decay=0.1, eta=0.001)
-        return w, b, opt
+def lars_pair(side):
+    """(w, b, LARS): a (side, side) weight in a LARS group and a (side,) bias in a plain-SGD group, momentum 0.9."""
+    w, b = torch.nn.Parameter(torch.full((side, side), 2.0)), torch.nn.Parameter(torch.ones(side))
+    opt = smog.LARS([dict(params=[w]), dict(params=[b], weight_decay=0.0, lars=False)], lr=1.0, momentum=0.9,
+                    weight_decay=0.1, eta=0.001)
+    return w, b, opt
 
-    w0, b0, plain = make()
-    w1, b1, scaled = make()
+
+def test_lars_under_grad_scaler_unscales_and_skips_overflow():
+    w0, b0, plain = lars_pair(4)
+    w1, b1, scaled = lars_pair(4)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     assert scaled._step_supports_amp_scaling  # GradScaler hands over tensors instead of reading the flag on the host
     for i in range(2):
@@ -483,21 +485,15 @@ def test_lars_under_grad_scaler_unscales_and_skips_overflow():
 def test_lars_first_step_skipped_by_grad_scaler_then_a_normal_one_equals_one_clean_step():
     # torch's fused SGD would create its momentum buffers uninitialised on a first step that the scaler skips; memory
     # freed just before is filled with garbage so that such a buffer would hold it.
-    def make():
-        w, b = torch.nn.Parameter(torch.full((64, 64), 2.0)), torch.nn.Parameter(torch.ones(64))
-        opt = smog.LARS([dict(params=[w]), dict(params=[b], weight_decay=0.0, lars=False)], lr=1.0, momentum=0.9,
-                        weight_decay=0.1, eta=0.001)
-        return w, b, opt
-
     def fill_freed_memory():
         for _ in range(4):
             del_me = torch.full((1 << 16,), 1e30)
             del del_me
 
-    w0, b0, clean = make()
+    w0, b0, clean = lars_pair(64)
     w0.grad, b0.grad = torch.full_like(w0, 0.5), torch.full_like(b0, 0.5)
     clean.step()
-    w1, b1, opt = make()
+    w1, b1, opt = lars_pair(64)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     for grad in (float("inf"), 0.5):  # the first step overflows and is skipped, the second is an ordinary one
         fill_freed_memory()
@@ -729,6 +725,20 @@ def final_state(out_dir):
     return torch.load(os.path.join(out_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
 
 
+def run_signalled(sig, out, *flags, at="step 8/"):
+    """Runs smog.py FLAGS --out-dir OUT, sends it `sig` when it logs step 8 (or what `at` says); returns (exit status,
+    stdout lines, stderr)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "smog.py"), *flags, "--out-dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(at):
+            proc.send_signal(sig)
+    return proc.wait(timeout=300), lines, proc.stderr.read()
+
+
 def test_train_resume_continue_matches_uninterrupted(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     r = run_smog(*SMALL, "--epochs", "2", "--out-dir", str(straight))
@@ -755,15 +765,8 @@ def test_train_resume_continue_matches_uninterrupted(tmp_path):
     # Preemption: a real SIGTERM in epoch 1 (steps 6-11), sent when step 8 is logged. The process finishes its step,
     # writes a checkpoint and exits 0; the next start resumes mid-epoch and ends where the uninterrupted run ended.
     preempted = tmp_path / "preempted"
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "smog.py"), *SMALL, "--epochs", "2",
-                             "--out-dir", str(preempted)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step 8/"):
-            proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    status, lines, stderr = run_signalled(signal.SIGTERM, preempted, *SMALL, "--epochs", "2")
+    assert status == 0, stderr
     assert any("caught a preemption signal" in line for line in lines), lines
     state = final_state(preempted)
     assert state["epoch"] == 1 and 0 < state["epoch_step"] < 6 and state["step"] == 6 + state["epoch_step"]
@@ -778,21 +781,17 @@ def test_train_resume_continue_matches_uninterrupted(tmp_path):
 
 
 def test_accumulated_run_preempted_mid_epoch_resumes_exactly(tmp_path):
-    flags = [*SMALL, "--batch-size", "32", "--accumulate", "2", "--epochs", "2", "--no-knn"]  # global batch 64
+    flags = [*SMALL, "--synthetic-size", "256", "--batch-size", "32", "--accumulate", "2", "--epochs", "2",
+             "--no-knn"]  # global batch 64: 4 steps per epoch
     r = run_smog(*flags, "--out-dir", str(tmp_path / "straight"))
     assert r.returncode == 0 and "global batch 64 (32 × 1 process(es) × 2 passes)" in r.stdout, r.stderr
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "smog.py"), *flags, "--out-dir",
-                             str(tmp_path / "preempted")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
-    for line in proc.stdout:
-        if line.startswith("step 8/"):
-            proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    assert 0 < final_state(tmp_path / "preempted")["epoch_step"] < 6
+    status, _, stderr = run_signalled(signal.SIGTERM, tmp_path / "preempted", *flags, at="step 6/")
+    assert status == 0, stderr
+    assert 0 < final_state(tmp_path / "preempted")["epoch_step"] < 4
     r = run_smog(*flags, "--out-dir", str(tmp_path / "preempted"))
     assert r.returncode == 0 and "mid-epoch" in r.stdout, r.stderr
     a, c = final_state(tmp_path / "straight"), final_state(tmp_path / "preempted")
-    assert a["step"] == c["step"] == 12
+    assert a["step"] == c["step"] == 8
     for key in ("online", "target", "grouping"):
         for name in a[key]:
             assert torch.allclose(a[key][name].float(), c[key][name].float(), atol=1e-6), (key, name)
@@ -811,16 +810,8 @@ def test_catch_preemption_records_sigterm_sigusr1_and_sigint_then_restores_handl
 
 def test_ctrl_c_checkpoints_and_exits_130_and_a_second_one_stops_at_once(tmp_path, capsys):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "smog.py"), *SMALL, "--epochs", "2", "--no-knn",
-                             "--out-dir", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step 8/"):
-            proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=300) == 130
-    assert not proc.stderr.read().strip()  # no traceback
+    status, lines, stderr = run_signalled(signal.SIGINT, out, *SMALL, "--epochs", "2", "--no-knn")
+    assert status == 130 and not stderr.strip()  # no traceback
     assert any("caught Ctrl-C: checkpoint" in line for line in lines), lines
     assert 0 < final_state(out)["epoch_step"] < 6 and not (out / "lock").exists()  # mid-epoch; the out-dir is free
     with pytest.raises(SystemExit) as e:  # the second Ctrl-C: at once
@@ -920,9 +911,11 @@ def test_resume_none_moves_earlier_checkpoints_aside_and_odd_out_dirs_get_one_li
     assert len(aside) == 2 and torch.load(out / aside[0], weights_only=True)["epoch"] == 2
     assert final_state(out)["epoch"] == 1  # the new run's own
     (tmp_path / "file").write_text("")
-    assert_one_line_error(run_smog("--out-dir", str(tmp_path / "file" / "out")), "--out-dir", "cannot be created")
+    with pytest.raises(SystemExit, match="--out-dir .*: cannot be created"):
+        smog.main(["--out-dir", str(tmp_path / "file" / "out")])
     (tmp_path / "odd" / "checkpoint.pt").mkdir(parents=True)
-    assert_one_line_error(run_smog("--out-dir", str(tmp_path / "odd")), "--out-dir", "is not a file")
+    with pytest.raises(SystemExit, match="--out-dir .*checkpoint.pt is not a file"):
+        smog.main(["--out-dir", str(tmp_path / "odd")])
 
 
 def test_a_second_run_on_a_live_out_dir_refuses_and_a_dead_runs_lock_is_taken_over(tmp_path):
@@ -1159,12 +1152,14 @@ def assert_one_line_error(r, *needles):
 def test_bad_input_gives_one_line_errors(tmp_path):
     assert_one_line_error(run_smog("--data", str(tmp_path / "missing")), "--data", "missing")
     (tmp_path / "empty").mkdir()
-    assert_one_line_error(run_smog("--data", str(tmp_path / "empty")), "--data")
-    for argv, flag in ((["--arch", "resnet9000"], "--arch"), (["--preset", "huge"], "--preset")):
+    assert_one_line_error(run_smog("--resume", str(tmp_path / "nope.pt"), "--out-dir", str(tmp_path)), "--resume")
+    out = ["--out-dir", str(tmp_path / "out")]
+    for argv, flag in ((["--data", str(tmp_path / "empty")], "--data"), (["--arch", "resnet9000"], "--arch"),
+                       (["--preset", "huge"], "--preset"), (["--synthetic-size", "100", "--batch-size", "128"],
+                                                            "--batch-size")):
+        (tmp_path / "empty").mkdir(exist_ok=True)
         with pytest.raises(SystemExit, match=f"^smog.py: error: {flag}"):  # in-process: the same fail() line
-            smog.parse_config(argv)
-    assert_one_line_error(run_smog("--synthetic-size", "100", "--batch-size", "128"), "--batch-size")
-    assert_one_line_error(run_smog("--resume", str(tmp_path / "nope.pt")), "--resume")
+            smog.main([*argv, *out])
     for budget in ("nan", "-1", "inf"):  # in-process: the same fail() line as the subprocess cases above
         with pytest.raises(SystemExit, match="--memory-budget .* must be a finite number"):
             smog.parse_config(["--memory-budget", budget])
@@ -1388,7 +1383,7 @@ def test_acceptance_command_trains_in_fp16_and_writes_its_report(tmp_path):
     assert report["passed"] and report["device"] == "cpu" and report["speed"]["b_step_img_per_s"] > 0
     for name in ("tiny", "r50"):
         run = report["runs"][name]
-        assert run["exit"] == 0 and run["finite"] and run["steps"] == {"tiny": 8, "r50": 4}[name]
+        assert run["exit"] == 0 and run["finite"] and run["steps"] == 4
         assert run["grad_scale"] is not None and run["skipped_steps"] >= 1  # fp16: the scaler's first steps
         assert (out / f"{name}.log").exists() and len((out / f"{name}.jsonl").read_text().splitlines()) >= 2
     assert report["runs"]["tiny"]["knn_top1_random_init"] is not None  # the tiny run's final report
