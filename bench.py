@@ -450,7 +450,8 @@ def acceptance(args):
                   cuda=torch.version.cuda, date=time.strftime("%Y-%m-%d"))
     with open(os.path.join(out_dir, "acceptance.json"), "w") as f:
         json.dump(report, f, indent=1)
-    lines = [f"acceptance {'PASSED' if report['passed'] else 'FAILED'} on {report['device']}, torch {torch.__version__},"
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    lines = [f"acceptance {verdict} on {report['device']}, torch {torch.__version__},"
              f" {report['date']}, {report['seconds']:.0f} s"]
     for key in ("a_ceiling_img_per_s", "b_step_img_per_s", "b_over_a", "b_peak_gpu_mem_gib", "bn_over_sizes_ratio",
                 "c_e2e_gpu_aug_img_per_s", "c_gpu_aug_over_b", "c_decode_cut_img_per_s_per_core"):

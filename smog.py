@@ -355,8 +355,8 @@ class LARS(torch.optim.SGD):
     """SGD with momentum whose gradient of each weight is first scaled by a layer-wise trust ratio (You et al., 2017).
 
     As apex's LARC(clip=False) around SGD in the authors' main_SMoG.py: g ← (g + wd·w) · η‖w‖ / (‖g‖ + wd·‖w‖ + ε),
-    g left as it is where ‖w‖ or ‖g‖ is 0, then momentum SGD. Parameter groups with lars=False get plain momentum SGD, no weight decay. Gradients must be true
-    (unscaled) ones: under fp16 call GradScaler.unscale_ first. The trust ratios take a few torch._foreach_* kernels
+    g left as it is where ‖w‖ or ‖g‖ is 0, then momentum SGD. Parameter groups with lars=False get plain momentum
+    SGD, no weight decay. Gradients must be true (unscaled) ones: under fp16 call GradScaler.unscale_ first. The trust ratios take a few torch._foreach_* kernels
     for all tensors; the SGD step is torch's fused kernel, which skips the update on the device when GradScaler found
     an overflow: no host sync. Every momentum buffer starts as zeros before the first step: the fused kernel would
     otherwise create it uninitialised (empty_like) and, when GradScaler skips that first step, leave it unwritten for
@@ -518,7 +518,7 @@ class Config:
     feat_dim: int = 128  # dimension D of z, p and the centroids
     hidden_dim: int = 2048  # hidden width of projector and predictor
     drop_path: float = 0.0  # stochastic depth of the online backbone (Swin: 0.2); the target, update and bank: none
-    swin_heads: bool = False  # the authors' Swin heads: GELU projector, ReLU predictor, trunc-normal(0.02), per crop size
+    swin_heads: bool = False  # the authors' Swin heads: GELU projector, ReLU predictor, trunc-normal, per crop size
     ema: float = 0.999  # target ← ema·target + (1−ema)·online after every step
     # --- momentum grouping and loss ---
     num_groups: int = 3000  # K centroids per head
@@ -643,8 +643,8 @@ def check_config(cfg):
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             bad(name, f"unknown (choose from {', '.join(allowed)})")
-    for name in ("epochs", "batch_size", "accumulate", "global_size", "local_size", "feat_dim", "hidden_dim", "num_groups",
-                 "num_heads", "log_every", "synthetic_size"):
+    for name in ("epochs", "batch_size", "accumulate", "global_size", "local_size", "feat_dim", "hidden_dim",
+                 "num_groups", "num_heads", "log_every", "synthetic_size"):
         if getattr(cfg, name) < 1:
             bad(name, "must be at least 1")
     if cfg.eval_every < -1:

@@ -604,7 +604,8 @@ def test_schedules():
     assert smog.lr_at(9, 100, 10, cfg) == smog.lr_at(10, 100, 10, cfg) == pytest.approx(0.3)  # np.linspace's end
     assert smog.lr_at(100, 100, 10, cfg) == pytest.approx(0.001)
     # β as the authors' C_momentum, lowered by (1 - 0.99) / steps before each use: below 1 from the first step
-    assert smog.beta_at(0, 100, cfg) == pytest.approx(1 - 0.01 / 100) and smog.beta_at(99, 100, cfg) == pytest.approx(0.99)
+    assert smog.beta_at(0, 100, cfg) == pytest.approx(1 - 0.01 / 100)
+    assert smog.beta_at(99, 100, cfg) == pytest.approx(0.99)
 
 
 # ----- data and augmentation -----------------------------------------------------------------------------------
