@@ -356,11 +356,12 @@ class LARS(torch.optim.SGD):
 
     As apex's LARC(clip=False) around SGD in the authors' main_SMoG.py: g ← (g + wd·w) · η‖w‖ / (‖g‖ + wd·‖w‖ + ε),
     g left as it is where ‖w‖ or ‖g‖ is 0, then momentum SGD. Parameter groups with lars=False get plain momentum
-    SGD, no weight decay. Gradients must be true (unscaled) ones: under fp16 call GradScaler.unscale_ first. The trust ratios take a few torch._foreach_* kernels
-    for all tensors; the SGD step is torch's fused kernel, which skips the update on the device when GradScaler found
-    an overflow: no host sync. Every momentum buffer starts as zeros before the first step: the fused kernel would
-    otherwise create it uninitialised (empty_like) and, when GradScaler skips that first step, leave it unwritten for
-    the next real step to add (momentum·0 + g is what plain SGD's first step gives).
+    SGD, no weight decay. Gradients must be true (unscaled) ones: under fp16 call GradScaler.unscale_ first. The
+    trust ratios take a few torch._foreach_* kernels for all tensors; the SGD step is torch's fused kernel, which
+    skips the update on the device when GradScaler found an overflow: no host sync. Every momentum buffer starts as
+    zeros before the first step: the fused kernel would otherwise create it uninitialised (empty_like) and, when
+    GradScaler skips that first step, leave it unwritten for the next real step to add (momentum·0 + g is what plain
+    SGD's first step gives).
     """
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001):
@@ -466,9 +467,11 @@ def train_step(online, target, grouping, passes, beta, opt, scaler, autocast, cf
     if len(losses) != cfg.accumulate:
         raise ValueError(f"train_step got {len(losses)} forward passes, cfg.accumulate is {cfg.accumulate}")
     scaler.unscale_(opt)  # trust ratios and clipping need the true gradients; no host sync
-    grads = [q.grad for q in online.parameters() if q.grad is not None]
-    # An inf or NaN in any unscaled gradient makes the norm non-finite: the steps GradScaler skips (fp16 only).
-    skipped = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()) & scaler.is_enabled()
+    # An inf or NaN in any unscaled gradient makes the norm non-finite: the steps GradScaler skips (fp16 only; the
+    # other precisions skip nothing and need no extra pass over the gradients).
+    grads = [q.grad for q in online.parameters() if q.grad is not None] if scaler.is_enabled() else []
+    skipped = (~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()) if grads else
+               torch.zeros((), dtype=torch.bool, device=grouping.centroids.device))
     if cfg.clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.clip_grad)
     scaler.step(opt)  # under fp16, skipped on the device when the gradients overflowed
@@ -1902,7 +1905,7 @@ class Progress:
                 f"(fp16 gradients overflowed; scale now {record['grad_scale']:g}): lower --lr, or use --precision "
                 f"bf16 or fp32")
         self.t_log, self.data_time, self.images, self.counts, self.skipped = time.time(), 0.0, 0, 0, 0
-        self.bad_images = 0  # each log line counts its own interval's
+        self.bad_images = 0  # each log line counts its own interval's unreadable images
 
     def write(self, record):  # one line of log.jsonl, which rank 0 holds (the others have None)
         if self.jsonl:
