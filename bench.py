@@ -83,15 +83,16 @@ def bench_ceiling(cfg, device, autocast, steps, warmup):
 
 def bench_step(cfg, device, autocast, scaler, steps, warmup, profile=""):
     """(b) the full training step of smog.py on fixed device tensors; profile: write its top operators there."""
-    nets = smog.build_nets(cfg, device)
-    crops = tuple(None if x is None else smog.channels_last(x, cfg) for x in fake_crops(cfg, device))
+    run = smog.RunState(cfg, device, scaler=scaler)
+    crops = smog.Crops(*(None if x is None else smog.channels_last(x, cfg) for x in fake_crops(cfg, device)))
 
-    def run():
-        smog.train_step(nets.online_ddp, nets.target, nets.grouping, [crops], 0.995, nets.opt, scaler, autocast, cfg)
+    def step():
+        smog.train_step(run.online_ddp, run.target, run.grouping, [crops], run.opt, run.scaler, beta=0.995,
+                        autocast=autocast, **smog.step_hyperparameters(cfg))
 
-    seconds = timed(run, steps, warmup, device)
+    seconds = timed(step, steps, warmup, device)
     if profile:
-        write_profile(run, device, profile, "the full step (b)")
+        write_profile(step, device, profile, "the full step (b)")
     return seconds
 
 
@@ -113,13 +114,13 @@ def bench_augment(cfg, device, steps, warmup, profile=""):
     """The device's share of the batched augmentation of one ImageFolder step: flips and photometric work on the
     uint8 crops that the loader workers cut (smog.cut_multicrop)."""
     b, n_local = cfg.batch_size, cfg.num_local * (2 if cfg.target_local else 1)
-    cut = smog.Cut(torch.randint(0, 256, (b, 4, 3, cfg.global_size, cfg.global_size), dtype=torch.uint8,
-                                 device=device),
-                   torch.randint(0, 256, (b, n_local, 3, cfg.local_size, cfg.local_size), dtype=torch.uint8,
-                                 device=device) if n_local else None)
-    seconds = timed(lambda: smog.cut_multicrop(cut, 0, cfg), steps, warmup, device)
+    cut = (torch.randint(0, 256, (4 * b, 3, cfg.global_size, cfg.global_size), dtype=torch.uint8, device=device),
+           torch.randint(0, 256, (n_local * b, 3, cfg.local_size, cfg.local_size), dtype=torch.uint8,
+                         device=device) if n_local else None)  # crop-major, as collated
+    recipe = smog.crop_recipe(cfg)
+    seconds = timed(lambda: smog.cut_multicrop(cut, 0, recipe), steps, warmup, device)
     if profile:
-        write_profile(lambda: smog.cut_multicrop(cut, 0, cfg), device, profile, "batched augmentation")
+        write_profile(lambda: smog.cut_multicrop(cut, 0, recipe), device, profile, "batched augmentation")
     return seconds
 
 
@@ -127,7 +128,7 @@ def bench_decode_and_cut(cfg, root, seconds=5.0):
     """The loader workers' share of the batched augmentation, in one process (one core): decoding an ImageFolder
     JPEG and cutting all of one step's crops from it at full resolution (smog.CutCrops); images per second."""
     folder = smog.load_dataset(dataclasses.replace(cfg, data=root, memory_budget=0), "train").folder
-    folder.transform = smog.CutCrops(cfg)
+    folder.transform = smog.CutCrops(smog.crop_recipe(cfg))
     torch.set_num_threads(1)
     done, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -150,7 +151,8 @@ def bench_bn_over_sizes(cfg, device, autocast, reps):
         torch.set_num_threads(1)
     torch.manual_seed(0)
     encoders = {shared: smog.Encoder(*smog.BACKBONES["resnet50"](0.0), cfg.hidden_dim, cfg.feat_dim,
-                                     shared_bn=shared).to(device).to(memory_format=torch.channels_last)
+                                     over_sizes=smog.resnet_over_sizes if shared else None
+                                     ).to(device).to(memory_format=torch.channels_last)
                 for shared in (True, False)}
     crops = [torch.randn(2 * b, 3, big, big, device=device), torch.randn(n_local * b, 3, small, small, device=device)]
     crops = [x.contiguous(memory_format=torch.channels_last) for x in crops]
@@ -190,20 +192,20 @@ def bench_e2e(cfg, device, autocast, scaler, steps, warmup, root, batched):
     after a warm-up long enough for every worker to have delivered once.
     """
     warmup, steps = max(warmup, cfg.workers), max(steps, 3 * cfg.workers)
-    cfg = dataclasses.replace(cfg, data=root, memory_budget=0)  # streamed, as a large folder is
-    _, labels, folder, _ = smog.load_dataset(cfg, "train")
-    folder.transform = smog.CutCrops(cfg) if batched else smog.MultiCrop(cfg)
-    nets = smog.build_nets(cfg, device)
-    sampler = torch.utils.data.RandomSampler(range(len(labels)), replacement=True,
-                                             num_samples=(steps + warmup) * cfg.batch_size)
-    data = smog.TrainData(None, labels, folder, folder, sampler, batched, folder.fingerprint())
-    for step, (batch, _) in enumerate(smog.epoch_batches(cfg, data, 0, device)):
+    # streamed, as a large folder is
+    cfg = dataclasses.replace(cfg, data=root, memory_budget=0, batched_aug="on" if batched else "off", accumulate=1)
+    data = smog.TrainData(cfg, device)
+    data.sampler = torch.utils.data.RandomSampler(range(len(data.labels)), replacement=True,
+                                                  num_samples=(steps + warmup) * cfg.batch_size)
+    data.steps_per_epoch = steps + warmup
+    run = smog.RunState(cfg, device, scaler=scaler)
+    for step, (batches, _) in enumerate(data.steps(0)):
         if step == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        crops = smog.to_device_crops(batch, step, cfg, device)
-        smog.train_step(nets.online_ddp, nets.target, nets.grouping, [crops], 0.995, nets.opt, scaler, autocast, cfg)
+        smog.train_step(run.online_ddp, run.target, run.grouping, [data.crops(batches[0], step)], run.opt,
+                        run.scaler, beta=0.995, autocast=autocast, **smog.step_hyperparameters(cfg))
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps

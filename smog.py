@@ -13,12 +13,12 @@ Run (one file, no launcher needed):
     torchrun --standalone --nproc_per_node=gpu --max-restarts=3 smog.py --preset imagenet-r50 --data /path/to/imagenet
     python smog.py --preset imagenet-r50 --print-config   # show the resolved config and exit
 
-Part 1, "SMoG" (the method, copyable as one block; torch and torchvision only): collectives that are no-ops in one
-process → the multi-crop recipe as a per-image torchvision pipeline → networks → MomentumGrouping and the memory
-bank → the loss → LARS, schedules and EMA → train_step. Whatever reads a `cfg` reads fields of Part 2's Config.
-Part 2, "Trainer", starts at `class Config`: presets and CLI, the backbone zoo, data sets, the batched augmentation
-(the fast equivalent of Part 1's pipeline), feeding the device, checkpoints and preemption, the kNN report, train().
-"The authors' code" below is the training code released with the paper: main_SMoG.py and src/*.py.
+Part 1, "SMoG", is the whole method and runs with torch and torchvision alone (no config, no Part 2): collectives
+that are no-ops in one process → the multi-crop recipe → networks → MomentumGrouping and the memory bank → the
+epoch start → the loss → LARS, schedules and EMA → train_step. Part 2, "Trainer", starts at `class Config`: config
+and CLI, backbones, data sets, the batched augmentation (the fast equivalent of Part 1's MultiCrop), feeding the
+device, the run state and its checkpoints, processes and faults, reports, train(). "The authors' code" below is the
+training code released with the paper: main_SMoG.py and src/*.py.
 """
 import argparse
 import copy
@@ -86,54 +86,74 @@ def broadcast_(t, src=0):
 
 
 # ----- the multi-crop recipe (the authors' src/multicropdataset.py, MultiCropDataset) ------------------------------
+# Every crop: RandomResizedCrop, flip, colour jitter, grayscale, then blur and solarize with the probabilities of its
+# pipeline. The authors name the two pipelines "q" and "k" (query and key: MoCo's words for the online and target
+# views); the branches swap them every other step. These constants are the recipe's, for MultiCrop here and for
+# Part 2's batched augmentation alike.
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# (blur probability, solarize probability) of the authors' two pipelines, "q" and "k".
-PIPELINES = {"q": (1.0, 0.0), "k": (0.1, 0.2)}
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet normalisation
+JITTER = (0.4, 0.4, 0.2, 0.1)  # ColorJitter strengths: brightness, contrast, saturation, hue
+JITTER_P, GRAYSCALE_P, FLIP_P = 0.8, 0.2, 0.5
+ASPECT = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
+PIPELINES = {"q": (1.0, 0.0), "k": (0.1, 0.2)}  # pipeline -> (blur probability, solarize probability)
+
+class CropRecipe(NamedTuple):
+    """Which crops a step takes of each image; the defaults are the paper's ResNet-50 recipe (2×224 + 4×96)."""
+    global_size: int = 224  # S: 2 online and 2 target global crops
+    global_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range of the global crops
+    local_size: int = 96  # s: L online local crops
+    local_scale: tuple[float, float] = (0.05, 0.2)
+    num_local: int = 4  # L
+    target_local: bool = True  # the target forwards L local crops too; they join only its BN statistics
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur σ range, pixels of the crop
+    invert: float = 0.0  # probability of a crop's negative 1 − x: not in the paper (Part 2's embedded data set)
+
+class Crops(NamedTuple):
+    """One step's crops of B images, crop-major (every image's first crop, then every image's second, ...)."""
+    online_global: torch.Tensor  # (2B, 3, S, S)
+    online_local: torch.Tensor | None  # (L·B, 3, s, s), None without local crops
+    target_global: torch.Tensor  # (2B, 3, S, S)
+    target_local: torch.Tensor | None  # (L·B, 3, s, s), None unless recipe.target_local
 
 def pipelines_for_step(step):
-    """(online pipeline name, target pipeline name): the two swap roles every other step (main_SMoG.py, train)."""
+    """(online pipeline, target pipeline): the two swap roles every other step (main_SMoG.py, train)."""
     return ("q", "k") if step % 2 == 0 else ("k", "q")
 
 class MultiCrop:
     """The crops of one image for one step, drawn by a per-image torchvision pipeline: the definition of the recipe.
+    Called with (PIL image, step); returns Crops of that one image (2 global, L local per branch)."""
 
-    Called with (PIL image, step parity); returns (online global (2, 3, S, S), online local (L, 3, s, s) or None,
-    target global (2, 3, S, S), target local (L, 3, s, s) or None (cfg.target_local)). Each crop:
-    RandomResizedCrop, flip, ColorJitter(0.4, 0.4, 0.2, 0.1) with p = 0.8, grayscale p = 0.2, Gaussian blur and
-    solarize with the pipeline's probabilities, ImageNet mean/std.
-    """
-
-    def __init__(self, cfg):
-        T = torchvision.transforms
-        self.num_local, self.num_target_local = cfg.num_local, cfg.num_local if cfg.target_local else 0
+    def __init__(self, recipe=CropRecipe()):
+        T, r = torchvision.transforms, recipe
+        self.recipe = r
 
         def pipeline(size, scale, name):
             blur_p, solarize_p = PIPELINES[name]
-            kernel = 2 * min(math.ceil(3 * cfg.blur_sigma[1]), (size - 1) // 2) + 1
+            kernel = 2 * min(math.ceil(3 * r.blur_sigma[1]), (size - 1) // 2) + 1
             return T.Compose([
-                T.RandomResizedCrop(size, scale=scale),  # bilinear, as the authors' (torchvision's default)
-                T.RandomHorizontalFlip(),
-                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-                T.RandomGrayscale(p=0.2),
-                T.RandomApply([T.GaussianBlur(kernel, cfg.blur_sigma)], p=blur_p),
+                T.RandomResizedCrop(size, scale=scale, ratio=ASPECT),  # bilinear, as the authors'
+                T.RandomHorizontalFlip(FLIP_P),
+                T.RandomApply([T.ColorJitter(*JITTER)], p=JITTER_P),
+                T.RandomGrayscale(p=GRAYSCALE_P),
+                T.RandomApply([T.GaussianBlur(kernel, r.blur_sigma)], p=blur_p),
                 T.RandomSolarize(128, p=solarize_p),
-                T.RandomInvert(p=cfg.invert),  # not in the paper: off unless asked for (--invert)
+                T.RandomInvert(p=r.invert),
                 T.ToTensor(),
                 T.Normalize(MEAN, STD),
             ])
 
-        self.glob = {name: pipeline(cfg.global_size, cfg.global_scale, name) for name in PIPELINES}
-        self.loc = {name: pipeline(cfg.local_size, cfg.local_scale, name) for name in PIPELINES}
+        self.glob = {name: pipeline(r.global_size, r.global_scale, name) for name in PIPELINES}
+        self.loc = {name: pipeline(r.local_size, r.local_scale, name) for name in PIPELINES}
 
-    def __call__(self, image, parity):
-        online_aug, target_aug = pipelines_for_step(parity)
+    def __call__(self, image, step):
+        online_aug, target_aug = pipelines_for_step(step)
+        n_local, n_target_local = self.recipe.num_local, self.recipe.num_local * self.recipe.target_local
 
         def crops(pipelines, name, n):  # (n, 3, s, s), or None
             return torch.stack([pipelines[name](image) for _ in range(n)]) if n else None
 
-        return (crops(self.glob, online_aug, 2), crops(self.loc, online_aug, self.num_local),
-                crops(self.glob, target_aug, 2), crops(self.loc, target_aug, self.num_target_local))
+        return Crops(crops(self.glob, online_aug, 2), crops(self.loc, online_aug, n_local),
+                     crops(self.glob, target_aug, 2), crops(self.loc, target_aug, n_target_local))
 
 
 # ----- networks: backbone f → projector g → predictor q online; a copy of f and g as the target branch -------------
@@ -150,99 +170,52 @@ def mlp(dim_in, hidden, dim_out, last_bn, gelu=False, trunc_init=False):
         nn.init.zeros_(linear.bias)
     return nn.Sequential(*layers)
 
-def bn_over_sizes(bn, xs, relu=False):
-    """One BatchNorm call for crops of several sizes (then ReLU in place, when asked): xs, a list of (N_i, C, H_i, W_i),
-    share one set of statistics over every pixel of every crop (and running statistics move once), as the authors'
-    src/resnet50.py, list_bn_forward, which packs them as one (1, C, Σ N·H·W, 1) batch. Channels-last activations
-    already are (N·H·W, C) rows in memory, so the packed batch is one concatenation of rows, seen as that
-    (1, C, L, 1) shape in the channels-last layout; the outputs are views of it. SyncBatchNorm takes it unchanged."""
-    if len(xs) == 1:
-        return [F.relu(bn(xs[0]), inplace=True) if relu else bn(xs[0])]
-    c = xs[0].shape[1]
-    rows = torch.cat([x.permute(0, 2, 3, 1).reshape(-1, c) for x in xs])  # (Σ N·H·W, C); views of NHWC crops
-    # (1, C, L, 1) in channels-last strides over the rows' own memory. Made by view + permute, not rows.t()[None, ...,
-    # None]: its strides on the size-1 dimensions are not the canonical ones, and CPU BatchNorm's backward then
-    # computes wrong gradients (torch 2.14).
-    out = bn(rows.view(1, -1, 1, c).permute(0, 3, 1, 2))
-    out = (F.relu(out, inplace=True) if relu else out).permute(0, 2, 3, 1).reshape(-1, c)  # (L, C)
-    out = [o.reshape(x.shape[0], x.shape[2], x.shape[3], c).permute(0, 3, 1, 2)  # (N_i, C, H_i, W_i), NHWC
-           for o, x in zip(out.split([x.numel() // c for x in xs]), xs)]
-    return [o if x.is_contiguous(memory_format=torch.channels_last) else o.contiguous() for o, x in zip(out, xs)]
-
-def resnet_over_sizes(net, xs):
-    """A ResNet made of torchvision modules (conv, BN, ReLU, pooling, BasicBlock or Bottleneck, in forward order) run
-    on crop batches of several sizes, each BN over all of them; the BN of a downsample shortcut runs per size, as in
-    the authors' code. xs: list of (N_i, 3, s_i, s_i) → list of (N_i, ...) outputs."""
-    children = list(net.children())
-    for i, m in enumerate(children):
-        if isinstance(m, nn.Sequential):
-            xs = resnet_over_sizes(m, xs)
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):  # and the ReLU after it (the stem's), in place
-            xs = bn_over_sizes(m, xs, relu=i + 1 < len(children) and isinstance(children[i + 1], nn.ReLU))
-        elif isinstance(m, nn.ReLU):
-            if not isinstance(children[i - 1], nn.modules.batchnorm._BatchNorm):
-                xs = [F.relu(x) for x in xs]
-        elif isinstance(m, (BasicBlock, Bottleneck)):  # torchvision's forward, with BNs over all sizes
-            out = bn_over_sizes(m.bn1, [m.conv1(x) for x in xs], relu=True)
-            out = bn_over_sizes(m.bn2, [m.conv2(o) for o in out], relu=isinstance(m, Bottleneck))
-            if isinstance(m, Bottleneck):
-                out = bn_over_sizes(m.bn3, [m.conv3(o) for o in out])
-            shortcut = xs if m.downsample is None else [m.downsample(x) for x in xs]
-            xs = [(o + x).relu_() for o, x in zip(out, shortcut)]
-        else:
-            xs = [m(x) for x in xs]
-    return xs
-
-def heads(head, xs, per_size):
+def mlp_over_sizes(mlp, xs, per_size):
     """A projector or predictor on the features of every crop size: one pass over all of them (the authors'
     ResNets), or one per size (their Swin). xs: list of (n_i, d) → (Σ n_i, D)."""
-    return torch.cat([head(x) for x in xs]) if per_size else head(torch.cat(xs))
+    return torch.cat([mlp(x) for x in xs]) if per_size else mlp(torch.cat(xs))
 
 class Encoder(nn.Module):
-    """Backbone + projector: crops → projections z. Crops of one resolution are forwarded as one batch; with
-    shared_bn (ResNets), every BN of the backbone normalises all sizes together (resnet_over_sizes); with swin_heads,
-    the heads are the authors' Swin ones (GELU in the projector, ReLU in the predictor, trunc-normal init), run per
-    crop size.
+    """Backbone + projector: crops → projections z; crops of one size are forwarded as one batch.
 
-    backbone: a module mapping (N, 3, s, s) to (N, dim) (Part 2's BACKBONES builds them)."""
+    backbone: any module mapping (N, 3, s, s) to (N, dim). over_sizes: None, or a function (backbone, crops) → list
+    of features that runs all sizes together (Part 2's resnet_over_sizes: the authors' ResNets normalise every crop
+    size with one set of BN statistics). swin_heads: the authors' Swin heads (GELU in the projector, ReLU in the
+    predictor, trunc-normal init), run once per crop size.
+    """
 
-    def __init__(self, backbone, dim, hidden_dim, feat_dim, shared_bn=False, swin_heads=False):
+    def __init__(self, backbone, dim, hidden_dim, feat_dim, swin_heads=False, over_sizes=None):
         super().__init__()
-        self.backbone, self.shared_bn, self.swin_heads = backbone, shared_bn, swin_heads
+        self.backbone, self.swin_heads, self.over_sizes = backbone, swin_heads, over_sizes
         self.projector = mlp(dim, hidden_dim, feat_dim, last_bn=True, gelu=swin_heads, trunc_init=swin_heads)
 
     def forward(self, crops):  # list of (n_i, 3, s_i, s_i) -> (Σ n_i, D)
-        if self.shared_bn and len(crops) > 1:
-            feats = [x.flatten(1) for x in resnet_over_sizes(self.backbone, crops)]
+        if self.over_sizes is not None and len(crops) > 1:
+            feats = [x.flatten(1) for x in self.over_sizes(self.backbone, crops)]
         else:
             feats = [self.backbone(x) for x in crops]
-        return heads(self.projector, feats, self.swin_heads)
+        return mlp_over_sizes(self.projector, feats, self.swin_heads)
 
 class OnlineNet(nn.Module):
     """The online branch: encoder plus predictor. Returns (z, p), both (Σ n_i, D), not yet normalised."""
 
-    def __init__(self, backbone, dim, hidden_dim, feat_dim, shared_bn=False, swin_heads=False):
+    def __init__(self, backbone, dim, hidden_dim, feat_dim, swin_heads=False, over_sizes=None):
         super().__init__()
-        self.encoder = Encoder(backbone, dim, hidden_dim, feat_dim, shared_bn, swin_heads)
-        self.predictor = mlp(feat_dim, hidden_dim, feat_dim, last_bn=False, trunc_init=swin_heads)  # ReLU: the
-        # authors' Swin predictor too (src/SwinTrans_multicrop.py, predictor_head)
+        self.encoder = Encoder(backbone, dim, hidden_dim, feat_dim, swin_heads, over_sizes)
+        # ReLU in the predictor for Swin too (the authors' src/SwinTrans_multicrop.py, predictor_head)
+        self.predictor = mlp(feat_dim, hidden_dim, feat_dim, last_bn=False, trunc_init=swin_heads)
 
     def forward(self, crops):
         z = self.encoder(crops)
-        return z, heads(self.predictor, z.split([len(x) for x in crops]), self.encoder.swin_heads)
+        return z, mlp_over_sizes(self.predictor, z.split([len(x) for x in crops]), self.encoder.swin_heads)
 
-@torch.no_grad()
-def without_drop_path(encoder, crops):
-    """encoder(crops) with stochastic depth off and no gradients: the online z that the authors' Swin recipe uses
-    for the group update and the memory bank (src/two_stream_network.py, TwoStreamNet.forward)."""
-    dropping = [m for m in encoder.modules() if isinstance(m, torchvision.ops.StochasticDepth) and m.training]
-    for m in dropping:
-        m.eval()
-    try:
-        return encoder(crops)
-    finally:
-        for m in dropping:
-            m.train()
+def target_of(online):
+    """The target branch: a copy of the online encoder without gradients and without stochastic depth."""
+    target = copy.deepcopy(online.encoder).requires_grad_(False)
+    for m in target.modules():  # the authors' Swin target has no drop-path
+        if isinstance(m, torchvision.ops.StochasticDepth):
+            m.p = 0.0
+    return target
 
 
 # ----- momentum grouping: c_k moved every step by an all-reduced mean (main_SMoG.py, M_step), reset by k-means -----
@@ -333,6 +306,26 @@ class MemoryBank:
         return self.feats.repeat((num_heads + 1) // 2, 1, 1)[:num_heads]  # head h clusters crop h mod 2
 
 
+# ----- the epoch start (main_SMoG.py, train: init_memory before the first epoch, then cluster_memory) --------------
+
+@torch.no_grad()
+def fill_bank(encoder, bank, global_crops):
+    """Fills the bank with the initial encoder's z of one pass over the data, for the first k-means: global_crops
+    yields each batch's online global crops (2B, 3, S, S), and each crop is forwarded alone, so that BN sees one
+    crop of every image (the authors' init_memory)."""
+    for g in global_crops:
+        bank.add(torch.stack([encoder([crop]).float() for crop in g.chunk(2)]))  # (2, B, D)
+
+@torch.no_grad()
+def start_epoch(grouping, bank, online, target, kmeans_iters=10, generator=None):
+    """Every epoch start, the first included: the groups reset by spherical k-means on the bank of last epoch's z
+    (cluster_memory), the online BN statistics made equal on every process, target ← online (--reset_k_encoder)."""
+    grouping.kmeans_(bank.for_heads(grouping.centroids.shape[0]), kmeans_iters, generator=generator)
+    for buffer in online.buffers():  # running statistics drift apart per process without SyncBN (CPU)
+        broadcast_(buffer)
+    target.load_state_dict(online.encoder.state_dict())
+
+
 # ----- the loss (main_SMoG.py, train) ------------------------------------------------------------------------------
 
 def smog_loss(logits, labels):
@@ -349,7 +342,7 @@ def smog_loss(logits, labels):
     return torch.stack(per_target_crop).mean()
 
 
-# ----- optimisation: LARS or AdamW, schedules as pure functions of the global step, EMA ----------------------------
+# ----- optimisation: LARS, parameter groups, schedules as pure functions of the step, EMA ------------------------
 
 class LARS(torch.optim.SGD):
     """SGD with momentum whose gradient of each weight is first scaled by a layer-wise trust ratio (You et al., 2017).
@@ -392,32 +385,28 @@ class LARS(torch.optim.SGD):
 
 NO_DECAY = ("relative_position_bias_table", "absolute_pos_embed")  # the authors' Swin skip list (src/optimizer.py)
 
-def build_optimizer(cfg, modules):
-    """LARS or AdamW. Every parameter gets weight decay and the LARS trust ratio, as the authors' LARC around SGD;
-    with cfg.exclude_1d (the authors' Swin recipe; ours in the small presets), biases, 1-D (norm) parameters and
-    Swin's position tables get neither."""
+def parameter_groups(modules, exclude_1d=False):
+    """Optimiser groups: every parameter gets weight decay and the LARS trust ratio, as the authors' LARC around
+    SGD; with exclude_1d (the authors' Swin recipe), biases, 1-D (norm) parameters and Swin's position tables get
+    neither."""
     named = [(n, p) for m in modules for n, p in m.named_parameters() if p.requires_grad]
-    excluded = [cfg.exclude_1d and (p.ndim <= 1 or n.endswith(NO_DECAY)) for n, p in named]
+    excluded = [exclude_1d and (p.ndim <= 1 or n.endswith(NO_DECAY)) for n, p in named]
     groups = [dict(params=[p for (_, p), x in zip(named, excluded) if not x]),
               dict(params=[p for (_, p), x in zip(named, excluded) if x], weight_decay=0.0, lars=False)]
-    groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "lars":
-        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    return [g for g in groups if g["params"]]
 
-def lr_at(step, total_steps, warmup_steps, cfg):
-    """Linear warm-up from start_lr to the peak (lr × global batch / 256), reached at the last warm-up step (the
-    authors' np.linspace), then cosine down to final_lr."""
-    peak = cfg.lr * cfg.batch_size * world_size() * cfg.accumulate / 256
+def lr_at(step, total_steps, warmup_steps, peak, start, final):
+    """Linear warm-up from start to peak, reached at the last warm-up step (the authors' np.linspace), then cosine
+    down to final at the last step, and final after it. The paper's peak: 0.3 × global batch / 256."""
     if step < warmup_steps:
-        return cfg.start_lr + (peak - cfg.start_lr) * step / max(1, warmup_steps - 1)
-    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))  # clamped: no second cosine
-    return cfg.final_lr + 0.5 * (peak - cfg.final_lr) * (1 + math.cos(math.pi * t))
+        return start + (peak - start) * step / max(1, warmup_steps - 1)
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * t))
 
-def beta_at(step, total_steps, cfg):
-    """Centroid momentum β: linear per step from beta_start (1.0: groups held still) to beta_end at the last step,
-    one decrement already taken at step 0 (as the authors' main_SMoG.py, train, lowers it before each use)."""
-    return cfg.beta_start + (cfg.beta_end - cfg.beta_start) * min(1.0, (step + 1) / max(1, total_steps))
+def beta_at(step, total_steps, start=1.0, end=0.99):
+    """Centroid momentum β: linear per step from start (1.0: groups held still) to end at the last step, one
+    decrement already taken at step 0 (as the authors' main_SMoG.py, train, lowers it before each use)."""
+    return start + (end - start) * min(1.0, (step + 1) / max(1, total_steps))
 
 @torch.no_grad()
 def ema_(target, online, m):
@@ -427,25 +416,38 @@ def ema_(target, online, m):
 
 # ----- one training step -------------------------------------------------------------------------------------------
 
-def train_step(online, target, grouping, passes, beta, opt, scaler, autocast, cfg):
+@torch.no_grad()
+def without_drop_path(encoder, crops, dropping):
+    """encoder(crops) with the StochasticDepth modules `dropping` off and no gradients: the online z that the
+    authors' Swin recipe uses for the group update and the bank (src/two_stream_network.py, TwoStreamNet.forward)."""
+    for m in dropping:
+        m.eval()
+    try:
+        return encoder(crops)
+    finally:
+        for m in dropping:
+            m.train()
+
+def train_step(online, target, grouping, passes, opt, scaler, *, beta, tau, ema, accumulate=1, clip_grad=0.0,
+               autocast=nullcontext()):
     """One SMoG step: label with the target, update the groups with online z, contrast online p with them, step, EMA.
 
-    online: OnlineNet (or DDP around one); target: its encoder's EMA copy; grouping: MomentumGrouping.
-    passes: the step's forward passes (one, or cfg.accumulate of them), each the crops (online global (2B, 3, S, S),
-    online local (L·B, 3, s, s) or None, target global (2B, 3, S, S), target local (L·B, 3, s, s) or None),
-    crop-major (all images' first crop, then all second crops); an iterable, so that each pass's crops can be made
-    when it runs. With several passes, as the authors' main_SMoG.py (train, --multi_forward): each pass is labelled
-    and backpropagated on its own (its gradient 1/N of the step's), the groups move once, with every pass's z, before
-    the last pass's loss, then one optimiser step and one EMA. Uses cfg.tau, cfg.clip_grad, cfg.ema, cfg.drop_path.
-    Returns (mean loss, counts (H, K), online global z (2, N·B, D), skipped: whether GradScaler skipped the optimiser
-    step) as device tensors: nothing here waits for the device.
+    online: OnlineNet (or DDP around one); target: its encoder's EMA copy; grouping: MomentumGrouping; opt: LARS or
+    AdamW; scaler: a GradScaler (enabled for fp16 only); beta: the centroid momentum β, tau: the temperature τ, ema:
+    the target's momentum; clip_grad: max gradient norm (0: off); autocast: the precision's context.
+    passes: an iterable of `accumulate` Crops, made as each pass runs. With several passes, as the authors'
+    main_SMoG.py (train, --multi_forward): each pass is labelled and backpropagated on its own (its gradient 1/N of
+    the step's), the groups move once, with every pass's z, before the last pass's loss; then one optimiser step and
+    one EMA. Returns (mean loss, counts (H, K), online global z (2, N·B, D), skipped: whether GradScaler skipped the
+    optimiser step) as device tensors: nothing here waits for the device.
     """
     h, k = grouping.centroids.shape[:2]
     module = getattr(online, "module", online)  # the OnlineNet itself, also inside DDP
+    dropping = [m for m in module.encoder.modules() if isinstance(m, torchvision.ops.StochasticDepth) and m.p > 0]
     opt.zero_grad(set_to_none=True)
     z_globals, losses = [], []
     for i, (g, loc, t, t_loc) in enumerate(passes):
-        last = i == cfg.accumulate - 1
+        last = i == accumulate - 1
         b = t.shape[0] // 2
         # DDP all-reduces the gradients once, in the last pass's backward
         with nullcontext() if last or not hasattr(online, "no_sync") else online.no_sync():
@@ -454,32 +456,30 @@ def train_step(online, target, grouping, passes, beta, opt, scaler, autocast, cf
                     zt = target([t] if t_loc is None else [t, t_loc])[:2 * b].float()  # (2B, D): global crops' z
                 z, p = online([g] if loc is None else [g, loc])  # (C_online·B, D) each
             labels = grouping.assign(zt).view(h, 2, b)  # 1. y: nearest c_k before the update
-            if cfg.drop_path:  # the update and the bank see the online global crops without stochastic depth
+            if dropping:  # the update and the bank see the online global crops without stochastic depth
                 with autocast:
-                    z = without_drop_path(module.encoder, [g])
+                    z = without_drop_path(module.encoder, [g], dropping)
             z_globals.append(z[:2 * b].detach().float().view(2, b, -1))  # (2, B, D)
             if last:  # 2. head h moves with online global crop h mod 2, of every pass (a repeat: list indexing
                 z_global = torch.cat(z_globals, 1)  # would copy indices from the host)
                 counts = grouping.update(z_global.repeat((h + 1) // 2, 1, 1)[:h], beta)
-            loss = smog_loss(grouping.logits(p, cfg.tau).view(h, -1, b, k), labels)  # 3. p against the c_k
-            scaler.scale(loss / cfg.accumulate).backward()
+            loss = smog_loss(grouping.logits(p, tau).view(h, -1, b, k), labels)  # 3. p against the c_k
+            scaler.scale(loss / accumulate).backward()
         losses.append(loss.detach())
-    if len(losses) != cfg.accumulate:
-        raise ValueError(f"train_step got {len(losses)} forward passes, cfg.accumulate is {cfg.accumulate}")
+    if len(losses) != accumulate:
+        raise ValueError(f"train_step got {len(losses)} forward passes, accumulate is {accumulate}")
     scaler.unscale_(opt)  # trust ratios and clipping need the true gradients; no host sync
     # An inf or NaN in any unscaled gradient makes the norm non-finite: the steps GradScaler skips (fp16 only; the
     # other precisions skip nothing and need no extra pass over the gradients).
     grads = [q.grad for q in online.parameters() if q.grad is not None] if scaler.is_enabled() else []
     skipped = (~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()) if grads else
                torch.zeros((), dtype=torch.bool, device=grouping.centroids.device))
-    if cfg.clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.clip_grad)
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(online.parameters(), clip_grad)
     scaler.step(opt)  # under fp16, skipped on the device when the gradients overflowed
     scaler.update()
-    ema_(target, module.encoder, cfg.ema)
+    ema_(target, module.encoder, ema)
     return torch.stack(losses).mean(), counts, z_global, skipped
-
-
 # ===================================================================================================================
 # Part 2 — Trainer: config and CLI, backbones, data, batched augmentation, feeding the device, checkpoints and
 # preemption, reports, train()
@@ -504,20 +504,20 @@ class Config:
     checkpoint_every: int = 0  # also checkpoint every N steps (bounds what a killed process loses); 0 = epoch ends only
     dist_timeout: int = 300  # seconds a process waits for the others in a collective before it fails (torchrun)
     synthetic_size: int = 8000  # training images of the embedded data set (its held-out split has 2000)
-    # --- multi-crop (MultiCrop): 2 target + 2 online global crops and num_local online local crops per image ---
+    # --- multi-crop: the fields of Part 1's CropRecipe (its comments say what each is), with its defaults ---
     global_size: int = 224
-    global_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range of the global crops
+    global_scale: tuple[float, float] = (0.2, 1.0)
     local_size: int = 96
     local_scale: tuple[float, float] = (0.05, 0.2)
     num_local: int = 4
-    target_local: bool = True  # the target also forwards num_local local crops, which only join its BN statistics
-    bn_over_sizes: bool = True  # ResNets: one set of BN statistics for all crop sizes of a branch (the authors')
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur σ range in pixels of the crop
-    invert: float = 0.0  # probability of a crop's negative 1 − x; -1: 0.5 for --data synthetic (its shapes come in
-    # both polarities), else 0 (the tiny preset)
-    batched_aug: str = "auto"  # on: on the training device (alias --gpu-aug) | off: MultiCrop in CPU workers | auto
+    target_local: bool = True
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    invert: float = 0.0  # -1: 0.5 for --data synthetic (its shapes come in both polarities), else 0 (the tiny preset)
+    batched_aug: str = "auto"  # on: crops drawn on the training device | off: MultiCrop in CPU workers | auto: on for
+    # data held in memory and on GPUs
     # --- networks ---
     arch: str = "resnet50"  # see BACKBONES
+    bn_over_sizes: bool = True  # ResNets: one set of BN statistics for all crop sizes of a branch (the authors')
     feat_dim: int = 128  # dimension D of z, p and the centroids
     hidden_dim: int = 2048  # hidden width of projector and predictor
     drop_path: float = 0.0  # stochastic depth of the online backbone (Swin: 0.2); the target, update and bank: none
@@ -548,8 +548,6 @@ class Config:
     log_every: int = 20  # steps between log lines
     knn: bool = True  # report kNN top-1 on the held-out split at the end (labels are used only for these reports)
     eval_every: int = 0  # also every N epochs during training (online backbone, rank 0); -1: about ten per run
-    print_config: bool = False  # print the resolved config and exit
-    plot: str = ""  # draw OUT_DIR/log.jsonl as OUT_DIR/curves.svg (loss, lr, β, groups, kNN over steps) and exit
 
 TRANSFORMER_RECIPE = dict(optimizer="adamw", feat_dim=256, lr=1e-3 * 256 / 4096, start_lr=4e-5, final_lr=4e-5,
                           warmup_epochs=10, weight_decay=0.05, clip_grad=3.0, exclude_1d=True, target_local=False)
@@ -581,8 +579,6 @@ PRESETS = {
 }
 PRESETS["cifar10"] = PRESETS["cifar10-r18"]  # the short name
 
-ALIASES = {"batched_aug": ("--gpu-aug",)}  # earlier names of renamed flags, still accepted
-
 def _flag(name):
     return "--" + name.replace("_", "-")
 
@@ -603,15 +599,18 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
         fail(message, self.prog)
 
-def parse_config(argv=None):
-    """Builds a Config: defaults ← --preset ← flags given on the command line. Bad values end with one line."""
+def parse_command(argv=None):
+    """(Config, args): the config is defaults ← --preset ← flags given on the command line; args also holds the
+    one-off actions (--print-config, --plot), which are not part of a run's config. Bad values end with one line."""
     parser = _Parser(prog="smog.py", description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
         if f.type is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None)
         else:
-            parser.add_argument(_flag(f.name), *ALIASES.get(f.name, ()), type=str, default=None,
-                                metavar=f.type.__name__.upper())
+            parser.add_argument(_flag(f.name), type=str, default=None, metavar=f.type.__name__.upper())
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--plot", metavar="OUT_DIR", default="",
+                        help="draw OUT_DIR/log.jsonl as OUT_DIR/curves.svg and exit")
     args = parser.parse_args(argv)
     given = {}
     for f in dataclasses.fields(Config):
@@ -634,7 +633,19 @@ def parse_config(argv=None):
     if cfg.workers == -1:
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         cfg = dataclasses.replace(cfg, workers=max(1, (os.cpu_count() or 1) // local_processes))
-    return cfg
+    return cfg, args
+
+def parse_config(argv=None):
+    """The Config of a command line (parse_command without its one-off actions)."""
+    return parse_command(argv)[0]
+
+def crop_recipe(cfg):
+    """Part 1's CropRecipe of a config."""
+    return CropRecipe(**{name: getattr(cfg, name) for name in CropRecipe._fields})
+
+def step_hyperparameters(cfg):
+    """train_step's hyperparameters of a config, all but β (which follows its schedule)."""
+    return dict(tau=cfg.tau, ema=cfg.ema, accumulate=cfg.accumulate, clip_grad=cfg.clip_grad)
 
 def check_config(cfg):
     """Rejects values the run cannot use, naming the flag."""
@@ -703,7 +714,50 @@ def setup_device(timeout=300):
     return device
 
 
-# ----- backbones ---------------------------------------------------------------------------------------------------
+# ----- backbones, and the authors' machinery that some of them need -----------------------------------------------
+
+def bn_over_sizes(bn, xs, relu=False):
+    """One BatchNorm call for crops of several sizes (then ReLU in place, when asked): xs, a list of (N_i, C, H_i, W_i),
+    share one set of statistics over every pixel of every crop (and running statistics move once), as the authors'
+    src/resnet50.py, list_bn_forward, which packs them as one (1, C, Σ N·H·W, 1) batch. Channels-last activations
+    already are (N·H·W, C) rows in memory, so the packed batch is one concatenation of rows, seen as that
+    (1, C, L, 1) shape in the channels-last layout; the outputs are views of it. SyncBatchNorm takes it unchanged."""
+    if len(xs) == 1:
+        return [F.relu(bn(xs[0]), inplace=True) if relu else bn(xs[0])]
+    c = xs[0].shape[1]
+    rows = torch.cat([x.permute(0, 2, 3, 1).reshape(-1, c) for x in xs])  # (Σ N·H·W, C); views of NHWC crops
+    # (1, C, L, 1) in channels-last strides over the rows' own memory. Made by view + permute, not rows.t()[None, ...,
+    # None]: its strides on the size-1 dimensions are not the canonical ones, and CPU BatchNorm's backward then
+    # computes wrong gradients (torch 2.14).
+    out = bn(rows.view(1, -1, 1, c).permute(0, 3, 1, 2))
+    out = (F.relu(out, inplace=True) if relu else out).permute(0, 2, 3, 1).reshape(-1, c)  # (L, C)
+    out = [o.reshape(x.shape[0], x.shape[2], x.shape[3], c).permute(0, 3, 1, 2)  # (N_i, C, H_i, W_i), NHWC
+           for o, x in zip(out.split([x.numel() // c for x in xs]), xs)]
+    return [o if x.is_contiguous(memory_format=torch.channels_last) else o.contiguous() for o, x in zip(out, xs)]
+
+def resnet_over_sizes(net, xs):
+    """A ResNet made of torchvision modules (conv, BN, ReLU, pooling, BasicBlock or Bottleneck, in forward order) run
+    on crop batches of several sizes, each BN over all of them; the BN of a downsample shortcut runs per size, as in
+    the authors' code. xs: list of (N_i, 3, s_i, s_i) → list of (N_i, ...) outputs."""
+    children = list(net.children())
+    for i, m in enumerate(children):
+        if isinstance(m, nn.Sequential):
+            xs = resnet_over_sizes(m, xs)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):  # and the ReLU after it (the stem's), in place
+            xs = bn_over_sizes(m, xs, relu=i + 1 < len(children) and isinstance(children[i + 1], nn.ReLU))
+        elif isinstance(m, nn.ReLU):
+            if not isinstance(children[i - 1], nn.modules.batchnorm._BatchNorm):
+                xs = [F.relu(x) for x in xs]
+        elif isinstance(m, (BasicBlock, Bottleneck)):  # torchvision's forward, with BNs over all sizes
+            out = bn_over_sizes(m.bn1, [m.conv1(x) for x in xs], relu=True)
+            out = bn_over_sizes(m.bn2, [m.conv2(o) for o in out], relu=isinstance(m, Bottleneck))
+            if isinstance(m, Bottleneck):
+                out = bn_over_sizes(m.bn3, [m.conv3(o) for o in out])
+            shortcut = xs if m.downsample is None else [m.downsample(x) for x in xs]
+            xs = [(o + x).relu_() for o, x in zip(out, shortcut)]
+        else:
+            xs = [m(x) for x in xs]
+    return xs
 
 def _torchvision_resnet(name, small_stem=False):
     """torchvision ResNet without its classifier; small_stem: 3x3 stride-1 first conv and no max-pool (32-px images)."""
@@ -837,9 +891,9 @@ BACKBONES = {
 }
 
 def make_online(cfg):
-    """The online branch of a config: OnlineNet around a fresh cfg.arch backbone."""
-    return OnlineNet(*BACKBONES[cfg.arch](cfg.drop_path), cfg.hidden_dim, cfg.feat_dim,
-                     shared_bn=cfg.bn_over_sizes and cfg.arch.startswith("resnet"), swin_heads=cfg.swin_heads)
+    """The online branch of a config: OnlineNet around a fresh cfg.arch backbone, ResNets with BN over sizes."""
+    over_sizes = resnet_over_sizes if cfg.bn_over_sizes and cfg.arch.startswith("resnet") else None
+    return OnlineNet(*BACKBONES[cfg.arch](cfg.drop_path), cfg.hidden_dim, cfg.feat_dim, cfg.swin_heads, over_sizes)
 
 
 # ----- data: the embedded synthetic data set, ImageFolder, CIFAR-10 ------------------------------------------------
@@ -1097,8 +1151,8 @@ class InMemoryData(torch.utils.data.Dataset):
 
 
 # ----- batched augmentation: the multi-crop recipe on whole batches, on the training device ------------------------
-# The fast equivalent of Part 1's MultiCrop: the same crops, flips, jitter strengths and probabilities, blur σ
-# range, solarize and invert, with independent random parameters for every crop of every image, as tensor work on
+# The fast equivalent of Part 1's MultiCrop, from the same constants (JITTER, JITTER_P, GRAYSCALE_P, FLIP_P, ASPECT,
+# PIPELINES) and CropRecipe, with independent random parameters for every crop of every image, as tensor work on
 # the training device (no decoding workers, no per-image Python); resizing is antialiased bilinear, as torchvision's
 # on PIL images, done as two matrix products per crop. Where it differs from MultiCrop:
 #   - hue jitter is a rotation about the grey axis in YIQ space, not a shift of the HSV hue;
@@ -1112,7 +1166,7 @@ def _gray(x):  # (n, 3, h, w) -> (n, 1, h, w), ITU-R 601 luma as torchvision
 def _uniform(n, lo, hi, device):
     return torch.empty(n, device=device).uniform_(lo, hi)
 
-def random_resized_boxes(n, scale, height, width, device, ratio=(3 / 4, 4 / 3)):
+def random_resized_boxes(n, scale, height, width, device, ratio=ASPECT):
     """(n, 4) crop boxes x0, y0, x1, y1 in pixels with area fraction ~ U(scale), log aspect ~ U(log ratio)."""
     area = _uniform(n, *scale, device) * height * width
     aspect = torch.exp(_uniform(n, math.log(ratio[0]), math.log(ratio[1]), device))
@@ -1161,19 +1215,20 @@ def random_resized_crops(x, size, scale, crops_per_image=1):
     b, c, h, w = x.shape
     n = b * crops_per_image
     x0, y0, x1, y1 = random_resized_boxes(n, scale, h, w, x.device).unbind(1)
-    flip = torch.rand(n, device=x.device) < 0.5
+    flip = torch.rand(n, device=x.device) < FLIP_P
     x0, x1 = torch.where(flip, x1, x0), torch.where(flip, x0, x1)  # columns read right to left: mirrored
     rows = _resampling_matrix(y0, y1, size, h).to(x.dtype).view(crops_per_image, b, 1, size, h)
     cols = _resampling_matrix(x0, x1, size, w).to(x.dtype).view(crops_per_image, b, 1, size, w)
     return (rows @ x @ cols.mT).view(n, c, size, size)  # (k, B, 1, s, H) @ (B, 3, H, W) @ (k, B, 1, W, s)
 
-def _color_jitter(x, p, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
-    """ColorJitter(0.4, 0.4, 0.2, 0.1) applied with probability p, factors drawn per image; x is (n, 3, h, w) in [0, 1].
+def _color_jitter(x, p=JITTER_P, strengths=JITTER):
+    """ColorJitter(*strengths) applied with probability p, factors drawn per image; x is (n, 3, h, w) in [0, 1].
 
     Fixed order brightness → contrast → saturation → hue. Hue is a rotation about the gray axis in YIQ space: the
     cheap, batched equivalent of torchvision's HSV hue shift.
     """
     n, dev = x.shape[0], x.device
+    brightness, contrast, saturation, hue = strengths
     on = torch.rand(n, device=dev) < p
 
     def factor(amount):  # (n, 1, 1, 1) in x's dtype: a float32 factor would promote the whole image to float32
@@ -1225,10 +1280,10 @@ def photometric(x, pipeline, blur_sigma, invert=0.0, flip=False):
     normalised float32."""
     n = x.shape[0]
     if flip:
-        x = torch.where((torch.rand(n, device=x.device) < 0.5).view(n, 1, 1, 1), x.flip(-1), x)
+        x = torch.where((torch.rand(n, device=x.device) < FLIP_P).view(n, 1, 1, 1), x.flip(-1), x)
     blur_p, solarize_p = PIPELINES[pipeline]
-    x = _color_jitter(x, p=0.8)
-    gray = torch.rand(n, device=x.device) < 0.2
+    x = _color_jitter(x)
+    gray = torch.rand(n, device=x.device) < GRAYSCALE_P
     x = torch.where(gray.view(n, 1, 1, 1), _gray(x), x)
     x = _gaussian_blur(x, blur_p, blur_sigma)
     solarize = torch.rand(n, device=x.device) < solarize_p  # threshold 0.5, or 2 (never) for crops not solarized
@@ -1251,147 +1306,159 @@ def _work_dtype(x):
     whose float16 kernels are slow."""
     return torch.float16 if x.is_cuda else torch.float32
 
-def batch_multicrop(images, step, cfg):
-    """All crops of one step from a uint8 batch (B, 3, H, W), as MultiCrop's: (online global (2B, ...), online local
-    (L·B, ...) or None, target global (2B, ...), target local (L·B, ...) or None)."""
-    online_aug, target_aug = pipelines_for_step(step)
+def batch_multicrop(images, step, recipe):
+    """All Crops of one step from a uint8 batch (B, 3, H, W), as MultiCrop's (CropRecipe recipe), on its device."""
+    r, (online_aug, target_aug) = recipe, pipelines_for_step(step)
     images = images.to(_work_dtype(images)) / 255  # converted once for the four calls
-    n_target_local = cfg.num_local if cfg.target_local else 0
-    return (batch_augment(images, cfg.global_size, cfg.global_scale, online_aug, cfg.blur_sigma, 2, cfg.invert),
-            batch_augment(images, cfg.local_size, cfg.local_scale, online_aug, cfg.blur_sigma, cfg.num_local,
-                          cfg.invert) if cfg.num_local else None,
-            batch_augment(images, cfg.global_size, cfg.global_scale, target_aug, cfg.blur_sigma, 2, cfg.invert),
-            batch_augment(images, cfg.local_size, cfg.local_scale, target_aug, cfg.blur_sigma, n_target_local,
-                          cfg.invert) if n_target_local else None)
-
-class Cut(NamedTuple):
-    """One step's crops of ImageFolder images, cut at full resolution by CutCrops: uint8 (…, 4, 3, S, S) global crops
-    (2 online, then 2 target) and (…, L + L_target, 3, s, s) local crops (online, then target), or None."""
-    glob: torch.Tensor
-    loc: torch.Tensor | None
+    n_target_local = r.num_local * r.target_local
+    return Crops(batch_augment(images, r.global_size, r.global_scale, online_aug, r.blur_sigma, 2, r.invert),
+                 batch_augment(images, r.local_size, r.local_scale, online_aug, r.blur_sigma, r.num_local,
+                               r.invert) if r.num_local else None,
+                 batch_augment(images, r.global_size, r.global_scale, target_aug, r.blur_sigma, 2, r.invert),
+                 batch_augment(images, r.local_size, r.local_scale, target_aug, r.blur_sigma, n_target_local,
+                               r.invert) if n_target_local else None)
 
 class CutCrops:
     """Decode-side work of the batched augmentation: every RandomResizedCrop of one image for one step, its geometry
     drawn on the full-resolution image and cut and resized there (bilinear, antialiased), as the authors' pipeline;
-    flips and photometric work follow on the device (cut_multicrop). Returns Cut, uint8."""
+    flips and photometric work follow on the device (cut_multicrop). Called with (PIL image, step); returns uint8
+    (global (4, 3, S, S): 2 online then 2 target, local (L + L_target, 3, s, s) or None)."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, recipe):
+        self.recipe = recipe
 
     def _cut(self, image, size, scale, n):  # (n, 3, size, size) uint8
         import PIL.Image
         crops = []
         for _ in range(n):
-            top, left, h, w = torchvision.transforms.RandomResizedCrop.get_params(image, scale, (3 / 4, 4 / 3))
+            top, left, h, w = torchvision.transforms.RandomResizedCrop.get_params(image, scale, ASPECT)
             crop = image.crop((left, top, left + w, top + h))  # then resized: no pixel beyond the box is read
             crops.append(np.asarray(crop.resize((size, size), PIL.Image.BILINEAR)))
         return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
 
-    def __call__(self, image, parity=0):
-        cfg, image = self.cfg, image.convert("RGB")
-        n_local = cfg.num_local * (2 if cfg.target_local else 1)
-        return Cut(self._cut(image, cfg.global_size, cfg.global_scale, 4),
-                   self._cut(image, cfg.local_size, cfg.local_scale, n_local) if n_local else None)
+    def __call__(self, image, step=0):
+        r, image = self.recipe, image.convert("RGB")
+        n_local = r.num_local * (1 + r.target_local)
+        return (self._cut(image, r.global_size, r.global_scale, 4),
+                self._cut(image, r.local_size, r.local_scale, n_local) if n_local else None)
 
-def cut_multicrop(cut, step, cfg):
-    """batch_multicrop's four crop batches from crops that CutCrops cut: flips and photometric work on the device."""
-    online_aug, target_aug = pipelines_for_step(step)
-    n = cfg.num_local
+def cut_multicrop(cut, step, recipe):
+    """batch_multicrop's Crops from a batch of CutCrops' cuts, collated crop-major (4B, ...) and ((L + L_t)·B, ...):
+    flips and photometric work on the device."""
+    (glob, loc), (online_aug, target_aug) = cut, pipelines_for_step(step)
+    n = recipe.num_local * len(glob) // 4  # L·B
 
-    def augment(x, pipeline):  # (B, k, 3, s, s) uint8 -> (k·B, 3, s, s), crop-major
-        x = x.transpose(0, 1).flatten(0, 1)
-        return photometric(x.to(_work_dtype(x)) / 255, pipeline, cfg.blur_sigma, cfg.invert, flip=True)
+    def augment(x, pipeline):  # (k·B, 3, s, s) uint8 -> normalised float
+        return photometric(x.to(_work_dtype(x)) / 255, pipeline, recipe.blur_sigma, recipe.invert, flip=True)
 
-    return (augment(cut.glob[:, :2], online_aug), augment(cut.loc[:, :n], online_aug) if n else None,
-            augment(cut.glob[:, 2:], target_aug), augment(cut.loc[:, n:], target_aug) if n and cfg.target_local
-            else None)
+    return Crops(augment(glob[:len(glob) // 2], online_aug), augment(loc[:n], online_aug) if n else None,
+                 augment(glob[len(glob) // 2:], target_aug), augment(loc[n:], target_aug) if n and recipe.target_local
+                 else None)
 
 def collate(batch):
-    """Stacks samples: tensors, Cut crops, or MultiCrop's tuples of crop stacks (crop-major out)."""
+    """Stacks (sample, label, failed path) triples: image tensors, or per-image tuples of crop stacks (MultiCrop's,
+    CutCrops'), which come out crop-major, (k·B, 3, s, s), like batch_multicrop's."""
     samples, labels, failed = zip(*batch)
     if isinstance(samples[0], torch.Tensor):
         out = torch.stack(samples)
-    elif isinstance(samples[0], Cut):
-        out = Cut(torch.stack([s.glob for s in samples]), None if samples[0].loc is None else
-                  torch.stack([s.loc for s in samples]))
-    else:  # (B, n_crops, 3, s, s) -> (n_crops·B, 3, s, s), crop-major like batch_multicrop
-        out = tuple(None if parts[0] is None else torch.stack(parts, 1).flatten(0, 1)
-                    for parts in zip(*samples))
+    else:
+        out = tuple(None if parts[0] is None else torch.stack(parts, 1).flatten(0, 1) for parts in zip(*samples))
     return out, torch.tensor(labels), [f for f in failed if f]
 
 
-# ----- feeding the device ------------------------------------------------------------------------------------------
+# ----- feeding the device: one interface over the three crop paths ------------------------------------------------
 
-class TrainData(NamedTuple):
-    """The training split and how it reaches the device."""
-    images: torch.Tensor | None  # uint8 (N, 3, S, S) held in memory (on the device with batched augmentation)
-    labels: torch.Tensor  # (N,): used only by the kNN report
-    dataset: torch.utils.data.Dataset | None  # what loader workers read; None: batches sliced from `images`
-    folder: ImageFolderData | None  # the ImageFolder, when --data is a PATH
-    sampler: torch.utils.data.DistributedSampler  # this process's share, reshuffled per epoch
-    batched: bool  # crops drawn by batch_multicrop on the device, else by MultiCrop in loader workers
-    fingerprint: str  # what identifies the data set (Split.fingerprint)
+CROP_PATHS = dict(device="batched on the device", cut="cut by workers (CutCrops), finished on the device",
+                  pil="per image in workers (MultiCrop)")
 
-def prepare_data(cfg, device):
-    """Loads the training split and picks the augmentation path: batched on the device for data held in memory and on
-    GPUs (--batched-aug auto), MultiCrop in CPU workers otherwise."""
-    images, labels, folder, fingerprint = load_dataset(cfg, "train")
-    per_step = cfg.batch_size * world_size() * cfg.accumulate
-    if len(labels) < per_step:
-        fail(f"--batch-size {cfg.batch_size} × {world_size()} process(es) × --accumulate {cfg.accumulate} = "
-             f"{per_step} is larger than the data set ({len(labels)} images in --data {cfg.data})")
-    batched = cfg.batched_aug == "on" or (cfg.batched_aug == "auto" and (device.type == "cuda" or images is not None))
-    if folder is not None:
-        folder.transform = CutCrops(cfg) if batched else MultiCrop(cfg)
-    dataset = folder
-    if images is not None:
-        if batched:
-            images = images.to(device)
+class TrainData:
+    """The training split as steps of Crops on the device. One place (here) picks the crop path:
+      "device": images held in memory (on the device) and cropped there by batch_multicrop, no loader workers;
+      "cut":    ImageFolder images cut at full resolution by CutCrops in loader workers, finished by cut_multicrop;
+      "pil":    MultiCrop in loader workers (--batched-aug off), crops ready when they arrive.
+    steps() yields each step's loader batches, crops() turns one into Crops whatever the path."""
+
+    def __init__(self, cfg, device):
+        self.cfg, self.device, self.recipe = cfg, device, crop_recipe(cfg)
+        self.images, self.labels, self.folder, self.fingerprint = load_dataset(cfg, "train")
+        per_step = cfg.batch_size * world_size() * cfg.accumulate
+        if len(self.labels) < per_step:
+            fail(f"--batch-size {cfg.batch_size} × {world_size()} process(es) × --accumulate {cfg.accumulate} = "
+                 f"{per_step} is larger than the data set ({len(self.labels)} images in --data {cfg.data})")
+        batched = cfg.batched_aug == "on" or (cfg.batched_aug == "auto" and (device.type == "cuda" or
+                                                                             self.images is not None))
+        self.path = ("device" if self.images is not None else "cut") if batched else "pil"
+        if self.folder is not None:
+            self.folder.transform = CutCrops(self.recipe) if batched else MultiCrop(self.recipe)
+        self.loader_data = self.folder  # what loader workers read; None: batches sliced from self.images
+        if self.path == "device":
+            self.images = self.images.to(device)
+        elif self.images is not None:
+            self.loader_data = InMemoryData(self.images, self.labels, MultiCrop(self.recipe))
+        self.sampler = torch.utils.data.DistributedSampler(range(len(self.labels)), num_replicas=world_size(),
+                                                           rank=rank(), shuffle=True, seed=cfg.seed, drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // cfg.batch_size // cfg.accumulate
+        self.epoch_images = self.steps_per_epoch * cfg.accumulate * cfg.batch_size  # this process's, per epoch
+
+    def steps(self, first_step, skip=0):
+        """Yields (batches, failed) for each step of this epoch of the sampler, less the first `skip` steps (a run
+        resumed mid-epoch): the step's cfg.accumulate loader batches (uint8 images, CutCrops' cuts, or crops) and
+        the unreadable images that were replaced by readable ones. More than 1% of them in an epoch end the run."""
+        n = self.cfg.accumulate
+        batches = self._batches(parity_batches(self.sampler, self.cfg.batch_size, first_step * n, skip * n,
+                                               self.steps_per_epoch * n))
+        bad, step = [], []
+        for batch, failed in batches:
+            bad += failed
+            if len(bad) > 0.01 * self.epoch_images:
+                fail(f"{len(bad)} images unreadable in one epoch, more than 1% of the {self.epoch_images} this "
+                     f"process reads per epoch; e.g. {bad[0]}")
+            step.append((batch, failed))
+            if len(step) == n:
+                yield [b for b, _ in step], [f for _, fs in step for f in fs]
+                step = []
+
+    def _batches(self, batches):  # (batch, failed paths) of lists of (index, parity) pairs
+        if self.loader_data is None:  # in memory, augmented on the device: no loader processes needed
+            for batch in batches:
+                yield self.images[torch.tensor([j for j, _ in batch], device=self.images.device)], []
+            return
+        loader = torch.utils.data.DataLoader(self.loader_data, batch_sampler=batches, num_workers=self.cfg.workers,
+                                             collate_fn=collate, pin_memory=self.device.type == "cuda")
+        batches = ((batch, failed) for batch, _, failed in loader)
+        yield from copied_ahead(batches, self.device) if self.device.type == "cuda" else batches
+
+    def crops(self, batch, index, reseed=True):
+        """The Crops of forward pass `index` from a batch of steps(), on the device in the networks' memory layout.
+        Random draws are seeded by (seed, process, pass): a run resumed at any step draws what an uninterrupted run
+        would."""
+        if reseed:
+            torch.manual_seed(seed_for(self.cfg.seed, index, rank()))
+        batch = _tensors_to(batch, self.device)  # a no-op for batches that copied_ahead already moved
+        if self.path == "device":
+            crops = batch_multicrop(batch, index, self.recipe)
+        elif self.path == "cut":
+            crops = cut_multicrop(batch, index, self.recipe)
         else:
-            dataset = InMemoryData(images, labels, MultiCrop(cfg))
-    sampler = torch.utils.data.DistributedSampler(range(len(labels)), num_replicas=world_size(), rank=rank(),
-                                                  shuffle=True, seed=cfg.seed, drop_last=True)
-    return TrainData(images, labels, dataset, folder, sampler, batched, fingerprint)
+            crops = Crops(*batch)
+        return Crops(*(None if x is None else channels_last(x, self.cfg) for x in crops))
 
-def epoch_batches(cfg, data, first_pass, device, skip=0):
-    """Yields (batch, failed image paths) for one epoch of data.sampler (whole steps of cfg.accumulate passes), less
-    its first `skip` batches: uint8 images (B, 3, S, S), Cut crops, or crops made by CPU workers."""
-    passes = len(data.sampler) // cfg.batch_size // cfg.accumulate * cfg.accumulate
-    batches = parity_batches(data.sampler, cfg.batch_size, first_pass, skip, passes)
-    if data.dataset is None:  # in memory, augmented on the device: no loader processes needed
-        for batch in batches:
-            yield data.images[torch.tensor([j for j, _ in batch], device=data.images.device)], []
-        return
-    loader = torch.utils.data.DataLoader(data.dataset, batch_sampler=batches, num_workers=cfg.workers,
-                                         collate_fn=collate, pin_memory=device.type == "cuda")
-    batches = ((batch, failed) for batch, _, failed in loader)
-    yield from copied_ahead(batches, device) if device.type == "cuda" else batches
+    def global_crops(self):
+        """The online global crops (2B, 3, S, S) of one pass over the data, for the initial bank (fill_bank)."""
+        torch.manual_seed(seed_for(self.cfg.seed, -1, rank()))
+        self.sampler.set_epoch(-1)
+        for batches, _ in self.steps(0):
+            for batch in batches:
+                yield self.crops(batch, 0, reseed=False).online_global
 
 def channels_last(x, cfg):
     """x in the NHWC memory layout when cfg.channels_last."""
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
-def to_device_crops(batch, step, cfg, device):
-    """Moves a loader batch to the device and returns train_step's crops: (online global, online local or None,
-    target global), in the memory layout the networks use."""
-    batch = _tensors_to(batch, device)  # a no-op for batches that copied_ahead already moved
-    if isinstance(batch, torch.Tensor):  # uint8 images in memory: crops drawn on the device
-        batch = batch_multicrop(batch, step, cfg)
-    elif isinstance(batch, Cut):  # uint8 crops cut at full resolution by the loader workers
-        batch = cut_multicrop(batch, step, cfg)
-    return tuple(None if x is None else channels_last(x, cfg) for x in batch)
-
-def pass_crops(batch, index, cfg, device):
-    """The crops of forward pass `index` (a step's with --accumulate 1), from random draws seeded by (seed, process,
-    pass): a run resumed at any step draws what an uninterrupted run would."""
-    torch.manual_seed(seed_for(cfg.seed, index, rank()))
-    return to_device_crops(batch, index, cfg, device)
-
-def _tensors_to(batch, device):  # a tensor, or a (named) tuple of tensors and None, moved without waiting
+def _tensors_to(batch, device):  # a tensor, or a tuple of tensors and None, moved without waiting
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
-    moved = [None if x is None else _tensors_to(x, device) for x in batch]
-    return batch._make(moved) if hasattr(batch, "_make") else tuple(moved)
+    return tuple(None if x is None else _tensors_to(x, device) for x in batch)
 
 def copied_ahead(batches, device):
     """Yields the (batch, failed) pairs of a loader with each batch already on the GPU: batch i+1 is copied on a side
@@ -1429,58 +1496,103 @@ def resolve_precision(cfg, device):
                 if precision != "fp32" else nullcontext())
     return precision, autocast, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-class Nets(NamedTuple):
-    """The networks, groups and optimiser of a run, identical on every process."""
-    online: OnlineNet  # the plain module: what checkpoints hold
-    online_ddp: nn.Module  # online wrapped in DistributedDataParallel under torchrun, else online itself
-    target: Encoder  # EMA copy of online.encoder, no gradients
-    grouping: MomentumGrouping
-    opt: torch.optim.Optimizer
-
-def build_nets(cfg, device):
-    """Online net (DDP-wrapped under torchrun), target copy, groups and optimiser, identical on every rank."""
-    torch.manual_seed(cfg.seed)
-    online = make_online(cfg).to(device)
-    if world_size() > 1 and device.type == "cuda":
-        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
-    if cfg.channels_last:
-        online = online.to(memory_format=torch.channels_last)
-    target = copy.deepcopy(online.encoder).requires_grad_(False)
-    for m in target.modules():  # no drop-path in the target branch (the authors' Swin recipe)
-        if isinstance(m, torchvision.ops.StochasticDepth):
-            m.p = 0.0
-    if cfg.compile:  # in place: state_dict keys stay free of "_orig_mod." prefixes
-        online.compile(dynamic=False)
-        target.compile(dynamic=False)
-    grouping = MomentumGrouping(cfg.num_groups, cfg.feat_dim, cfg.num_heads).to(device)
-    opt = build_optimizer(cfg, [online])
-    online_ddp = (nn.parallel.DistributedDataParallel(online, device_ids=[device] if device.type == "cuda" else None)
-                  if world_size() > 1 else online)
-    return Nets(online, online_ddp, target, grouping, opt)
-
-def reset_groups(nets, bank, cfg, epoch):
-    """Epoch-start reset, as the authors' main_SMoG.py, train: groups by k-means on last epoch's bank
-    (cluster_memory), target ← online (--reset_k_encoder). Returns the seconds it took."""
-    t0 = time.time()
-    generator = torch.Generator().manual_seed(seed_for(cfg.seed, epoch))
-    nets.grouping.kmeans_(bank.for_heads(cfg.num_heads), cfg.kmeans_iters, generator=generator)
-    for buffer in nets.online.buffers():  # BN running statistics drift apart per rank without SyncBN (CPU)
-        broadcast_(buffer)
-    nets.target.load_state_dict(nets.online.encoder.state_dict())
-    return time.time() - t0
-
-def fill_bank(nets, bank, data, cfg, device, autocast):
-    """Fills the bank with the initial network's projections of one pass over the data, each online global crop
-    forwarded alone, so that its BN sees one crop of every image (the authors' init_memory)."""
-    torch.manual_seed(seed_for(cfg.seed, -1, rank()))
-    data.sampler.set_epoch(-1)
-    with torch.no_grad(), autocast:
-        for batch, _ in epoch_batches(cfg, data, 0, device):
-            g = to_device_crops(batch, 0, cfg, device)[0]  # (2B, 3, S, S), crop-major
-            bank.add(torch.stack([nets.online.encoder([crop]).float() for crop in g.chunk(2)]))  # (2, B, D)
+def make_optimizer(cfg, online):
+    """LARS (the ResNet recipes) or AdamW (the Transformer recipes) over Part 1's parameter groups."""
+    groups = parameter_groups([online], cfg.exclude_1d)
+    if cfg.optimizer == "lars":
+        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
-# ----- checkpoints, resume, preemption -----------------------------------------------------------------------------
+# ----- the run state and its checkpoints ---------------------------------------------------------------------------
+
+class RunState:
+    """Everything a run continues from, identical on every process except the bank: the networks, groups,
+    optimiser and GradScaler, this process's memory bank, and where the run is (epochs done, global step, steps
+    done in the current epoch). save() writes it as a checkpoint, resume() reads one back."""
+
+    def __init__(self, cfg, device, bank_rows=0, scaler=None):
+        torch.manual_seed(cfg.seed)  # the same on every process: identical initial weights and groups
+        online = make_online(cfg).to(device)
+        if world_size() > 1 and device.type == "cuda":
+            online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+        if cfg.channels_last:
+            online = online.to(memory_format=torch.channels_last)
+        self.online, self.target = online, target_of(online)  # online: the plain module, what checkpoints hold
+        if cfg.compile:  # in place: state_dict keys stay free of "_orig_mod." prefixes
+            self.online.compile(dynamic=False)
+            self.target.compile(dynamic=False)
+        self.grouping = MomentumGrouping(cfg.num_groups, cfg.feat_dim, cfg.num_heads).to(device)
+        self.opt = make_optimizer(cfg, online)
+        self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+        self.bank = MemoryBank(bank_rows, cfg.feat_dim, device)
+        # online wrapped in DistributedDataParallel under torchrun: what train_step trains
+        self.online_ddp = (nn.parallel.DistributedDataParallel(online, device_ids=[device] if device.type == "cuda"
+                                                               else None) if world_size() > 1 else online)
+        self.epoch = self.step = self.epoch_step = 0
+
+    def save(self, path, cfg, data):
+        """A checkpoint of the run; mid-epoch it holds every process's bank too. A collective: every process calls
+        it, rank 0 writes. The new file is written aside and read back before it replaces the old one, which is
+        kept as previous_of(path): a process killed at any moment, a full disk or a damaged copy never leaves the
+        run without a checkpoint that loads. A write that fails ends the run with one line, its partial file
+        removed."""
+        banks = all_gather(self.bank.feats).cpu() if self.epoch_step else None
+        if rank() != 0:
+            return
+        tmp = path + ".tmp"
+        try:
+            torch.save(dict(
+                config=dataclasses.asdict(cfg), epoch=self.epoch, step=self.step, epoch_step=self.epoch_step,
+                processes=world_size(), num_images=len(data.labels), data_fingerprint=data.fingerprint,
+                online=self.online.state_dict(), target=self.target.state_dict(), grouping=self.grouping.state_dict(),
+                optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(), banks=banks,
+                bank_filled=self.bank.filled), tmp)
+            read_checkpoint(tmp)
+            if os.path.exists(path):
+                os.replace(path, previous_of(path))
+            os.replace(tmp, path)
+        except (OSError, RuntimeError, ValueError) as e:  # torch.save says RuntimeError for a full disk
+            if os.path.isfile(tmp):
+                os.remove(tmp)
+            fail(f"could not write the checkpoint {tmp} ({str(e).strip().splitlines()[0][:200]}); the previous "
+                 f"checkpoints in --out-dir {cfg.out_dir} are as they were: free space there, or give another "
+                 f"--out-dir")
+
+    def load(self, state):
+        """Copies a checkpoint's contents into the run (this process's bank too, when it was written mid-epoch)."""
+        self.online.load_state_dict(state["online"])
+        self.target.load_state_dict(state["target"])
+        self.grouping.load_state_dict(state["grouping"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.epoch_step = state["epoch"], state["step"], state.get("epoch_step", 0)
+        if self.epoch_step:
+            if state["banks"][rank()].shape != self.bank.feats.shape:
+                raise ValueError(f"memory bank of shape {tuple(state['banks'][rank()].shape)}, this run's is "
+                                 f"{tuple(self.bank.feats.shape)}")
+            self.bank.feats.copy_(state["banks"][rank()])
+            self.bank.filled = state["bank_filled"]
+
+    def resume(self, paths, cfg, data):
+        """Restores the run from the first of `paths` that loads and fits (saying so when it falls back to an older
+        one), refusing in one line a checkpoint that this run's config or data cannot continue (check_resumable)."""
+        errors = []
+        for path in paths:
+            try:
+                state = read_checkpoint(path)
+                check_resumable(path, state, cfg, data)
+                self.load(state)
+                break
+            except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:  # damaged, foreign, cut short
+                why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                errors.append(f"{path} ({why})")
+                log(f"checkpoint {path} does not load ({why})" + ("; trying the one before it" if path != paths[-1]
+                                                                  else ""))
+        else:
+            fail(f"--resume: no checkpoint loads: {'; '.join(errors)}")
+        log(f"resumed from {path} at epoch {self.epoch}, step {self.step}" + (
+            f" (mid-epoch, after {self.epoch_step} steps)" if self.epoch_step else ""))
 
 def seed_for(seed, index, process=0):
     """The seed of one step's (or epoch's) random draws on one process: a pure function of (seed, index, process), so
@@ -1491,32 +1603,6 @@ def previous_of(path):
     """Where the checkpoint before `path` is kept: checkpoint.pt → checkpoint.prev.pt."""
     root, ext = os.path.splitext(path)
     return root + ".prev" + ext
-
-def save_run(path, cfg, nets, scaler, bank, data, epoch, step, epoch_step):
-    """Checkpoint after `epoch` epochs and `epoch_step` steps of the next; mid-epoch it holds every process's bank
-    too. A collective: every process calls it, rank 0 writes. The new file is written aside and read back before
-    it replaces the old one, which is kept as previous_of(path): a process killed at any moment, a full disk or a
-    damaged copy never leaves the run without a checkpoint that loads. A write that fails ends the run with one
-    line, its partial file removed."""
-    banks = all_gather(bank.feats).cpu() if epoch_step else None
-    if rank() != 0:
-        return
-    tmp = path + ".tmp"
-    try:
-        torch.save(dict(
-            config=dataclasses.asdict(cfg), epoch=epoch, step=step, epoch_step=epoch_step, processes=world_size(),
-            num_images=len(data.labels), data_fingerprint=data.fingerprint, online=nets.online.state_dict(),
-            target=nets.target.state_dict(), grouping=nets.grouping.state_dict(), optimizer=nets.opt.state_dict(),
-            scaler=scaler.state_dict(), banks=banks, bank_filled=bank.filled), tmp)
-        read_checkpoint(tmp)
-        if os.path.exists(path):
-            os.replace(path, previous_of(path))
-        os.replace(tmp, path)
-    except (OSError, RuntimeError, ValueError) as e:  # torch.save says RuntimeError for a full disk
-        if os.path.isfile(tmp):
-            os.remove(tmp)
-        fail(f"could not write the checkpoint {tmp} ({str(e).strip().splitlines()[0][:200]}); the previous "
-             f"checkpoints in --out-dir {cfg.out_dir} are as they were: free space there, or give another --out-dir")
 
 def resolve_resume(cfg):
     """The checkpoints to try, newest first: [] for a fresh start. A --resume PATH that does not exist is an error,
@@ -1596,42 +1682,8 @@ def check_resumable(path, state, cfg, data):
             f"{cfg.batch_size} images per process and pass (SyncBN: all processes), and the data order differs from "
             f"an uninterrupted run")
 
-def load_run_state(state, nets, scaler, bank):
-    """Copies a checkpoint's networks, groups, optimiser, scaler and (mid-epoch) this process's bank into the run."""
-    nets.online.load_state_dict(state["online"])
-    nets.target.load_state_dict(state["target"])
-    nets.grouping.load_state_dict(state["grouping"])
-    nets.opt.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    if state.get("epoch_step", 0):  # written mid-epoch: this process's memory bank so far comes back too
-        if state["banks"][rank()].shape != bank.feats.shape:
-            raise ValueError(f"memory bank of shape {tuple(state['banks'][rank()].shape)}, this run's is "
-                             f"{tuple(bank.feats.shape)}")
-        bank.feats.copy_(state["banks"][rank()])
-        bank.filled = state["bank_filled"]
 
-def resume_run(paths, cfg, nets, scaler, bank, data):
-    """Restores a run from the first of `paths` that loads and fits (saying so when it falls back to an older one),
-    refusing in one line a checkpoint that this run's config or data cannot continue (check_resumable); returns
-    (epoch, global step, steps already done in that epoch)."""
-    errors = []
-    for path in paths:
-        try:
-            state = read_checkpoint(path)
-            check_resumable(path, state, cfg, data)
-            load_run_state(state, nets, scaler, bank)
-            break
-        except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:  # damaged, foreign, or cut short
-            why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            errors.append(f"{path} ({why})")
-            log(f"checkpoint {path} does not load ({why})" + ("; trying the one before it" if path != paths[-1]
-                                                              else ""))
-    else:
-        fail(f"--resume: no checkpoint loads: {'; '.join(errors)}")
-    epoch, step, epoch_step = state["epoch"], state["step"], state.get("epoch_step", 0)
-    log(f"resumed from {path} at epoch {epoch}, step {step}" + (f" (mid-epoch, after {epoch_step} steps)"
-                                                                if epoch_step else ""))
-    return epoch, step, epoch_step
+# ----- processes and faults: preemption, the out-dir lock, divergence, failed collectives -------------------------
 
 @contextmanager
 def catch_preemption():
@@ -1725,20 +1777,36 @@ def weight_norm(module):
     """The L2 norm of all of a module's parameters together, as a device tensor."""
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach() for p in module.parameters()])))
 
-def stop_if_diverged(bad_step, online, start_norm, ckpt_path, epoch, step):
+def stop_if_diverged(bad_step, run, start_norm, ckpt_path):
     """Ends every process together if any saw a non-finite loss, or if the online weights are not finite or their
     norm grew DIVERGED times over start_norm (a run can diverge while its loss stays finite). bad_step: this
     process's first step with a non-finite loss, or −1, kept on the device so that the steps need no host sync;
     checked at log intervals and before each checkpoint, so no checkpoint holds such weights."""
     first = all_reduce_(bad_step.clone(), op="max").item()
-    norm = weight_norm(online).item()  # the same on every process: DDP keeps the weights identical
-    last = f"{ckpt_path} (after {epoch} epochs)" if os.path.exists(ckpt_path) else "none"
+    norm = weight_norm(run.online).item()  # the same on every process: DDP keeps the weights identical
+    last = f"{ckpt_path} (after {run.epoch} epochs)" if os.path.exists(ckpt_path) else "none"
     if first >= 0:
         fail(f"the loss became NaN/inf at step {first}; every process stopped. Last good checkpoint: {last}. "
              f"Lower --lr or raise --warmup-epochs")
     if not math.isfinite(norm) or norm > DIVERGED * start_norm:
-        fail(f"the online weights diverged by step {step}: their norm grew from {start_norm:.3g} to {norm:.3g} "
+        fail(f"the online weights diverged by step {run.step}: their norm grew from {start_norm:.3g} to {norm:.3g} "
              f"while the loss stayed finite; every process stopped. Last good checkpoint: {last}. Lower --lr")
+
+# What gloo and NCCL say when a peer died or a collective timed out (not all of them raise dist.DistError).
+COLLECTIVE_FAILURE = re.compile("gloo|nccl|timed out|timeout|connection (reset|closed|refused)|closed by peer", re.I)
+
+@contextmanager
+def collective_failures_in_one_line(run, timeout):
+    """Turns a collective that failed (another process died, or did not answer within `timeout` seconds) into one
+    line naming this process and the run's step, instead of a backend's stack trace."""
+    try:
+        yield
+    except RuntimeError as error:
+        if distributed() and (isinstance(error, dist.DistError) or COLLECTIVE_FAILURE.search(str(error))):
+            fail(f"process {rank()} of {world_size()} stopped at step {run.step}: a collective failed, so another "
+                 f"process died or did not answer within --dist-timeout {timeout} s "
+                 f"({str(error).strip().splitlines()[0][:240]})")
+        raise
 
 
 # ----- reports: group health and kNN on the held-out split ---------------------------------------------------------
@@ -1819,58 +1887,33 @@ def knn_report(backbone, cfg, device, train_data, train_labels, held_out, baseli
 
 # ----- training ----------------------------------------------------------------------------------------------------
 
-# What gloo and NCCL say when a peer died or a collective timed out (not all of them raise dist.DistError).
-COLLECTIVE_FAILURE = re.compile("gloo|nccl|timed out|timeout|connection (reset|closed|refused)|closed by peer", re.I)
-
 class Progress:
     """The log line every cfg.log_every steps (console and log.jsonl): loss, lr, β, images/s, the share of time spent
     waiting for data, group health, unreadable images, and under fp16 the optimiser steps GradScaler skipped and its
-    scale. As a context, it turns a collective that failed into one line naming this process and its step."""
+    scale (with a warning when they keep overflowing)."""
 
-    def __init__(self, cfg, total_steps, jsonl, step, scaler, epoch_images=0):
-        self.cfg, self.total_steps, self.jsonl, self.step, self.scaler = cfg, total_steps, jsonl, step, scaler
-        self.epoch_images = epoch_images  # images this process reads per epoch: the unreadable ones are up to 1%
-        self.t_start, self.first_step, self.counts, self.skipped = time.time(), step, 0, 0
-        self.skipped_in_job, self.warned = 0, False
+    def __init__(self, cfg, total_steps, jsonl, first_step, scaler):
+        self.cfg, self.total_steps, self.jsonl, self.scaler = cfg, total_steps, jsonl, scaler
+        self.first_step = first_step
+        self.t_start, self.counts, self.skipped, self.skipped_in_job, self.warned = time.time(), 0, 0, 0, False
         self.restart()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):  # another process died, or stopped answering within dist_timeout
-        if distributed() and isinstance(error, RuntimeError) and (
-                isinstance(error, dist.DistError) or COLLECTIVE_FAILURE.search(str(error))):
-            fail(f"process {rank()} of {world_size()} stopped at step {self.step}: a collective failed, so another "
-                 f"process died or did not answer within --dist-timeout {self.cfg.dist_timeout} s "
-                 f"({str(error).strip().splitlines()[0][:240]})")
 
     def restart(self):  # at each epoch start: the k-means reset does not count as waiting for data
         self.t_log, self.data_time, self.images, self.bad_images = time.time(), 0.0, 0, 0
-        self.bad_in_epoch, self.first_bad = 0, ""
 
-    def timed(self, batches):
-        """Yields the batches of (batch, failed paths) pairs, cfg.accumulate at a time (one step's passes), timing
-        the wait for each. Unreadable images were replaced by readable ones: counted, and more than 1% of this
-        process's images of one epoch end the run (as for a folder decoded into memory)."""
-        batches, step = iter(batches), []
+    def timed(self, steps):
+        """Yields the batches of TrainData.steps, timing the wait for each step's and counting its unreadable
+        images."""
+        steps = iter(steps)
         while True:
             t0 = time.time()
-            batch, failed = next(batches, (None, None))
-            if failed is None:
+            batches, failed = next(steps, (None, None))
+            if batches is None:
                 return
             self.data_time += time.time() - t0
-            self.bad_in_epoch += len(failed)
-            self.first_bad = self.first_bad or (failed[0] if failed else "")
-            if self.bad_in_epoch > 0.01 * self.epoch_images:
-                fail(f"{self.bad_in_epoch} images unreadable in one epoch, more than 1% of the {self.epoch_images} "
-                     f"this process reads per epoch; e.g. {self.first_bad}")
             self.bad_images += len(failed)
-            self.images += self.cfg.batch_size * world_size()
-            step.append(batch)
-            if len(step) == self.cfg.accumulate:
-                self.step += 1  # the step these batches are for, counted from 1
-                yield step
-                step = []
+            self.images += self.cfg.batch_size * world_size() * len(batches)
+            yield batches
 
     def add(self, counts, skipped):  # one step's group counts (H, K) and skip flag, summed on the device
         self.counts, self.skipped = self.counts + counts, self.skipped + skipped
@@ -1912,11 +1955,11 @@ class Progress:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
 
-def knn_during_training(nets, cfg, device, data, held_out, progress, epoch, step, final=False):
+def knn_during_training(run, cfg, device, data, held_out, progress, epoch, final=False):
     """kNN top-1 of the online backbone on the held-out split, printed and logged (labels are used only here); at the
     end of the run with the baselines (random init, raw pixels) too. Rank 0 alone: the others wait at their next
     collective (within --dist-timeout)."""
-    result = knn_report(nets.online.encoder.backbone, cfg, device, data.images if data.folder is None else
+    result = knn_report(run.online.encoder.backbone, cfg, device, data.images if data.folder is None else
                         data.folder, data.labels, held_out, baselines=final)
     if result is None:
         if final:
@@ -1926,11 +1969,11 @@ def knn_during_training(nets, cfg, device, data, held_out, progress, epoch, step
              ("knn_top1_raw_pixels", "raw pixels"))
     log(f"kNN top-1 on the held-out split{'' if final else f' after epoch {epoch}'}: " + " | ".join(
         f"{name} {result[key]:.1f}%" for key, name in names if key in result))
-    progress.write(dict(step=step, epoch=epoch, **result))
+    progress.write(dict(step=run.step, epoch=epoch, **result))
 
 def train(cfg):
     """The whole run, holding its out-dir: data, networks, resume or a fresh bank, epochs with group resets and
-    checkpoints, kNN report. Returns (online network etc., steps done)."""
+    checkpoints, kNN report. Returns the RunState."""
     device = setup_device(cfg.dist_timeout)
     with holding_out_dir(cfg.out_dir, device):
         return _train(cfg, device)
@@ -1944,81 +1987,87 @@ def _train(cfg, device):
     log(f"device: {device}, processes: {world_size()}, precision: {precision}")
 
     resume = resolve_resume(cfg)
-    data = prepare_data(cfg, device)
-    n = cfg.accumulate  # forward passes per step
-    steps_per_epoch = len(data.sampler) // cfg.batch_size // n
+    data = TrainData(cfg, device)
+    n, steps_per_epoch = cfg.accumulate, data.steps_per_epoch  # n: forward passes per step
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    log(f"data: {len(data.labels)} images, {steps_per_epoch} steps per epoch, global batch "
-        f"{cfg.batch_size * world_size() * n} ({cfg.batch_size} × {world_size()} process(es)"
-        + (f" × {n} passes" if n > 1 else "")
-        + f"), augmentation {'batched' if data.batched else 'per image in CPU workers'}")
-    nets = build_nets(cfg, device)  # the same seed on every process: identical initial weights
-    bank = MemoryBank(steps_per_epoch * n * cfg.batch_size, cfg.feat_dim, device)
-    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+    global_batch = cfg.batch_size * world_size() * n
+    log(f"data: {len(data.labels)} images, {steps_per_epoch} steps per epoch, global batch {global_batch} "
+        f"({cfg.batch_size} × {world_size()} process(es)" + (f" × {n} passes" if n > 1 else "")
+        + f"), crops: {CROP_PATHS[data.path]}")
+    run = RunState(cfg, device, data.epoch_images, scaler)
     if resume:
-        start_epoch, step, skip = resume_run(resume, cfg, nets, scaler, bank, data)
+        run.resume(resume, cfg, data)
     else:
-        start_epoch, step, skip = 0, 0, 0
-        fill_bank(nets, bank, data, cfg, device, autocast)
-        log(f"bank filled by the initial network, groups set by k-means ({reset_groups(nets, bank, cfg, -1):.1f}s)")
+        t0 = time.time()
+        with autocast:
+            fill_bank(run.online.encoder, run.bank, data.global_crops())
+        start_epoch(run.grouping, run.bank, run.online, run.target, cfg.kmeans_iters,
+                    torch.Generator().manual_seed(seed_for(cfg.seed, -1)))
+        log(f"bank filled by the initial network, groups set by k-means ({time.time() - t0:.1f}s)")
+    peak_lr, first_epoch = cfg.lr * global_batch / 256, run.epoch
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
-    start_norm = weight_norm(nets.online).item()
+    start_norm = weight_norm(run.online).item()
     held_out = load_dataset(cfg, "val") if rank() == 0 and (cfg.knn or cfg.eval_every) else None
+    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
 
     with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank() == 0 else nullcontext() as jsonl, \
-            catch_preemption() as caught, \
-            Progress(cfg, total_steps, jsonl, step, scaler, steps_per_epoch * n * cfg.batch_size) as progress:
-        for epoch in range(start_epoch, cfg.epochs):
+            catch_preemption() as caught, collective_failures_in_one_line(run, cfg.dist_timeout):
+        progress = Progress(cfg, total_steps, jsonl, run.step, scaler)
+        for epoch in range(run.epoch, cfg.epochs):
             # Data order is a function of (seed, epoch), each pass's crops of (seed, process, pass): resuming at any
             # step is exact with batched augmentation (CPU workers draw from their own per-epoch seeds).
             data.sampler.set_epoch(epoch)
             torch.manual_seed(seed_for(cfg.seed, epoch, rank()))  # the loader's worker seeds
             progress.restart()
-            epoch_step, preempted = skip, False
-            for batches in progress.timed(epoch_batches(cfg, data, step * n, device, skip * n)):
-                lr, beta = lr_at(step, total_steps, warmup_steps, cfg), beta_at(step, total_steps, cfg)
-                for group in nets.opt.param_groups:
+            preempted = False
+            for batches in progress.timed(data.steps(run.step, run.epoch_step)):
+                lr = lr_at(run.step, total_steps, warmup_steps, peak_lr, cfg.start_lr, cfg.final_lr)
+                beta = beta_at(run.step, total_steps, cfg.beta_start, cfg.beta_end)
+                for group in run.opt.param_groups:
                     group["lr"] = lr
-                passes = (pass_crops(batch, step * n + i, cfg, device) for i, batch in enumerate(batches))
-                loss, counts, z_global, skipped = train_step(nets.online_ddp, nets.target, nets.grouping, passes,
-                                                             beta, nets.opt, scaler, autocast, cfg)
-                bank.add(z_global)
+                passes = (data.crops(batch, run.step * n + i) for i, batch in enumerate(batches))
+                loss, counts, z_global, skipped = train_step(run.online_ddp, run.target, run.grouping, passes, run.opt,
+                                                             run.scaler, beta=beta, autocast=autocast,
+                                                             **step_hyperparameters(cfg))
+                run.bank.add(z_global)
                 progress.add(counts, skipped)
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
-                step, epoch_step = step + 1, epoch_step + 1
-                if step % cfg.log_every == 0 or step == total_steps:
-                    stop_if_diverged(bad_step, nets.online, start_norm, ckpt_path, epoch, step)
-                    progress.report(step, epoch, loss, lr, beta)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and epoch_step < steps_per_epoch:
-                    stop_if_diverged(bad_step, nets.online, start_norm, ckpt_path, epoch, step)
-                    save_run(ckpt_path, cfg, nets, scaler, bank, data, epoch, step, epoch_step)
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), run.step, bad_step)
+                run.step, run.epoch_step = run.step + 1, run.epoch_step + 1
+                if run.step % cfg.log_every == 0 or run.step == total_steps:
+                    stop_if_diverged(bad_step, run, start_norm, ckpt_path)
+                    progress.report(run.step, epoch, loss, lr, beta)
+                if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.epoch_step < steps_per_epoch:
+                    stop_if_diverged(bad_step, run, start_norm, ckpt_path)
+                    run.save(ckpt_path, cfg, data)
                 # Checked every step in one process (free), every 10 steps under torchrun (one host sync each).
-                if (step % 10 == 0 or not distributed()) and caught_by_any(caught, device):
+                if (run.step % 10 == 0 or not distributed()) and caught_by_any(caught, device):
                     preempted = True
                     break
-            skip = 0
-            stop_if_diverged(bad_step, nets.online, start_norm, ckpt_path, epoch, step)  # exit: before any checkpoint
-            finished = epoch_step == steps_per_epoch
-            reset_seconds = reset_groups(nets, bank, cfg, epoch) if finished else 0.0
-            epochs_done = epoch + 1 if finished else epoch
-            save_run(ckpt_path, cfg, nets, scaler, bank, data, epochs_done, step,
-                     0 if finished else epoch_step)
+            stop_if_diverged(bad_step, run, start_norm, ckpt_path)  # exit: before any checkpoint
+            finished = run.epoch_step == steps_per_epoch
+            t0 = time.time()
+            if finished:  # the next epoch's start: groups reset on this epoch's bank, target <- online
+                start_epoch(run.grouping, run.bank, run.online, run.target, cfg.kmeans_iters,
+                            torch.Generator().manual_seed(seed_for(cfg.seed, epoch)))
+                run.epoch, run.epoch_step = epoch + 1, 0
+            reset_seconds = time.time() - t0
+            run.save(ckpt_path, cfg, data)
             if preempted or caught_by_any(caught, device):  # exit: preempted or Ctrl-C (mid-epoch or at its end)
                 log(f"caught {'Ctrl-C' if signal.SIGINT in caught else 'a preemption signal'}: checkpoint "
-                    f"{ckpt_path} at epoch {epochs_done}, step {step}; run again to resume from there")
+                    f"{ckpt_path} at epoch {run.epoch}, step {run.step}; run again to resume from there")
                 break
             if (epoch + 1) % max(1, cfg.epochs // 20) == 0 or epoch + 1 == cfg.epochs:  # at most ~20 such lines
                 log(f"epoch {epoch} done: groups reset by k-means ({reset_seconds:.1f}s), checkpoint {ckpt_path}")
             if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and rank() == 0:
-                knn_during_training(nets, cfg, device, data, held_out, progress, epoch, step)
-            if cfg.stop_after and epoch + 1 - start_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:  # exit
+                knn_during_training(run, cfg, device, data, held_out, progress, epoch)
+            if cfg.stop_after and epoch + 1 - first_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:  # exit
                 log(f"stopping after {cfg.stop_after} epoch(s) as asked; run again to resume from epoch {epoch + 1}")
                 break
-        if cfg.knn and rank() == 0 and step == total_steps:  # the other processes need not wait for it
-            knn_during_training(nets, cfg, device, data, held_out, progress, cfg.epochs - 1, step, final=True)
+        if cfg.knn and rank() == 0 and run.step == total_steps:  # the other processes need not wait for it
+            knn_during_training(run, cfg, device, data, held_out, progress, cfg.epochs - 1, final=True)
     if signal.SIGINT in caught:
         raise SystemExit(130)  # the shell's status for a program stopped by Ctrl-C
-    return nets, step
+    return run
 
 def parameter_counts(cfg):
     """Millions of parameters of the networks a config builds (made on the meta device: nothing is allocated)."""
@@ -2031,48 +2080,80 @@ def parameter_counts(cfg):
                 projector=round(millions(online.encoder.projector), 2),
                 predictor=round(millions(online.predictor), 2), online=round(millions(online), 2))
 
+def _ticks(lo, hi, most=5):
+    """Round tick values from lo to hi, at most `most` of them (steps of 1, 2 or 5 × 10^n)."""
+    raw = (hi - lo) / most
+    unit = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
+    step = next(unit * m for m in (1, 2, 5, 10) if unit * m >= raw)
+    return [i * step for i in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+
 def plot_curves(out_dir):
-    """Writes out_dir/curves.svg: the log's loss, lr, β, groups used, assignment entropy and kNN top-1 over steps,
-    one panel each (plain SVG: no plotting package needed). Returns the path."""
+    """Writes out_dir/curves.svg from its log.jsonl: loss, lr, β, groups used (against K), assignment entropy
+    (against log K) and the kNN reports over steps, one panel each, with the epochs under the step axis (plain SVG:
+    no plotting package needed). Returns the path."""
     path = os.path.join(out_dir, "log.jsonl")
     try:
         records = [json.loads(line) for line in open(path) if line.strip()]
     except (OSError, ValueError) as e:
         fail(f"--plot {out_dir}: no readable log.jsonl ({type(e).__name__}: {e})")
-    panels = [("loss", "loss"), ("lr", "learning rate"), ("beta", "β (centroid momentum)"),
-              ("groups_used", "groups used"), ("assign_entropy", "assignment entropy (nats)"),
-              ("knn_top1", "kNN top-1 (%)")]
-    w, h, pad = 360, 220, 40
+    log_k = max([r.get("assign_entropy_max", 0) for r in records] + [0])
+    k = round(math.exp(log_k)) if log_k else None
+    # (key, title, fixed range or None: the data's, reference line and its label or None)
+    panels = [("loss", "loss", None, None), ("lr", "learning rate", "zero", None),
+              ("beta", "β (centroid momentum)", None, (1.0, "1")),
+              ("groups_used", "groups used", (0, 1.05 * k) if k else "zero", (k, f"K = {k}") if k else None),
+              ("assign_entropy", "assignment entropy (nats)", (0, 1.05 * log_k) if k else "zero",
+               (log_k, f"log K = {log_k:.2f}") if k else None),
+              ("knn_top1", "kNN top-1 (%)", (0, 100), None)]
+    steps = [r["step"] for r in records if "step" in r] or [0]
+    s_lo, s_hi = min(steps), max(steps + [min(steps) + 1])
+    epoch_at = sorted((r["step"], r["epoch"]) for r in records if "step" in r and "epoch" in r)
+    w, h, left, top, bottom = 380, 240, 52, 30, 46
+    pw, ph = w - left - 16, h - top - bottom
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{3 * w}" height="{2 * h}" font-family="sans-serif" '
-           f'font-size="12"><rect width="100%" height="100%" fill="white"/>']
-    for i, (key, title) in enumerate(panels):
-        x0, y0 = (i % 3) * w, (i // 3) * h
-        points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
-        svg.append(f'<text x="{x0 + pad}" y="{y0 + 18}" font-weight="bold">{title}</text>')
-        svg.append(f'<rect x="{x0 + pad}" y="{y0 + 28}" width="{w - 2 * pad}" height="{h - 68}" fill="none" '
-                   f'stroke="#999"/>')
-        if not points:
-            continue
-        (s_lo, s_hi), (v_lo, v_hi) = [(min(c), max(c)) for c in zip(*points)]
-        sx = lambda v: x0 + pad + (w - 2 * pad) * (v - s_lo) / max(s_hi - s_lo, 1e-12)  # noqa: E731
-        sy = lambda v: y0 + h - 40 - (h - 68) * (v - v_lo) / max(v_hi - v_lo, 1e-12)  # noqa: E731
-        line = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in points)
-        svg.append(f'<polyline points="{line}" fill="none" stroke="#1f5fa8" stroke-width="1.5"/>' if len(points) > 1
-                   else f'<circle cx="{sx(points[0][0]):.1f}" cy="{sy(points[0][1]):.1f}" r="3" fill="#1f5fa8"/>')
-        svg.append(f'<text x="{x0 + pad}" y="{y0 + h - 22}">step {s_lo}</text><text x="{x0 + w - pad}" '
-                   f'y="{y0 + h - 22}" text-anchor="end">{s_hi}</text><text x="{x0 + pad - 4}" y="{y0 + 40}" '
-                   f'text-anchor="end">{v_hi:.3g}</text><text x="{x0 + pad - 4}" y="{y0 + h - 40}" '
-                   f'text-anchor="end">{v_lo:.3g}</text>')
+           f'font-size="11"><rect width="100%" height="100%" fill="white"/>']
+    for i, (key, title, fixed, ref) in enumerate(panels):
+        x0, y0 = (i % 3) * w + left, (i // 3) * h + top
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None and "step" in r]
+        values = [v for _, v in points] + ([ref[0]] if ref else [])
+        lo, hi = fixed if isinstance(fixed, tuple) else (min(values, default=0), max(values, default=1))
+        lo = min(lo, 0) if fixed == "zero" else lo
+        if hi - lo < 1e-9 * max(1.0, abs(hi)):  # a constant series: a small band around it, not a jumping line
+            lo, hi = lo - max(abs(lo) * 0.05, 1e-3), hi + max(abs(hi) * 0.05, 1e-3)
+        pad = 0 if isinstance(fixed, tuple) else 0.05 * (hi - lo)
+        lo, hi = lo - (pad if lo != 0 else 0), hi + pad
+        sx = lambda s: x0 + pw * (s - s_lo) / (s_hi - s_lo)  # noqa: E731
+        sy = lambda v: y0 + ph - ph * (v - lo) / (hi - lo)  # noqa: E731
+        svg.append(f'<text x="{x0}" y="{y0 - 10}" font-weight="bold">{title}</text><rect x="{x0}" y="{y0}" '
+                   f'width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
+        for t in _ticks(lo, hi):
+            svg.append(f'<text x="{x0 - 4}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:.4g}</text><line x1="{x0}" '
+                       f'x2="{x0 + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>')
+        for t in _ticks(s_lo, s_hi, 4):
+            epoch = next((e for s, e in epoch_at if s >= t), epoch_at[-1][1] if epoch_at else None)
+            svg.append(f'<text x="{sx(t):.1f}" y="{y0 + ph + 14}" text-anchor="middle">{t}</text>'
+                       + (f'<text x="{sx(t):.1f}" y="{y0 + ph + 26}" text-anchor="middle" fill="#777">epoch {epoch}'
+                          f'</text>' if epoch is not None else ""))
+        if ref:
+            svg.append(f'<line x1="{x0}" x2="{x0 + pw}" y1="{sy(ref[0]):.1f}" y2="{sy(ref[0]):.1f}" stroke="#c33" '
+                       f'stroke-dasharray="4 3"/><text x="{x0 + pw - 4}" y="{sy(ref[0]) - 4:.1f}" text-anchor="end" '
+                       f'fill="#c33">{ref[1]}</text>')
+        if len(points) > 1 and key != "knn_top1":
+            line = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in points)
+            svg.append(f'<polyline points="{line}" fill="none" stroke="#1f5fa8" stroke-width="1.5"/>')
+        for a, b in points if key == "knn_top1" or len(points) == 1 else []:  # reports: marked points, labelled
+            svg.append(f'<circle cx="{sx(a):.1f}" cy="{sy(b):.1f}" r="3" fill="#1f5fa8"/><text x="{sx(a):.1f}" '
+                       f'y="{sy(b) - 6:.1f}" text-anchor="middle">{b:.1f}</text>')
     with open(os.path.join(out_dir, "curves.svg"), "w") as f:
         f.write("\n".join(svg + ["</svg>"]) + "\n")
     return os.path.join(out_dir, "curves.svg")
 
 def main(argv=None):
-    cfg = parse_config(argv)
-    if cfg.plot:
-        print(f"wrote {plot_curves(cfg.plot)}")
+    cfg, args = parse_command(argv)
+    if args.plot:
+        print(f"wrote {plot_curves(args.plot)}")
         return
-    if cfg.print_config:
+    if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         # Papers quote backbones with their ImageNet classifier (ResNet-50: 25.6M); SMoG replaces it by the heads.
         print(f"parameters (millions): {json.dumps(parameter_counts(cfg))}")

@@ -7,6 +7,7 @@ Run: python -m pytest -q   (under 10 minutes on 2 CPU cores)
 """
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import numpy as np
 import pytest
@@ -200,15 +202,18 @@ def tiny_cfg(tmp_path, *extra):
 
 
 def build_nets(cfg):
-    return smog.build_nets(cfg, torch.device("cpu"))
+    return smog.RunState(cfg, torch.device("cpu"))
+
+
+def step_of(cfg, run, passes, beta=0.9):
+    """train_step on `passes` with the config's hyperparameters."""
+    return smog.train_step(run.online_ddp, run.target, run.grouping, passes, run.opt, run.scaler, beta=beta,
+                           **smog.step_hyperparameters(cfg))
 
 
 def one_step(cfg, nets, step=0):
     images, _ = smog.synthetic_shapes(cfg.batch_size, seed=1)
-    crops = smog.batch_multicrop(images, step, cfg)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return smog.train_step(nets.online_ddp, nets.target, nets.grouping, [crops], 0.9, nets.opt, scaler,
-                           smog.nullcontext(), cfg)
+    return step_of(cfg, nets, [smog.batch_multicrop(images, step, smog.crop_recipe(cfg))])
 
 
 def test_gradient_reaches_only_online_branch(tmp_path):
@@ -255,10 +260,8 @@ def test_accumulated_passes_equal_a_reference_loop(tmp_path):
     passes = []
     for i in range(2):
         torch.manual_seed(i)
-        passes.append(smog.batch_multicrop(images[32 * i:32 * (i + 1)], i, cfg))
-    loss, counts, z_global, _ = smog.train_step(nets.online_ddp, nets.target, nets.grouping, iter(passes), 0.9,
-                                                nets.opt, torch.amp.GradScaler("cpu", enabled=False),
-                                                smog.nullcontext(), cfg)
+        passes.append(smog.batch_multicrop(images[32 * i:32 * (i + 1)], i, smog.crop_recipe(cfg)))
+    loss, counts, z_global, _ = step_of(cfg, nets, iter(passes))
     h, k, b = cfg.num_heads, cfg.num_groups, 32
     losses, zs = [], []
     for i, (g, loc, t, t_loc) in enumerate(passes):
@@ -282,8 +285,49 @@ def test_accumulated_passes_equal_a_reference_loop(tmp_path):
                     [*ref.online.parameters(), *ref.target.parameters()]):
         assert torch.allclose(a, r, atol=1e-6)
     with pytest.raises(ValueError, match="1 forward passes"):  # a step needs exactly --accumulate passes
-        smog.train_step(nets.online_ddp, nets.target, nets.grouping, passes[:1], 0.9, nets.opt,
-                        torch.amp.GradScaler("cpu", enabled=False), smog.nullcontext(), cfg)
+        step_of(cfg, nets, passes[:1])
+
+
+def test_part_1_alone_trains_a_small_network():
+    # Part 1 of smog.py, run on its own (torch and torchvision only, nothing of Part 2), trains a few steps: the
+    # recipe's crops, the initial bank, k-means, LARS with its parameter groups, the schedules, train_step.
+    source = open(os.path.join(REPO, "smog.py")).read()
+    part1 = source[:source.index("# Part 2 — Trainer")]
+    ns = {"__name__": "part1"}
+    exec(compile(part1, "smog.py (Part 1)", "exec"), ns)
+    import PIL.Image
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    images = [PIL.Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)) for _ in range(16)]
+    recipe = ns["CropRecipe"](global_size=16, local_size=8, num_local=1, blur_sigma=(0.1, 0.5))
+    multicrop = ns["MultiCrop"](recipe)
+
+    def crops(step, batch):  # per-image MultiCrop, stacked crop-major as the trainer's loaders do
+        per_image = [multicrop(image, step) for image in batch]
+        return ns["Crops"](*(torch.stack(parts, 1).flatten(0, 1) for parts in zip(*per_image)))
+
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    online = ns["OnlineNet"](backbone, 8, 32, 16)
+    target = ns["target_of"](online)
+    grouping, bank = ns["MomentumGrouping"](6, 16, num_heads=3), ns["MemoryBank"](16, 16, "cpu")
+    ns["fill_bank"](online.encoder, bank, (crops(0, images[i:i + 8]).online_global for i in (0, 8)))
+    ns["start_epoch"](grouping, bank, online, target, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(bank.feats.norm(dim=-1).round(), torch.ones(2, 16))
+    opt = ns["LARS"](ns["parameter_groups"]([online]), lr=0.1, weight_decay=1e-6)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    weights, centroids, losses = copy.deepcopy(online.state_dict()), grouping.centroids.clone(), []
+    for step in range(4):
+        for group in opt.param_groups:
+            group["lr"] = ns["lr_at"](step, 4, 1, peak=0.1, start=0.01, final=0.001)
+        loss, counts, z, skipped = ns["train_step"](online, target, grouping, [crops(step, images[:8])], opt, scaler,
+                                                    beta=ns["beta_at"](step, 4), tau=0.1, ema=0.99)
+        bank.add(z)
+        losses.append(loss.item())
+        assert counts.sum().item() == 3 * 8 and z.shape == (2, 8, 16) and not skipped
+    assert all(math.isfinite(x) for x in losses)
+    assert not torch.equal(grouping.centroids, centroids)  # the groups moved with the network
+    assert all(not torch.equal(v, online.state_dict()[k]) for k, v in weights.items() if v.is_floating_point())
 
 
 @given(st.lists(st.tuples(st.integers(1, 3), st.integers(2, 5)), min_size=1, max_size=3), st.integers(0, 10**6),
@@ -326,7 +370,7 @@ def test_resnet_over_sizes_is_torchvisions_forward_with_bn_shared_by_sizes(arch)
         assert torch.allclose(smog.resnet_over_sizes(net, xs[:1])[0].flatten(1), net(xs[0]), atol=1e-4)
     cfg = smog.parse_config(["--arch", arch, "--hidden-dim", "32", "--feat-dim", "16"])
     encoder = smog.make_online(cfg).encoder
-    assert encoder.shared_bn
+    assert encoder.over_sizes is smog.resnet_over_sizes
     encoder(xs)  # statistics move once per forward, per size only in the downsample shortcuts
     for name, m in encoder.backbone.named_modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -336,11 +380,11 @@ def test_resnet_over_sizes_is_torchvisions_forward_with_bn_shared_by_sizes(arch)
 def test_the_initial_bank_forwards_each_online_global_crop_alone(tmp_path):
     cfg = tiny_cfg(tmp_path)
     nets = build_nets(cfg)
-    data = smog.prepare_data(cfg, torch.device("cpu"))
-    bank = smog.MemoryBank(len(data.sampler) // cfg.batch_size * cfg.batch_size, cfg.feat_dim, "cpu")
+    data = smog.TrainData(cfg, torch.device("cpu"))
+    bank = smog.MemoryBank(data.epoch_images, cfg.feat_dim, "cpu")
     sizes, forward = [], nets.online.encoder.forward
     nets.online.encoder.forward = lambda crops: sizes.append([len(x) for x in crops]) or forward(crops)
-    smog.fill_bank(nets, bank, data, cfg, torch.device("cpu"), smog.nullcontext())
+    smog.fill_bank(nets.online.encoder, bank, data.global_crops())
     assert sizes == [[cfg.batch_size]] * (2 * len(data.sampler) // cfg.batch_size)  # its BN sees B images, not 2B
     assert bank.filled == 0 and torch.allclose(bank.feats.norm(dim=-1), torch.ones(2, bank.feats.shape[1]))
 
@@ -367,12 +411,12 @@ def swin_cfg():
 def test_swin_update_and_bank_see_the_online_z_without_drop_path():
     cfg = swin_cfg()
     assert cfg.drop_path == 0.2 and cfg.swin_heads and cfg.arch == "swin_t_bn"
-    nets = smog.build_nets(cfg, torch.device("cpu"))
-    crops = smog.batch_multicrop(smog.synthetic_shapes(4, seed=1)[0], 0, cfg)
+    nets = build_nets(cfg)
+    crops = smog.batch_multicrop(smog.synthetic_shapes(4, seed=1)[0], 0, smog.crop_recipe(cfg))
     before = copy.deepcopy(nets.online)
-    _, _, z_global, _ = smog.train_step(nets.online_ddp, nets.target, nets.grouping, [crops], 0.9, nets.opt,
-                                     torch.amp.GradScaler("cpu", enabled=False), smog.nullcontext(), cfg)
-    expected = smog.without_drop_path(before.encoder, [crops[0]])  # (2B, D), weights before the step
+    _, _, z_global, _ = step_of(cfg, nets, [crops])
+    dropping = [m for m in before.modules() if isinstance(m, smog.torchvision.ops.StochasticDepth)]
+    expected = smog.without_drop_path(before.encoder, [crops[0]], dropping)  # (2B, D), weights before the step
     assert torch.allclose(z_global.flatten(0, 1), expected, atol=1e-5)
     torch.manual_seed(1)
     assert not torch.allclose(before.encoder([crops[0]]), expected, atol=1e-3)  # drop-path on: another z
@@ -562,7 +606,7 @@ def test_paper_resnet_recipes_give_every_parameter_weight_decay_and_a_trust_rati
     cfg = smog.parse_config(["--preset", preset, "--num-groups", "8"])
     with torch.device("meta"):
         online = smog.make_online(cfg)
-        opt = smog.build_optimizer(cfg, [online])
+        opt = smog.make_optimizer(cfg, online)
     assert isinstance(opt, smog.LARS) and len(opt.param_groups) == 1
     group = opt.param_groups[0]
     assert group["lars"] and group["lars_weight_decay"] == 1e-6 and group["eta"] == 0.001
@@ -574,7 +618,7 @@ def test_swin_recipe_spares_biases_norms_and_position_tables():
     cfg = smog.parse_config(["--preset", "imagenet-swin-t", "--num-groups", "8"])
     with torch.device("meta"):
         online = smog.make_online(cfg)
-        opt = smog.build_optimizer(cfg, [online])
+        opt = smog.make_optimizer(cfg, online)
     decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     for name, p in online.named_parameters():
         spared = p.ndim <= 1 or name.endswith("relative_position_bias_table")
@@ -599,13 +643,14 @@ def test_adamw_recipe_decays_only_matrices_and_clips(tmp_path, monkeypatch):
 
 
 def test_schedules():
-    cfg = smog.parse_config(["--lr", "0.3", "--batch-size", "256", "--start-lr", "0.01", "--final-lr", "0.001"])
-    assert smog.lr_at(0, 100, 10, cfg) == pytest.approx(0.01)
-    assert smog.lr_at(9, 100, 10, cfg) == smog.lr_at(10, 100, 10, cfg) == pytest.approx(0.3)  # np.linspace's end
-    assert smog.lr_at(100, 100, 10, cfg) == pytest.approx(0.001)
+    lr = functools.partial(smog.lr_at, total_steps=100, warmup_steps=10, peak=0.3, start=0.01, final=0.001)
+    assert lr(0) == pytest.approx(0.01) and lr(5) == pytest.approx(0.01 + 0.29 * 5 / 9)
+    assert lr(9) == lr(10) == pytest.approx(0.3)  # np.linspace's end
+    assert lr(55) == pytest.approx(0.001 + 0.5 * 0.299 * (1 + math.cos(math.pi * 0.5)))
+    assert lr(100) == lr(150) == pytest.approx(0.001)  # at its end from the last step on: no second cosine
     # β as the authors' C_momentum, lowered by (1 - 0.99) / steps before each use: below 1 from the first step
-    assert smog.beta_at(0, 100, cfg) == pytest.approx(1 - 0.01 / 100)
-    assert smog.beta_at(99, 100, cfg) == pytest.approx(0.99)
+    assert smog.beta_at(0, 100, 1.0, 0.99) == pytest.approx(1 - 0.01 / 100)
+    assert smog.beta_at(99, 100, 1.0, 0.99) == smog.beta_at(150, 100, 1.0, 0.99) == pytest.approx(0.99)
 
 
 # ----- data and augmentation -----------------------------------------------------------------------------------
@@ -623,17 +668,17 @@ def test_synthetic_data_is_deterministic_and_balanced():
 def test_batch_multicrop_shapes_and_per_image_randomness(tmp_path):
     cfg = tiny_cfg(tmp_path)
     img = smog.synthetic_shapes(1, seed=0)[0].expand(8, -1, -1, -1)  # eight copies of one image
-    g, loc, t, t_loc = smog.batch_multicrop(img, 0, cfg)
+    g, loc, t, t_loc = smog.batch_multicrop(img, 0, smog.crop_recipe(cfg))
     assert g.shape == (16, 3, 32, 32) and t.shape == (16, 3, 32, 32) and loc.shape == t_loc.shape == (16, 3, 16, 16)
     assert all(x.dtype == torch.float32 and torch.isfinite(x).all() for x in (g, loc, t, t_loc))
-    assert smog.batch_multicrop(img, 0, dataclasses.replace(cfg, target_local=False))[3] is None
+    assert smog.batch_multicrop(img, 0, smog.crop_recipe(cfg)._replace(target_local=False))[3] is None
     assert len({tuple(x.flatten()[:50].tolist()) for x in g}) == 16  # no two copies get the same crop
 
 
 def test_cpu_multicrop_matches_shapes(tmp_path):
     cfg = tiny_cfg(tmp_path)
     pil = torchvision_pil(smog.synthetic_shapes(1, seed=0)[0][0])
-    g, loc, t, t_loc = smog.MultiCrop(cfg)(pil, 1)
+    g, loc, t, t_loc = smog.MultiCrop(smog.crop_recipe(cfg))(pil, 1)
     assert g.shape == (2, 3, 32, 32) and t.shape == (2, 3, 32, 32)
     assert loc.shape == t_loc.shape == (cfg.num_local, 3, 16, 16)
 
@@ -656,7 +701,6 @@ def test_flags_override_preset():
     assert cfg.batch_size == 32 and cfg.arch == "resnet50" and cfg.num_groups == 3000 and cfg.global_size == 224
     tiny = smog.parse_config([])
     assert tiny.preset == "tiny" and tiny.data == "synthetic"
-    assert smog.parse_config(["--gpu-aug", "off"]).batched_aug == "off"  # the flag's earlier name, kept as an alias
 
 
 R50_RECIPE = dict(epochs=400, global_size=224, global_scale=(0.2, 1.0), local_size=96, local_scale=(0.05, 0.2),
@@ -863,14 +907,11 @@ def test_resume_refuses_another_data_set_size_or_global_batch(two_epochs):
                           (["--no-exclude-1d"], "--exclude-1d"), (["--hidden-dim", "32"], "--hidden-dim")):
         with pytest.raises(SystemExit, match=f"--resume .*checkpoint has {flag} .*--resume none"):  # in-process
             smog.train(smog.parse_config([*flags, *changed]))
-    cfg = smog.parse_config(["--final-lr", "0.001"])
-    assert smog.lr_at(150, 100, 10, cfg) == pytest.approx(0.001)  # schedules stay at their ends past the last step
-    assert smog.beta_at(150, 100, cfg) == pytest.approx(cfg.beta_end)
 
 
 def test_resume_checks_the_data_set_fingerprint_and_allows_another_process_count(tmp_path, monkeypatch, capsys):
     cfg = smog.parse_config(["--batch-size", "32"])
-    data = smog.TrainData(None, torch.zeros(256), None, None, None, True, "the folder B, 256 images")
+    data = types.SimpleNamespace(labels=torch.zeros(256), fingerprint="the folder B, 256 images")
     state = dict(config=dataclasses.asdict(dataclasses.replace(cfg, batch_size=64)), processes=1, num_images=256,
                  data_fingerprint="the folder A, 256 images", epoch_step=0)
     monkeypatch.setattr(smog, "world_size", lambda: 2)  # 1 × 64 resumed as 2 × 32: the same global batch
@@ -946,7 +987,7 @@ def test_a_read_only_out_dir_is_one_line_before_any_data_is_read(tmp_path, monke
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(os, "open", read_only)
-    monkeypatch.setattr(smog, "prepare_data", lambda *a: pytest.fail("data read before the out-dir was checked"))
+    monkeypatch.setattr(smog, "load_dataset", lambda *a: pytest.fail("data read before the out-dir was checked"))
     with pytest.raises(SystemExit, match="--out-dir .*: not writable .Read-only file system."):
         smog.train(smog.parse_config(["--out-dir", str(tmp_path)]))
 
@@ -1050,7 +1091,7 @@ DRIVER = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     import smog
     torch.set_num_threads(1)
-    nets, _ = smog.train(smog.parse_config(sys.argv[1:]))
+    nets = smog.train(smog.parse_config(sys.argv[1:]))
     state = dict(centroids=nets.grouping.centroids, target=nets.target.state_dict(), online=nets.online.state_dict())
     torch.save(state, os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"]))
     torch.distributed.destroy_process_group()
@@ -1092,14 +1133,14 @@ SPLIT_DRIVER = textwrap.dedent("""
     # Three training steps, each rank on its own images: weights and groups must stay identical.
     cfg = smog.parse_config(["--batch-size", "16", "--num-groups", "10", "--hidden-dim", "32", "--feat-dim", "16",
                              "--num-local", "1"])
-    nets = smog.build_nets(cfg, torch.device("cpu"))
+    nets = smog.RunState(cfg, torch.device("cpu"))
     images = smog.synthetic_shapes(32, seed=5)[0][rank * 16:(rank + 1) * 16]
     losses = []
     for step in range(3):
         torch.manual_seed(smog.seed_for(cfg.seed, step, rank))
         loss, _, _, _ = smog.train_step(nets.online_ddp, nets.target, nets.grouping,
-                                     [smog.batch_multicrop(images, step, cfg)], 0.99, nets.opt,
-                                     torch.amp.GradScaler("cpu", enabled=False), smog.nullcontext(), cfg)
+                                        [smog.batch_multicrop(images, step, smog.crop_recipe(cfg))], nets.opt,
+                                        nets.scaler, beta=0.99, **smog.step_hyperparameters(cfg))
         losses.append(loss.item())
     params = {{name: p for name, p in nets.online.named_parameters()}}
     params.update({{"target." + name: p for name, p in nets.target.named_parameters()}})
@@ -1333,12 +1374,12 @@ def test_folder_crops_are_cut_at_full_resolution_as_torchvisions_random_resized_
     cfg = smog.parse_config(["--global-size", "64", "--local-size", "64", "--num-local", "2",
                              "--local-scale", "0.005,0.008"])  # local boxes of 56-71 px: about 1:1
     torch.manual_seed(3)
-    cut = smog.CutCrops(cfg)(image)
-    assert cut.glob.shape == (4, 3, 64, 64) and cut.loc.shape == (4, 3, 64, 64) and cut.loc.dtype == torch.uint8
+    glob, loc = cut = smog.CutCrops(smog.crop_recipe(cfg))(image)
+    assert glob.shape == (4, 3, 64, 64) and loc.shape == (4, 3, 64, 64) and loc.dtype == torch.uint8
     torch.manual_seed(3)  # the same draws: the boxes torchvision's RandomResizedCrop would take
     boxes = [torchvision_rrc_params(image, cfg.global_scale) for _ in range(4)]
     boxes += [torchvision_rrc_params(image, cfg.local_scale) for _ in range(4)]
-    crops = list(cut.glob) + list(cut.loc)
+    crops = list(glob) + list(loc)
     for (top, left, h, w), crop in zip(boxes, crops):
         expected = TF.pil_to_tensor(TF.resized_crop(image, top, left, h, w, [crop.shape[-1]] * 2))
         assert (expected.int() - crop.int()).abs().max() <= 1
@@ -1348,8 +1389,9 @@ def test_folder_crops_are_cut_at_full_resolution_as_torchvisions_random_resized_
         blurry = TF.pil_to_tensor(squashed.resize((64, 64), PIL.Image.BILINEAR,
                                                   box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy)))
         assert crop.float().std() > 2 * blurry.float().std()  # the small crop keeps the stripes
-    images, _, _ = smog.collate([(cut, 1, ""), (cut, 0, "")])
-    crops = smog.to_device_crops(images, 0, cfg, torch.device("cpu"))
+    collated, _, _ = smog.collate([(cut, 1, ""), (cut, 0, "")])
+    assert torch.equal(collated[0][:2], glob[:1].expand(2, -1, -1, -1))  # crop-major: both images' first crop
+    crops = smog.cut_multicrop(collated, 0, smog.crop_recipe(cfg))
     assert [c.shape for c in crops] == [(4, 3, 64, 64)] * 4
 
 
@@ -1548,7 +1590,7 @@ def test_backbone_trains_a_step_at_both_crop_sizes_reloads_and_exports(arch, tmp
     cfg = smog.parse_config(["--arch", arch, "--global-size", "64", "--local-size", "32", "--num-local", "1",
                              "--batch-size", "4", "--num-groups", "8", "--hidden-dim", "32", "--feat-dim", "16",
                              "--drop-path", "0.2" if arch.startswith("swin") else "0", "--channels-last"])
-    nets = smog.build_nets(cfg, torch.device("cpu"))
+    nets = build_nets(cfg)
     if arch.startswith("swin"):  # drop-path in the online branch only
         depths = [m.p for m in nets.online.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
         assert max(depths) == pytest.approx(0.2)
@@ -1556,9 +1598,8 @@ def test_backbone_trains_a_step_at_both_crop_sizes_reloads_and_exports(arch, tmp
     backbone = nets.online.encoder.backbone
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     images, _ = smog.synthetic_shapes(4, seed=1)
-    crops = smog.batch_multicrop(images, 0, cfg)  # online: 64 and 32 px in one forward, target: 64 px
-    loss, _, _, _ = smog.train_step(nets.online_ddp, nets.target, nets.grouping, [crops], 0.9, nets.opt,
-                                 torch.amp.GradScaler("cpu", enabled=False), smog.nullcontext(), cfg)
+    crops = smog.batch_multicrop(images, 0, smog.crop_recipe(cfg))  # online: 64 and 32 px in one forward
+    loss, _, _, _ = step_of(cfg, nets, [crops])
     assert torch.isfinite(loss)
     assert any(not torch.equal(before[k], v) for k, v in backbone.state_dict().items())
     # save → strict reload (eval_linear.py) → export into the torchvision model
@@ -1616,7 +1657,7 @@ def test_truncated_jpeg_is_skipped_and_counted(tmp_path):
              "--feat-dim", "8", "--log-every", "1", "--memory-budget", "0"]  # streamed through loader workers
     r = run_smog(*flags, "--out-dir", str(tmp_path / "out"))  # 1 of the 16 images of a batch: per epoch, < 1%
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "augmentation per image in CPU workers" in r.stdout
+    assert "crops: per image in workers (MultiCrop)" in r.stdout
     records = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
     assert sum(rec.get("bad_images", 0) for rec in records) == 1
     (tmp_path / "train" / "c1" / "1.jpg").write_bytes(b"")  # 2 of 128: more than 1% of the epoch
@@ -1727,7 +1768,7 @@ def test_small_folder_is_decoded_once_and_trains_from_memory_watched_as_it_goes(
                  "--hidden-dim", "16", "--feat-dim", "8", "--log-every", "1", "--eval-every", "1",
                  "--out-dir", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "decoded into memory" in r.stdout and "augmentation batched" in r.stdout
+    assert "decoded into memory" in r.stdout and "crops: batched on the device" in r.stdout
     steps = [line for line in r.stdout.splitlines() if line.startswith("step ")]
     assert steps and all("ETA " in line and "entropy " in line for line in steps)
     records = [json.loads(line) for line in open(out / "log.jsonl")]
