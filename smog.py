@@ -1166,14 +1166,20 @@ def _gray(x):  # (n, 3, h, w) -> (n, 1, h, w), ITU-R 601 luma as torchvision
 def _uniform(n, lo, hi, device):
     return torch.empty(n, device=device).uniform_(lo, hi)
 
-def random_resized_boxes(n, scale, height, width, device, ratio=ASPECT):
-    """(n, 4) crop boxes x0, y0, x1, y1 in pixels with area fraction ~ U(scale), log aspect ~ U(log ratio)."""
-    area = _uniform(n, *scale, device) * height * width
-    aspect = torch.exp(_uniform(n, math.log(ratio[0]), math.log(ratio[1]), device))
-    w = torch.sqrt(area * aspect).clamp(max=width)
-    h = torch.sqrt(area / aspect).clamp(max=height)
-    x0 = torch.rand(n, device=device) * (width - w)
-    y0 = torch.rand(n, device=device) * (height - h)
+def random_resized_boxes(n, scale, height, width, device, ratio=ASPECT, tries=10):
+    """(n, 4) crop boxes x0, y0, x1, y1 in pixels, drawn as torchvision's RandomResizedCrop draws them: area fraction
+    ~ U(scale) and log aspect ~ U(log ratio), sides rounded to whole pixels, redrawn up to `tries` times until the box
+    fits, else the whole image cut to an aspect in range; only the offsets are not whole pixels."""
+    area = _uniform(n * tries, *scale, device).view(n, tries) * height * width
+    aspect = torch.exp(_uniform(n * tries, math.log(ratio[0]), math.log(ratio[1]), device)).view(n, tries)
+    w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()  # (n, tries), whole pixels
+    fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = fits.int().argmax(1, keepdim=True)  # the first try that fits
+    fallback = round(min(width, height * ratio[1])), round(min(height, width / ratio[0]))  # torchvision's
+    w = torch.where(fits.any(1), w.gather(1, first)[:, 0], fallback[0])
+    h = torch.where(fits.any(1), h.gather(1, first)[:, 0], fallback[1])
+    x0 = torch.where(fits.any(1), torch.rand(n, device=device) * (width - w), (width - w) / 2)
+    y0 = torch.where(fits.any(1), torch.rand(n, device=device) * (height - h), (height - h) / 2)
     return torch.stack([x0, y0, x0 + w, y0 + h], 1)
 
 @functools.lru_cache(maxsize=None)
