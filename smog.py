@@ -342,7 +342,7 @@ def smog_loss(logits, labels):
     return torch.stack(per_target_crop).mean()
 
 
-# ----- optimisation: LARS, parameter groups, schedules as pure functions of the step, EMA ------------------------
+# ----- optimisation: LARS, parameter groups, schedules as pure functions of the step, EMA --------------------------
 
 class LARS(torch.optim.SGD):
     """SGD with momentum whose gradient of each weight is first scaled by a layer-wise trust ratio (You et al., 2017).
@@ -484,7 +484,7 @@ def train_step(online, target, grouping, passes, opt, scaler, *, beta, tau, ema,
 # Part 2 — Trainer: config and CLI, backbones, data, batched augmentation, feeding the device, checkpoints and
 # preemption, reports, train()
 # ===================================================================================================================
-# ----- config: one dataclass, presets on top of it, explicit flags on top of the preset ----------------------------
+# ----- config: one dataclass, presets on top of it, explicit flags on top of the preset; one-line messages ---------
 
 @dataclass
 class Config:
@@ -691,30 +691,8 @@ def log(*args):
     if rank() == 0:
         print(*args, flush=True)
 
-def setup_device(timeout=300):
-    """Starts the process group under torchrun (NCCL on GPU, gloo on CPU) and picks this process's device.
 
-    timeout: seconds a collective may wait for the other processes before this one fails (instead of the backends'
-    10–30 minutes), so a process that died or stopped answering ends the run, and torchrun can restart it.
-    """
-    if "RANK" in os.environ and not distributed():
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # NCCL: a timed-out collective ends the process
-        wait = datetime.timedelta(seconds=timeout)
-        store, rank_, world = next(dist.rendezvous("env://", timeout=wait))
-        # After a restart (torchrun --max-restarts) the store may still hold the addresses the dead processes
-        # published: the new group reads and writes its own keys.
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=wait, rank=rank_,
-                                world_size=world, store=dist.PrefixStore(f"attempt{attempt}/", store))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return device
-
-
-# ----- backbones, and the authors' machinery that some of them need -----------------------------------------------
+# ----- backbones, and the authors' machinery that some of them need ------------------------------------------------
 
 def bn_over_sizes(bn, xs, relu=False):
     """One BatchNorm call for crops of several sizes (then ReLU in place, when asked): xs, a list of (N_i, C, H_i, W_i),
@@ -1043,14 +1021,6 @@ def printable(text):
     """text with control characters (newlines, terminal escapes) escaped, for file names in messages."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
-def parity_batches(sampler, batch_size, first_pass, skip=0, passes=None):
-    """One epoch's batches of (index, pass parity) pairs (the first `passes` batches, default all), less the first
-    `skip` (a run resumed mid-epoch); the first one given is forward pass first_pass (a step with --accumulate N
-    has N passes). The parity lets CPU workers draw only the crops of the pipeline each branch uses."""
-    indices = list(sampler)
-    return [[(j, (first_pass + b - skip) % 2) for j in indices[b * batch_size:(b + 1) * batch_size]]
-            for b in range(skip, passes or len(indices) // batch_size)]
-
 class Split(NamedTuple):
     """One split of a data set, as load_dataset returns it."""
     images: torch.Tensor | None  # uint8 (N, 3, H, W) held in memory, or None: read from `folder` by workers
@@ -1361,18 +1331,8 @@ def cut_multicrop(cut, step, recipe):
                  augment(glob[len(glob) // 2:], target_aug), augment(loc[n:], target_aug) if n and recipe.target_local
                  else None)
 
-def collate(batch):
-    """Stacks (sample, label, failed path) triples: image tensors, or per-image tuples of crop stacks (MultiCrop's,
-    CutCrops'), which come out crop-major, (k·B, 3, s, s), like batch_multicrop's."""
-    samples, labels, failed = zip(*batch)
-    if isinstance(samples[0], torch.Tensor):
-        out = torch.stack(samples)
-    else:
-        out = tuple(None if parts[0] is None else torch.stack(parts, 1).flatten(0, 1) for parts in zip(*samples))
-    return out, torch.tensor(labels), [f for f in failed if f]
 
-
-# ----- feeding the device: one interface over the three crop paths ------------------------------------------------
+# ----- feeding the device: one interface over the three crop paths -------------------------------------------------
 
 CROP_PATHS = dict(device="batched on the device", cut="cut by workers (CutCrops), finished on the device",
                   pil="per image in workers (MultiCrop)")
@@ -1457,6 +1417,24 @@ class TrainData:
             for batch in batches:
                 yield self.crops(batch, 0, reseed=False).online_global
 
+def parity_batches(sampler, batch_size, first_pass, skip=0, passes=None):
+    """One epoch's batches of (index, pass parity) pairs (the first `passes` batches, default all), less the first
+    `skip` (a run resumed mid-epoch); the first one given is forward pass first_pass (a step with --accumulate N
+    has N passes). The parity lets CPU workers draw only the crops of the pipeline each branch uses."""
+    indices = list(sampler)
+    return [[(j, (first_pass + b - skip) % 2) for j in indices[b * batch_size:(b + 1) * batch_size]]
+            for b in range(skip, passes or len(indices) // batch_size)]
+
+def collate(batch):
+    """Stacks (sample, label, failed path) triples: image tensors, or per-image tuples of crop stacks (MultiCrop's,
+    CutCrops'), which come out crop-major, (k·B, 3, s, s), like batch_multicrop's."""
+    samples, labels, failed = zip(*batch)
+    if isinstance(samples[0], torch.Tensor):
+        out = torch.stack(samples)
+    else:
+        out = tuple(None if parts[0] is None else torch.stack(parts, 1).flatten(0, 1) for parts in zip(*samples))
+    return out, torch.tensor(labels), [f for f in failed if f]
+
 def channels_last(x, cfg):
     """x in the NHWC memory layout when cfg.channels_last."""
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
@@ -1491,6 +1469,9 @@ def _handed_over(batch, failed, ready):
             t.record_stream(stream)
     return batch, failed
 
+
+# ----- the run state and its checkpoints ---------------------------------------------------------------------------
+
 def resolve_precision(cfg, device):
     """(name, autocast context, GradScaler): fp16 autocast on CUDA by default, fp32 on CPU; a scaler only for fp16.
 
@@ -1508,9 +1489,6 @@ def make_optimizer(cfg, online):
     if cfg.optimizer == "lars":
         return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-
-
-# ----- the run state and its checkpoints ---------------------------------------------------------------------------
 
 class RunState:
     """Everything a run continues from, identical on every process except the bank: the networks, groups,
@@ -1689,7 +1667,29 @@ def check_resumable(path, state, cfg, data):
             f"an uninterrupted run")
 
 
-# ----- processes and faults: preemption, the out-dir lock, divergence, failed collectives -------------------------
+# ----- processes and faults: preemption, the out-dir lock, divergence, failed collectives --------------------------
+
+def setup_device(timeout=300):
+    """Starts the process group under torchrun (NCCL on GPU, gloo on CPU) and picks this process's device.
+
+    timeout: seconds a collective may wait for the other processes before this one fails (instead of the backends'
+    10–30 minutes), so a process that died or stopped answering ends the run, and torchrun can restart it.
+    """
+    if "RANK" in os.environ and not distributed():
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # NCCL: a timed-out collective ends the process
+        wait = datetime.timedelta(seconds=timeout)
+        store, rank_, world = next(dist.rendezvous("env://", timeout=wait))
+        # After a restart (torchrun --max-restarts) the store may still hold the addresses the dead processes
+        # published: the new group reads and writes its own keys.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=wait, rank=rank_,
+                                world_size=world, store=dist.PrefixStore(f"attempt{attempt}/", store))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return device
 
 @contextmanager
 def catch_preemption():
@@ -1815,7 +1815,7 @@ def collective_failures_in_one_line(run, timeout):
         raise
 
 
-# ----- reports: group health and kNN on the held-out split ---------------------------------------------------------
+# ----- reports: the log line, group health, kNN on the held-out split, the plot ------------------------------------
 
 def group_health(counts):
     """(mean distinct groups used per head, mean entropy of the assignments in nats) from counts (H, K) summed over
@@ -1889,9 +1889,6 @@ def knn_report(backbone, cfg, device, train_data, train_labels, held_out, baseli
                   for x in (train_data, test_images)]  # centred per image: invariant to brightness and contrast
         result["knn_top1_raw_pixels"] = knn_top1(pixels[0], train_labels, pixels[1], test_labels)
     return result
-
-
-# ----- training ----------------------------------------------------------------------------------------------------
 
 class Progress:
     """The log line every cfg.log_every steps (console and log.jsonl): loss, lr, β, images/s, the share of time spent
@@ -1976,6 +1973,88 @@ def knn_during_training(run, cfg, device, data, held_out, progress, epoch, final
     log(f"kNN top-1 on the held-out split{'' if final else f' after epoch {epoch}'}: " + " | ".join(
         f"{name} {result[key]:.1f}%" for key, name in names if key in result))
     progress.write(dict(step=run.step, epoch=epoch, **result))
+
+def parameter_counts(cfg):
+    """Millions of parameters of the networks a config builds (made on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        online = make_online(cfg)
+    millions = lambda module: sum(p.numel() for p in module.parameters()) / 1e6  # noqa: E731
+    backbone = millions(online.encoder.backbone)
+    classifier = (online.encoder.projector[0].in_features + 1) * 1000 / 1e6
+    return dict(backbone=round(backbone, 2), backbone_with_1000_class_classifier=round(backbone + classifier, 2),
+                projector=round(millions(online.encoder.projector), 2),
+                predictor=round(millions(online.predictor), 2), online=round(millions(online), 2))
+
+def _ticks(lo, hi, most=5):
+    """Round tick values from lo to hi, at most `most` of them (steps of 1, 2 or 5 × 10^n)."""
+    raw = (hi - lo) / most
+    unit = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
+    step = next(unit * m for m in (1, 2, 5, 10) if unit * m >= raw)
+    return [i * step for i in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+
+def plot_curves(out_dir):
+    """Writes out_dir/curves.svg from its log.jsonl: loss, lr, β, groups used (against K), assignment entropy
+    (against log K) and the kNN reports over steps, one panel each, with the epochs under the step axis (plain SVG:
+    no plotting package needed). Returns the path."""
+    path = os.path.join(out_dir, "log.jsonl")
+    try:
+        records = [json.loads(line) for line in open(path) if line.strip()]
+    except (OSError, ValueError) as e:
+        fail(f"--plot {out_dir}: no readable log.jsonl ({type(e).__name__}: {e})")
+    log_k = max([r.get("assign_entropy_max", 0) for r in records] + [0])
+    k = round(math.exp(log_k)) if log_k else None
+    # (key, title, fixed range or None: the data's, reference line and its label or None)
+    panels = [("loss", "loss", None, None), ("lr", "learning rate", "zero", None),
+              ("beta", "β (centroid momentum)", None, (1.0, "1")),
+              ("groups_used", "groups used", (0, 1.05 * k) if k else "zero", (k, f"K = {k}") if k else None),
+              ("assign_entropy", "assignment entropy (nats)", (0, 1.05 * log_k) if k else "zero",
+               (log_k, f"log K = {log_k:.2f}") if k else None),
+              ("knn_top1", "kNN top-1 (%)", (0, 100), None)]
+    steps = [r["step"] for r in records if "step" in r] or [0]
+    s_lo, s_hi = min(steps), max(steps + [min(steps) + 1])
+    epoch_at = sorted((r["step"], r["epoch"]) for r in records if "step" in r and "epoch" in r)
+    w, h, left, top, bottom = 380, 240, 52, 30, 46
+    pw, ph = w - left - 16, h - top - bottom
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{3 * w}" height="{2 * h}" font-family="sans-serif" '
+           f'font-size="11"><rect width="100%" height="100%" fill="white"/>']
+    for i, (key, title, fixed, ref) in enumerate(panels):
+        x0, y0 = (i % 3) * w + left, (i // 3) * h + top
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None and "step" in r]
+        values = [v for _, v in points] + ([ref[0]] if ref else [])
+        lo, hi = fixed if isinstance(fixed, tuple) else (min(values, default=0), max(values, default=1))
+        lo = min(lo, 0) if fixed == "zero" else lo
+        if hi - lo < 1e-9 * max(1.0, abs(hi)):  # a constant series: a small band around it, not a jumping line
+            lo, hi = lo - max(abs(lo) * 0.05, 1e-3), hi + max(abs(hi) * 0.05, 1e-3)
+        pad = 0 if isinstance(fixed, tuple) else 0.05 * (hi - lo)
+        lo, hi = lo - (pad if lo != 0 else 0), hi + pad
+        sx = lambda s: x0 + pw * (s - s_lo) / (s_hi - s_lo)  # noqa: E731
+        sy = lambda v: y0 + ph - ph * (v - lo) / (hi - lo)  # noqa: E731
+        svg.append(f'<text x="{x0}" y="{y0 - 10}" font-weight="bold">{title}</text><rect x="{x0}" y="{y0}" '
+                   f'width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
+        for t in _ticks(lo, hi):
+            svg.append(f'<text x="{x0 - 4}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:.4g}</text><line x1="{x0}" '
+                       f'x2="{x0 + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>')
+        for t in _ticks(s_lo, s_hi, 4):
+            epoch = next((e for s, e in epoch_at if s >= t), epoch_at[-1][1] if epoch_at else None)
+            svg.append(f'<text x="{sx(t):.1f}" y="{y0 + ph + 14}" text-anchor="middle">{t}</text>'
+                       + (f'<text x="{sx(t):.1f}" y="{y0 + ph + 26}" text-anchor="middle" fill="#777">epoch {epoch}'
+                          f'</text>' if epoch is not None else ""))
+        if ref:
+            svg.append(f'<line x1="{x0}" x2="{x0 + pw}" y1="{sy(ref[0]):.1f}" y2="{sy(ref[0]):.1f}" stroke="#c33" '
+                       f'stroke-dasharray="4 3"/><text x="{x0 + pw - 4}" y="{sy(ref[0]) - 4:.1f}" text-anchor="end" '
+                       f'fill="#c33">{ref[1]}</text>')
+        if len(points) > 1 and key != "knn_top1":
+            line = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in points)
+            svg.append(f'<polyline points="{line}" fill="none" stroke="#1f5fa8" stroke-width="1.5"/>')
+        for a, b in points if key == "knn_top1" or len(points) == 1 else []:  # reports: marked points, labelled
+            svg.append(f'<circle cx="{sx(a):.1f}" cy="{sy(b):.1f}" r="3" fill="#1f5fa8"/><text x="{sx(a):.1f}" '
+                       f'y="{sy(b) - 6:.1f}" text-anchor="middle">{b:.1f}</text>')
+    with open(os.path.join(out_dir, "curves.svg"), "w") as f:
+        f.write("\n".join(svg + ["</svg>"]) + "\n")
+    return os.path.join(out_dir, "curves.svg")
+
+
+# ----- training: train() and the command line ----------------------------------------------------------------------
 
 def train(cfg):
     """The whole run, holding its out-dir: data, networks, resume or a fresh bank, epochs with group resets and
@@ -2074,85 +2153,6 @@ def _train(cfg, device):
     if signal.SIGINT in caught:
         raise SystemExit(130)  # the shell's status for a program stopped by Ctrl-C
     return run
-
-def parameter_counts(cfg):
-    """Millions of parameters of the networks a config builds (made on the meta device: nothing is allocated)."""
-    with torch.device("meta"):
-        online = make_online(cfg)
-    millions = lambda module: sum(p.numel() for p in module.parameters()) / 1e6  # noqa: E731
-    backbone = millions(online.encoder.backbone)
-    classifier = (online.encoder.projector[0].in_features + 1) * 1000 / 1e6
-    return dict(backbone=round(backbone, 2), backbone_with_1000_class_classifier=round(backbone + classifier, 2),
-                projector=round(millions(online.encoder.projector), 2),
-                predictor=round(millions(online.predictor), 2), online=round(millions(online), 2))
-
-def _ticks(lo, hi, most=5):
-    """Round tick values from lo to hi, at most `most` of them (steps of 1, 2 or 5 × 10^n)."""
-    raw = (hi - lo) / most
-    unit = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
-    step = next(unit * m for m in (1, 2, 5, 10) if unit * m >= raw)
-    return [i * step for i in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
-
-def plot_curves(out_dir):
-    """Writes out_dir/curves.svg from its log.jsonl: loss, lr, β, groups used (against K), assignment entropy
-    (against log K) and the kNN reports over steps, one panel each, with the epochs under the step axis (plain SVG:
-    no plotting package needed). Returns the path."""
-    path = os.path.join(out_dir, "log.jsonl")
-    try:
-        records = [json.loads(line) for line in open(path) if line.strip()]
-    except (OSError, ValueError) as e:
-        fail(f"--plot {out_dir}: no readable log.jsonl ({type(e).__name__}: {e})")
-    log_k = max([r.get("assign_entropy_max", 0) for r in records] + [0])
-    k = round(math.exp(log_k)) if log_k else None
-    # (key, title, fixed range or None: the data's, reference line and its label or None)
-    panels = [("loss", "loss", None, None), ("lr", "learning rate", "zero", None),
-              ("beta", "β (centroid momentum)", None, (1.0, "1")),
-              ("groups_used", "groups used", (0, 1.05 * k) if k else "zero", (k, f"K = {k}") if k else None),
-              ("assign_entropy", "assignment entropy (nats)", (0, 1.05 * log_k) if k else "zero",
-               (log_k, f"log K = {log_k:.2f}") if k else None),
-              ("knn_top1", "kNN top-1 (%)", (0, 100), None)]
-    steps = [r["step"] for r in records if "step" in r] or [0]
-    s_lo, s_hi = min(steps), max(steps + [min(steps) + 1])
-    epoch_at = sorted((r["step"], r["epoch"]) for r in records if "step" in r and "epoch" in r)
-    w, h, left, top, bottom = 380, 240, 52, 30, 46
-    pw, ph = w - left - 16, h - top - bottom
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{3 * w}" height="{2 * h}" font-family="sans-serif" '
-           f'font-size="11"><rect width="100%" height="100%" fill="white"/>']
-    for i, (key, title, fixed, ref) in enumerate(panels):
-        x0, y0 = (i % 3) * w + left, (i // 3) * h + top
-        points = [(r["step"], r[key]) for r in records if r.get(key) is not None and "step" in r]
-        values = [v for _, v in points] + ([ref[0]] if ref else [])
-        lo, hi = fixed if isinstance(fixed, tuple) else (min(values, default=0), max(values, default=1))
-        lo = min(lo, 0) if fixed == "zero" else lo
-        if hi - lo < 1e-9 * max(1.0, abs(hi)):  # a constant series: a small band around it, not a jumping line
-            lo, hi = lo - max(abs(lo) * 0.05, 1e-3), hi + max(abs(hi) * 0.05, 1e-3)
-        pad = 0 if isinstance(fixed, tuple) else 0.05 * (hi - lo)
-        lo, hi = lo - (pad if lo != 0 else 0), hi + pad
-        sx = lambda s: x0 + pw * (s - s_lo) / (s_hi - s_lo)  # noqa: E731
-        sy = lambda v: y0 + ph - ph * (v - lo) / (hi - lo)  # noqa: E731
-        svg.append(f'<text x="{x0}" y="{y0 - 10}" font-weight="bold">{title}</text><rect x="{x0}" y="{y0}" '
-                   f'width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
-        for t in _ticks(lo, hi):
-            svg.append(f'<text x="{x0 - 4}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:.4g}</text><line x1="{x0}" '
-                       f'x2="{x0 + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>')
-        for t in _ticks(s_lo, s_hi, 4):
-            epoch = next((e for s, e in epoch_at if s >= t), epoch_at[-1][1] if epoch_at else None)
-            svg.append(f'<text x="{sx(t):.1f}" y="{y0 + ph + 14}" text-anchor="middle">{t}</text>'
-                       + (f'<text x="{sx(t):.1f}" y="{y0 + ph + 26}" text-anchor="middle" fill="#777">epoch {epoch}'
-                          f'</text>' if epoch is not None else ""))
-        if ref:
-            svg.append(f'<line x1="{x0}" x2="{x0 + pw}" y1="{sy(ref[0]):.1f}" y2="{sy(ref[0]):.1f}" stroke="#c33" '
-                       f'stroke-dasharray="4 3"/><text x="{x0 + pw - 4}" y="{sy(ref[0]) - 4:.1f}" text-anchor="end" '
-                       f'fill="#c33">{ref[1]}</text>')
-        if len(points) > 1 and key != "knn_top1":
-            line = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in points)
-            svg.append(f'<polyline points="{line}" fill="none" stroke="#1f5fa8" stroke-width="1.5"/>')
-        for a, b in points if key == "knn_top1" or len(points) == 1 else []:  # reports: marked points, labelled
-            svg.append(f'<circle cx="{sx(a):.1f}" cy="{sy(b):.1f}" r="3" fill="#1f5fa8"/><text x="{sx(a):.1f}" '
-                       f'y="{sy(b) - 6:.1f}" text-anchor="middle">{b:.1f}</text>')
-    with open(os.path.join(out_dir, "curves.svg"), "w") as f:
-        f.write("\n".join(svg + ["</svg>"]) + "\n")
-    return os.path.join(out_dir, "curves.svg")
 
 def main(argv=None):
     cfg, args = parse_command(argv)

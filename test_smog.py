@@ -33,6 +33,8 @@ settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True
 settings.load_profile("ci")
 
 
+# ----- Part 1, momentum grouping: MomentumGrouping (assign, update, kmeans_) ---------------------------------------
+
 def grouping_with(seed, k, d, h):
     torch.manual_seed(seed)
     return smog.MomentumGrouping(k, d, h)
@@ -45,9 +47,6 @@ def near_tie(x, c, eps=1e-4):
     """(H, N) mask of rows whose two best groups score within eps: argmax may legitimately differ there."""
     top = torch.matmul(F.normalize(x, dim=-1), c.transpose(1, 2)).topk(min(2, c.shape[1]), -1).values
     return (top[..., 0] - top[..., -1] < eps) & (c.shape[1] > 1)
-
-
-# ----- MomentumGrouping -----------------------------------------------------------------------------------------
 
 
 @given(shapes, st.integers(0, 10**6), st.floats(0.0, 1.0))
@@ -151,8 +150,42 @@ def test_assign_matches_cosine_argmax_and_chunks():
     assert torch.equal(g.assign(x, chunk=7), g.assign(x))
 
 
-# ----- loss ----------------------------------------------------------------------------------------------------
+# ----- Part 1, the epoch start: fill_bank --------------------------------------------------------------------------
 
+def tiny_cfg(tmp_path, *extra):
+    return smog.parse_config(["--out-dir", str(tmp_path), "--synthetic-size", "256", "--batch-size", "32",
+                              "--num-groups", "10", "--hidden-dim", "32", "--feat-dim", "16", "--epochs", "2",
+                              "--num-local", "2", "--log-every", "1", *extra])
+
+
+def build_nets(cfg):
+    return smog.RunState(cfg, torch.device("cpu"))
+
+
+def step_of(cfg, run, passes, beta=0.9):
+    """train_step on `passes` with the config's hyperparameters."""
+    return smog.train_step(run.online_ddp, run.target, run.grouping, passes, run.opt, run.scaler, beta=beta,
+                           **smog.step_hyperparameters(cfg))
+
+
+def one_step(cfg, nets, step=0):
+    images, _ = smog.synthetic_shapes(cfg.batch_size, seed=1)
+    return step_of(cfg, nets, [smog.batch_multicrop(images, step, smog.crop_recipe(cfg))])
+
+
+def test_the_initial_bank_forwards_each_online_global_crop_alone(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    nets = build_nets(cfg)
+    data = smog.TrainData(cfg, torch.device("cpu"))
+    bank = smog.MemoryBank(data.epoch_images, cfg.feat_dim, "cpu")
+    sizes, forward = [], nets.online.encoder.forward
+    nets.online.encoder.forward = lambda crops: sizes.append([len(x) for x in crops]) or forward(crops)
+    smog.fill_bank(nets.online.encoder, bank, data.global_crops())
+    assert sizes == [[cfg.batch_size]] * (2 * len(data.sampler) // cfg.batch_size)  # its BN sees B images, not 2B
+    assert bank.filled == 0 and torch.allclose(bank.feats.norm(dim=-1), torch.ones(2, bank.feats.shape[1]))
+
+
+# ----- Part 1, the loss --------------------------------------------------------------------------------------------
 
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 5), st.integers(2, 9), st.integers(0, 10**6))
 def test_loss_is_the_mean_of_every_cross_entropy_term(h, c_online, b, k, seed):
@@ -193,29 +226,135 @@ def test_loss_huge_features_stay_finite():
     assert torch.isfinite(smog.smog_loss(g.logits(p, 0.1).view(3, 1, 4, 20), torch.zeros(3, 2, 4, dtype=torch.long)))
 
 
-# ----- one training step ---------------------------------------------------------------------------------------
+# ----- Part 1, optimisation: LARS, parameter groups, schedules -----------------------------------------------------
+
+def test_lars_trust_ratio_and_exclusions():
+    w = torch.nn.Parameter(torch.full((4, 4), 2.0))
+    b = torch.nn.Parameter(torch.ones(4))
+    opt = smog.LARS([dict(params=[w]), dict(params=[b], weight_decay=0.0, lars=False)], lr=1.0, momentum=0.0,
+                    weight_decay=0.1, eta=0.001)
+    w.grad, b.grad = torch.full((4, 4), 0.5), torch.full((4,), 0.5)
+    opt.step()
+    trust = 0.001 * 8.0 / (2.0 + 0.1 * 8.0 + 1e-8)  # ‖w‖ = 8, ‖g‖ = 2
+    assert torch.allclose(w, torch.full((4, 4), 2.0 - trust * (0.5 + 0.1 * 2.0)))
+    assert torch.allclose(b, torch.full((4,), 0.5))
+    w.grad = torch.zeros(4, 4)  # a zero gradient: LARC leaves it alone, so no decay either
+    before = w.clone()
+    opt.step()
+    assert torch.equal(w, before)
 
 
-def tiny_cfg(tmp_path, *extra):
-    return smog.parse_config(["--out-dir", str(tmp_path), "--synthetic-size", "256", "--batch-size", "32",
-                              "--num-groups", "10", "--hidden-dim", "32", "--feat-dim", "16", "--epochs", "2",
-                              "--num-local", "2", "--log-every", "1", *extra])
+def lars_pair(side):
+    """(w, b, LARS): a (side, side) weight in a LARS group and a (side,) bias in a plain-SGD group, momentum 0.9."""
+    w, b = torch.nn.Parameter(torch.full((side, side), 2.0)), torch.nn.Parameter(torch.ones(side))
+    opt = smog.LARS([dict(params=[w]), dict(params=[b], weight_decay=0.0, lars=False)], lr=1.0, momentum=0.9,
+                    weight_decay=0.1, eta=0.001)
+    return w, b, opt
 
 
-def build_nets(cfg):
-    return smog.RunState(cfg, torch.device("cpu"))
+def test_lars_under_grad_scaler_unscales_and_skips_overflow():
+    w0, b0, plain = lars_pair(4)
+    w1, b1, scaled = lars_pair(4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert scaled._step_supports_amp_scaling  # GradScaler hands over tensors instead of reading the flag on the host
+    for i in range(2):
+        for p in (w0, b0):
+            p.grad = torch.full_like(p, 0.5 + i)
+        plain.step()
+        for p in (w1, b1):  # what backward of scaler.scale(loss) gives
+            p.grad = scaler.scale(torch.full_like(p, 0.5 + i))
+        scaler.unscale_(scaled)  # as train_step: LARS sees true gradients
+        scaler.step(scaled)
+        scaler.update()
+    assert torch.allclose(w0, w1, atol=1e-6) and torch.allclose(b0, b1, atol=1e-6)
+    assert not torch.equal(w0, torch.full_like(w0, 2.0))  # the steps moved the weights
+    before = [t.clone() for t in (w1, b1, scaled.state[w1]["momentum_buffer"], scaled.state[b1]["momentum_buffer"])]
+    w1.grad, b1.grad = torch.full_like(w1, float("inf")), scaler.scale(torch.full_like(b1, 0.5))
+    scaler.unscale_(scaled)
+    scaler.step(scaled)
+    scaler.update()
+    after = (w1, b1, scaled.state[w1]["momentum_buffer"], scaled.state[b1]["momentum_buffer"])
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # an overflow step changes nothing
+    assert scaler.get_scale() == 512.0
 
 
-def step_of(cfg, run, passes, beta=0.9):
-    """train_step on `passes` with the config's hyperparameters."""
-    return smog.train_step(run.online_ddp, run.target, run.grouping, passes, run.opt, run.scaler, beta=beta,
-                           **smog.step_hyperparameters(cfg))
+def test_lars_first_step_skipped_by_grad_scaler_then_a_normal_one_equals_one_clean_step():
+    # torch's fused SGD would create its momentum buffers uninitialised on a first step that the scaler skips; memory
+    # freed just before is filled with garbage so that such a buffer would hold it.
+    def fill_freed_memory():
+        for _ in range(4):
+            del_me = torch.full((1 << 16,), 1e30)
+            del del_me
+
+    w0, b0, clean = lars_pair(64)
+    w0.grad, b0.grad = torch.full_like(w0, 0.5), torch.full_like(b0, 0.5)
+    clean.step()
+    w1, b1, opt = lars_pair(64)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    for grad in (float("inf"), 0.5):  # the first step overflows and is skipped, the second is an ordinary one
+        fill_freed_memory()
+        w1.grad, b1.grad = scaler.scale(torch.full_like(w1, grad)), scaler.scale(torch.full_like(b1, grad))
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+    assert scaler.get_scale() == 2.0 ** 15  # the first step was skipped
+    assert torch.allclose(w0, w1, atol=1e-6, rtol=0) and torch.allclose(b0, b1, atol=1e-6, rtol=0)
+    assert not torch.equal(w0, torch.full_like(w0, 2.0)) and not torch.equal(b0, torch.ones_like(b0))
 
 
-def one_step(cfg, nets, step=0):
-    images, _ = smog.synthetic_shapes(cfg.batch_size, seed=1)
-    return step_of(cfg, nets, [smog.batch_multicrop(images, step, smog.crop_recipe(cfg))])
+@pytest.mark.parametrize("preset", ["imagenet-r50", "imagenet-r50w2"])
+def test_paper_resnet_recipes_give_every_parameter_weight_decay_and_a_trust_ratio(preset):
+    cfg = smog.parse_config(["--preset", preset, "--num-groups", "8"])
+    with torch.device("meta"):
+        online = smog.make_online(cfg)
+        opt = smog.make_optimizer(cfg, online)
+    assert isinstance(opt, smog.LARS) and len(opt.param_groups) == 1
+    group = opt.param_groups[0]
+    assert group["lars"] and group["lars_weight_decay"] == 1e-6 and group["eta"] == 0.001
+    assert {id(p) for p in group["params"]} == {id(p) for p in online.parameters()}  # biases and BN included
+    assert any(p.ndim == 1 for p in group["params"])
 
+
+def test_swin_recipe_spares_biases_norms_and_position_tables():
+    cfg = smog.parse_config(["--preset", "imagenet-swin-t", "--num-groups", "8"])
+    with torch.device("meta"):
+        online = smog.make_online(cfg)
+        opt = smog.make_optimizer(cfg, online)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for name, p in online.named_parameters():
+        spared = p.ndim <= 1 or name.endswith("relative_position_bias_table")
+        assert decay[id(p)] == (0.0 if spared else 0.05), name
+    assert any(name.endswith("relative_position_bias_table") for name, _ in online.named_parameters())
+
+
+def test_adamw_recipe_decays_only_matrices_and_clips(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, "--optimizer", "adamw", "--weight-decay", "0.05", "--clip-grad", "3.0", "--lr", "1e-3",
+                   "--exclude-1d")
+    nets = build_nets(cfg)
+    assert isinstance(nets.opt, torch.optim.AdamW)
+    decay = {id(p): g["weight_decay"] for g in nets.opt.param_groups for p in g["params"]}
+    assert all(decay[id(p)] == (0.05 if p.ndim > 1 else 0.0) for p in nets.online.parameters())
+    clipped, original = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: clipped.append(max_norm) or original(params, max_norm))
+    before = [p.clone() for p in nets.online.parameters()]
+    loss, _, _, _ = one_step(cfg, nets)
+    assert torch.isfinite(loss) and clipped == [3.0]
+    assert all(not torch.equal(a, b) for a, b in zip(before, nets.online.parameters()))
+
+
+def test_schedules():
+    lr = functools.partial(smog.lr_at, total_steps=100, warmup_steps=10, peak=0.3, start=0.01, final=0.001)
+    assert lr(0) == pytest.approx(0.01) and lr(5) == pytest.approx(0.01 + 0.29 * 5 / 9)
+    assert lr(9) == lr(10) == pytest.approx(0.3)  # np.linspace's end
+    assert lr(55) == pytest.approx(0.001 + 0.5 * 0.299 * (1 + math.cos(math.pi * 0.5)))
+    assert lr(100) == lr(150) == pytest.approx(0.001)  # at its end from the last step on: no second cosine
+    # β as the authors' C_momentum, lowered by (1 - 0.99) / steps before each use: below 1 from the first step
+    assert smog.beta_at(0, 100, 1.0, 0.99) == pytest.approx(1 - 0.01 / 100)
+    assert smog.beta_at(99, 100, 1.0, 0.99) == smog.beta_at(150, 100, 1.0, 0.99) == pytest.approx(0.99)
+
+
+# ----- Part 1, one training step, and Part 1 alone -----------------------------------------------------------------
 
 def test_gradient_reaches_only_online_branch(tmp_path):
     cfg = tiny_cfg(tmp_path)
@@ -289,6 +428,44 @@ def test_accumulated_passes_equal_a_reference_loop(tmp_path):
         step_of(cfg, nets, passes[:1])
 
 
+def test_target_forwards_its_local_crops_and_labels_come_from_its_global_crops(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    assert cfg.target_local and cfg.num_local == 2
+    nets, seen = build_nets(cfg), {}
+    forward, assign = nets.target.forward, nets.grouping.assign
+    nets.target.forward = lambda crops: seen.setdefault("target", [c.shape for c in crops]) and forward(crops)
+    nets.grouping.assign = lambda x: seen.setdefault("assign", x.shape) and assign(x)
+    one_step(cfg, nets)
+    b = cfg.batch_size
+    assert seen["target"] == [(2 * b, 3, 32, 32), (2 * b, 3, 16, 16)]  # 2 global and num_local local crops
+    assert seen["assign"] == (2 * b, cfg.feat_dim)  # labels: the 2 global crops only
+
+
+ADAMW = ("--optimizer", "adamw", "--lr", "0.02", "--start-lr", "1e-4", "--final-lr", "1e-4", "--weight-decay", "0.05",
+         "--clip-grad", "3")
+
+
+@pytest.mark.parametrize("recipe", [(), ADAMW], ids=["lars", "adamw"])
+def test_fp16_with_grad_scaler_and_bf16_train_like_fp32(recipe, tmp_path):
+    # The tiny preset on 128 embedded images for 3 epochs (12 steps of 32): the CUDA default (fp16 autocast, a
+    # GradScaler that skips its first overflowing steps) runs the same code on the CPU.
+    losses, skipped = {}, {}
+    for precision in ("fp32", "fp16", "bf16"):
+        out = tmp_path / precision
+        smog.main(["--synthetic-size", "128", "--batch-size", "32", "--epochs", "3", "--log-every", "2",
+                   "--eval-every", "0", "--no-knn", "--precision", precision, "--out-dir", str(out), *recipe])
+        records = [json.loads(line) for line in open(out / "log.jsonl")]
+        losses[precision] = [r["loss"] for r in records]
+        skipped[precision] = sum(r["skipped_steps"] for r in records)
+        assert all(math.isfinite(v) for v in losses[precision]) and len(losses[precision]) == 6
+    assert skipped["fp16"] >= 1 and skipped["fp32"] == skipped["bf16"] == 0  # the scaler found its scale
+    end = {p: np.mean(v[-2:]) for p, v in losses.items()}  # the last two log intervals
+    for precision, v in losses.items():
+        assert end[precision] < v[0] - 0.3, (precision, v)  # the loss falls (measured: by 0.5-1.0 from 6.6)
+    # Stated tolerance: the reduced-precision runs end within 0.6 nats of fp32 (measured: 0.1-0.4).
+    assert abs(end["fp16"] - end["fp32"]) < 0.6 and abs(end["bf16"] - end["fp32"]) < 0.6, end
+
+
 def test_part_1_alone_trains_a_small_network():
     # Part 1 of smog.py, run on its own (torch and torchvision only, nothing of Part 2), trains a few steps: the
     # recipe's crops, the initial bank, k-means, LARS with its parameter groups, the schedules, train_step.
@@ -330,6 +507,66 @@ def test_part_1_alone_trains_a_small_network():
     assert not torch.equal(grouping.centroids, centroids)  # the groups moved with the network
     assert all(not torch.equal(v, online.state_dict()[k]) for k, v in weights.items() if v.is_floating_point())
 
+
+# ----- Part 2, config ----------------------------------------------------------------------------------------------
+
+def test_flags_override_preset():
+    cfg = smog.parse_config(["--preset", "imagenet-r50", "--batch-size", "32"])
+    assert cfg.batch_size == 32 and cfg.arch == "resnet50" and cfg.num_groups == 3000 and cfg.global_size == 224
+    tiny = smog.parse_config([])
+    assert tiny.preset == "tiny" and tiny.data == "synthetic"
+
+
+R50_RECIPE = dict(epochs=400, global_size=224, global_scale=(0.2, 1.0), local_size=96, local_scale=(0.05, 0.2),
+                  num_local=4, feat_dim=128, hidden_dim=2048, ema=0.999, num_groups=3000, num_heads=3, tau=0.1,
+                  beta_start=1.0, beta_end=0.99, kmeans_iters=10, optimizer="lars", lr=0.3, start_lr=0.01,
+                  final_lr=0.0048, warmup_epochs=10, weight_decay=1e-6, momentum=0.9, lars_eta=0.001, clip_grad=0.0,
+                  drop_path=0.0, blur_sigma=(0.1, 2.0), invert=0.0, exclude_1d=False)
+
+
+# The authors' Swin-T recipe: AdamW 1e-3 at batch 4096 (per 256: 1e-3 / 16), warm-up from 4e-5, cosine to 4e-5,
+# 10 warm-up epochs, wd 0.05 except biases, 1-D parameters and position tables, clip 3.0, D = 256.
+SWIN_RECIPE = {**R50_RECIPE, **dict(optimizer="adamw", lr=1e-3 / 16, start_lr=4e-5, final_lr=4e-5, weight_decay=0.05,
+                                    clip_grad=3.0, feat_dim=256, exclude_1d=True)}
+
+
+@pytest.mark.parametrize("preset, expected, published", [
+    ("imagenet-r50", dict(R50_RECIPE, arch="resnet50"), 25.6),
+    ("imagenet-r50w2", dict(R50_RECIPE, arch="resnet50w2"), 94.0),
+    ("imagenet-swin-t", dict(SWIN_RECIPE, arch="swin_t_bn", drop_path=0.2, swin_heads=True, target_local=False),
+     28.0),
+    ("imagenet-vit-s16", dict(SWIN_RECIPE, arch="vit_s16", target_local=False), 22.0),
+    ("cifar10-r18", dict(arch="resnet18_cifar", data="cifar10", global_size=32), 11.7),
+])
+def test_presets_print_the_spec_config_and_published_parameter_counts(preset, expected, published, capsys):
+    smog.main(["--preset", preset, "--print-config"])
+    out = capsys.readouterr().out
+    config_text, counts_line = out.split("parameters (millions): ")
+    config = json.loads(config_text)
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in expected} == expected
+    counts = json.loads(counts_line)
+    # ResNet-50w2's 94M (SwAV) counts no classifier; the others are quoted with their 1000-class classifier.
+    quoted = counts["backbone"] if preset == "imagenet-r50w2" else counts["backbone_with_1000_class_classifier"]
+    assert abs(quoted - published) <= 0.02 * published, counts
+
+
+def test_vit_b16_parameter_count_matches_published():
+    counts = smog.parameter_counts(smog.parse_config(["--arch", "vit_b16"]))
+    assert abs(counts["backbone_with_1000_class_classifier"] - 86.0) <= 0.02 * 86.0, counts
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--arch", "resnet9000"], "--arch"), (["--preset", "huge"], "--preset"), (["--batch-size", "x"], "--batch-size"),
+    (["--global-scale", "0.5"], "--global-scale"), (["--tau", "0"], "--tau"), (["--invert", "1.5"], "--invert"),
+    (["--no-such-flag"], "--no-such-flag"),
+])
+def test_bad_flags_name_the_flag(argv, flag):
+    with pytest.raises(SystemExit) as e:
+        smog.parse_config(argv)
+    assert flag in str(e.value) and "\n" not in str(e.value)
+
+
+# ----- Part 2, backbones: BN over crop sizes, Swin, every arch -----------------------------------------------------
 
 @given(st.lists(st.tuples(st.integers(1, 3), st.integers(2, 5)), min_size=1, max_size=3), st.integers(0, 10**6),
        st.booleans())
@@ -376,31 +613,6 @@ def test_resnet_over_sizes_is_torchvisions_forward_with_bn_shared_by_sizes(arch)
     for name, m in encoder.backbone.named_modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             assert m.num_batches_tracked.item() == (2 if "downsample" in name else 1), name
-
-
-def test_the_initial_bank_forwards_each_online_global_crop_alone(tmp_path):
-    cfg = tiny_cfg(tmp_path)
-    nets = build_nets(cfg)
-    data = smog.TrainData(cfg, torch.device("cpu"))
-    bank = smog.MemoryBank(data.epoch_images, cfg.feat_dim, "cpu")
-    sizes, forward = [], nets.online.encoder.forward
-    nets.online.encoder.forward = lambda crops: sizes.append([len(x) for x in crops]) or forward(crops)
-    smog.fill_bank(nets.online.encoder, bank, data.global_crops())
-    assert sizes == [[cfg.batch_size]] * (2 * len(data.sampler) // cfg.batch_size)  # its BN sees B images, not 2B
-    assert bank.filled == 0 and torch.allclose(bank.feats.norm(dim=-1), torch.ones(2, bank.feats.shape[1]))
-
-
-def test_target_forwards_its_local_crops_and_labels_come_from_its_global_crops(tmp_path):
-    cfg = tiny_cfg(tmp_path)
-    assert cfg.target_local and cfg.num_local == 2
-    nets, seen = build_nets(cfg), {}
-    forward, assign = nets.target.forward, nets.grouping.assign
-    nets.target.forward = lambda crops: seen.setdefault("target", [c.shape for c in crops]) and forward(crops)
-    nets.grouping.assign = lambda x: seen.setdefault("assign", x.shape) and assign(x)
-    one_step(cfg, nets)
-    b = cfg.batch_size
-    assert seen["target"] == [(2 * b, 3, 32, 32), (2 * b, 3, 16, 16)]  # 2 global and num_local local crops
-    assert seen["assign"] == (2 * b, cfg.feat_dim)  # labels: the 2 global crops only
 
 
 def swin_cfg():
@@ -477,185 +689,56 @@ def test_swin_windows_are_shifted_as_the_authors_on_local_crops():
     assert torch.equal(attn(y), super(smog.KeptShiftWindowAttention, attn).forward(y))
 
 
-def test_lars_trust_ratio_and_exclusions():
-    w = torch.nn.Parameter(torch.full((4, 4), 2.0))
-    b = torch.nn.Parameter(torch.ones(4))
-    opt = smog.LARS([dict(params=[w]), dict(params=[b], weight_decay=0.0, lars=False)], lr=1.0, momentum=0.0,
-                    weight_decay=0.1, eta=0.001)
-    w.grad, b.grad = torch.full((4, 4), 0.5), torch.full((4,), 0.5)
-    opt.step()
-    trust = 0.001 * 8.0 / (2.0 + 0.1 * 8.0 + 1e-8)  # ‖w‖ = 8, ‖g‖ = 2
-    assert torch.allclose(w, torch.full((4, 4), 2.0 - trust * (0.5 + 0.1 * 2.0)))
-    assert torch.allclose(b, torch.full((4,), 0.5))
-    w.grad = torch.zeros(4, 4)  # a zero gradient: LARC leaves it alone, so no decay either
-    before = w.clone()
-    opt.step()
-    assert torch.equal(w, before)
+TORCHVISION_TWINS = {  # arch -> (torchvision model with the same backbone keys, keys that only it has)
+    "resnet50": (lambda tv: tv.models.resnet50(), {"fc.weight", "fc.bias"}),
+    "swin_t": (lambda tv: tv.models.swin_t(), {"head.weight", "head.bias"}),
+    "vit_s16": (lambda tv: tv.models.VisionTransformer(224, 16, 12, 6, 384, 1536), {"heads.head.weight",
+                                                                                  "heads.head.bias"}),
+    "vit_b16": (lambda tv: tv.models.vit_b_16(), {"heads.head.weight", "heads.head.bias"}),
+    "resnet50w2": (None, set()),  # no torchvision twin: compared with smog.py's own builder
+    "swin_t_bn": (None, set()),
+}
 
 
-def lars_pair(side):
-    """(w, b, LARS): a (side, side) weight in a LARS group and a (side,) bias in a plain-SGD group, momentum 0.9."""
-    w, b = torch.nn.Parameter(torch.full((side, side), 2.0)), torch.nn.Parameter(torch.ones(side))
-    opt = smog.LARS([dict(params=[w]), dict(params=[b], weight_decay=0.0, lars=False)], lr=1.0, momentum=0.9,
-                    weight_decay=0.1, eta=0.001)
-    return w, b, opt
-
-
-def test_lars_under_grad_scaler_unscales_and_skips_overflow():
-    w0, b0, plain = lars_pair(4)
-    w1, b1, scaled = lars_pair(4)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    assert scaled._step_supports_amp_scaling  # GradScaler hands over tensors instead of reading the flag on the host
-    for i in range(2):
-        for p in (w0, b0):
-            p.grad = torch.full_like(p, 0.5 + i)
-        plain.step()
-        for p in (w1, b1):  # what backward of scaler.scale(loss) gives
-            p.grad = scaler.scale(torch.full_like(p, 0.5 + i))
-        scaler.unscale_(scaled)  # as train_step: LARS sees true gradients
-        scaler.step(scaled)
-        scaler.update()
-    assert torch.allclose(w0, w1, atol=1e-6) and torch.allclose(b0, b1, atol=1e-6)
-    assert not torch.equal(w0, torch.full_like(w0, 2.0))  # the steps moved the weights
-    before = [t.clone() for t in (w1, b1, scaled.state[w1]["momentum_buffer"], scaled.state[b1]["momentum_buffer"])]
-    w1.grad, b1.grad = torch.full_like(w1, float("inf")), scaler.scale(torch.full_like(b1, 0.5))
-    scaler.unscale_(scaled)
-    scaler.step(scaled)
-    scaler.update()
-    after = (w1, b1, scaled.state[w1]["momentum_buffer"], scaled.state[b1]["momentum_buffer"])
-    assert all(torch.equal(a, b) for a, b in zip(before, after))  # an overflow step changes nothing
-    assert scaler.get_scale() == 512.0
-
-
-def test_lars_first_step_skipped_by_grad_scaler_then_a_normal_one_equals_one_clean_step():
-    # torch's fused SGD would create its momentum buffers uninitialised on a first step that the scaler skips; memory
-    # freed just before is filled with garbage so that such a buffer would hold it.
-    def fill_freed_memory():
-        for _ in range(4):
-            del_me = torch.full((1 << 16,), 1e30)
-            del del_me
-
-    w0, b0, clean = lars_pair(64)
-    w0.grad, b0.grad = torch.full_like(w0, 0.5), torch.full_like(b0, 0.5)
-    clean.step()
-    w1, b1, opt = lars_pair(64)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
-    for grad in (float("inf"), 0.5):  # the first step overflows and is skipped, the second is an ordinary one
-        fill_freed_memory()
-        w1.grad, b1.grad = scaler.scale(torch.full_like(w1, grad)), scaler.scale(torch.full_like(b1, grad))
-        scaler.unscale_(opt)
-        scaler.step(opt)
-        scaler.update()
-    assert scaler.get_scale() == 2.0 ** 15  # the first step was skipped
-    assert torch.allclose(w0, w1, atol=1e-6, rtol=0) and torch.allclose(b0, b1, atol=1e-6, rtol=0)
-    assert not torch.equal(w0, torch.full_like(w0, 2.0)) and not torch.equal(b0, torch.ones_like(b0))
-
-
-ADAMW = ("--optimizer", "adamw", "--lr", "0.02", "--start-lr", "1e-4", "--final-lr", "1e-4", "--weight-decay", "0.05",
-         "--clip-grad", "3")
-
-
-@pytest.mark.parametrize("recipe", [(), ADAMW], ids=["lars", "adamw"])
-def test_fp16_with_grad_scaler_and_bf16_train_like_fp32(recipe, tmp_path):
-    # The tiny preset on 128 embedded images for 3 epochs (12 steps of 32): the CUDA default (fp16 autocast, a
-    # GradScaler that skips its first overflowing steps) runs the same code on the CPU.
-    losses, skipped = {}, {}
-    for precision in ("fp32", "fp16", "bf16"):
-        out = tmp_path / precision
-        smog.main(["--synthetic-size", "128", "--batch-size", "32", "--epochs", "3", "--log-every", "2",
-                   "--eval-every", "0", "--no-knn", "--precision", precision, "--out-dir", str(out), *recipe])
-        records = [json.loads(line) for line in open(out / "log.jsonl")]
-        losses[precision] = [r["loss"] for r in records]
-        skipped[precision] = sum(r["skipped_steps"] for r in records)
-        assert all(math.isfinite(v) for v in losses[precision]) and len(losses[precision]) == 6
-    assert skipped["fp16"] >= 1 and skipped["fp32"] == skipped["bf16"] == 0  # the scaler found its scale
-    end = {p: np.mean(v[-2:]) for p, v in losses.items()}  # the last two log intervals
-    for precision, v in losses.items():
-        assert end[precision] < v[0] - 0.3, (precision, v)  # the loss falls (measured: by 0.5-1.0 from 6.6)
-    # Stated tolerance: the reduced-precision runs end within 0.6 nats of fp32 (measured: 0.1-0.4).
-    assert abs(end["fp16"] - end["fp32"]) < 0.6 and abs(end["bf16"] - end["fp32"]) < 0.6, end
-
-
-def test_skipped_steps_and_scale_are_logged_and_many_skips_say_so_once(tmp_path, capsys):
-    cfg = tiny_cfg(tmp_path, "--precision", "fp16")
-    jsonl = open(tmp_path / "log.jsonl", "w")
-    progress = smog.Progress(cfg, 200, jsonl, 0, torch.amp.GradScaler("cpu"))
-    counts = torch.ones(cfg.num_heads, cfg.num_groups)
-    for interval, skips in enumerate((3, 10)):  # 3 of 50 steps (calibration), then 10 of 50: 13 > 20 + 3% of 100?
-        for i in range(50):
-            progress.add(counts, torch.tensor(i < skips))
-        progress.report(50 * (interval + 1), 0, torch.tensor(1.0), 0.1, 0.99)
-    first = capsys.readouterr().out
-    assert "fp16 steps skipped 3, scale 65536" in first and "fp16 steps skipped 10" in first
-    assert "warning" not in first  # 13 skipped of 100: calibration
-    for i in range(50):
-        progress.add(counts, torch.tensor(True))
-    progress.report(150, 0, torch.tensor(1.0), 0.1, 0.99)
-    for i in range(50):
-        progress.add(counts, torch.tensor(True))
-    progress.report(200, 0, torch.tensor(1.0), 0.1, 0.99)
-    out = capsys.readouterr().out
-    assert out.count("warning: GradScaler skipped 63 of the 150 optimiser steps") == 1 and "--precision bf16" in out
-    assert out.count("warning") == 1  # said once
-    jsonl.close()
-    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    assert [r["skipped_steps"] for r in records] == [3, 10, 50, 50] and records[0]["grad_scale"] == 65536.0
-
-
-@pytest.mark.parametrize("preset", ["imagenet-r50", "imagenet-r50w2"])
-def test_paper_resnet_recipes_give_every_parameter_weight_decay_and_a_trust_ratio(preset):
-    cfg = smog.parse_config(["--preset", preset, "--num-groups", "8"])
-    with torch.device("meta"):
-        online = smog.make_online(cfg)
-        opt = smog.make_optimizer(cfg, online)
-    assert isinstance(opt, smog.LARS) and len(opt.param_groups) == 1
-    group = opt.param_groups[0]
-    assert group["lars"] and group["lars_weight_decay"] == 1e-6 and group["eta"] == 0.001
-    assert {id(p) for p in group["params"]} == {id(p) for p in online.parameters()}  # biases and BN included
-    assert any(p.ndim == 1 for p in group["params"])
-
-
-def test_swin_recipe_spares_biases_norms_and_position_tables():
-    cfg = smog.parse_config(["--preset", "imagenet-swin-t", "--num-groups", "8"])
-    with torch.device("meta"):
-        online = smog.make_online(cfg)
-        opt = smog.make_optimizer(cfg, online)
-    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
-    for name, p in online.named_parameters():
-        spared = p.ndim <= 1 or name.endswith("relative_position_bias_table")
-        assert decay[id(p)] == (0.0 if spared else 0.05), name
-    assert any(name.endswith("relative_position_bias_table") for name, _ in online.named_parameters())
-
-
-def test_adamw_recipe_decays_only_matrices_and_clips(tmp_path, monkeypatch):
-    cfg = tiny_cfg(tmp_path, "--optimizer", "adamw", "--weight-decay", "0.05", "--clip-grad", "3.0", "--lr", "1e-3",
-                   "--exclude-1d")
+@pytest.mark.parametrize("arch", list(TORCHVISION_TWINS))
+def test_backbone_trains_a_step_at_both_crop_sizes_reloads_and_exports(arch, tmp_path):
+    import torchvision
+    cfg = smog.parse_config(["--arch", arch, "--global-size", "64", "--local-size", "32", "--num-local", "1",
+                             "--batch-size", "4", "--num-groups", "8", "--hidden-dim", "32", "--feat-dim", "16",
+                             "--drop-path", "0.2" if arch.startswith("swin") else "0", "--channels-last"])
     nets = build_nets(cfg)
-    assert isinstance(nets.opt, torch.optim.AdamW)
-    decay = {id(p): g["weight_decay"] for g in nets.opt.param_groups for p in g["params"]}
-    assert all(decay[id(p)] == (0.05 if p.ndim > 1 else 0.0) for p in nets.online.parameters())
-    clipped, original = [], torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
-                        lambda params, max_norm: clipped.append(max_norm) or original(params, max_norm))
-    before = [p.clone() for p in nets.online.parameters()]
-    loss, _, _, _ = one_step(cfg, nets)
-    assert torch.isfinite(loss) and clipped == [3.0]
-    assert all(not torch.equal(a, b) for a, b in zip(before, nets.online.parameters()))
+    if arch.startswith("swin"):  # drop-path in the online branch only
+        depths = [m.p for m in nets.online.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
+        assert max(depths) == pytest.approx(0.2)
+        assert all(m.p == 0 for m in nets.target.modules() if isinstance(m, torchvision.ops.StochasticDepth))
+    backbone = nets.online.encoder.backbone
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    images, _ = smog.synthetic_shapes(4, seed=1)
+    crops = smog.batch_multicrop(images, 0, smog.crop_recipe(cfg))  # online: 64 and 32 px in one forward
+    loss, _, _, _ = step_of(cfg, nets, [crops])
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    # save → strict reload (eval_linear.py) → export into the torchvision model
+    torch.save(dict(config=dataclasses.asdict(cfg), online=nets.online.state_dict()), tmp_path / "ck.pt")
+    r = run_eval("--checkpoint", str(tmp_path / "ck.pt"), "--export", str(tmp_path / "backbone.pt"))
+    assert r.returncode == 0, r.stderr
+    sd = torch.load(tmp_path / "backbone.pt", weights_only=True)
+    make, only_twin = TORCHVISION_TWINS[arch]
+    model = make(torchvision) if make else smog.BACKBONES[arch](0.0)[0]
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert set(missing) == only_twin and not unexpected  # the twin differs only by its classifier
+    model = load_export_as_advised(r, arch)  # and the printed advice loads it with strict key matching
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, backbone.state_dict()[k]), k
 
 
-def test_schedules():
-    lr = functools.partial(smog.lr_at, total_steps=100, warmup_steps=10, peak=0.3, start=0.01, final=0.001)
-    assert lr(0) == pytest.approx(0.01) and lr(5) == pytest.approx(0.01 + 0.29 * 5 / 9)
-    assert lr(9) == lr(10) == pytest.approx(0.3)  # np.linspace's end
-    assert lr(55) == pytest.approx(0.001 + 0.5 * 0.299 * (1 + math.cos(math.pi * 0.5)))
-    assert lr(100) == lr(150) == pytest.approx(0.001)  # at its end from the last step on: no second cosine
-    # β as the authors' C_momentum, lowered by (1 - 0.99) / steps before each use: below 1 from the first step
-    assert smog.beta_at(0, 100, 1.0, 0.99) == pytest.approx(1 - 0.01 / 100)
-    assert smog.beta_at(99, 100, 1.0, 0.99) == smog.beta_at(150, 100, 1.0, 0.99) == pytest.approx(0.99)
+def test_compile_keeps_checkpoint_keys_plain(tmp_path):
+    nets = build_nets(tiny_cfg(tmp_path, "--compile"))
+    keys = list(nets.online.state_dict()) + list(nets.target.state_dict())
+    assert keys and not any("_orig_mod" in k or k.startswith("module.") for k in keys)
 
 
-# ----- data and augmentation -----------------------------------------------------------------------------------
-
+# ----- Part 2, data: the embedded set, folders, image modes, unreadable files --------------------------------------
 
 def test_synthetic_data_is_deterministic_and_balanced():
     a, la = smog.synthetic_shapes(300, seed=3)
@@ -666,553 +749,74 @@ def test_synthetic_data_is_deterministic_and_balanced():
     assert not torch.equal(a, smog.synthetic_shapes(300, seed=4)[0])
 
 
-def test_batch_multicrop_shapes_and_per_image_randomness(tmp_path):
-    cfg = tiny_cfg(tmp_path)
-    img = smog.synthetic_shapes(1, seed=0)[0].expand(8, -1, -1, -1)  # eight copies of one image
-    g, loc, t, t_loc = smog.batch_multicrop(img, 0, smog.crop_recipe(cfg))
-    assert g.shape == (16, 3, 32, 32) and t.shape == (16, 3, 32, 32) and loc.shape == t_loc.shape == (16, 3, 16, 16)
-    assert all(x.dtype == torch.float32 and torch.isfinite(x).all() for x in (g, loc, t, t_loc))
-    assert smog.batch_multicrop(img, 0, smog.crop_recipe(cfg)._replace(target_local=False))[3] is None
-    assert len({tuple(x.flatten()[:50].tolist()) for x in g}) == 16  # no two copies get the same crop
-
-
-def torchvision_pil(x):
-    import torchvision
-    return torchvision.transforms.functional.to_pil_image(x)
-
-
-# ----- config --------------------------------------------------------------------------------------------------
-
-
-def test_flags_override_preset():
-    cfg = smog.parse_config(["--preset", "imagenet-r50", "--batch-size", "32"])
-    assert cfg.batch_size == 32 and cfg.arch == "resnet50" and cfg.num_groups == 3000 and cfg.global_size == 224
-    tiny = smog.parse_config([])
-    assert tiny.preset == "tiny" and tiny.data == "synthetic"
-
-
-R50_RECIPE = dict(epochs=400, global_size=224, global_scale=(0.2, 1.0), local_size=96, local_scale=(0.05, 0.2),
-                  num_local=4, feat_dim=128, hidden_dim=2048, ema=0.999, num_groups=3000, num_heads=3, tau=0.1,
-                  beta_start=1.0, beta_end=0.99, kmeans_iters=10, optimizer="lars", lr=0.3, start_lr=0.01,
-                  final_lr=0.0048, warmup_epochs=10, weight_decay=1e-6, momentum=0.9, lars_eta=0.001, clip_grad=0.0,
-                  drop_path=0.0, blur_sigma=(0.1, 2.0), invert=0.0, exclude_1d=False)
-# The authors' Swin-T recipe: AdamW 1e-3 at batch 4096 (per 256: 1e-3 / 16), warm-up from 4e-5, cosine to 4e-5,
-# 10 warm-up epochs, wd 0.05 except biases, 1-D parameters and position tables, clip 3.0, D = 256.
-SWIN_RECIPE = {**R50_RECIPE, **dict(optimizer="adamw", lr=1e-3 / 16, start_lr=4e-5, final_lr=4e-5, weight_decay=0.05,
-                                    clip_grad=3.0, feat_dim=256, exclude_1d=True)}
-
-
-@pytest.mark.parametrize("preset, expected, published", [
-    ("imagenet-r50", dict(R50_RECIPE, arch="resnet50"), 25.6),
-    ("imagenet-r50w2", dict(R50_RECIPE, arch="resnet50w2"), 94.0),
-    ("imagenet-swin-t", dict(SWIN_RECIPE, arch="swin_t_bn", drop_path=0.2, swin_heads=True, target_local=False),
-     28.0),
-    ("imagenet-vit-s16", dict(SWIN_RECIPE, arch="vit_s16", target_local=False), 22.0),
-    ("cifar10-r18", dict(arch="resnet18_cifar", data="cifar10", global_size=32), 11.7),
-])
-def test_presets_print_the_spec_config_and_published_parameter_counts(preset, expected, published, capsys):
-    smog.main(["--preset", preset, "--print-config"])
-    out = capsys.readouterr().out
-    config_text, counts_line = out.split("parameters (millions): ")
-    config = json.loads(config_text)
-    assert {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in expected} == expected
-    counts = json.loads(counts_line)
-    # ResNet-50w2's 94M (SwAV) counts no classifier; the others are quoted with their 1000-class classifier.
-    quoted = counts["backbone"] if preset == "imagenet-r50w2" else counts["backbone_with_1000_class_classifier"]
-    assert abs(quoted - published) <= 0.02 * published, counts
-
-
-def test_vit_b16_parameter_count_matches_published():
-    counts = smog.parameter_counts(smog.parse_config(["--arch", "vit_b16"]))
-    assert abs(counts["backbone_with_1000_class_classifier"] - 86.0) <= 0.02 * 86.0, counts
-
-
-@pytest.mark.parametrize("argv, flag", [
-    (["--arch", "resnet9000"], "--arch"), (["--preset", "huge"], "--preset"), (["--batch-size", "x"], "--batch-size"),
-    (["--global-scale", "0.5"], "--global-scale"), (["--tau", "0"], "--tau"), (["--invert", "1.5"], "--invert"),
-    (["--no-such-flag"], "--no-such-flag"),
-])
-def test_bad_flags_name_the_flag(argv, flag):
-    with pytest.raises(SystemExit) as e:
-        smog.parse_config(argv)
-    assert flag in str(e.value) and "\n" not in str(e.value)
-
-
-# ----- end to end: training, resume, distributed, bad input ---------------------------------------------------
-
-SMALL = ["--synthetic-size", "384", "--batch-size", "64", "--num-groups", "12", "--hidden-dim", "64",
-         "--feat-dim", "32", "--log-every", "2", "--kmeans-iters", "3", "--warmup-epochs", "1", "--num-local", "1"]
-
-
-def run_script(script, *args):
-    """Runs one of the project's scripts in a fresh interpreter on 2 threads; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
-
-
-def run_smog(*args):
-    return run_script("smog.py", *args)
-
-
-def final_state(out_dir):
-    return torch.load(os.path.join(out_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
-
-
-def run_signalled(sig, out, *flags, at="step 8/"):
-    """Runs smog.py FLAGS --out-dir OUT, sends it `sig` when it logs step 8 (or what `at` says); returns (exit status,
-    stdout lines, stderr)."""
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "smog.py"), *flags, "--out-dir", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith(at):
-            proc.send_signal(sig)
-    return proc.wait(timeout=300), lines, proc.stderr.read()
-
-
-def test_train_resume_continue_matches_uninterrupted(tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    r = run_smog(*SMALL, "--epochs", "2", "--out-dir", str(straight))
-    assert r.returncode == 0, r.stderr
-    assert "kNN top-1 on the held-out split" in r.stdout
-    records = [json.loads(line) for line in open(straight / "log.jsonl")]
-    assert "knn_top1" in records[-1] and "knn_top1_random_init" in records[-1]
-    steps = [rec for rec in records if "loss" in rec]
-    assert steps and all(math.isfinite(rec["loss"]) and rec["groups_used"] >= 1 for rec in steps)
-
-    r = run_smog(*SMALL, "--epochs", "2", "--stop-after", "1", "--out-dir", str(split))
-    assert r.returncode == 0 and "held-out split: " not in r.stdout, r.stderr  # no final report yet
-    assert final_state(split)["epoch"] == 1
-    r = run_smog(*SMALL, "--epochs", "2", "--out-dir", str(split))  # --resume auto picks it up
-    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
-    a, b = final_state(straight), final_state(split)
-    assert a["step"] == b["step"] == 2 * (384 // 64)
-    for key in ("online", "target", "grouping"):
-        for name in a[key]:
-            assert torch.allclose(a[key][name].float(), b[key][name].float(), atol=1e-6), (key, name)
-    split_losses = [rec["loss"] for rec in map(json.loads, open(split / "log.jsonl")) if "loss" in rec]
-    assert split_losses == pytest.approx([rec["loss"] for rec in steps], abs=1e-6)
-
-    # Preemption: a real SIGTERM in epoch 1 (steps 6-11), sent when step 8 is logged. The process finishes its step,
-    # writes a checkpoint and exits 0; the next start resumes mid-epoch and ends where the uninterrupted run ended.
-    preempted = tmp_path / "preempted"
-    status, lines, stderr = run_signalled(signal.SIGTERM, preempted, *SMALL, "--epochs", "2")
-    assert status == 0, stderr
-    assert any("caught a preemption signal" in line for line in lines), lines
-    state = final_state(preempted)
-    assert state["epoch"] == 1 and 0 < state["epoch_step"] < 6 and state["step"] == 6 + state["epoch_step"]
-    r = run_smog(*SMALL, "--epochs", "2", "--out-dir", str(preempted))
-    assert r.returncode == 0 and f"mid-epoch, after {state['epoch_step']} steps" in r.stdout, r.stderr
-    c = final_state(preempted)
-    for key in ("online", "target", "grouping"):
-        for name in a[key]:
-            assert torch.allclose(a[key][name].float(), c[key][name].float(), atol=1e-6), (key, name)
-    resumed_losses = [rec["loss"] for rec in map(json.loads, open(preempted / "log.jsonl")) if "loss" in rec]
-    assert resumed_losses == pytest.approx([rec["loss"] for rec in steps], abs=1e-6)
-
-
-def test_accumulated_run_preempted_mid_epoch_resumes_exactly(tmp_path):
-    flags = [*SMALL, "--synthetic-size", "256", "--batch-size", "32", "--accumulate", "2", "--epochs", "2",
-             "--no-knn"]  # global batch 64: 4 steps per epoch
-    r = run_smog(*flags, "--out-dir", str(tmp_path / "straight"))
-    assert r.returncode == 0 and "global batch 64 (32 × 1 process(es) × 2 passes)" in r.stdout, r.stderr
-    status, _, stderr = run_signalled(signal.SIGTERM, tmp_path / "preempted", *flags, at="step 6/")
-    assert status == 0, stderr
-    assert 0 < final_state(tmp_path / "preempted")["epoch_step"] < 4
-    r = run_smog(*flags, "--out-dir", str(tmp_path / "preempted"))
-    assert r.returncode == 0 and "mid-epoch" in r.stdout, r.stderr
-    a, c = final_state(tmp_path / "straight"), final_state(tmp_path / "preempted")
-    assert a["step"] == c["step"] == 8
-    for key in ("online", "target", "grouping"):
-        for name in a[key]:
-            assert torch.allclose(a[key][name].float(), c[key][name].float(), atol=1e-6), (key, name)
-
-
-def test_catch_preemption_records_sigterm_sigusr1_and_sigint_then_restores_handlers():
-    signals = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-    before = [signal.getsignal(s) for s in signals]
-    with smog.catch_preemption() as caught:
-        for s in signals:
-            os.kill(os.getpid(), s)
-            time.sleep(0.05)  # Python runs handlers between bytecodes of the main thread
-    assert caught == list(signals)
-    assert [signal.getsignal(s) for s in signals] == before
-
-
-def test_ctrl_c_checkpoints_and_exits_130_and_a_second_one_stops_at_once(tmp_path, capsys):
-    out = tmp_path / "out"
-    status, lines, stderr = run_signalled(signal.SIGINT, out, *SMALL, "--epochs", "2", "--no-knn")
-    assert status == 130 and not stderr.strip()  # no traceback
-    assert any("caught Ctrl-C: checkpoint" in line for line in lines), lines
-    assert 0 < final_state(out)["epoch_step"] < 6 and not (out / "lock").exists()  # mid-epoch; the out-dir is free
-    with pytest.raises(SystemExit) as e:  # the second Ctrl-C: at once
-        with smog.catch_preemption():
-            for _ in range(2):
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.05)
-    assert e.value.code == 130 and "stopped at once by a second Ctrl-C" in capsys.readouterr().err
-
-
-# ----- faults: damaged checkpoints, changed data, killed and stalled processes -----------------------------------
-
-
-@pytest.fixture(scope="module")
-def two_epochs(tmp_path_factory):
-    """An out_dir after a 2-epoch SMALL run: checkpoint.pt (epoch 2) and checkpoint.prev.pt (epoch 1)."""
-    out = tmp_path_factory.mktemp("two_epochs")
-    r = run_smog(*SMALL, "--epochs", "2", "--no-knn", "--out-dir", str(out))
-    assert r.returncode == 0, r.stderr
-    return out
-
-
-def test_previous_checkpoint_is_kept_and_a_damaged_newest_falls_back_to_it(two_epochs, tmp_path):
-    import shutil
-    out = tmp_path / "out"
-    shutil.copytree(two_epochs, out)
-    assert final_state(out)["epoch"] == 2
-    assert torch.load(out / "checkpoint.prev.pt", weights_only=True)["epoch"] == 1
-    data = (out / "checkpoint.pt").read_bytes()
-    (out / "checkpoint.pt").write_bytes(data[:len(data) // 2])  # a copy cut short
-    r = run_smog(*SMALL, "--epochs", "3", "--no-knn", "--out-dir", str(out))
-    assert r.returncode == 0, r.stderr
-    assert "checkpoint.pt does not load" in r.stdout and "trying the one before it" in r.stdout
-    assert f"resumed from {out / 'checkpoint.prev.pt'} at epoch 1" in r.stdout
-    assert final_state(out)["epoch"] == 3 and torch.load(out / "checkpoint.prev.pt", weights_only=True)["epoch"] == 2
-    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
-        (out / name).write_bytes(b"not a checkpoint")
-    r = run_smog(*SMALL, "--epochs", "4", "--no-knn", "--out-dir", str(out))
-    assert_one_line_error(r, "no checkpoint loads", "checkpoint.pt", "checkpoint.prev.pt")
-
-
-def test_resume_refuses_another_data_set_size_or_global_batch(two_epochs):
-    flags = [*SMALL, "--epochs", "3", "--no-knn", "--out-dir", str(two_epochs)]
-    assert_one_line_error(run_smog(*flags, "--synthetic-size", "320"), "--resume", "another data set",
-                          "the embedded data set, 384 images", "is the embedded data set, 320 images")
-    assert_one_line_error(run_smog(*flags, "--batch-size", "32"), "--resume", "global batch of 64", "this run has 32")
-    for changed, flag in ((["--seed", "1"], "--seed"), (["--optimizer", "adamw"], "--optimizer"),
-                          (["--no-exclude-1d"], "--exclude-1d"), (["--hidden-dim", "32"], "--hidden-dim")):
-        with pytest.raises(SystemExit, match=f"--resume .*checkpoint has {flag} .*--resume none"):  # in-process
-            smog.train(smog.parse_config([*flags, *changed]))
-
-
-def test_resume_checks_the_data_set_fingerprint_and_allows_another_process_count(tmp_path, monkeypatch, capsys):
-    cfg = smog.parse_config(["--batch-size", "32"])
-    data = types.SimpleNamespace(labels=torch.zeros(256), fingerprint="the folder B, 256 images")
-    state = dict(config=dataclasses.asdict(dataclasses.replace(cfg, batch_size=64)), processes=1, num_images=256,
-                 data_fingerprint="the folder A, 256 images", epoch_step=0)
-    monkeypatch.setattr(smog, "world_size", lambda: 2)  # 1 × 64 resumed as 2 × 32: the same global batch
-    with pytest.raises(SystemExit, match="another data set .the folder A, 256 images.* is the folder B"):
-        smog.check_resumable("ck.pt", state, cfg, data)
-    state["data_fingerprint"] = data.fingerprint
-    smog.check_resumable("ck.pt", state, cfg, data)
-    assert "resuming 1 process(es) × 64 images × 1 passes as 2 × 32 × 1" in capsys.readouterr().out
-    state["epoch_step"] = 3
-    with pytest.raises(SystemExit, match="mid-epoch by 1 process"):
-        smog.check_resumable("ck.pt", state, cfg, data)
-
-
-def test_a_checkpoint_that_loads_but_does_not_fit_falls_back_to_the_previous_one(two_epochs, tmp_path):
-    import shutil
-    out = tmp_path / "out"
-    shutil.copytree(two_epochs, out)
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
-    name = next(k for k in state["online"] if k.endswith("conv1.weight"))
-    state["online"][name] = state["online"][name][:1]  # a tensor of the wrong shape
-    torch.save(state, out / "checkpoint.pt")
-    r = run_smog(*SMALL, "--epochs", "3", "--no-knn", "--out-dir", str(out))
-    assert r.returncode == 0, r.stderr
-    assert "checkpoint.pt does not load" in r.stdout and f"resumed from {out / 'checkpoint.prev.pt'}" in r.stdout
-    del state["grouping"]  # and one without a state entry: both refused, one line
-    torch.save(state, out / "checkpoint.pt")
-    torch.save(state, out / "checkpoint.prev.pt")
-    assert_one_line_error(run_smog(*SMALL, "--epochs", "4", "--no-knn", "--out-dir", str(out)), "no checkpoint loads",
-                          "incomplete: no grouping")
-
-
-def test_resume_none_moves_earlier_checkpoints_aside_and_odd_out_dirs_get_one_line(two_epochs, tmp_path):
-    import shutil
-    out = tmp_path / "out"
-    shutil.copytree(two_epochs, out)
-    r = run_smog(*SMALL, "--epochs", "1", "--no-knn", "--resume", "none", "--out-dir", str(out))
-    assert r.returncode == 0 and "--resume none: the earlier run's checkpoint.pt" in r.stdout, r.stderr
-    aside = sorted(p.name for p in out.iterdir() if p.name.count(".") == 2)  # checkpoint.<when>.pt, log.<when>.jsonl
-    assert len(aside) == 2 and torch.load(out / aside[0], weights_only=True)["epoch"] == 2
-    assert final_state(out)["epoch"] == 1  # the new run's own
-    (tmp_path / "file").write_text("")
-    with pytest.raises(SystemExit, match="--out-dir .*: cannot be created"):
-        smog.main(["--out-dir", str(tmp_path / "file" / "out")])
-    (tmp_path / "odd" / "checkpoint.pt").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="--out-dir .*checkpoint.pt is not a file"):
-        smog.main(["--out-dir", str(tmp_path / "odd")])
-
-
-def test_a_second_run_on_a_live_out_dir_refuses_and_a_dead_runs_lock_is_taken_over(tmp_path):
-    import socket
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        tmp_path.joinpath("lock").write_text(json.dumps(dict(host=socket.gethostname(), pid=sleeper.pid,
-                                                             since="2026-01-01 00:00:00")))
-        assert_one_line_error(run_smog(*SMALL, "--epochs", "1", "--out-dir", str(tmp_path)), "--out-dir",
-                              f"in use by process {sleeper.pid} on {socket.gethostname()}")
-        assert not (tmp_path / "checkpoint.pt").exists()
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-    r = run_smog(*SMALL, "--epochs", "1", "--no-knn", "--out-dir", str(tmp_path))
-    assert r.returncode == 0, r.stderr
-    assert f"taking over the lock of process {sleeper.pid}" in r.stdout and not (tmp_path / "lock").exists()
-
-
-def test_a_read_only_out_dir_is_one_line_before_any_data_is_read(tmp_path, monkeypatch):
-    import errno
-    real_open = os.open
-
-    def read_only(path, flags, *args):
-        if str(path).endswith("lock") and flags & os.O_CREAT:
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", read_only)
-    monkeypatch.setattr(smog, "load_dataset", lambda *a: pytest.fail("data read before the out-dir was checked"))
-    with pytest.raises(SystemExit, match="--out-dir .*: not writable .Read-only file system."):
-        smog.train(smog.parse_config(["--out-dir", str(tmp_path)]))
-
-
-def test_a_failed_checkpoint_write_ends_in_one_line_and_keeps_the_previous_ones(tmp_path, monkeypatch):
-    cfg = smog.parse_config([*SMALL, "--epochs", "3", "--no-knn", "--out-dir", str(tmp_path)])
-    smog.train(dataclasses.replace(cfg, epochs=1))
-    before = (tmp_path / "checkpoint.pt").read_bytes()
-    real_save = torch.save
-
-    def disk_full(obj, path, *args, **kwargs):
-        with open(path, "wb") as f:
-            f.write(b"partial")
-        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file: "
-                           "No space left on device")
-
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(SystemExit) as e:
-        smog.train(cfg)
-    monkeypatch.setattr(torch, "save", real_save)
-    message = str(e.value)
-    assert "could not write the checkpoint" in message and "No space left" in message and "\n" not in message
-    assert (tmp_path / "checkpoint.pt").read_bytes() == before and not (tmp_path / "checkpoint.pt.tmp").exists()
-    assert not (tmp_path / "lock").exists()
-
-
-def test_a_run_whose_weights_explode_with_a_finite_loss_stops(tmp_path):
-    r = run_smog(*SMALL, "--epochs", "2", "--no-knn", "--optimizer", "adamw", "--lr", "1e6", "--exclude-1d",
-                 "--out-dir", str(tmp_path))
-    assert_one_line_error(r, "diverged by step", "Lower --lr")
-    assert not (tmp_path / "checkpoint.pt").exists()  # no checkpoint of such weights
-
-
-def workers_of(torchrun_pid):
-    """{rank: pid} of the training processes below a torchrun process (read from /proc)."""
-    found, todo = {}, [torchrun_pid]
-    while todo:
-        pid = todo.pop()
-        try:
-            todo += map(int, open(f"/proc/{pid}/task/{pid}/children").read().split())
-            env = dict(v.split("=", 1) for v in open(f"/proc/{pid}/environ").read().split("\0") if "=" in v)
-        except OSError:
-            continue
-        if "LOCAL_RANK" in env and pid != torchrun_pid:
-            found[int(env["RANK"])] = pid
-    return found
-
-
-def torchrun(out, *flags, restarts=0, limit=240):
-    """smog.py in 2 gloo processes under torchrun, killed after `limit` seconds so that a hang fails the test."""
-    import threading
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             f"--max-restarts={restarts}", os.path.join(REPO, "smog.py"), *SMALL, "--no-knn",
-                             "--out-dir", str(out), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    timer = threading.Timer(limit, lambda: proc.poll() is None and os.killpg(proc.pid, signal.SIGKILL))
-    timer.daemon = True
-    timer.start()
-    return proc
-
-
-def test_killed_process_restarts_the_group_which_resumes_and_matches_an_uninterrupted_run(tmp_path):
-    flags = ["--epochs", "3", "--log-every", "1", "--checkpoint-every", "2"]  # 3 steps per epoch over 2 processes
-    straight = torchrun(tmp_path / "straight", *flags)
-    assert straight.wait(timeout=300) == 0, straight.stderr.read()[-3000:]
-    proc, lines = torchrun(tmp_path / "killed", *flags, restarts=1), []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step 5/") and not any(seen.startswith("resumed from") for seen in lines):
-            os.kill(workers_of(proc.pid)[1], signal.SIGKILL)  # checkpoints were written at steps 2, 3 and 4
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
-    assert any(line.startswith("resumed from") for line in lines), lines
-    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "killed")
-    assert a["step"] == b["step"] == 9
-    for key in ("online", "target", "grouping"):
-        for name in a[key]:
-            assert torch.allclose(a[key][name].float(), b[key][name].float(), atol=1e-6), (key, name)
-
-
-def test_stalled_process_ends_the_others_within_the_timeout(tmp_path):
-    proc = torchrun(tmp_path / "out", "--epochs", "50", "--log-every", "1", "--dist-timeout", "10")
-    for line in proc.stdout:
-        if line.startswith("step 2/"):
-            stalled, t0 = workers_of(proc.pid)[1], time.time()
-            os.kill(stalled, signal.SIGSTOP)
-            break
-    message, waited = "", math.inf
-    for line in proc.stderr:
-        if "smog.py: error:" in line:
-            message, waited = line, time.time() - t0
-            break
-    os.killpg(proc.pid, signal.SIGKILL)
-    os.kill(stalled, signal.SIGKILL)  # torchrun starts its workers in sessions of their own: killpg misses it
-    assert proc.wait(timeout=120) != 0
-    assert "process 0 of 2 stopped at step" in message and "--dist-timeout 10 s" in message, message
-    assert 5 < waited < 40
-
-
-DRIVER = textwrap.dedent("""
-    import os, sys, torch
-    sys.path.insert(0, {repo!r})
-    import smog
-    torch.set_num_threads(1)
-    nets = smog.train(smog.parse_config(sys.argv[1:]))
-    state = dict(centroids=nets.grouping.centroids, target=nets.target.state_dict(), online=nets.online.state_dict())
-    torch.save(state, os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"]))
-    torch.distributed.destroy_process_group()
-""")
-
-
-def test_torchrun_two_processes_stay_in_sync(tmp_path, accumulate="2"):
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(repo=REPO, out=str(tmp_path)))
-    # 390 images: not divisible by 2 processes × 64, so ranks drop different tails and must still agree after the
-    # epoch's 3 steps (195 images per rank) and its k-means reset; with --accumulate 2, steps of 2 passes of 32.
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(driver), *SMALL, "--synthetic-size", "390", "--epochs", "1", "--no-knn",
-                        "--accumulate", accumulate, "--batch-size", str(64 // int(accumulate)),
-                        "--out-dir", str(tmp_path / "out")],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "processes: 2" in r.stdout
-    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
-    assert torch.equal(r0["centroids"], r1["centroids"])
-    for key in ("target", "online"):
-        for name in r0[key]:
-            assert torch.equal(r0[key][name], r1[key][name]), (key, name)
-
-
-SPLIT_DRIVER = textwrap.dedent("""
-    import os, sys, torch, torch.distributed as dist
-    sys.path.insert(0, {repo!r})
-    import smog
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    torch.manual_seed(0)
-    grouping = smog.MomentumGrouping(20, 8, 3)
-    z = torch.randn(3, 64, 8)  # the whole batch, the same on both ranks: each updates with its half
-    grouping.update(z[:, rank * 32:(rank + 1) * 32], beta=0.9)
-    updated = grouping.centroids.clone()
-    bank = torch.randn(3, 100, 8)  # each rank clusters its half
-    grouping.kmeans_(bank[:, rank * 50:(rank + 1) * 50], iters=4, generator=torch.Generator().manual_seed(1))
-    # Three training steps, each rank on its own images: weights and groups must stay identical.
-    cfg = smog.parse_config(["--batch-size", "16", "--num-groups", "10", "--hidden-dim", "32", "--feat-dim", "16",
-                             "--num-local", "1"])
-    nets = smog.RunState(cfg, torch.device("cpu"))
-    images = smog.synthetic_shapes(32, seed=5)[0][rank * 16:(rank + 1) * 16]
-    losses = []
-    for step in range(3):
-        torch.manual_seed(smog.seed_for(cfg.seed, step, rank))
-        loss, _, _, _ = smog.train_step(nets.online_ddp, nets.target, nets.grouping,
-                                        [smog.batch_multicrop(images, step, smog.crop_recipe(cfg))], nets.opt,
-                                        nets.scaler, beta=0.99, **smog.step_hyperparameters(cfg))
-        losses.append(loss.item())
-    params = {{name: p for name, p in nets.online.named_parameters()}}
-    params.update({{"target." + name: p for name, p in nets.target.named_parameters()}})
-    torch.save(dict(updated=updated, kmeans=grouping.centroids.clone(), centroids=nets.grouping.centroids,
-                    params=params, losses=losses), os.path.join({out!r}, "split%d.pt" % rank))
-    dist.destroy_process_group()
-""")
-
-
-def test_two_processes_split_update_and_kmeans_as_one_and_stay_in_sync_for_three_steps(tmp_path):
-    driver = tmp_path / "split.py"
-    driver.write_text(SPLIT_DRIVER.format(repo=REPO, out=str(tmp_path)))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(driver)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    # One process with the whole batch and the whole bank (no process group: nothing is all-reduced).
-    torch.manual_seed(0)
-    one = smog.MomentumGrouping(20, 8, 3)
-    z = torch.randn(3, 64, 8)
-    one.update(z, beta=0.9)
-    updated = one.centroids.clone()
-    bank = torch.randn(3, 100, 8)
-    # k-means as specified: init from rank 0's rows (the first half of the bank), M-steps over the whole bank
-    gen = torch.Generator().manual_seed(1)
-    idx = torch.stack([torch.randperm(50, generator=gen)[:20] for _ in range(3)])
-    one.centroids.copy_(F.normalize(torch.gather(bank[:, :50], 1, idx[..., None].expand(3, 20, 8)), dim=-1))
-    for _ in range(4):
-        one.update(bank, beta=0.0)
-    splits = [torch.load(tmp_path / f"split{rank}.pt", weights_only=True) for rank in (0, 1)]
-    for split in splits:
-        assert (split["updated"] - updated).abs().max() <= 1e-6
-        assert (split["kmeans"] - one.centroids).abs().max() <= 1e-6
-    # after 3 steps on different images (different losses), identical groups and online and target weights
-    assert splits[0]["losses"] != splits[1]["losses"]
-    assert torch.equal(splits[0]["centroids"], splits[1]["centroids"])
-    assert splits[0]["params"].keys() == splits[1]["params"].keys()
-    for name, p in splits[0]["params"].items():
-        assert torch.equal(p, splits[1]["params"][name]), name
-
-
-def assert_one_line_error(r, *needles):
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    for needle in needles:
-        assert needle in lines[0]
-
-
-def test_bad_input_gives_one_line_errors(tmp_path):
-    assert_one_line_error(run_smog("--data", str(tmp_path / "missing")), "--data", "missing")
-    (tmp_path / "empty").mkdir()
-    assert_one_line_error(run_smog("--resume", str(tmp_path / "nope.pt"), "--out-dir", str(tmp_path)), "--resume")
-    out = ["--out-dir", str(tmp_path / "out")]
-    for argv, flag in ((["--data", str(tmp_path / "empty")], "--data"), (["--arch", "resnet9000"], "--arch"),
-                       (["--preset", "huge"], "--preset"), (["--synthetic-size", "100", "--batch-size", "128"],
-                                                            "--batch-size")):
-        (tmp_path / "empty").mkdir(exist_ok=True)
-        with pytest.raises(SystemExit, match=f"^smog.py: error: {flag}"):  # in-process: the same fail() line
-            smog.main([*argv, *out])
-    for budget in ("nan", "-1", "inf"):  # in-process: the same fail() line as the subprocess cases above
-        with pytest.raises(SystemExit, match="--memory-budget .* must be a finite number"):
-            smog.parse_config(["--memory-budget", budget])
-
-
-class RunsCode:
-    """Unpickles as a call of os.system: what a malicious 'checkpoint' would hold."""
-
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
-def test_checkpoint_whose_pickle_runs_code_is_refused_and_never_runs(tmp_path):
-    marker = tmp_path / "ran"
-    evil = tmp_path / "evil.pt"
-    torch.save(dict(config={}, online=RunsCode(f"touch {marker}")), evil)
-    for r, flag in ((run_smog("--resume", str(evil), "--out-dir", str(tmp_path / "out")), "--resume"),
-                    (run_script("eval_linear.py", "--checkpoint", str(evil)), "--checkpoint")):
-        assert_one_line_error(r, flag, str(evil), "could run code")
-        assert not marker.exists()
+def shapes_png(path, i=0, size=None):
+    import PIL.Image
+    image = PIL.Image.fromarray(smog.synthetic_shapes(i + 1, seed=0)[0][i].permute(1, 2, 0).numpy())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (image.resize(size) if size else image).save(path)
+
+
+def test_folders_are_read_as_a_user_expects(tmp_path):
+    for c in ("a", "b", "c"):
+        for i in range(3):
+            shapes_png(tmp_path / "train" / c / f"{i}.png", i)
+    (tmp_path / "train" / "a" / "up").symlink_to("..")  # a link to the parent: read once, not without end
+    (tmp_path / "train" / "b" / "same.png").symlink_to(tmp_path / "train" / "b" / "0.png")  # the same file twice
+    ds = smog.ImageFolderData(str(tmp_path / "train"))
+    assert len(ds) == 9 and ds.targets == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    # val/ is labelled by train/'s class names, whatever it lacks; a class train/ lacks is one line naming it
+    for c in ("c", "b"):
+        shapes_png(tmp_path / "val" / c / "0.png")
+    val = smog.load_dataset(smog.parse_config(["--data", str(tmp_path)]), "val")
+    assert val.labels.tolist() == [1, 2]
+    shapes_png(tmp_path / "val" / "d" / "0.png")
+    with pytest.raises(SystemExit, match="val/d.* a class the training split .*train does not have"):
+        smog.load_dataset(smog.parse_config(["--data", str(tmp_path)]), "val")
+    # a held-out split alone is not a training set
+    (tmp_path / "only_val" / "val").mkdir(parents=True)
+    (tmp_path / "train").rename(tmp_path / "only_val" / "val" / "x")
+    assert_one_line_error(run_smog("--data", str(tmp_path / "only_val"), "--out-dir", str(tmp_path / "o")),
+                          "--data", "has val/ but no train/")
+
+
+def test_every_image_mode_becomes_8_bit_rgb_without_clipping(tmp_path):
+    import PIL.Image
+    ramp = np.arange(256 * 4).reshape(4, 256)
+    cases = {"g16.png": ((ramp * 64).astype(np.uint16), lambda v: v * 64 / 65535 * 255),  # I;16: 0-65535
+             "g32.tif": ((ramp * 2**21).astype(np.int32), lambda v: v * 2**21 / (2**31 - 1) * 255),  # I: 0-2^31-1
+             "f32.tif": ((ramp / 1023).astype(np.float32), lambda v: v / 1023 * 255)}  # F: 0-1
+    for name, (pixels, expected) in cases.items():
+        PIL.Image.fromarray(pixels).save(tmp_path / name)
+        rgb = np.asarray(smog.ImageFolderData.load(tmp_path / name)).astype(float)
+        assert rgb.shape == (4, 256, 3) and np.abs(rgb[..., 0] - expected(ramp)).max() <= 0.51, name
+        assert np.all(rgb[..., 0] == rgb[..., 2]) and rgb.max() > 250, name  # grey, and not all white
+    for mode in ("L", "P", "RGBA", "CMYK", "1", "LA"):
+        image = PIL.Image.fromarray(np.full((4, 4, 3), 200, np.uint8)).convert(mode)
+        assert np.asarray(smog.rgb8(image)).shape == (4, 4, 3) and smog.rgb8(image).mode == "RGB", mode
+
+
+def test_file_names_in_messages_are_printed_escaped(tmp_path):
+    assert smog.printable("a\nb\x1b[31mc") == "a\\nb\\x1b[31mc"
+    for c in ("a", "b"):
+        for i in range(4):
+            shapes_png(tmp_path / "train" / c / f"{i}.png", i)
+    (tmp_path / "train" / "a" / "evil\n\x1b[2J.png").write_text("not an image")
+    r = run_smog("--data", str(tmp_path), "--batch-size", "9", "--epochs", "1", "--num-groups", "4",
+                 "--hidden-dim", "16", "--feat-dim", "8", "--out-dir", str(tmp_path / "out"))
+    assert_one_line_error(r, "evil\\n\\x1b[2J.png", "unreadable")
+    assert "\x1b" not in r.stderr
+
+
+def test_data_that_cannot_be_had_is_one_line(tmp_path, monkeypatch):
+    assert_one_line_error(run_smog("--synthetic-size", "100000000000", "--out-dir", str(tmp_path)),
+                          "--synthetic-size", "GiB")
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(smog.torchvision.datasets, "CIFAR10", offline)  # no network in tests: a stand-in
+    with pytest.raises(SystemExit, match="--data cifar10: could not download CIFAR-10 .* name resolution"):
+        smog.load_dataset(smog.parse_config(["--data", "cifar10", "--out-dir", str(tmp_path)]), "train")
 
 
 def test_non_image_file_in_folder_is_reported(tmp_path):
@@ -1228,7 +832,82 @@ def test_non_image_file_in_folder_is_reported(tmp_path):
     assert_one_line_error(r, "notes.png", "unreadable")
 
 
-# ----- batched (GPU) augmentation, run on CPU tensors ------------------------------------------------------------
+def test_truncated_jpeg_is_skipped_and_counted(tmp_path):
+    import PIL.Image
+    images, _ = smog.synthetic_shapes(128, seed=0)  # one batch of 128: no image is dropped
+    for i in range(128):
+        folder = tmp_path / "train" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        PIL.Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.jpg", quality=90)
+    whole = (tmp_path / "train" / "c0" / "0.jpg").read_bytes()
+    (tmp_path / "train" / "c0" / "0.jpg").write_bytes(whole[:len(whole) // 2])  # truncated: 1 of 128 < 1%
+    flags = ["--data", str(tmp_path), "--batch-size", "16", "--epochs", "1", "--num-groups", "8", "--hidden-dim", "16",
+             "--feat-dim", "8", "--log-every", "1", "--memory-budget", "0"]  # streamed through loader workers
+    r = run_smog(*flags, "--out-dir", str(tmp_path / "out"))  # 1 of the 16 images of a batch: per epoch, < 1%
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "crops: per image in workers (MultiCrop)" in r.stdout
+    records = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    assert sum(rec.get("bad_images", 0) for rec in records) == 1
+    (tmp_path / "train" / "c1" / "1.jpg").write_bytes(b"")  # 2 of 128: more than 1% of the epoch
+    assert_one_line_error(run_smog(*flags, "--out-dir", str(tmp_path / "out2")), "2 images unreadable in one epoch",
+                          "0.jpg")
+
+
+def png_folder(root, n=96, sizes=None):
+    """An ImageFolder of the embedded data set's images as PNGs (train/ and val/); returns (images, labels) of train."""
+    import PIL.Image
+    images, labels = smog.synthetic_shapes(n, seed=0)
+    for split in ("train", "val"):
+        for i in range(n):
+            folder = root / split / f"c{int(labels[i]):02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            image = PIL.Image.fromarray(images[i].permute(1, 2, 0).numpy())
+            if sizes and i in sizes:
+                image = image.resize(sizes[i])
+            image.save(folder / f"{i:04d}.png")
+    return images, labels
+
+
+def test_small_folder_is_decoded_once_and_trains_from_memory_watched_as_it_goes(tmp_path):
+    images, labels = png_folder(tmp_path / "data")
+    cfg = smog.parse_config(["--data", str(tmp_path / "data")])
+    assert cfg.invert == 0.0 and smog.parse_config([]).invert == 0.5  # the embedded set's polarity trick only
+    decoded, decoded_labels, folder, _ = smog.load_dataset(cfg, "train")
+    assert folder is None and decoded.dtype == torch.uint8 and decoded.shape == (96, 3, 32, 32)
+    order = [int(os.path.basename(p)[:4]) for p, _ in
+             __import__("torchvision").datasets.ImageFolder(str(tmp_path / "data" / "train")).samples]
+    assert torch.equal(decoded, images[order]) and torch.equal(decoded_labels, labels[order])  # the exact pixels
+    out = tmp_path / "out"
+    r = run_smog("--data", str(tmp_path / "data"), "--batch-size", "32", "--epochs", "2", "--num-groups", "8",
+                 "--hidden-dim", "16", "--feat-dim", "8", "--log-every", "1", "--eval-every", "1",
+                 "--out-dir", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "decoded into memory" in r.stdout and "crops: batched on the device" in r.stdout
+    steps = [line for line in r.stdout.splitlines() if line.startswith("step ")]
+    assert steps and all("ETA " in line and "entropy " in line for line in steps)
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert all(0 < rec["groups_used"] <= 8 and rec["assign_entropy"] <= rec["assign_entropy_max"] + 1e-6
+               for rec in records if "loss" in rec)
+    periodic = [rec for rec in records if "knn_top1" in rec and "knn_top1_random_init" not in rec]
+    final = [rec for rec in records if "knn_top1_random_init" in rec]
+    assert [rec["epoch"] for rec in periodic] == [0, 1] and "after epoch 0" in r.stdout
+    assert final and final[0]["knn_top1"] == periodic[-1]["knn_top1"]  # the last report is the final number
+    r = run_smog("--plot", str(out))
+    assert r.returncode == 0 and (out / "curves.svg").read_text().count("<polyline") >= 5, r.stderr
+    assert_one_line_error(run_smog("--plot", str(tmp_path / "nowhere")), "--plot", "log.jsonl")
+
+
+def test_folder_over_the_memory_budget_or_of_mixed_sizes_streams(tmp_path, capsys):
+    png_folder(tmp_path / "a", n=24)
+    cfg = smog.parse_config(["--data", str(tmp_path / "a"), "--memory-budget", "0.00001"])
+    images, _, folder, _ = smog.load_dataset(cfg, "train")
+    assert images is None and folder is not None and "over --memory-budget" in capsys.readouterr().out
+    png_folder(tmp_path / "b", n=24, sizes={5: (48, 40)})
+    images, _, folder, _ = smog.load_dataset(smog.parse_config(["--data", str(tmp_path / "b")]), "train")
+    assert images is None and folder is not None and "images of several sizes" in capsys.readouterr().out
+
+
+# ----- Part 2, batched augmentation, run on CPU tensors, and its match with MultiCrop ------------------------------
 
 N_AUG = 2000
 
@@ -1243,6 +922,21 @@ def constant_images(rgb, n=N_AUG, size=16):
 
 def within_binomial(count, n, p, sds=5):
     return abs(count - n * p) <= sds * math.sqrt(n * p * (1 - p)) + 1
+
+
+def torchvision_pil(x):
+    import torchvision
+    return torchvision.transforms.functional.to_pil_image(x)
+
+
+def test_batch_multicrop_shapes_and_per_image_randomness(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    img = smog.synthetic_shapes(1, seed=0)[0].expand(8, -1, -1, -1)  # eight copies of one image
+    g, loc, t, t_loc = smog.batch_multicrop(img, 0, smog.crop_recipe(cfg))
+    assert g.shape == (16, 3, 32, 32) and t.shape == (16, 3, 32, 32) and loc.shape == t_loc.shape == (16, 3, 16, 16)
+    assert all(x.dtype == torch.float32 and torch.isfinite(x).all() for x in (g, loc, t, t_loc))
+    assert smog.batch_multicrop(img, 0, smog.crop_recipe(cfg)._replace(target_local=False))[3] is None
+    assert len({tuple(x.flatten()[:50].tolist()) for x in g}) == 16  # no two copies get the same crop
 
 
 def test_batch_augment_in_float16_as_on_gpus_matches_float32():
@@ -1416,6 +1110,7 @@ def test_batched_augmentation_has_multicrops_rates_per_pipeline(pipeline):
     assert abs(rates[True]["strength"] - rates[False]["strength"]) < 0.01, rates
     assert abs(rates[True]["strength"] - smog.JITTER[0] / 4) < 0.01, rates
 
+
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "MultiCrop"])
 def test_the_branches_swap_pipelines_every_other_step(batched):
     # "q" blurs every crop and "k" one in ten: a 1-px checkerboard tells them apart (its contrast gone when blurred)
@@ -1436,6 +1131,8 @@ def test_the_branches_swap_pipelines_every_other_step(batched):
         assert blurred[q + "_global"] == blurred[q + "_local"] == 1.0, blurred
         assert blurred[k + "_global"] < 0.3 and blurred[k + "_local"] < 0.3, blurred
 
+
+# ----- Part 2, feeding the device: the crop paths ------------------------------------------------------------------
 
 def test_folder_crops_are_cut_at_full_resolution_as_torchvisions_random_resized_crop():
     import PIL.Image
@@ -1472,87 +1169,552 @@ def torchvision_rrc_params(image, scale):
     return torchvision.transforms.RandomResizedCrop.get_params(image, scale, (3 / 4, 4 / 3))
 
 
-def test_compile_keeps_checkpoint_keys_plain(tmp_path):
-    nets = build_nets(tiny_cfg(tmp_path, "--compile"))
-    keys = list(nets.online.state_dict()) + list(nets.target.state_dict())
-    assert keys and not any("_orig_mod" in k or k.startswith("module.") for k in keys)
+@pytest.mark.parametrize("left, top, w, h, size", [(5, 3, 20, 24, 16), (0, 0, 32, 32, 32), (7, 9, 11, 13, 32)])
+def test_in_memory_and_streamed_paths_make_the_same_crop_of_a_box(left, top, w, h, size):
+    import PIL.Image
+    # In memory: the crop as two resampling matrices on the device; streamed: PIL's crop + bilinear resize (CutCrops).
+    rows = smog._resampling_matrix(torch.tensor([float(top)]), torch.tensor([float(top + h)]), size, 32)[0]
+    cols = smog._resampling_matrix(torch.tensor([float(left)]), torch.tensor([float(left + w)]), size, 32)[0]
+    for x in smog.synthetic_shapes(4, seed=2)[0]:
+        in_memory = rows @ x.float() @ cols.T
+        streamed = PIL.Image.fromarray(x.permute(1, 2, 0).numpy()).crop((left, top, left + w, top + h))
+        streamed = torch.tensor(np.asarray(streamed.resize((size, size), PIL.Image.BILINEAR))).permute(2, 0, 1)
+        assert (in_memory - streamed.float()).abs().mean() < 2.5  # grey levels: the two filters' edges differ
 
 
-def test_bench_runs_every_part_on_cpu():
-    r = run_script("bench.py", "--steps", "1", "--warmup", "0", "--batch-size", "8", "--workers", "0", "--bn-reps", "1")
-    assert r.returncode == 0, r.stderr[-2000:]
-    result = json.loads(r.stdout.strip().splitlines()[-1])
-    for key in ("a_ceiling_img_per_s", "b_step_img_per_s", "c_e2e_cpu_aug_img_per_s", "c_e2e_gpu_aug_img_per_s",
-                "c_decode_cut_img_per_s_per_core", "d_update_over_floor", "b_over_a", "bn_over_sizes_ratio"):
-        assert result[key] > 0, key
-    assert result["bn_over_sizes_ms"] / result["bn_per_size_ms"] == pytest.approx(result["bn_over_sizes_ratio"],
-                                                                                 rel=0.5)
+# ----- Part 2, the run state and its checkpoints: save, resume, continue -------------------------------------------
+
+SMALL = ["--synthetic-size", "384", "--batch-size", "64", "--num-groups", "12", "--hidden-dim", "64",
+         "--feat-dim", "32", "--log-every", "2", "--kmeans-iters", "3", "--warmup-epochs", "1", "--num-local", "1"]
 
 
-def test_acceptance_command_trains_in_fp16_and_writes_its_report(tmp_path):
-    out = tmp_path / "acceptance"
-    r = run_script("bench.py", "--acceptance", str(out), "--steps", "1", "--warmup", "0", "--batch-size", "8",
-                   "--workers", "0", "--skip", "a,bn,c")  # bench's parts have their own test
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    report = json.load(open(out / "acceptance.json"))
-    assert report["passed"] and report["device"] == "cpu" and report["speed"]["b_step_img_per_s"] > 0
-    for name in ("tiny", "r50"):
-        run = report["runs"][name]
-        assert run["exit"] == 0 and run["finite"] and run["steps"] == 4
-        assert run["grad_scale"] is not None and run["skipped_steps"] >= 1  # fp16: the scaler's first steps
-        assert (out / f"{name}.log").exists() and len((out / f"{name}.jsonl").read_text().splitlines()) >= 2
-    assert report["runs"]["tiny"]["knn_top1_random_init"] is not None  # the tiny run's final report
-    summary = (out / "summary.txt").read_text()
-    assert summary.startswith("acceptance PASSED on cpu") and "ok   r50_loss_finite: True" in summary
+def run_script(script, *args):
+    """Runs one of the project's scripts in a fresh interpreter on 2 threads; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine-without-GPU path")
-def test_launch_without_gpu_prints_the_cpu_command():
-    r = subprocess.run(["bash", os.path.join(REPO, "launch.sh"), "node", "--epochs", "1"], capture_output=True,
-                       text=True, timeout=60, env={**os.environ, "DRY_RUN": "1"})
+def run_smog(*args):
+    return run_script("smog.py", *args)
+
+
+def final_state(out_dir):
+    return torch.load(os.path.join(out_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
+
+
+def run_signalled(sig, out, *flags, at="step 8/"):
+    """Runs smog.py FLAGS --out-dir OUT, sends it `sig` when it logs step 8 (or what `at` says); returns (exit status,
+    stdout lines, stderr)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "smog.py"), *flags, "--out-dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(at):
+            proc.send_signal(sig)
+    return proc.wait(timeout=300), lines, proc.stderr.read()
+
+
+def assert_one_line_error(r, *needles):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_train_resume_continue_matches_uninterrupted(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    r = run_smog(*SMALL, "--epochs", "2", "--out-dir", str(straight))
     assert r.returncode == 0, r.stderr
-    assert "no GPU found" in r.stdout and "+ python smog.py --epochs 1" in r.stdout
+    assert "kNN top-1 on the held-out split" in r.stdout
+    records = [json.loads(line) for line in open(straight / "log.jsonl")]
+    assert "knn_top1" in records[-1] and "knn_top1_random_init" in records[-1]
+    steps = [rec for rec in records if "loss" in rec]
+    assert steps and all(math.isfinite(rec["loss"]) and rec["groups_used"] >= 1 for rec in steps)
+
+    r = run_smog(*SMALL, "--epochs", "2", "--stop-after", "1", "--out-dir", str(split))
+    assert r.returncode == 0 and "held-out split: " not in r.stdout, r.stderr  # no final report yet
+    assert final_state(split)["epoch"] == 1
+    r = run_smog(*SMALL, "--epochs", "2", "--out-dir", str(split))  # --resume auto picks it up
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+    a, b = final_state(straight), final_state(split)
+    assert a["step"] == b["step"] == 2 * (384 // 64)
+    for key in ("online", "target", "grouping"):
+        for name in a[key]:
+            assert torch.allclose(a[key][name].float(), b[key][name].float(), atol=1e-6), (key, name)
+    split_losses = [rec["loss"] for rec in map(json.loads, open(split / "log.jsonl")) if "loss" in rec]
+    assert split_losses == pytest.approx([rec["loss"] for rec in steps], abs=1e-6)
+
+    # Preemption: a real SIGTERM in epoch 1 (steps 6-11), sent when step 8 is logged. The process finishes its step,
+    # writes a checkpoint and exits 0; the next start resumes mid-epoch and ends where the uninterrupted run ended.
+    preempted = tmp_path / "preempted"
+    status, lines, stderr = run_signalled(signal.SIGTERM, preempted, *SMALL, "--epochs", "2")
+    assert status == 0, stderr
+    assert any("caught a preemption signal" in line for line in lines), lines
+    state = final_state(preempted)
+    assert state["epoch"] == 1 and 0 < state["epoch_step"] < 6 and state["step"] == 6 + state["epoch_step"]
+    r = run_smog(*SMALL, "--epochs", "2", "--out-dir", str(preempted))
+    assert r.returncode == 0 and f"mid-epoch, after {state['epoch_step']} steps" in r.stdout, r.stderr
+    c = final_state(preempted)
+    for key in ("online", "target", "grouping"):
+        for name in a[key]:
+            assert torch.allclose(a[key][name].float(), c[key][name].float(), atol=1e-6), (key, name)
+    resumed_losses = [rec["loss"] for rec in map(json.loads, open(preempted / "log.jsonl")) if "loss" in rec]
+    assert resumed_losses == pytest.approx([rec["loss"] for rec in steps], abs=1e-6)
 
 
-def test_launch_on_gpus_restarts_a_group_whose_process_died(tmp_path):
-    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: stand-in'\necho 'GPU 1: stand-in'\n")
-    (tmp_path / "nvidia-smi").chmod(0o755)
-    env = {**os.environ, "DRY_RUN": "1", "PATH": f"{tmp_path}:{os.environ['PATH']}", "NNODES": "2",
-           "MASTER_ADDR": "node001"}
-    for mode, restarts in (("node", "3"), ("multinode", "3"), ("node", "7")):
-        r = subprocess.run(["bash", os.path.join(REPO, "launch.sh"), mode, "--epochs", "1"], capture_output=True,
-                           text=True, timeout=60, env={**env, "MAX_RESTARTS": restarts} if restarts != "3" else env)
-        assert r.returncode == 0, r.stderr
-        assert f"--nproc_per_node=gpu --max-restarts={restarts} " in r.stdout, r.stdout
+def test_accumulated_run_preempted_mid_epoch_resumes_exactly(tmp_path):
+    flags = [*SMALL, "--synthetic-size", "256", "--batch-size", "32", "--accumulate", "2", "--epochs", "2",
+             "--no-knn"]  # global batch 64: 4 steps per epoch
+    r = run_smog(*flags, "--out-dir", str(tmp_path / "straight"))
+    assert r.returncode == 0 and "global batch 64 (32 × 1 process(es) × 2 passes)" in r.stdout, r.stderr
+    status, _, stderr = run_signalled(signal.SIGTERM, tmp_path / "preempted", *flags, at="step 6/")
+    assert status == 0, stderr
+    assert 0 < final_state(tmp_path / "preempted")["epoch_step"] < 4
+    r = run_smog(*flags, "--out-dir", str(tmp_path / "preempted"))
+    assert r.returncode == 0 and "mid-epoch" in r.stdout, r.stderr
+    a, c = final_state(tmp_path / "straight"), final_state(tmp_path / "preempted")
+    assert a["step"] == c["step"] == 8
+    for key in ("online", "target", "grouping"):
+        for name in a[key]:
+            assert torch.allclose(a[key][name].float(), c[key][name].float(), atol=1e-6), (key, name)
 
 
-def test_launch_slurm_passes_the_preemption_signal_on_and_requeues(tmp_path):
-    # Stand-ins for srun (runs until SIGTERM, then exits 0 as smog.py does) and scontrol (records the requeue).
-    bin_dir, marks = tmp_path / "bin", tmp_path / "marks"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text(f"#!/bin/sh\ntrap 'echo TERM >> {marks}; exit 0' TERM\necho started >> {marks}\n"
-                                  "while :; do sleep 0.05; done\n")
-    (bin_dir / "scontrol").write_text(f"#!/bin/sh\ncase $1 in show) echo node001 ;; "
-                                      f"requeue) echo requeue $2 >> {marks} ;; esac\n")
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node001",
-           "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_ID": "42"}
-    proc = subprocess.Popen(["bash", os.path.join(REPO, "launch.sh"), "slurm", "--epochs", "1"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for _ in range(200):
-        if marks.exists() and "started" in marks.read_text():
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    """An out_dir after a 2-epoch SMALL run: checkpoint.pt (epoch 2) and checkpoint.prev.pt (epoch 1)."""
+    out = tmp_path_factory.mktemp("two_epochs")
+    r = run_smog(*SMALL, "--epochs", "2", "--no-knn", "--out-dir", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_previous_checkpoint_is_kept_and_a_damaged_newest_falls_back_to_it(two_epochs, tmp_path):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(two_epochs, out)
+    assert final_state(out)["epoch"] == 2
+    assert torch.load(out / "checkpoint.prev.pt", weights_only=True)["epoch"] == 1
+    data = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(data[:len(data) // 2])  # a copy cut short
+    r = run_smog(*SMALL, "--epochs", "3", "--no-knn", "--out-dir", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "checkpoint.pt does not load" in r.stdout and "trying the one before it" in r.stdout
+    assert f"resumed from {out / 'checkpoint.prev.pt'} at epoch 1" in r.stdout
+    assert final_state(out)["epoch"] == 3 and torch.load(out / "checkpoint.prev.pt", weights_only=True)["epoch"] == 2
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (out / name).write_bytes(b"not a checkpoint")
+    r = run_smog(*SMALL, "--epochs", "4", "--no-knn", "--out-dir", str(out))
+    assert_one_line_error(r, "no checkpoint loads", "checkpoint.pt", "checkpoint.prev.pt")
+
+
+def test_resume_refuses_another_data_set_size_or_global_batch(two_epochs):
+    flags = [*SMALL, "--epochs", "3", "--no-knn", "--out-dir", str(two_epochs)]
+    assert_one_line_error(run_smog(*flags, "--synthetic-size", "320"), "--resume", "another data set",
+                          "the embedded data set, 384 images", "is the embedded data set, 320 images")
+    assert_one_line_error(run_smog(*flags, "--batch-size", "32"), "--resume", "global batch of 64", "this run has 32")
+    for changed, flag in ((["--seed", "1"], "--seed"), (["--optimizer", "adamw"], "--optimizer"),
+                          (["--no-exclude-1d"], "--exclude-1d"), (["--hidden-dim", "32"], "--hidden-dim")):
+        with pytest.raises(SystemExit, match=f"--resume .*checkpoint has {flag} .*--resume none"):  # in-process
+            smog.train(smog.parse_config([*flags, *changed]))
+
+
+def test_resume_checks_the_data_set_fingerprint_and_allows_another_process_count(tmp_path, monkeypatch, capsys):
+    cfg = smog.parse_config(["--batch-size", "32"])
+    data = types.SimpleNamespace(labels=torch.zeros(256), fingerprint="the folder B, 256 images")
+    state = dict(config=dataclasses.asdict(dataclasses.replace(cfg, batch_size=64)), processes=1, num_images=256,
+                 data_fingerprint="the folder A, 256 images", epoch_step=0)
+    monkeypatch.setattr(smog, "world_size", lambda: 2)  # 1 × 64 resumed as 2 × 32: the same global batch
+    with pytest.raises(SystemExit, match="another data set .the folder A, 256 images.* is the folder B"):
+        smog.check_resumable("ck.pt", state, cfg, data)
+    state["data_fingerprint"] = data.fingerprint
+    smog.check_resumable("ck.pt", state, cfg, data)
+    assert "resuming 1 process(es) × 64 images × 1 passes as 2 × 32 × 1" in capsys.readouterr().out
+    state["epoch_step"] = 3
+    with pytest.raises(SystemExit, match="mid-epoch by 1 process"):
+        smog.check_resumable("ck.pt", state, cfg, data)
+
+
+def test_a_checkpoint_that_loads_but_does_not_fit_falls_back_to_the_previous_one(two_epochs, tmp_path):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(two_epochs, out)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    name = next(k for k in state["online"] if k.endswith("conv1.weight"))
+    state["online"][name] = state["online"][name][:1]  # a tensor of the wrong shape
+    torch.save(state, out / "checkpoint.pt")
+    r = run_smog(*SMALL, "--epochs", "3", "--no-knn", "--out-dir", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "checkpoint.pt does not load" in r.stdout and f"resumed from {out / 'checkpoint.prev.pt'}" in r.stdout
+    del state["grouping"]  # and one without a state entry: both refused, one line
+    torch.save(state, out / "checkpoint.pt")
+    torch.save(state, out / "checkpoint.prev.pt")
+    assert_one_line_error(run_smog(*SMALL, "--epochs", "4", "--no-knn", "--out-dir", str(out)), "no checkpoint loads",
+                          "incomplete: no grouping")
+
+
+def test_resume_none_moves_earlier_checkpoints_aside_and_odd_out_dirs_get_one_line(two_epochs, tmp_path):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(two_epochs, out)
+    r = run_smog(*SMALL, "--epochs", "1", "--no-knn", "--resume", "none", "--out-dir", str(out))
+    assert r.returncode == 0 and "--resume none: the earlier run's checkpoint.pt" in r.stdout, r.stderr
+    aside = sorted(p.name for p in out.iterdir() if p.name.count(".") == 2)  # checkpoint.<when>.pt, log.<when>.jsonl
+    assert len(aside) == 2 and torch.load(out / aside[0], weights_only=True)["epoch"] == 2
+    assert final_state(out)["epoch"] == 1  # the new run's own
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="--out-dir .*: cannot be created"):
+        smog.main(["--out-dir", str(tmp_path / "file" / "out")])
+    (tmp_path / "odd" / "checkpoint.pt").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="--out-dir .*checkpoint.pt is not a file"):
+        smog.main(["--out-dir", str(tmp_path / "odd")])
+
+
+def test_a_failed_checkpoint_write_ends_in_one_line_and_keeps_the_previous_ones(tmp_path, monkeypatch):
+    cfg = smog.parse_config([*SMALL, "--epochs", "3", "--no-knn", "--out-dir", str(tmp_path)])
+    smog.train(dataclasses.replace(cfg, epochs=1))
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def disk_full(obj, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file: "
+                           "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit) as e:
+        smog.train(cfg)
+    monkeypatch.setattr(torch, "save", real_save)
+    message = str(e.value)
+    assert "could not write the checkpoint" in message and "No space left" in message and "\n" not in message
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before and not (tmp_path / "checkpoint.pt.tmp").exists()
+    assert not (tmp_path / "lock").exists()
+
+
+class RunsCode:
+    """Unpickles as a call of os.system: what a malicious 'checkpoint' would hold."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_checkpoint_whose_pickle_runs_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    torch.save(dict(config={}, online=RunsCode(f"touch {marker}")), evil)
+    for r, flag in ((run_smog("--resume", str(evil), "--out-dir", str(tmp_path / "out")), "--resume"),
+                    (run_script("eval_linear.py", "--checkpoint", str(evil)), "--checkpoint")):
+        assert_one_line_error(r, flag, str(evil), "could run code")
+        assert not marker.exists()
+
+
+# ----- Part 2, processes and faults: preemption, lock, divergence, killed and stalled processes --------------------
+
+def test_catch_preemption_records_sigterm_sigusr1_and_sigint_then_restores_handlers():
+    signals = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+    before = [signal.getsignal(s) for s in signals]
+    with smog.catch_preemption() as caught:
+        for s in signals:
+            os.kill(os.getpid(), s)
+            time.sleep(0.05)  # Python runs handlers between bytecodes of the main thread
+    assert caught == list(signals)
+    assert [signal.getsignal(s) for s in signals] == before
+
+
+def test_ctrl_c_checkpoints_and_exits_130_and_a_second_one_stops_at_once(tmp_path, capsys):
+    out = tmp_path / "out"
+    status, lines, stderr = run_signalled(signal.SIGINT, out, *SMALL, "--epochs", "2", "--no-knn")
+    assert status == 130 and not stderr.strip()  # no traceback
+    assert any("caught Ctrl-C: checkpoint" in line for line in lines), lines
+    assert 0 < final_state(out)["epoch_step"] < 6 and not (out / "lock").exists()  # mid-epoch; the out-dir is free
+    with pytest.raises(SystemExit) as e:  # the second Ctrl-C: at once
+        with smog.catch_preemption():
+            for _ in range(2):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+    assert e.value.code == 130 and "stopped at once by a second Ctrl-C" in capsys.readouterr().err
+
+
+def test_a_second_run_on_a_live_out_dir_refuses_and_a_dead_runs_lock_is_taken_over(tmp_path):
+    import socket
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tmp_path.joinpath("lock").write_text(json.dumps(dict(host=socket.gethostname(), pid=sleeper.pid,
+                                                             since="2026-01-01 00:00:00")))
+        assert_one_line_error(run_smog(*SMALL, "--epochs", "1", "--out-dir", str(tmp_path)), "--out-dir",
+                              f"in use by process {sleeper.pid} on {socket.gethostname()}")
+        assert not (tmp_path / "checkpoint.pt").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    r = run_smog(*SMALL, "--epochs", "1", "--no-knn", "--out-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert f"taking over the lock of process {sleeper.pid}" in r.stdout and not (tmp_path / "lock").exists()
+
+
+def test_a_read_only_out_dir_is_one_line_before_any_data_is_read(tmp_path, monkeypatch):
+    import errno
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith("lock") and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    monkeypatch.setattr(smog, "load_dataset", lambda *a: pytest.fail("data read before the out-dir was checked"))
+    with pytest.raises(SystemExit, match="--out-dir .*: not writable .Read-only file system."):
+        smog.train(smog.parse_config(["--out-dir", str(tmp_path)]))
+
+
+def test_a_run_whose_weights_explode_with_a_finite_loss_stops(tmp_path):
+    r = run_smog(*SMALL, "--epochs", "2", "--no-knn", "--optimizer", "adamw", "--lr", "1e6", "--exclude-1d",
+                 "--out-dir", str(tmp_path))
+    assert_one_line_error(r, "diverged by step", "Lower --lr")
+    assert not (tmp_path / "checkpoint.pt").exists()  # no checkpoint of such weights
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
+    real_loss = smog.smog_loss
+    calls = []
+
+    def loss_nan_at_step_8(logits, labels):
+        calls.append(1)
+        loss = real_loss(logits, labels)
+        return loss * float("nan") if len(calls) == 9 else loss  # steps 0..5 are epoch 0; step 8 goes bad
+
+    monkeypatch.setattr(smog, "smog_loss", loss_nan_at_step_8)
+    cfg = smog.parse_config([*SMALL, "--epochs", "3", "--log-every", "100", "--no-knn", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        smog.train(cfg)
+    message = str(e.value)
+    assert "step 8" in message and "checkpoint.pt (after 1 epochs)" in message and "\n" not in message
+    state = final_state(tmp_path)  # the checkpoint on disk is the last good one, with finite weights
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["online"].values() if v.is_floating_point())
+
+
+def workers_of(torchrun_pid):
+    """{rank: pid} of the training processes below a torchrun process (read from /proc)."""
+    found, todo = {}, [torchrun_pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            todo += map(int, open(f"/proc/{pid}/task/{pid}/children").read().split())
+            env = dict(v.split("=", 1) for v in open(f"/proc/{pid}/environ").read().split("\0") if "=" in v)
+        except OSError:
+            continue
+        if "LOCAL_RANK" in env and pid != torchrun_pid:
+            found[int(env["RANK"])] = pid
+    return found
+
+
+def torchrun(out, *flags, restarts=0, limit=240):
+    """smog.py in 2 gloo processes under torchrun, killed after `limit` seconds so that a hang fails the test."""
+    import threading
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             f"--max-restarts={restarts}", os.path.join(REPO, "smog.py"), *SMALL, "--no-knn",
+                             "--out-dir", str(out), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    timer = threading.Timer(limit, lambda: proc.poll() is None and os.killpg(proc.pid, signal.SIGKILL))
+    timer.daemon = True
+    timer.start()
+    return proc
+
+
+def test_killed_process_restarts_the_group_which_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    flags = ["--epochs", "3", "--log-every", "1", "--checkpoint-every", "2"]  # 3 steps per epoch over 2 processes
+    straight = torchrun(tmp_path / "straight", *flags)
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()[-3000:]
+    proc, lines = torchrun(tmp_path / "killed", *flags, restarts=1), []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 5/") and not any(seen.startswith("resumed from") for seen in lines):
+            os.kill(workers_of(proc.pid)[1], signal.SIGKILL)  # checkpoints were written at steps 2, 3 and 4
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    assert any(line.startswith("resumed from") for line in lines), lines
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "killed")
+    assert a["step"] == b["step"] == 9
+    for key in ("online", "target", "grouping"):
+        for name in a[key]:
+            assert torch.allclose(a[key][name].float(), b[key][name].float(), atol=1e-6), (key, name)
+
+
+def test_stalled_process_ends_the_others_within_the_timeout(tmp_path):
+    proc = torchrun(tmp_path / "out", "--epochs", "50", "--log-every", "1", "--dist-timeout", "10")
+    for line in proc.stdout:
+        if line.startswith("step 2/"):
+            stalled, t0 = workers_of(proc.pid)[1], time.time()
+            os.kill(stalled, signal.SIGSTOP)
             break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    assert marks.read_text().split("\n")[1:3] == ["TERM", "requeue 42"], marks.read_text()
-    assert "+ srun torchrun --nnodes=1" in out and "requeueing job 42" in out
+    message, waited = "", math.inf
+    for line in proc.stderr:
+        if "smog.py: error:" in line:
+            message, waited = line, time.time() - t0
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    os.kill(stalled, signal.SIGKILL)  # torchrun starts its workers in sessions of their own: killpg misses it
+    assert proc.wait(timeout=120) != 0
+    assert "process 0 of 2 stopped at step" in message and "--dist-timeout 10 s" in message, message
+    assert 5 < waited < 40
 
 
-# ----- eval_linear.py ------------------------------------------------------------------------------------------
+DRIVER = textwrap.dedent("""
+    import os, sys, torch
+    sys.path.insert(0, {repo!r})
+    import smog
+    torch.set_num_threads(1)
+    nets = smog.train(smog.parse_config(sys.argv[1:]))
+    state = dict(centroids=nets.grouping.centroids, target=nets.target.state_dict(), online=nets.online.state_dict())
+    torch.save(state, os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"]))
+    torch.distributed.destroy_process_group()
+""")
 
+
+def test_torchrun_two_processes_stay_in_sync(tmp_path, accumulate="2"):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(repo=REPO, out=str(tmp_path)))
+    # 390 images: not divisible by 2 processes × 64, so ranks drop different tails and must still agree after the
+    # epoch's 3 steps (195 images per rank) and its k-means reset; with --accumulate 2, steps of 2 passes of 32.
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(driver), *SMALL, "--synthetic-size", "390", "--epochs", "1", "--no-knn",
+                        "--accumulate", accumulate, "--batch-size", str(64 // int(accumulate)),
+                        "--out-dir", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "processes: 2" in r.stdout
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    assert torch.equal(r0["centroids"], r1["centroids"])
+    for key in ("target", "online"):
+        for name in r0[key]:
+            assert torch.equal(r0[key][name], r1[key][name]), (key, name)
+
+
+SPLIT_DRIVER = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist
+    sys.path.insert(0, {repo!r})
+    import smog
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    grouping = smog.MomentumGrouping(20, 8, 3)
+    z = torch.randn(3, 64, 8)  # the whole batch, the same on both ranks: each updates with its half
+    grouping.update(z[:, rank * 32:(rank + 1) * 32], beta=0.9)
+    updated = grouping.centroids.clone()
+    bank = torch.randn(3, 100, 8)  # each rank clusters its half
+    grouping.kmeans_(bank[:, rank * 50:(rank + 1) * 50], iters=4, generator=torch.Generator().manual_seed(1))
+    # Three training steps, each rank on its own images: weights and groups must stay identical.
+    cfg = smog.parse_config(["--batch-size", "16", "--num-groups", "10", "--hidden-dim", "32", "--feat-dim", "16",
+                             "--num-local", "1"])
+    nets = smog.RunState(cfg, torch.device("cpu"))
+    images = smog.synthetic_shapes(32, seed=5)[0][rank * 16:(rank + 1) * 16]
+    losses = []
+    for step in range(3):
+        torch.manual_seed(smog.seed_for(cfg.seed, step, rank))
+        loss, _, _, _ = smog.train_step(nets.online_ddp, nets.target, nets.grouping,
+                                        [smog.batch_multicrop(images, step, smog.crop_recipe(cfg))], nets.opt,
+                                        nets.scaler, beta=0.99, **smog.step_hyperparameters(cfg))
+        losses.append(loss.item())
+    params = {{name: p for name, p in nets.online.named_parameters()}}
+    params.update({{"target." + name: p for name, p in nets.target.named_parameters()}})
+    torch.save(dict(updated=updated, kmeans=grouping.centroids.clone(), centroids=nets.grouping.centroids,
+                    params=params, losses=losses), os.path.join({out!r}, "split%d.pt" % rank))
+    dist.destroy_process_group()
+""")
+
+
+def test_two_processes_split_update_and_kmeans_as_one_and_stay_in_sync_for_three_steps(tmp_path):
+    driver = tmp_path / "split.py"
+    driver.write_text(SPLIT_DRIVER.format(repo=REPO, out=str(tmp_path)))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(driver)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    # One process with the whole batch and the whole bank (no process group: nothing is all-reduced).
+    torch.manual_seed(0)
+    one = smog.MomentumGrouping(20, 8, 3)
+    z = torch.randn(3, 64, 8)
+    one.update(z, beta=0.9)
+    updated = one.centroids.clone()
+    bank = torch.randn(3, 100, 8)
+    # k-means as specified: init from rank 0's rows (the first half of the bank), M-steps over the whole bank
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.stack([torch.randperm(50, generator=gen)[:20] for _ in range(3)])
+    one.centroids.copy_(F.normalize(torch.gather(bank[:, :50], 1, idx[..., None].expand(3, 20, 8)), dim=-1))
+    for _ in range(4):
+        one.update(bank, beta=0.0)
+    splits = [torch.load(tmp_path / f"split{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for split in splits:
+        assert (split["updated"] - updated).abs().max() <= 1e-6
+        assert (split["kmeans"] - one.centroids).abs().max() <= 1e-6
+    # after 3 steps on different images (different losses), identical groups and online and target weights
+    assert splits[0]["losses"] != splits[1]["losses"]
+    assert torch.equal(splits[0]["centroids"], splits[1]["centroids"])
+    assert splits[0]["params"].keys() == splits[1]["params"].keys()
+    for name, p in splits[0]["params"].items():
+        assert torch.equal(p, splits[1]["params"][name]), name
+
+
+# ----- Part 2, reports and the command line ------------------------------------------------------------------------
+
+def test_skipped_steps_and_scale_are_logged_and_many_skips_say_so_once(tmp_path, capsys):
+    cfg = tiny_cfg(tmp_path, "--precision", "fp16")
+    jsonl = open(tmp_path / "log.jsonl", "w")
+    progress = smog.Progress(cfg, 200, jsonl, 0, torch.amp.GradScaler("cpu"))
+    counts = torch.ones(cfg.num_heads, cfg.num_groups)
+    for interval, skips in enumerate((3, 10)):  # 3 of 50 steps (calibration), then 10 of 50: 13 > 20 + 3% of 100?
+        for i in range(50):
+            progress.add(counts, torch.tensor(i < skips))
+        progress.report(50 * (interval + 1), 0, torch.tensor(1.0), 0.1, 0.99)
+    first = capsys.readouterr().out
+    assert "fp16 steps skipped 3, scale 65536" in first and "fp16 steps skipped 10" in first
+    assert "warning" not in first  # 13 skipped of 100: calibration
+    for i in range(50):
+        progress.add(counts, torch.tensor(True))
+    progress.report(150, 0, torch.tensor(1.0), 0.1, 0.99)
+    for i in range(50):
+        progress.add(counts, torch.tensor(True))
+    progress.report(200, 0, torch.tensor(1.0), 0.1, 0.99)
+    out = capsys.readouterr().out
+    assert out.count("warning: GradScaler skipped 63 of the 150 optimiser steps") == 1 and "--precision bf16" in out
+    assert out.count("warning") == 1  # said once
+    jsonl.close()
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["skipped_steps"] for r in records] == [3, 10, 50, 50] and records[0]["grad_scale"] == 65536.0
+
+
+def test_knn_on_toy_set_with_known_answer():
+    train = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]), dim=1)
+    labels = torch.tensor([0, 0, 1, 1])
+    test = F.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0], [0.8, 0.2]]), dim=1)
+    assert smog.knn_top1(train, labels, test, torch.tensor([0, 1, 0]), k=2) == 100.0
+    assert smog.knn_top1(train, labels, test, torch.tensor([1, 0, 1]), k=2) == 0.0
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    assert_one_line_error(run_smog("--data", str(tmp_path / "missing")), "--data", "missing")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_smog("--resume", str(tmp_path / "nope.pt"), "--out-dir", str(tmp_path)), "--resume")
+    out = ["--out-dir", str(tmp_path / "out")]
+    for argv, flag in ((["--data", str(tmp_path / "empty")], "--data"), (["--arch", "resnet9000"], "--arch"),
+                       (["--preset", "huge"], "--preset"), (["--synthetic-size", "100", "--batch-size", "128"],
+                                                            "--batch-size")):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        with pytest.raises(SystemExit, match=f"^smog.py: error: {flag}"):  # in-process: the same fail() line
+            smog.main([*argv, *out])
+    for budget in ("nan", "-1", "inf"):  # in-process: the same fail() line as the subprocess cases above
+        with pytest.raises(SystemExit, match="--memory-budget .* must be a finite number"):
+            smog.parse_config(["--memory-budget", budget])
+
+
+# ----- eval_linear.py ----------------------------------------------------------------------------------------------
 
 def fake_checkpoint(path, *flags):
     cfg = smog.parse_config(list(flags))
@@ -1654,233 +1816,76 @@ def test_eval_linear_takes_paths_only_from_its_own_flags(tmp_path):
     assert not (tmp_path / "chosen_by_author").exists()
 
 
-TORCHVISION_TWINS = {  # arch -> (torchvision model with the same backbone keys, keys that only it has)
-    "resnet50": (lambda tv: tv.models.resnet50(), {"fc.weight", "fc.bias"}),
-    "swin_t": (lambda tv: tv.models.swin_t(), {"head.weight", "head.bias"}),
-    "vit_s16": (lambda tv: tv.models.VisionTransformer(224, 16, 12, 6, 384, 1536), {"heads.head.weight",
-                                                                                  "heads.head.bias"}),
-    "vit_b16": (lambda tv: tv.models.vit_b_16(), {"heads.head.weight", "heads.head.bias"}),
-    "resnet50w2": (None, set()),  # no torchvision twin: compared with smog.py's own builder
-    "swin_t_bn": (None, set()),
-}
+# ----- bench.py and launch.sh --------------------------------------------------------------------------------------
+
+def test_bench_runs_every_part_on_cpu():
+    r = run_script("bench.py", "--steps", "1", "--warmup", "0", "--batch-size", "8", "--workers", "0", "--bn-reps", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("a_ceiling_img_per_s", "b_step_img_per_s", "c_e2e_cpu_aug_img_per_s", "c_e2e_gpu_aug_img_per_s",
+                "c_decode_cut_img_per_s_per_core", "d_update_over_floor", "b_over_a", "bn_over_sizes_ratio"):
+        assert result[key] > 0, key
+    assert result["bn_over_sizes_ms"] / result["bn_per_size_ms"] == pytest.approx(result["bn_over_sizes_ratio"],
+                                                                                 rel=0.5)
 
 
-@pytest.mark.parametrize("arch", list(TORCHVISION_TWINS))
-def test_backbone_trains_a_step_at_both_crop_sizes_reloads_and_exports(arch, tmp_path):
-    import torchvision
-    cfg = smog.parse_config(["--arch", arch, "--global-size", "64", "--local-size", "32", "--num-local", "1",
-                             "--batch-size", "4", "--num-groups", "8", "--hidden-dim", "32", "--feat-dim", "16",
-                             "--drop-path", "0.2" if arch.startswith("swin") else "0", "--channels-last"])
-    nets = build_nets(cfg)
-    if arch.startswith("swin"):  # drop-path in the online branch only
-        depths = [m.p for m in nets.online.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
-        assert max(depths) == pytest.approx(0.2)
-        assert all(m.p == 0 for m in nets.target.modules() if isinstance(m, torchvision.ops.StochasticDepth))
-    backbone = nets.online.encoder.backbone
-    before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    images, _ = smog.synthetic_shapes(4, seed=1)
-    crops = smog.batch_multicrop(images, 0, smog.crop_recipe(cfg))  # online: 64 and 32 px in one forward
-    loss, _, _, _ = step_of(cfg, nets, [crops])
-    assert torch.isfinite(loss)
-    assert any(not torch.equal(before[k], v) for k, v in backbone.state_dict().items())
-    # save → strict reload (eval_linear.py) → export into the torchvision model
-    torch.save(dict(config=dataclasses.asdict(cfg), online=nets.online.state_dict()), tmp_path / "ck.pt")
-    r = run_eval("--checkpoint", str(tmp_path / "ck.pt"), "--export", str(tmp_path / "backbone.pt"))
+def test_acceptance_command_trains_in_fp16_and_writes_its_report(tmp_path):
+    out = tmp_path / "acceptance"
+    r = run_script("bench.py", "--acceptance", str(out), "--steps", "1", "--warmup", "0", "--batch-size", "8",
+                   "--workers", "0", "--skip", "a,bn,c")  # bench's parts have their own test
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    report = json.load(open(out / "acceptance.json"))
+    assert report["passed"] and report["device"] == "cpu" and report["speed"]["b_step_img_per_s"] > 0
+    for name in ("tiny", "r50"):
+        run = report["runs"][name]
+        assert run["exit"] == 0 and run["finite"] and run["steps"] == 4
+        assert run["grad_scale"] is not None and run["skipped_steps"] >= 1  # fp16: the scaler's first steps
+        assert (out / f"{name}.log").exists() and len((out / f"{name}.jsonl").read_text().splitlines()) >= 2
+    assert report["runs"]["tiny"]["knn_top1_random_init"] is not None  # the tiny run's final report
+    summary = (out / "summary.txt").read_text()
+    assert summary.startswith("acceptance PASSED on cpu") and "ok   r50_loss_finite: True" in summary
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine-without-GPU path")
+def test_launch_without_gpu_prints_the_cpu_command():
+    r = subprocess.run(["bash", os.path.join(REPO, "launch.sh"), "node", "--epochs", "1"], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "DRY_RUN": "1"})
     assert r.returncode == 0, r.stderr
-    sd = torch.load(tmp_path / "backbone.pt", weights_only=True)
-    make, only_twin = TORCHVISION_TWINS[arch]
-    model = make(torchvision) if make else smog.BACKBONES[arch](0.0)[0]
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert set(missing) == only_twin and not unexpected  # the twin differs only by its classifier
-    model = load_export_as_advised(r, arch)  # and the printed advice loads it with strict key matching
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, backbone.state_dict()[k]), k
+    assert "no GPU found" in r.stdout and "+ python smog.py --epochs 1" in r.stdout
 
 
-def test_knn_on_toy_set_with_known_answer():
-    train = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]), dim=1)
-    labels = torch.tensor([0, 0, 1, 1])
-    test = F.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0], [0.8, 0.2]]), dim=1)
-    assert smog.knn_top1(train, labels, test, torch.tensor([0, 1, 0]), k=2) == 100.0
-    assert smog.knn_top1(train, labels, test, torch.tensor([1, 0, 1]), k=2) == 0.0
+def test_launch_on_gpus_restarts_a_group_whose_process_died(tmp_path):
+    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: stand-in'\necho 'GPU 1: stand-in'\n")
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    env = {**os.environ, "DRY_RUN": "1", "PATH": f"{tmp_path}:{os.environ['PATH']}", "NNODES": "2",
+           "MASTER_ADDR": "node001"}
+    for mode, restarts in (("node", "3"), ("multinode", "3"), ("node", "7")):
+        r = subprocess.run(["bash", os.path.join(REPO, "launch.sh"), mode, "--epochs", "1"], capture_output=True,
+                           text=True, timeout=60, env={**env, "MAX_RESTARTS": restarts} if restarts != "3" else env)
+        assert r.returncode == 0, r.stderr
+        assert f"--nproc_per_node=gpu --max-restarts={restarts} " in r.stdout, r.stdout
 
 
-def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
-    real_loss = smog.smog_loss
-    calls = []
-
-    def loss_nan_at_step_8(logits, labels):
-        calls.append(1)
-        loss = real_loss(logits, labels)
-        return loss * float("nan") if len(calls) == 9 else loss  # steps 0..5 are epoch 0; step 8 goes bad
-
-    monkeypatch.setattr(smog, "smog_loss", loss_nan_at_step_8)
-    cfg = smog.parse_config([*SMALL, "--epochs", "3", "--log-every", "100", "--no-knn", "--out-dir", str(tmp_path)])
-    with pytest.raises(SystemExit) as e:
-        smog.train(cfg)
-    message = str(e.value)
-    assert "step 8" in message and "checkpoint.pt (after 1 epochs)" in message and "\n" not in message
-    state = final_state(tmp_path)  # the checkpoint on disk is the last good one, with finite weights
-    assert state["epoch"] == 1
-    assert all(torch.isfinite(v).all() for v in state["online"].values() if v.is_floating_point())
-
-
-def test_truncated_jpeg_is_skipped_and_counted(tmp_path):
-    import PIL.Image
-    images, _ = smog.synthetic_shapes(128, seed=0)  # one batch of 128: no image is dropped
-    for i in range(128):
-        folder = tmp_path / "train" / f"c{i % 2}"
-        folder.mkdir(parents=True, exist_ok=True)
-        PIL.Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.jpg", quality=90)
-    whole = (tmp_path / "train" / "c0" / "0.jpg").read_bytes()
-    (tmp_path / "train" / "c0" / "0.jpg").write_bytes(whole[:len(whole) // 2])  # truncated: 1 of 128 < 1%
-    flags = ["--data", str(tmp_path), "--batch-size", "16", "--epochs", "1", "--num-groups", "8", "--hidden-dim", "16",
-             "--feat-dim", "8", "--log-every", "1", "--memory-budget", "0"]  # streamed through loader workers
-    r = run_smog(*flags, "--out-dir", str(tmp_path / "out"))  # 1 of the 16 images of a batch: per epoch, < 1%
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "crops: per image in workers (MultiCrop)" in r.stdout
-    records = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
-    assert sum(rec.get("bad_images", 0) for rec in records) == 1
-    (tmp_path / "train" / "c1" / "1.jpg").write_bytes(b"")  # 2 of 128: more than 1% of the epoch
-    assert_one_line_error(run_smog(*flags, "--out-dir", str(tmp_path / "out2")), "2 images unreadable in one epoch",
-                          "0.jpg")
-
-
-def shapes_png(path, i=0, size=None):
-    import PIL.Image
-    image = PIL.Image.fromarray(smog.synthetic_shapes(i + 1, seed=0)[0][i].permute(1, 2, 0).numpy())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    (image.resize(size) if size else image).save(path)
-
-
-def test_folders_are_read_as_a_user_expects(tmp_path):
-    for c in ("a", "b", "c"):
-        for i in range(3):
-            shapes_png(tmp_path / "train" / c / f"{i}.png", i)
-    (tmp_path / "train" / "a" / "up").symlink_to("..")  # a link to the parent: read once, not without end
-    (tmp_path / "train" / "b" / "same.png").symlink_to(tmp_path / "train" / "b" / "0.png")  # the same file twice
-    ds = smog.ImageFolderData(str(tmp_path / "train"))
-    assert len(ds) == 9 and ds.targets == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    # val/ is labelled by train/'s class names, whatever it lacks; a class train/ lacks is one line naming it
-    for c in ("c", "b"):
-        shapes_png(tmp_path / "val" / c / "0.png")
-    val = smog.load_dataset(smog.parse_config(["--data", str(tmp_path)]), "val")
-    assert val.labels.tolist() == [1, 2]
-    shapes_png(tmp_path / "val" / "d" / "0.png")
-    with pytest.raises(SystemExit, match="val/d.* a class the training split .*train does not have"):
-        smog.load_dataset(smog.parse_config(["--data", str(tmp_path)]), "val")
-    # a held-out split alone is not a training set
-    (tmp_path / "only_val" / "val").mkdir(parents=True)
-    (tmp_path / "train").rename(tmp_path / "only_val" / "val" / "x")
-    assert_one_line_error(run_smog("--data", str(tmp_path / "only_val"), "--out-dir", str(tmp_path / "o")),
-                          "--data", "has val/ but no train/")
-
-
-def test_every_image_mode_becomes_8_bit_rgb_without_clipping(tmp_path):
-    import PIL.Image
-    ramp = np.arange(256 * 4).reshape(4, 256)
-    cases = {"g16.png": ((ramp * 64).astype(np.uint16), lambda v: v * 64 / 65535 * 255),  # I;16: 0-65535
-             "g32.tif": ((ramp * 2**21).astype(np.int32), lambda v: v * 2**21 / (2**31 - 1) * 255),  # I: 0-2^31-1
-             "f32.tif": ((ramp / 1023).astype(np.float32), lambda v: v / 1023 * 255)}  # F: 0-1
-    for name, (pixels, expected) in cases.items():
-        PIL.Image.fromarray(pixels).save(tmp_path / name)
-        rgb = np.asarray(smog.ImageFolderData.load(tmp_path / name)).astype(float)
-        assert rgb.shape == (4, 256, 3) and np.abs(rgb[..., 0] - expected(ramp)).max() <= 0.51, name
-        assert np.all(rgb[..., 0] == rgb[..., 2]) and rgb.max() > 250, name  # grey, and not all white
-    for mode in ("L", "P", "RGBA", "CMYK", "1", "LA"):
-        image = PIL.Image.fromarray(np.full((4, 4, 3), 200, np.uint8)).convert(mode)
-        assert np.asarray(smog.rgb8(image)).shape == (4, 4, 3) and smog.rgb8(image).mode == "RGB", mode
-
-
-def test_file_names_in_messages_are_printed_escaped(tmp_path):
-    assert smog.printable("a\nb\x1b[31mc") == "a\\nb\\x1b[31mc"
-    for c in ("a", "b"):
-        for i in range(4):
-            shapes_png(tmp_path / "train" / c / f"{i}.png", i)
-    (tmp_path / "train" / "a" / "evil\n\x1b[2J.png").write_text("not an image")
-    r = run_smog("--data", str(tmp_path), "--batch-size", "9", "--epochs", "1", "--num-groups", "4",
-                 "--hidden-dim", "16", "--feat-dim", "8", "--out-dir", str(tmp_path / "out"))
-    assert_one_line_error(r, "evil\\n\\x1b[2J.png", "unreadable")
-    assert "\x1b" not in r.stderr
-
-
-def test_data_that_cannot_be_had_is_one_line(tmp_path, monkeypatch):
-    assert_one_line_error(run_smog("--synthetic-size", "100000000000", "--out-dir", str(tmp_path)),
-                          "--synthetic-size", "GiB")
-
-    def offline(*args, **kwargs):
-        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
-
-    monkeypatch.setattr(smog.torchvision.datasets, "CIFAR10", offline)  # no network in tests: a stand-in
-    with pytest.raises(SystemExit, match="--data cifar10: could not download CIFAR-10 .* name resolution"):
-        smog.load_dataset(smog.parse_config(["--data", "cifar10", "--out-dir", str(tmp_path)]), "train")
-
-
-# ----- your own small data set: decoded into memory, watched while it trains -------------------------------------
-
-
-def png_folder(root, n=96, sizes=None):
-    """An ImageFolder of the embedded data set's images as PNGs (train/ and val/); returns (images, labels) of train."""
-    import PIL.Image
-    images, labels = smog.synthetic_shapes(n, seed=0)
-    for split in ("train", "val"):
-        for i in range(n):
-            folder = root / split / f"c{int(labels[i]):02d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            image = PIL.Image.fromarray(images[i].permute(1, 2, 0).numpy())
-            if sizes and i in sizes:
-                image = image.resize(sizes[i])
-            image.save(folder / f"{i:04d}.png")
-    return images, labels
-
-
-def test_small_folder_is_decoded_once_and_trains_from_memory_watched_as_it_goes(tmp_path):
-    images, labels = png_folder(tmp_path / "data")
-    cfg = smog.parse_config(["--data", str(tmp_path / "data")])
-    assert cfg.invert == 0.0 and smog.parse_config([]).invert == 0.5  # the embedded set's polarity trick only
-    decoded, decoded_labels, folder, _ = smog.load_dataset(cfg, "train")
-    assert folder is None and decoded.dtype == torch.uint8 and decoded.shape == (96, 3, 32, 32)
-    order = [int(os.path.basename(p)[:4]) for p, _ in
-             __import__("torchvision").datasets.ImageFolder(str(tmp_path / "data" / "train")).samples]
-    assert torch.equal(decoded, images[order]) and torch.equal(decoded_labels, labels[order])  # the exact pixels
-    out = tmp_path / "out"
-    r = run_smog("--data", str(tmp_path / "data"), "--batch-size", "32", "--epochs", "2", "--num-groups", "8",
-                 "--hidden-dim", "16", "--feat-dim", "8", "--log-every", "1", "--eval-every", "1",
-                 "--out-dir", str(out))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "decoded into memory" in r.stdout and "crops: batched on the device" in r.stdout
-    steps = [line for line in r.stdout.splitlines() if line.startswith("step ")]
-    assert steps and all("ETA " in line and "entropy " in line for line in steps)
-    records = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert all(0 < rec["groups_used"] <= 8 and rec["assign_entropy"] <= rec["assign_entropy_max"] + 1e-6
-               for rec in records if "loss" in rec)
-    periodic = [rec for rec in records if "knn_top1" in rec and "knn_top1_random_init" not in rec]
-    final = [rec for rec in records if "knn_top1_random_init" in rec]
-    assert [rec["epoch"] for rec in periodic] == [0, 1] and "after epoch 0" in r.stdout
-    assert final and final[0]["knn_top1"] == periodic[-1]["knn_top1"]  # the last report is the final number
-    r = run_smog("--plot", str(out))
-    assert r.returncode == 0 and (out / "curves.svg").read_text().count("<polyline") >= 5, r.stderr
-    assert_one_line_error(run_smog("--plot", str(tmp_path / "nowhere")), "--plot", "log.jsonl")
-
-
-def test_folder_over_the_memory_budget_or_of_mixed_sizes_streams(tmp_path, capsys):
-    png_folder(tmp_path / "a", n=24)
-    cfg = smog.parse_config(["--data", str(tmp_path / "a"), "--memory-budget", "0.00001"])
-    images, _, folder, _ = smog.load_dataset(cfg, "train")
-    assert images is None and folder is not None and "over --memory-budget" in capsys.readouterr().out
-    png_folder(tmp_path / "b", n=24, sizes={5: (48, 40)})
-    images, _, folder, _ = smog.load_dataset(smog.parse_config(["--data", str(tmp_path / "b")]), "train")
-    assert images is None and folder is not None and "images of several sizes" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("left, top, w, h, size", [(5, 3, 20, 24, 16), (0, 0, 32, 32, 32), (7, 9, 11, 13, 32)])
-def test_in_memory_and_streamed_paths_make_the_same_crop_of_a_box(left, top, w, h, size):
-    import PIL.Image
-    # In memory: the crop as two resampling matrices on the device; streamed: PIL's crop + bilinear resize (CutCrops).
-    rows = smog._resampling_matrix(torch.tensor([float(top)]), torch.tensor([float(top + h)]), size, 32)[0]
-    cols = smog._resampling_matrix(torch.tensor([float(left)]), torch.tensor([float(left + w)]), size, 32)[0]
-    for x in smog.synthetic_shapes(4, seed=2)[0]:
-        in_memory = rows @ x.float() @ cols.T
-        streamed = PIL.Image.fromarray(x.permute(1, 2, 0).numpy()).crop((left, top, left + w, top + h))
-        streamed = torch.tensor(np.asarray(streamed.resize((size, size), PIL.Image.BILINEAR))).permute(2, 0, 1)
-        assert (in_memory - streamed.float()).abs().mean() < 2.5  # grey levels: the two filters' edges differ
+def test_launch_slurm_passes_the_preemption_signal_on_and_requeues(tmp_path):
+    # Stand-ins for srun (runs until SIGTERM, then exits 0 as smog.py does) and scontrol (records the requeue).
+    bin_dir, marks = tmp_path / "bin", tmp_path / "marks"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/sh\ntrap 'echo TERM >> {marks}; exit 0' TERM\necho started >> {marks}\n"
+                                  "while :; do sleep 0.05; done\n")
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\ncase $1 in show) echo node001 ;; "
+                                      f"requeue) echo requeue $2 >> {marks} ;; esac\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node001",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_ID": "42"}
+    proc = subprocess.Popen(["bash", os.path.join(REPO, "launch.sh"), "slurm", "--epochs", "1"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(200):
+        if marks.exists() and "started" in marks.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert marks.read_text().split("\n")[1:3] == ["TERM", "requeue 42"], marks.read_text()
+    assert "+ srun torchrun --nnodes=1" in out and "requeueing job 42" in out
