@@ -106,7 +106,6 @@ class CropRecipe(NamedTuple):
     num_local: int = 4  # L
     target_local: bool = True  # the target forwards L local crops too; they join only its BN statistics
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur σ range, pixels of the crop
-    invert: float = 0.0  # probability of a crop's negative 1 − x: not in the paper (Part 2's embedded data set)
 
 class Crops(NamedTuple):
     """One step's crops of B images, crop-major (every image's first crop, then every image's second, ...)."""
@@ -121,9 +120,10 @@ def pipelines_for_step(step):
 
 class MultiCrop:
     """The crops of one image for one step, drawn by a per-image torchvision pipeline: the definition of the recipe.
-    Called with (PIL image, step); returns Crops of that one image (2 global, L local per branch)."""
+    Called with (PIL image, step); returns Crops of that one image (2 global, L local per branch). invert: the
+    probability of a crop's negative 1 − x, not in the paper (Part 2's embedded data set needs it)."""
 
-    def __init__(self, recipe=CropRecipe()):
+    def __init__(self, recipe=CropRecipe(), invert=0.0):
         T, r = torchvision.transforms, recipe
         self.recipe = r
 
@@ -137,7 +137,7 @@ class MultiCrop:
                 T.RandomGrayscale(p=GRAYSCALE_P),
                 T.RandomApply([T.GaussianBlur(kernel, r.blur_sigma)], p=blur_p),
                 T.RandomSolarize(128, p=solarize_p),
-                T.RandomInvert(p=r.invert),
+                *([T.RandomInvert(p=invert)] if invert else []),
                 T.ToTensor(),
                 T.Normalize(MEAN, STD),
             ])
@@ -170,10 +170,10 @@ def mlp(dim_in, hidden, dim_out, last_bn, gelu=False, trunc_init=False):
         nn.init.zeros_(linear.bias)
     return nn.Sequential(*layers)
 
-def mlp_over_sizes(mlp, xs, per_size):
+def mlp_over_sizes(mlp, xs, swin_heads=False):
     """A projector or predictor on the features of every crop size: one pass over all of them (the authors'
-    ResNets), or one per size (their Swin). xs: list of (n_i, d) → (Σ n_i, D)."""
-    return torch.cat([mlp(x) for x in xs]) if per_size else mlp(torch.cat(xs))
+    ResNets), or with swin_heads one per size (their Swin). xs: list of (n_i, d) → (Σ n_i, D)."""
+    return torch.cat([mlp(x) for x in xs]) if swin_heads else mlp(torch.cat(xs))
 
 class Encoder(nn.Module):
     """Backbone + projector: crops → projections z; crops of one size are forwarded as one batch.
@@ -512,7 +512,9 @@ class Config:
     num_local: int = 4
     target_local: bool = True
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    invert: float = 0.0  # -1: 0.5 for --data synthetic (its shapes come in both polarities), else 0 (the tiny preset)
+    # Not in the paper: the probability of a crop's negative 1 − x; -1: 0.5 for --data synthetic (its shapes come
+    # in both polarities), else 0 (the tiny preset)
+    invert: float = 0.0
     batched_aug: str = "auto"  # on: crops drawn on the training device | off: MultiCrop in CPU workers | auto: on for
     # data held in memory and on GPUs
     # --- networks ---
@@ -657,34 +659,26 @@ def check_config(cfg):
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             bad(name, f"unknown (choose from {', '.join(allowed)})")
-    for name in ("epochs", "batch_size", "accumulate", "global_size", "local_size", "feat_dim", "hidden_dim",
-                 "num_groups", "num_heads", "log_every", "synthetic_size"):
-        if getattr(cfg, name) < 1:
-            bad(name, "must be at least 1")
-    if cfg.eval_every < -1:
-        bad("eval_every", "must be at least 0 (or -1: about ten reports per run)")
-    for name in ("num_local", "kmeans_iters", "warmup_epochs", "stop_after", "checkpoint_every"):
-        if getattr(cfg, name) < 0:
-            bad(name, "must be at least 0")
-    for name, top in (("global_scale", 1), ("local_scale", 1), ("blur_sigma", math.inf)):
-        lo, hi = getattr(cfg, name)
-        if not 0 < lo <= hi <= top:
-            bad(name, "needs 0 < low <= high" + (" <= 1" if top == 1 else ""))
-    for name in ("ema", "beta_start", "beta_end", "drop_path"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            bad(name, "must lie in [0, 1]")
+    rules = [(lambda v: v >= 1, "must be at least 1", "epochs batch_size accumulate global_size local_size feat_dim "
+              "hidden_dim num_groups num_heads log_every synthetic_size"),
+             (lambda v: v >= 0, "must be at least 0", "num_local kmeans_iters warmup_epochs stop_after checkpoint_every"),
+             (lambda v: v >= -1, "must be at least 0 (or -1: about ten reports per run)", "eval_every"),
+             (lambda v: v >= -1, "must be at least 0 (or -1: the cores per process)", "workers"),
+             (lambda v: v == -1 or 0 <= v <= 1, "must lie in [0, 1] (or -1: 0.5 for --data synthetic, else 0)",
+              "invert"),
+             (lambda v: 0 <= v <= 1, "must lie in [0, 1]", "ema beta_start beta_end drop_path"),
+             (lambda v: v > 0, "must be positive", "tau lr dist_timeout"),
+             (lambda v: 0 < v[0] <= v[1] <= 1, "needs 0 < low <= high <= 1", "global_scale local_scale"),
+             (lambda v: 0 < v[0] <= v[1], "needs 0 < low <= high", "blur_sigma"),
+             (lambda v: math.isfinite(v) and v >= 0, "must be a finite number of GiB, at least 0 (0: always stream "
+              "through workers)", "memory_budget")]
+    for ok, why, names in rules:
+        for name in names.split():
+            if not ok(getattr(cfg, name)):
+                bad(name, why)
     for name in ("global_size", "local_size"):
         if cfg.arch.startswith("vit") and getattr(cfg, name) % 16:
             bad(name, f"--arch {cfg.arch} needs crop sizes that are multiples of its 16-px patches")
-    if not (cfg.invert == -1 or 0 <= cfg.invert <= 1):
-        bad("invert", "must lie in [0, 1] (or -1: 0.5 for --data synthetic, else 0)")
-    if cfg.workers < -1:
-        bad("workers", "must be at least 0 (or -1: the cores per process)")
-    for name in ("tau", "lr", "dist_timeout"):
-        if getattr(cfg, name) <= 0:
-            bad(name, "must be positive")
-    if not (math.isfinite(cfg.memory_budget) and cfg.memory_budget >= 0):
-        bad("memory_budget", "must be a finite number of GiB, at least 0 (0: always stream through workers)")
 
 def log(*args):
     """Prints on rank 0 only."""
@@ -1282,17 +1276,17 @@ def _work_dtype(x):
     whose float16 kernels are slow."""
     return torch.float16 if x.is_cuda else torch.float32
 
-def batch_multicrop(images, step, recipe):
-    """All Crops of one step from a uint8 batch (B, 3, H, W), as MultiCrop's (CropRecipe recipe), on its device."""
+def batch_multicrop(images, step, recipe, invert=0.0):
+    """All Crops of one step from a uint8 batch (B, 3, H, W), as MultiCrop(recipe, invert)'s, on its device."""
     r, (online_aug, target_aug) = recipe, pipelines_for_step(step)
     images = images.to(_work_dtype(images)) / 255  # converted once for the four calls
     n_target_local = r.num_local * r.target_local
-    return Crops(batch_augment(images, r.global_size, r.global_scale, online_aug, r.blur_sigma, 2, r.invert),
+    return Crops(batch_augment(images, r.global_size, r.global_scale, online_aug, r.blur_sigma, 2, invert),
                  batch_augment(images, r.local_size, r.local_scale, online_aug, r.blur_sigma, r.num_local,
-                               r.invert) if r.num_local else None,
-                 batch_augment(images, r.global_size, r.global_scale, target_aug, r.blur_sigma, 2, r.invert),
+                               invert) if r.num_local else None,
+                 batch_augment(images, r.global_size, r.global_scale, target_aug, r.blur_sigma, 2, invert),
                  batch_augment(images, r.local_size, r.local_scale, target_aug, r.blur_sigma, n_target_local,
-                               r.invert) if n_target_local else None)
+                               invert) if n_target_local else None)
 
 class CutCrops:
     """Decode-side work of the batched augmentation: every RandomResizedCrop of one image for one step, its geometry
@@ -1318,14 +1312,14 @@ class CutCrops:
         return (self._cut(image, r.global_size, r.global_scale, 4),
                 self._cut(image, r.local_size, r.local_scale, n_local) if n_local else None)
 
-def cut_multicrop(cut, step, recipe):
+def cut_multicrop(cut, step, recipe, invert=0.0):
     """batch_multicrop's Crops from a batch of CutCrops' cuts, collated crop-major (4B, ...) and ((L + L_t)·B, ...):
     flips and photometric work on the device."""
     (glob, loc), (online_aug, target_aug) = cut, pipelines_for_step(step)
     n = recipe.num_local * len(glob) // 4  # L·B
 
     def augment(x, pipeline):  # (k·B, 3, s, s) uint8 -> normalised float
-        return photometric(x.to(_work_dtype(x)) / 255, pipeline, recipe.blur_sigma, recipe.invert, flip=True)
+        return photometric(x.to(_work_dtype(x)) / 255, pipeline, recipe.blur_sigma, invert, flip=True)
 
     return Crops(augment(glob[:len(glob) // 2], online_aug), augment(loc[:n], online_aug) if n else None,
                  augment(glob[len(glob) // 2:], target_aug), augment(loc[n:], target_aug) if n and recipe.target_local
@@ -1355,12 +1349,12 @@ class TrainData:
                                                                              self.images is not None))
         self.path = ("device" if self.images is not None else "cut") if batched else "pil"
         if self.folder is not None:
-            self.folder.transform = CutCrops(self.recipe) if batched else MultiCrop(self.recipe)
+            self.folder.transform = CutCrops(self.recipe) if batched else MultiCrop(self.recipe, cfg.invert)
         self.loader_data = self.folder  # what loader workers read; None: batches sliced from self.images
         if self.path == "device":
             self.images = self.images.to(device)
         elif self.images is not None:
-            self.loader_data = InMemoryData(self.images, self.labels, MultiCrop(self.recipe))
+            self.loader_data = InMemoryData(self.images, self.labels, MultiCrop(self.recipe, cfg.invert))
         self.sampler = torch.utils.data.DistributedSampler(range(len(self.labels)), num_replicas=world_size(),
                                                            rank=rank(), shuffle=True, seed=cfg.seed, drop_last=True)
         self.steps_per_epoch = len(self.sampler) // cfg.batch_size // cfg.accumulate
@@ -1402,9 +1396,9 @@ class TrainData:
             torch.manual_seed(seed_for(self.cfg.seed, index, rank()))
         batch = _tensors_to(batch, self.device)  # a no-op for batches that copied_ahead already moved
         if self.path == "device":
-            crops = batch_multicrop(batch, index, self.recipe)
+            crops = batch_multicrop(batch, index, self.recipe, self.cfg.invert)
         elif self.path == "cut":
-            crops = cut_multicrop(batch, index, self.recipe)
+            crops = cut_multicrop(batch, index, self.recipe, self.cfg.invert)
         else:
             crops = Crops(*batch)
         return Crops(*(None if x is None else channels_last(x, self.cfg) for x in crops))
@@ -2010,8 +2004,7 @@ def plot_curves(out_dir):
               ("assign_entropy", "assignment entropy (nats)", (0, 1.05 * log_k) if k else "zero",
                (log_k, f"log K = {log_k:.2f}") if k else None),
               ("knn_top1", "kNN top-1 (%)", (0, 100), None)]
-    steps = [r["step"] for r in records if "step" in r] or [0]
-    s_lo, s_hi = min(steps), max(steps + [min(steps) + 1])
+    s_lo, s_hi = 0, max([r["step"] for r in records if "step" in r] + [1])
     epoch_at = sorted((r["step"], r["epoch"]) for r in records if "step" in r and "epoch" in r)
     w, h, left, top, bottom = 380, 240, 52, 30, 46
     pw, ph = w - left - 16, h - top - bottom
@@ -2035,7 +2028,7 @@ def plot_curves(out_dir):
             svg.append(f'<text x="{x0 - 4}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:.4g}</text><line x1="{x0}" '
                        f'x2="{x0 + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>')
         for t in _ticks(s_lo, s_hi, 4):
-            epoch = next((e for s, e in epoch_at if s >= t), epoch_at[-1][1] if epoch_at else None)
+            epoch = max([e for s, e in epoch_at if s <= t], default=0 if epoch_at else None)
             svg.append(f'<text x="{sx(t):.1f}" y="{y0 + ph + 14}" text-anchor="middle">{t}</text>'
                        + (f'<text x="{sx(t):.1f}" y="{y0 + ph + 26}" text-anchor="middle" fill="#777">epoch {epoch}'
                           f'</text>' if epoch is not None else ""))

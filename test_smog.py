@@ -1,7 +1,8 @@
-"""Tests for smog.py, eval_linear.py, bench.py and launch.sh: grouping and loss invariants (hypothesis), one training
-step, the batched augmentation on CPU tensors, the distributed path (2 gloo processes under torchrun), an end-to-end
-run with save → resume → continue, faults (killed and stalled processes, damaged checkpoints), fidelity to the
-authors' code, small folders held in memory, the NaN guard, and one-line errors on bad input.
+"""Tests for smog.py, eval_linear.py, bench.py and launch.sh, in the order of smog.py's sections: Part 1's invariants
+(hypothesis) and its training step, Part 1 alone; then the trainer's config, backbones (the authors' BN over sizes
+and Swin), data, the batched augmentation against MultiCrop, the crop paths, the run state with save → resume →
+continue, faults (preemption, killed and stalled processes, damaged checkpoints, the lock, the NaN guard), two gloo
+processes under torchrun, reports and one-line errors; eval_linear.py, bench.py and launch.sh last.
 
 Run: python -m pytest -q   (under 10 minutes on 2 CPU cores)
 """
@@ -701,7 +702,7 @@ TORCHVISION_TWINS = {  # arch -> (torchvision model with the same backbone keys,
 
 
 @pytest.mark.parametrize("arch", list(TORCHVISION_TWINS))
-def test_backbone_trains_a_step_at_both_crop_sizes_reloads_and_exports(arch, tmp_path):
+def test_backbone_trains_a_step_at_both_crop_sizes_reloads_and_exports(arch, tmp_path, capsys):
     import torchvision
     cfg = smog.parse_config(["--arch", arch, "--global-size", "64", "--local-size", "32", "--num-local", "1",
                              "--batch-size", "4", "--num-groups", "8", "--hidden-dim", "32", "--feat-dim", "16",
@@ -720,7 +721,7 @@ def test_backbone_trains_a_step_at_both_crop_sizes_reloads_and_exports(arch, tmp
     assert any(not torch.equal(before[k], v) for k, v in backbone.state_dict().items())
     # save → strict reload (eval_linear.py) → export into the torchvision model
     torch.save(dict(config=dataclasses.asdict(cfg), online=nets.online.state_dict()), tmp_path / "ck.pt")
-    r = run_eval("--checkpoint", str(tmp_path / "ck.pt"), "--export", str(tmp_path / "backbone.pt"))
+    r = export_in_process(capsys, tmp_path / "ck.pt", tmp_path / "backbone.pt")
     assert r.returncode == 0, r.stderr
     sd = torch.load(tmp_path / "backbone.pt", weights_only=True)
     make, only_twin = TORCHVISION_TWINS[arch]
@@ -894,7 +895,6 @@ def test_small_folder_is_decoded_once_and_trains_from_memory_watched_as_it_goes(
     assert final and final[0]["knn_top1"] == periodic[-1]["knn_top1"]  # the last report is the final number
     r = run_smog("--plot", str(out))
     assert r.returncode == 0 and (out / "curves.svg").read_text().count("<polyline") >= 5, r.stderr
-    assert_one_line_error(run_smog("--plot", str(tmp_path / "nowhere")), "--plot", "log.jsonl")
 
 
 def test_folder_over_the_memory_budget_or_of_mixed_sizes_streams(tmp_path, capsys):
@@ -1185,7 +1185,8 @@ def test_in_memory_and_streamed_paths_make_the_same_crop_of_a_box(left, top, w, 
 # ----- Part 2, the run state and its checkpoints: save, resume, continue -------------------------------------------
 
 SMALL = ["--synthetic-size", "384", "--batch-size", "64", "--num-groups", "12", "--hidden-dim", "64",
-         "--feat-dim", "32", "--log-every", "2", "--kmeans-iters", "3", "--warmup-epochs", "1", "--num-local", "1"]
+         "--feat-dim", "32", "--log-every", "2", "--kmeans-iters", "3", "--warmup-epochs", "1", "--num-local", "1",
+         "--eval-every", "0"]
 
 
 def run_script(script, *args):
@@ -1698,6 +1699,30 @@ def test_knn_on_toy_set_with_known_answer():
     assert smog.knn_top1(train, labels, test, torch.tensor([1, 0, 1]), k=2) == 0.0
 
 
+def test_plot_draws_each_panel_in_a_sane_range_against_k_and_log_k_and_marks_the_knn_reports(tmp_path):
+    k = 200
+    records = [dict(step=s, epoch=s // 31, loss=6.0 - s / 100, lr=0.1, beta=1 - s / 31000, groups_used=200.0,
+                    assign_entropy=5.26, assign_entropy_max=math.log(k)) for s in range(100, 4961, 100)]
+    records += [dict(step=s, epoch=e, knn_top1=v) for s, e, v in ((496, 15, 59.0), (2480, 79, 86.2), (4960, 159, 91.1))]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    svg = open(smog.plot_curves(str(tmp_path))).read()
+    panels = dict(re.findall(r'font-weight="bold">([^<]+)</text>(.*?)(?=font-weight="bold"|</svg>)', svg, re.S))
+    assert len(panels) == 6 and "nan" not in svg and "inf" not in svg
+    for title, ref in (("groups used", f"K = {k}"), ("assignment entropy (nats)", "log K = 5.30")):
+        body = panels[title]
+        line_y = float(re.search(r'<line x1="[\d.]+" x2="[\d.]+" y1="([\d.]+)"[^>]*stroke="#c33"', body)[1])
+        assert ref in body
+        ys = [float(p.split(",")[1]) for p in re.search(r'<polyline points="([^"]+)"', body)[1].split()]
+        if title == "groups used":  # a constant series at K is drawn flat on the K line, not across the frame
+            assert max(ys) == min(ys) == pytest.approx(line_y, abs=0.1)
+        else:
+            assert max(ys) - min(ys) < 0.1 and min(ys) > line_y  # 5.26 just under log K
+    knn = panels["kNN top-1 (%)"]
+    assert knn.count("<circle") == 3 and ">91.1<" in knn and "<polyline" not in knn  # reports as marked points
+    assert all(f">epoch {e}<" in svg for e in (0, 64, 129)) and ">100<" in knn  # epochs under the ticks; 0-100 %
+    assert_one_line_error(run_smog("--plot", str(tmp_path / "nowhere")), "--plot", "log.jsonl")
+
+
 def test_bad_input_gives_one_line_errors(tmp_path):
     assert_one_line_error(run_smog("--data", str(tmp_path / "missing")), "--data", "missing")
     (tmp_path / "empty").mkdir()
@@ -1736,6 +1761,13 @@ def probe_result(r):
 
 def run_eval(*args):
     return run_script("eval_linear.py", *args)
+
+
+def export_in_process(capsys, checkpoint, export):
+    """eval_linear.py --export, called in this process (no new interpreter): its printed output as run_eval's."""
+    import eval_linear
+    eval_linear.main(["--checkpoint", str(checkpoint), "--export", str(export)])
+    return subprocess.CompletedProcess([], 0, capsys.readouterr().out, "")
 
 
 def test_eval_linear_json_line_and_frozen_backbone(tmp_path):
@@ -1797,9 +1829,9 @@ def load_export_as_advised(r, arch):
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet18_cifar", "resnet_tiny"])
-def test_eval_linear_export_loads_where_it_says(arch, tmp_path):
+def test_eval_linear_export_loads_where_it_says(arch, tmp_path, capsys):
     online = fake_checkpoint(tmp_path / "ck.pt", "--arch", arch, "--hidden-dim", "32", "--feat-dim", "16")
-    r = run_eval("--checkpoint", str(tmp_path / "ck.pt"), "--export", str(tmp_path / "backbone.pt"))
+    r = export_in_process(capsys, tmp_path / "ck.pt", tmp_path / "backbone.pt")
     assert r.returncode == 0, r.stderr
     sd = torch.load(tmp_path / "backbone.pt", weights_only=True)
     assert not any(k.startswith(("module.", "_orig_mod.", "encoder.")) for k in sd)
