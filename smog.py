@@ -481,8 +481,8 @@ def train_step(online, target, grouping, passes, opt, scaler, *, beta, tau, ema,
     ema_(target, module.encoder, ema)
     return torch.stack(losses).mean(), counts, z_global, skipped
 # ===================================================================================================================
-# Part 2 — Trainer: config and CLI, backbones, data, batched augmentation, feeding the device, checkpoints and
-# preemption, reports, train()
+# Part 2 — Trainer: config and CLI, backbones, data, batched augmentation, feeding the device, the run state and its
+# checkpoints, processes and faults, reports, train()
 # ===================================================================================================================
 # ----- config: one dataclass, presets on top of it, explicit flags on top of the preset; one-line messages ---------
 
