@@ -2082,7 +2082,7 @@ def _train(cfg, device):
         start_epoch(run.grouping, run.bank, run.online, run.target, cfg.kmeans_iters,
                     torch.Generator().manual_seed(seed_for(cfg.seed, -1)))
         log(f"bank filled by the initial network, groups set by k-means ({time.time() - t0:.1f}s)")
-    peak_lr, first_epoch = cfg.lr * global_batch / 256, run.epoch
+    peak_lr, first_epoch, hyper = cfg.lr * global_batch / 256, run.epoch, step_hyperparameters(cfg)
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
     start_norm = weight_norm(run.online).item()
     held_out = load_dataset(cfg, "val") if rank() == 0 and (cfg.knn or cfg.eval_every) else None
@@ -2105,8 +2105,7 @@ def _train(cfg, device):
                     group["lr"] = lr
                 passes = (data.crops(batch, run.step * n + i) for i, batch in enumerate(batches))
                 loss, counts, z_global, skipped = train_step(run.online_ddp, run.target, run.grouping, passes, run.opt,
-                                                             run.scaler, beta=beta, autocast=autocast,
-                                                             **step_hyperparameters(cfg))
+                                                             run.scaler, beta=beta, autocast=autocast, **hyper)
                 run.bank.add(z_global)
                 progress.add(counts, skipped)
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), run.step, bad_step)

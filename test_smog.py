@@ -1058,6 +1058,14 @@ def gray_image(value, size=32):
     return torch.full((3, size, size), round(255 * value), dtype=torch.uint8)
 
 
+def checkerboard(size=32):
+    """A 1-px checkerboard of dark levels 10 and 70 (uint8, (3, size, size)): blurred by σ ≥ 1, its contrast is gone;
+    jittered, it stays below the solarize threshold."""
+    board = torch.full((3, size, size), 10, dtype=torch.uint8)
+    board[:, ::2, ::2] = board[:, 1::2, 1::2] = 70
+    return board
+
+
 WHOLE = smog.CropRecipe(global_size=32, global_scale=(1.0, 1.0), num_local=0, blur_sigma=(1.0, 2.0))  # no crop
 
 
@@ -1091,9 +1099,7 @@ def test_batched_augmentation_has_multicrops_rates_per_pipeline(pipeline):
         halves = gray_image(0.3)
         halves[:, :, :16] = 25
         halves = crops_of(halves, WHOLE, pipeline, batched)
-        board = torch.full((3, 32, 32), 10, dtype=torch.uint8)
-        board[:, ::2, ::2] = board[:, 1::2, 1::2] = 70
-        board = crops_of(board, WHOLE, pipeline, batched)
+        board = crops_of(checkerboard(), WHOLE, pipeline, batched)
         mid = crops_of(gray_image(0.5), WHOLE, pipeline, batched)  # only brightness moves a grey constant
         unsolarized = bright.mean((1, 2, 3)) > 0.5
         rates[batched] = dict(
@@ -1114,8 +1120,7 @@ def test_batched_augmentation_has_multicrops_rates_per_pipeline(pipeline):
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "MultiCrop"])
 def test_the_branches_swap_pipelines_every_other_step(batched):
     # "q" blurs every crop and "k" one in ten: a 1-px checkerboard tells them apart (its contrast gone when blurred)
-    board = torch.full((3, 32, 32), 10, dtype=torch.uint8)
-    board[:, ::2, ::2] = board[:, 1::2, 1::2] = 70
+    board = checkerboard()
     recipe = WHOLE._replace(num_local=1, local_size=32, local_scale=(1.0, 1.0))
     for step in (0, 1):
         torch.manual_seed(step)
