@@ -7,18 +7,13 @@ mean of the online features assigned to them (a momentum update, all-reduced so 
 (3) the online branch is trained with a cross-entropy that pulls its prediction toward the labelled centroid.
 At every epoch start the groups are re-clustered by spherical k-means on a bank of last epoch's features.
 
-Run (one file, no launcher needed):
     python smog.py                                   # tiny preset: embedded data set, small ResNet, CPU, minutes
-    python smog.py --preset cifar10                  # ResNet-18, CIFAR-10 (downloads through torchvision)
     torchrun --standalone --nproc_per_node=gpu --max-restarts=3 smog.py --preset imagenet-r50 --data /path/to/imagenet
-    python smog.py --preset imagenet-r50 --print-config   # show the resolved config and exit
 
-Part 1, "SMoG", is the whole method and runs with torch and torchvision alone (no config, no Part 2): collectives
-that are no-ops in one process → the multi-crop recipe → networks → MomentumGrouping and the memory bank → the
-epoch start → the loss → LARS, schedules and EMA → train_step. Part 2, "Trainer", starts at `class Config`: config
-and CLI, backbones, data sets, the batched augmentation (the fast equivalent of Part 1's MultiCrop), feeding the
-device, the run state and its checkpoints, processes and faults, reports, train(). "The authors' code" below is the
-training code released with the paper: main_SMoG.py and src/*.py.
+Part 1, "SMoG", is the whole method, with torch and torchvision alone: collectives → the multi-crop recipe →
+networks → MomentumGrouping and the memory bank → the epoch start → the loss → LARS, schedules, EMA → train_step.
+Part 2, "Trainer", from `class Config`: config, backbones, data, the batched augmentation, feeding the device, the
+run state, processes and faults, reports, train(). "The authors' code" is the paper's released main_SMoG.py and src/.
 """
 import argparse
 import copy
@@ -35,8 +30,7 @@ import signal
 import socket
 import sys
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext, suppress
 from typing import NamedTuple
 
 import numpy as np
@@ -51,45 +45,36 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 # Part 1 — SMoG: the method
 # ===================================================================================================================
 # ----- collectives: every one is a no-op in a single process, so the same code runs with and without torchrun ------
-
-def distributed():
-    """Whether a process group is running (torchrun)."""
+def distributed():  # whether a process group is running (torchrun)
     return dist.is_available() and dist.is_initialized()
 
-def rank():
-    """This process's index, 0 without torchrun."""
+def rank():  # this process's index, 0 without torchrun
     return dist.get_rank() if distributed() else 0
 
-def world_size():
-    """The number of processes, 1 without torchrun."""
+def world_size():  # the number of processes, 1 without torchrun
     return dist.get_world_size() if distributed() else 1
 
-def all_reduce_(t, op="sum"):
-    """Sums (or takes the max of) t over all processes, in place."""
+def all_reduce_(t, op="sum"):  # sums (or takes the max of) t over all processes, in place
     if distributed():
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
 
-def all_gather(t):
-    """Every process's t, stacked in rank order: (world_size, *t.shape)."""
+def all_gather(t):  # every process's t, stacked in rank order: (world_size, *t.shape)
     if not distributed():
         return t[None]
     out = [torch.empty_like(t) for _ in range(world_size())]
     dist.all_gather(out, t)
     return torch.stack(out)
 
-def broadcast_(t, src=0):
-    """Copies rank src's t to every process, in place."""
+def broadcast_(t, src=0):  # copies rank src's t to every process, in place
     if distributed():
         dist.broadcast(t, src)
     return t
 
-
 # ----- the multi-crop recipe (the authors' src/multicropdataset.py, MultiCropDataset) ------------------------------
-# Every crop: RandomResizedCrop, flip, colour jitter, grayscale, then blur and solarize with the probabilities of its
-# pipeline. The authors name the two pipelines "q" and "k" (query and key: MoCo's words for the online and target
-# views); the branches swap them every other step. These constants are the recipe's, for MultiCrop here and for
-# Part 2's batched augmentation alike.
+# Every crop: RandomResizedCrop, flip, colour jitter, grayscale, then blur and solarize with its pipeline's
+# probabilities. The pipelines "q" and "k" (query and key, MoCo's words for the online and target views) swap
+# branches every other step. These constants serve MultiCrop and Part 2's batched augmentation alike.
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet normalisation
 JITTER = (0.4, 0.4, 0.2, 0.1)  # ColorJitter strengths: brightness, contrast, saturation, hue
@@ -119,29 +104,20 @@ def pipelines_for_step(step):
     return ("q", "k") if step % 2 == 0 else ("k", "q")
 
 class MultiCrop:
-    """The crops of one image for one step, drawn by a per-image torchvision pipeline: the definition of the recipe.
-    Called with (PIL image, step); returns Crops of that one image (2 global, L local per branch). invert: the
-    probability of a crop's negative 1 − x, not in the paper (Part 2's embedded data set needs it)."""
-
+    """(PIL image, step) → Crops of that image, by per-image torchvision pipelines: the definition of the recipe.
+    invert: the probability of a crop's negative 1 − x, not in the paper (for Part 2's embedded data set)."""
     def __init__(self, recipe=CropRecipe(), invert=0.0):
-        T, r = torchvision.transforms, recipe
-        self.recipe = r
+        T, r, self.recipe = torchvision.transforms, recipe, recipe
 
         def pipeline(size, scale, name):
             blur_p, solarize_p = PIPELINES[name]
             kernel = 2 * min(math.ceil(3 * r.blur_sigma[1]), (size - 1) // 2) + 1
-            return T.Compose([
-                T.RandomResizedCrop(size, scale=scale, ratio=ASPECT),  # bilinear, as the authors'
-                T.RandomHorizontalFlip(FLIP_P),
-                T.RandomApply([T.ColorJitter(*JITTER)], p=JITTER_P),
-                T.RandomGrayscale(p=GRAYSCALE_P),
-                T.RandomApply([T.GaussianBlur(kernel, r.blur_sigma)], p=blur_p),
-                T.RandomSolarize(128, p=solarize_p),
-                *([T.RandomInvert(p=invert)] if invert else []),
-                T.ToTensor(),
-                T.Normalize(MEAN, STD),
-            ])
-
+            return T.Compose([T.RandomResizedCrop(size, scale=scale, ratio=ASPECT),  # bilinear, as the authors'
+                              T.RandomHorizontalFlip(FLIP_P), T.RandomApply([T.ColorJitter(*JITTER)], p=JITTER_P),
+                              T.RandomGrayscale(p=GRAYSCALE_P),
+                              T.RandomApply([T.GaussianBlur(kernel, r.blur_sigma)], p=blur_p),
+                              T.RandomSolarize(128, p=solarize_p), *([T.RandomInvert(p=invert)] if invert else []),
+                              T.ToTensor(), T.Normalize(MEAN, STD)])
         self.glob = {name: pipeline(r.global_size, r.global_scale, name) for name in PIPELINES}
         self.loc = {name: pipeline(r.local_size, r.local_scale, name) for name in PIPELINES}
 
@@ -151,16 +127,12 @@ class MultiCrop:
 
         def crops(pipelines, name, n):  # (n, 3, s, s), or None
             return torch.stack([pipelines[name](image) for _ in range(n)]) if n else None
-
         return Crops(crops(self.glob, online_aug, 2), crops(self.loc, online_aug, n_local),
                      crops(self.glob, target_aug, 2), crops(self.loc, target_aug, n_target_local))
 
-
 # ----- networks: backbone f → projector g → predictor q online; a copy of f and g as the target branch -------------
-
 def mlp(dim_in, hidden, dim_out, last_bn, gelu=False, trunc_init=False):
-    """Linear → BN → ReLU (or GELU) → Linear (→ BN without affine, for the projector), as the authors'
-    src/resnet50.py; trunc_init: trunc-normal(0.02) weights and zero biases, as their src/SwinTrans_multicrop.py."""
+    """Linear → BN → ReLU (or GELU) → Linear (→ affine-free BN: projector) as src/resnet50.py; trunc_init as Swin's."""
     layers = [nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.GELU() if gelu else nn.ReLU(True),
               nn.Linear(hidden, dim_out)]
     if last_bn:
@@ -171,19 +143,14 @@ def mlp(dim_in, hidden, dim_out, last_bn, gelu=False, trunc_init=False):
     return nn.Sequential(*layers)
 
 def mlp_over_sizes(mlp, xs, swin_heads=False):
-    """A projector or predictor on the features of every crop size: one pass over all of them (the authors'
-    ResNets), or with swin_heads one per size (their Swin). xs: list of (n_i, d) → (Σ n_i, D)."""
+    """A head on every crop size's features xs (n_i, d) → (Σ n_i, D): one pass (the authors' ResNets), or one per size
+    (swin_heads, their Swin)."""
     return torch.cat([mlp(x) for x in xs]) if swin_heads else mlp(torch.cat(xs))
 
 class Encoder(nn.Module):
-    """Backbone + projector: crops → projections z; crops of one size are forwarded as one batch.
-
-    backbone: any module mapping (N, 3, s, s) to (N, dim). over_sizes: None, or a function (backbone, crops) → list
-    of features that runs all sizes together (Part 2's resnet_over_sizes: the authors' ResNets normalise every crop
-    size with one set of BN statistics). swin_heads: the authors' Swin heads (GELU in the projector, ReLU in the
-    predictor, trunc-normal init), run once per crop size.
-    """
-
+    """Backbone (N, 3, s, s) → (N, dim), then projector: crops → z, each crop size as one batch. over_sizes: None, or
+    (backbone, crops) → all sizes' features at once (Part 2's resnet_over_sizes: the authors' ResNets share BN
+    statistics over sizes). swin_heads: the authors' Swin heads (GELU projector, ReLU predictor, trunc-normal)."""
     def __init__(self, backbone, dim, hidden_dim, feat_dim, swin_heads=False, over_sizes=None):
         super().__init__()
         self.backbone, self.swin_heads, self.over_sizes = backbone, swin_heads, over_sizes
@@ -198,7 +165,6 @@ class Encoder(nn.Module):
 
 class OnlineNet(nn.Module):
     """The online branch: encoder plus predictor. Returns (z, p), both (Σ n_i, D), not yet normalised."""
-
     def __init__(self, backbone, dim, hidden_dim, feat_dim, swin_heads=False, over_sizes=None):
         super().__init__()
         self.encoder = Encoder(backbone, dim, hidden_dim, feat_dim, swin_heads, over_sizes)
@@ -217,16 +183,10 @@ def target_of(online):
             m.p = 0.0
     return target
 
-
 # ----- momentum grouping: c_k moved every step by an all-reduced mean (main_SMoG.py, M_step), reset by k-means -----
-
 class MomentumGrouping(nn.Module):
     """H independent sets of K unit-norm group centroids c_k, updated by momentum in the same step as the network.
-
-    Needs only torch and the collectives above. The centroids are a buffer, not parameters: the authors' code
-    detaches them (main_SMoG.py, train: "cancel some gradients"), so the optimiser never moves them.
-    """
-
+    A buffer, not parameters: the authors detach them (main_SMoG.py, train), so the optimiser never moves them."""
     def __init__(self, num_groups, dim, num_heads=1):
         super().__init__()
         self.register_buffer("centroids", F.normalize(torch.randn(num_heads, num_groups, dim), dim=-1))  # (H, K, D)
@@ -235,7 +195,7 @@ class MomentumGrouping(nn.Module):
     def assign(self, x, chunk=8192):
         """Nearest centroid by cosine similarity: x (N, D) for every head, or (H, N, D) per head → (H, N) long."""
         c = self.centroids
-        x = x.to(c.dtype)
+        x = x.to(c.dtype)  # (N, D) or (H, N, D)
         labels = [torch.matmul(x[..., i:i + chunk, :], c.transpose(1, 2)).argmax(-1)  # (H, n, K) -> (H, n)
                   for i in range(0, x.shape[-2], chunk)]  # chunks bound the (H, n, K) scores for a large bank
         return labels[0] if len(labels) == 1 else torch.cat(labels, -1)
@@ -243,10 +203,7 @@ class MomentumGrouping(nn.Module):
     @torch.no_grad()
     def update(self, z, beta):
         """c_k ← normalize(β·c_k + (1−β)·mean of the z assigned to k), over all processes; returns counts (H, K).
-
-        z: (N, D) used by every head, or (H, N, D). Assignment uses the centroids before the update; groups that
-        no process assigned anything to keep their centroid.
-        """
+        z: (N, D) for every head, or (H, N, D); assigned by the centroids before the update; empty groups stay."""
         c = self.centroids
         h, k, d = c.shape
         z = F.normalize(z.to(c.dtype), dim=-1).expand(h, -1, -1)  # (H, N, D)
@@ -263,39 +220,29 @@ class MomentumGrouping(nn.Module):
 
     @torch.no_grad()
     def kmeans_(self, bank, iters=10, generator=None):
-        """Spherical k-means on a bank (M, D) or (H, M, D) of features, split across processes; replaces centroids.
-
-        Init: K random rows of rank 0's bank, broadcast; then E-step (nearest centroid) and M-step (all-reduced mean,
-        i.e. update with β = 0) `iters` times, as the authors' main_SMoG.py, cluster_memory.
-        """
+        """Spherical k-means on a bank (M, D) or (H, M, D) split across processes, as main_SMoG.py, cluster_memory:
+        K random rows of rank 0's bank, broadcast, then `iters` times assign and all-reduced mean (update, β = 0)."""
         c = self.centroids
         h, k, d = c.shape
         bank = bank.to(c.dtype).expand(h, -1, -1)  # (H, M, D)
         m = bank.shape[1]
         init = torch.empty_like(c)
-        if rank() == 0:
-            if m >= k:
-                idx = torch.stack([torch.randperm(m, generator=generator)[:k] for _ in range(h)])
-            else:  # fewer rows than groups: draw with replacement; duplicates get split by the noise of training
-                idx = torch.randint(m, (h, k), generator=generator)
+        if rank() == 0:  # fewer rows than groups: drawn with replacement, duplicates split by training's noise
+            idx = (torch.stack([torch.randperm(m, generator=generator)[:k] for _ in range(h)]) if m >= k else
+                   torch.randint(m, (h, k), generator=generator))
             init.copy_(torch.gather(bank, 1, idx.to(c.device)[..., None].expand(h, k, d)))
         c.copy_(F.normalize(broadcast_(init), dim=-1))
         for _ in range(iters):
             self.update(bank, beta=0.0)
 
-    def logits(self, p, tau):
-        """Scores of predictions p (N, D) against every group: normalize(p) · Cᵀ / τ → (H, N, K)."""
+    def logits(self, p, tau):  # scores of predictions p (N, D) against every group: normalize(p) · Cᵀ / τ → (H, N, K)
         return torch.matmul(F.normalize(p.float(), dim=-1), self.centroids.transpose(1, 2)) / tau
 
 class MemoryBank:
-    """This process's normalised online projections of both online global crops over one epoch: (2, M, D).
-
-    Feeds the k-means reset of the groups at the next epoch start. Head h clusters crop h mod 2 (authors' code).
-    """
-
+    """This process's normalised online z of both online global crops over one epoch, (2, M, D): what the next
+    epoch start's k-means clusters, head h crop h mod 2 (the authors')."""
     def __init__(self, rows, dim, device):
-        self.feats = torch.zeros(2, rows, dim, device=device)
-        self.filled = 0
+        self.feats, self.filled = torch.zeros(2, rows, dim, device=device), 0
 
     def add(self, z):  # z: (2, B, D)
         b = z.shape[1]
@@ -305,58 +252,39 @@ class MemoryBank:
     def for_heads(self, num_heads):  # (H, M, D)
         return self.feats.repeat((num_heads + 1) // 2, 1, 1)[:num_heads]  # head h clusters crop h mod 2
 
-
 # ----- the epoch start (main_SMoG.py, train: init_memory before the first epoch, then cluster_memory) --------------
-
 @torch.no_grad()
 def fill_bank(encoder, bank, global_crops):
-    """Fills the bank with the initial encoder's z of one pass over the data, for the first k-means: global_crops
-    yields each batch's online global crops (2B, 3, S, S), and each crop is forwarded alone, so that BN sees one
-    crop of every image (the authors' init_memory)."""
+    """Fills the bank with the initial encoder's z for the first k-means (the authors' init_memory): global_crops
+    yields each batch's online global crops (2B, 3, S, S), each crop forwarded alone (BN sees one per image)."""
     for g in global_crops:
         bank.add(torch.stack([encoder([crop]).float() for crop in g.chunk(2)]))  # (2, B, D)
 
 @torch.no_grad()
 def start_epoch(grouping, bank, online, target, kmeans_iters=10, generator=None):
-    """Every epoch start, the first included: the groups reset by spherical k-means on the bank of last epoch's z
-    (cluster_memory), the online BN statistics made equal on every process, target ← online (--reset_k_encoder)."""
+    """Every epoch start: groups reset by k-means on last epoch's bank (cluster_memory), BN statistics made equal on
+    every process, target ← online (--reset_k_encoder)."""
     grouping.kmeans_(bank.for_heads(grouping.centroids.shape[0]), kmeans_iters, generator=generator)
     for buffer in online.buffers():  # running statistics drift apart per process without SyncBN (CPU)
         broadcast_(buffer)
     target.load_state_dict(online.encoder.state_dict())
 
-
 # ----- the loss (main_SMoG.py, train) ------------------------------------------------------------------------------
-
 def smog_loss(logits, labels):
-    """Mean over heads h and target crops i of CE(p · C_hᵀ / τ, y_h,i): every online crop's scores against the group
-    label of each target crop, as the authors sum the cross-entropies and divide by their number.
-
-    logits: (H, C_online, B, K) scores against the updated centroids; labels: (H, C_target, B) from the target crops
-    and the centroids before the update. H·C_target·C_online terms per image (3·2·6 = 36 in the paper's recipe).
-    """
+    """Mean over heads h and target crops i of CE(p · C_hᵀ / τ, y_h,i), every online crop against each target crop's
+    label, as the authors average their cross-entropies. logits: (H, C_online, B, K) against the updated centroids;
+    labels: (H, C_target, B) by the centroids before the update (3·2·6 = 36 terms per image in the paper's recipe)."""
     h, c_online, b, k = logits.shape
     scores = logits.reshape(h * c_online * b, k)
-    per_target_crop = [F.cross_entropy(scores, y[:, None].expand(h, c_online, b).reshape(-1))  # y: (H, B)
-                       for y in labels.unbind(1)]
-    return torch.stack(per_target_crop).mean()
-
+    return torch.stack([F.cross_entropy(scores, y[:, None].expand(h, c_online, b).reshape(-1))  # y: (H, B)
+                        for y in labels.unbind(1)]).mean()
 
 # ----- optimisation: LARS, parameter groups, schedules as pure functions of the step, EMA --------------------------
-
 class LARS(torch.optim.SGD):
-    """SGD with momentum whose gradient of each weight is first scaled by a layer-wise trust ratio (You et al., 2017).
-
-    As apex's LARC(clip=False) around SGD in the authors' main_SMoG.py: g ← (g + wd·w) · η‖w‖ / (‖g‖ + wd·‖w‖ + ε),
-    g left as it is where ‖w‖ or ‖g‖ is 0, then momentum SGD. Parameter groups with lars=False get plain momentum
-    SGD, no weight decay. Gradients must be true (unscaled) ones: under fp16 call GradScaler.unscale_ first. The
-    trust ratios take a few torch._foreach_* kernels for all tensors; the SGD step is torch's fused kernel, which
-    skips the update on the device when GradScaler found an overflow: no host sync. Every momentum buffer starts as
-    zeros before the first step: the fused kernel would otherwise create it uninitialised (empty_like) and, when
-    GradScaler skips that first step, leave it unwritten for the next real step to add (momentum·0 + g is what plain
-    SGD's first step gives).
-    """
-
+    """Momentum SGD on gradients scaled by a layer-wise trust ratio (You et al., 2017), as apex's LARC(clip=False)
+    around SGD in main_SMoG.py: g ← (g + wd·w) · η‖w‖ / (‖g‖ + wd·‖w‖ + ε), g as it is where ‖w‖ or ‖g‖ is 0.
+    Groups with lars=False: plain momentum SGD. Takes true gradients (under fp16, GradScaler.unscale_ first); the
+    step is torch's fused SGD, which skips on the device when GradScaler saw an overflow (no host sync)."""
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001):
         groups = [dict(g) for g in params]  # a list of parameter groups
         for g in groups:  # the decay enters the trust ratio, so SGD itself must not apply it again
@@ -369,7 +297,9 @@ class LARS(torch.optim.SGD):
     def step(self):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            for p in params if group["momentum"] else []:  # host-side check: no device work after the first step
+            # Momentum buffers start as zeros: the fused kernel makes them with empty_like and, when GradScaler skips
+            # the first step, leaves that garbage for the next real step. A host-side check after the first step.
+            for p in params if group["momentum"] else []:
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             if not params or not group["lars"]:
@@ -386,9 +316,8 @@ class LARS(torch.optim.SGD):
 NO_DECAY = ("relative_position_bias_table", "absolute_pos_embed")  # the authors' Swin skip list (src/optimizer.py)
 
 def parameter_groups(modules, exclude_1d=False):
-    """Optimiser groups: every parameter gets weight decay and the LARS trust ratio, as the authors' LARC around
-    SGD; with exclude_1d (the authors' Swin recipe), biases, 1-D (norm) parameters and Swin's position tables get
-    neither."""
+    """Optimiser groups: weight decay and LARS for every parameter (the authors' LARC), except with exclude_1d (their
+    Swin recipe) for biases, 1-D (norm) parameters and Swin's position tables."""
     named = [(n, p) for m in modules for n, p in m.named_parameters() if p.requires_grad]
     excluded = [exclude_1d and (p.ndim <= 1 or n.endswith(NO_DECAY)) for n, p in named]
     groups = [dict(params=[p for (_, p), x in zip(named, excluded) if not x]),
@@ -409,17 +338,14 @@ def beta_at(step, total_steps, start=1.0, end=0.99):
     return start + (end - start) * min(1.0, (step + 1) / max(1, total_steps))
 
 @torch.no_grad()
-def ema_(target, online, m):
-    """target ← m·target + (1−m)·online for every parameter, in one fused op."""
+def ema_(target, online, m):  # target ← m·target + (1−m)·online for every parameter, in one fused op
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - m)
 
-
 # ----- one training step -------------------------------------------------------------------------------------------
-
 @torch.no_grad()
 def without_drop_path(encoder, crops, dropping):
-    """encoder(crops) with the StochasticDepth modules `dropping` off and no gradients: the online z that the
-    authors' Swin recipe uses for the group update and the bank (src/two_stream_network.py, TwoStreamNet.forward)."""
+    """encoder(crops) without gradients and stochastic depth: the authors' Swin z for the group update and the bank
+    (src/two_stream_network.py, TwoStreamNet.forward)."""
     for m in dropping:
         m.eval()
     try:
@@ -432,23 +358,18 @@ def train_step(online, target, grouping, passes, opt, scaler, *, beta, tau, ema,
                autocast=nullcontext()):
     """One SMoG step: label with the target, update the groups with online z, contrast online p with them, step, EMA.
 
-    online: OnlineNet (or DDP around one); target: its encoder's EMA copy; grouping: MomentumGrouping; opt: LARS or
-    AdamW; scaler: a GradScaler (enabled for fp16 only); beta: the centroid momentum β, tau: the temperature τ, ema:
-    the target's momentum; clip_grad: max gradient norm (0: off); autocast: the precision's context.
-    passes: an iterable of `accumulate` Crops, made as each pass runs. With several passes, as the authors'
-    main_SMoG.py (train, --multi_forward): each pass is labelled and backpropagated on its own (its gradient 1/N of
-    the step's), the groups move once, with every pass's z, before the last pass's loss; then one optimiser step and
-    one EMA. Returns (mean loss, counts (H, K), online global z (2, N·B, D), skipped: whether GradScaler skipped the
-    optimiser step) as device tensors: nothing here waits for the device.
-    """
+    online: OnlineNet (or DDP around one), target: its encoder's EMA copy, scaler: a GradScaler (enabled for fp16),
+    ema: the target's momentum, clip_grad: max gradient norm (0: off). passes: `accumulate` Crops, made as each runs;
+    as main_SMoG.py's --multi_forward, each is labelled and backpropagated alone (1/N of the gradient), the groups
+    move once, with every pass's z, before the last pass's loss, then one optimiser step and one EMA. Returns device
+    tensors (no host sync): mean loss, counts (H, K), online global z (2, N·B, D), whether GradScaler skipped it."""
     h, k = grouping.centroids.shape[:2]
     module = getattr(online, "module", online)  # the OnlineNet itself, also inside DDP
     dropping = [m for m in module.encoder.modules() if isinstance(m, torchvision.ops.StochasticDepth) and m.p > 0]
     opt.zero_grad(set_to_none=True)
     z_globals, losses = [], []
     for i, (g, loc, t, t_loc) in enumerate(passes):
-        last = i == accumulate - 1
-        b = t.shape[0] // 2
+        last, b = i == accumulate - 1, t.shape[0] // 2
         # DDP all-reduces the gradients once, in the last pass's backward
         with nullcontext() if last or not hasattr(online, "no_sync") else online.no_sync():
             with autocast:
@@ -480,13 +401,12 @@ def train_step(online, target, grouping, passes, opt, scaler, *, beta, tau, ema,
     scaler.update()
     ema_(target, module.encoder, ema)
     return torch.stack(losses).mean(), counts, z_global, skipped
+
 # ===================================================================================================================
-# Part 2 — Trainer: config and CLI, backbones, data, batched augmentation, feeding the device, the run state and its
-# checkpoints, processes and faults, reports, train()
+# Part 2 — Trainer: config, backbones, data, batched augmentation, feeding the device, run state, faults, reports
 # ===================================================================================================================
 # ----- config: one dataclass, presets on top of it, explicit flags on top of the preset; one-line messages ---------
-
-@dataclass
+@dataclasses.dataclass
 class Config:
     # --- run ---
     preset: str = "tiny"  # recipe to start from (see PRESETS); flags given explicitly override it
@@ -494,8 +414,7 @@ class Config:
     out_dir: str = "out"  # checkpoint.pt and log.jsonl go here
     epochs: int = 400
     batch_size: int = 64  # images per process and pass; the global batch is batch_size × processes × accumulate
-    accumulate: int = 1  # forward passes per optimiser step (the authors' --multi_forward), for a large global batch
-    # on few GPUs: each pass is labelled and backpropagated alone, the groups move once per step with every pass's z
+    accumulate: int = 1  # forward passes per optimiser step (the authors' --multi_forward): a large batch on few GPUs
     workers: int = -1  # loader processes per training process (streamed ImageFolder); -1: the cores / processes
     memory_budget: float = 2.0  # GiB: an ImageFolder whose decoded images fit is decoded once and held in memory
     seed: int = 0
@@ -512,11 +431,8 @@ class Config:
     num_local: int = 4
     target_local: bool = True
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    # Not in the paper: the probability of a crop's negative 1 − x; -1: 0.5 for --data synthetic (its shapes come
-    # in both polarities), else 0 (the tiny preset)
-    invert: float = 0.0
-    batched_aug: str = "auto"  # on: crops drawn on the training device | off: MultiCrop in CPU workers | auto: on for
-    # data held in memory and on GPUs
+    invert: float = 0.0  # not in the paper: P(crop → 1 − x); -1: 0.5 for --data synthetic (shapes of both polarities)
+    batched_aug: str = "auto"  # on: crops drawn on the device | off: MultiCrop in CPU workers | auto: on in memory, GPU
     # --- networks ---
     arch: str = "resnet50"  # see BACKBONES
     bn_over_sizes: bool = True  # ResNets: one set of BN statistics for all crop sizes of a branch (the authors')
@@ -557,22 +473,17 @@ TRANSFORMER_RECIPE = dict(optimizer="adamw", feat_dim=256, lr=1e-3 * 256 / 4096,
 # Each preset lists only what differs from the defaults above (which are the paper's ResNet-50 recipe).
 PRESETS = {
     # CPU-friendly: embedded 32-px data set, small ResNet, a few minutes on 2 cores.
-    "tiny": dict(
-        data="synthetic", synthetic_size=2000, arch="resnet_tiny", epochs=160, batch_size=64,
-        global_size=32, global_scale=(0.5, 1.0), num_local=0, local_size=16, local_scale=(0.1, 0.4),
-        blur_sigma=(0.1, 0.6), invert=-1, hidden_dim=512, exclude_1d=True, eval_every=-1,
-        num_groups=200, tau=0.05, lr=6.0, start_lr=0.05, final_lr=0.01, warmup_epochs=2, ema=0.996, log_every=100,
-    ),
+    "tiny": dict(data="synthetic", synthetic_size=2000, arch="resnet_tiny", epochs=160, batch_size=64,
+                 global_size=32, global_scale=(0.5, 1.0), num_local=0, local_size=16, local_scale=(0.1, 0.4),
+                 blur_sigma=(0.1, 0.6), invert=-1, hidden_dim=512, exclude_1d=True, eval_every=-1, num_groups=200,
+                 tau=0.05, lr=6.0, start_lr=0.05, final_lr=0.01, warmup_epochs=2, ema=0.996, log_every=100),
     # ResNet-18 with a 3x3 stem on 32-px images.
-    "cifar10-r18": dict(
-        data="cifar10", arch="resnet18_cifar", epochs=200, batch_size=256, workers=4, global_size=32,
-        global_scale=(0.2, 1.0), local_size=16, local_scale=(0.05, 0.2), num_local=4, blur_sigma=(0.1, 0.5),
-        hidden_dim=2048, num_groups=300, lr=1.2, start_lr=0.05, warmup_epochs=10, ema=0.99, exclude_1d=True,
-        eval_every=-1,
-    ),
+    "cifar10-r18": dict(data="cifar10", arch="resnet18_cifar", epochs=200, batch_size=256, workers=4, global_size=32,
+                        global_scale=(0.2, 1.0), local_size=16, local_scale=(0.05, 0.2), num_local=4,
+                        blur_sigma=(0.1, 0.5), hidden_dim=2048, num_groups=300, lr=1.2, start_lr=0.05,
+                        warmup_epochs=10, ema=0.99, exclude_1d=True, eval_every=-1),
     # The paper's recipes (the authors' scripts/pretrain/*.sh): batch 4096 = 64 GPUs × 64, 400 epochs.
-    "imagenet-r50": dict(),
-    "imagenet-r50w2": dict(arch="resnet50w2"),
+    "imagenet-r50": dict(), "imagenet-r50w2": dict(arch="resnet50w2"),
     # Transformers (the authors' Swin-T script and src/optimizer.py): AdamW 1e-3 at batch 4096 (= 6.25e-5 per 256)
     # → 4e-5, weight decay 0.05, clipping 3.0.
     "imagenet-swin-t": dict(arch="swin_t_bn", drop_path=0.2, swin_heads=True, **TRANSFORMER_RECIPE),
@@ -584,14 +495,12 @@ PRESETS["cifar10"] = PRESETS["cifar10-r18"]  # the short name
 def _flag(name):
     return "--" + name.replace("_", "-")
 
-def _parse_value(f, text):
-    """Parses one CLI value for dataclass field f (tuples are written '0.2,1.0')."""
-    if f.type == tuple[float, float]:
-        parts = text.split(",")
-        if len(parts) != 2:
-            raise ValueError("expected two comma-separated numbers, e.g. 0.2,1.0")
-        return (float(parts[0]), float(parts[1]))
-    return f.type(text)
+def _parse_value(f, text):  # parses one CLI value for dataclass field f (tuples are written '0.2,1.0')
+    if f.type != tuple[float, float]:
+        return f.type(text)
+    if text.count(",") != 1:
+        raise ValueError("expected two comma-separated numbers, e.g. 0.2,1.0")
+    return tuple(float(part) for part in text.split(","))
 
 def fail(message, prog="smog.py"):
     """Ends the program with the one line "prog: error: message" (exit status 1): no stack trace for bad input."""
@@ -602,23 +511,16 @@ class _Parser(argparse.ArgumentParser):
         fail(message, self.prog)
 
 def parse_command(argv=None):
-    """(Config, args): the config is defaults ← --preset ← flags given on the command line; args also holds the
-    one-off actions (--print-config, --plot), which are not part of a run's config. Bad values end with one line."""
+    """(Config, args): defaults ← --preset ← flags given; args holds the one-off --print-config and --plot."""
     parser = _Parser(prog="smog.py", description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        if f.type is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None)
-        else:
-            parser.add_argument(_flag(f.name), type=str, default=None, metavar=f.type.__name__.upper())
+    for f in dataclasses.fields(Config):  # default None: not given, so the preset's value holds
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(metavar=f.type.__name__.upper())
+        parser.add_argument(_flag(f.name), default=None, **kind)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--plot", metavar="OUT_DIR", default="",
-                        help="draw OUT_DIR/log.jsonl as OUT_DIR/curves.svg and exit")
-    args = parser.parse_args(argv)
-    given = {}
-    for f in dataclasses.fields(Config):
+    parser.add_argument("--plot", metavar="OUT_DIR", default="", help="draw OUT_DIR/log.jsonl as curves.svg and exit")
+    args, given = parser.parse_args(argv), {}
+    for f in (f for f in dataclasses.fields(Config) if getattr(args, f.name) is not None):
         text = getattr(args, f.name)
-        if text is None:
-            continue
         try:
             given[f.name] = text if f.type is bool else _parse_value(f, text)
         except ValueError as e:
@@ -628,79 +530,60 @@ def parse_command(argv=None):
         fail(f"--preset {preset!r} is unknown (choose from {', '.join(PRESETS)})")
     cfg = Config(**{**PRESETS[preset], **given, "preset": preset})
     check_config(cfg)
-    if cfg.invert == -1:  # a property of the embedded data set, not of the preset
-        cfg = dataclasses.replace(cfg, invert=0.5 if cfg.data == "synthetic" else 0.0)
-    if cfg.eval_every == -1:
-        cfg = dataclasses.replace(cfg, eval_every=max(1, cfg.epochs // 10))
-    if cfg.workers == -1:
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        cfg = dataclasses.replace(cfg, workers=max(1, (os.cpu_count() or 1) // local_processes))
-    return cfg, args
+    auto = dict(invert=0.5 if cfg.data == "synthetic" else 0.0,  # a property of the embedded data set, not the preset
+                eval_every=max(1, cfg.epochs // 10),
+                workers=max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    return dataclasses.replace(cfg, **{name: v for name, v in auto.items() if getattr(cfg, name) == -1}), args
 
-def parse_config(argv=None):
-    """The Config of a command line (parse_command without its one-off actions)."""
+def parse_config(argv=None):  # the Config of a command line (parse_command without its one-off actions)
     return parse_command(argv)[0]
 
-def crop_recipe(cfg):
-    """Part 1's CropRecipe of a config."""
+def crop_recipe(cfg):  # Part 1's CropRecipe of a config
     return CropRecipe(**{name: getattr(cfg, name) for name in CropRecipe._fields})
 
-def step_hyperparameters(cfg):
-    """train_step's hyperparameters of a config, all but β (which follows its schedule)."""
+def step_hyperparameters(cfg):  # train_step's hyperparameters of a config, all but β (which follows its schedule)
     return dict(tau=cfg.tau, ema=cfg.ema, accumulate=cfg.accumulate, clip_grad=cfg.clip_grad)
 
-def check_config(cfg):
-    """Rejects values the run cannot use, naming the flag."""
-    def bad(name, why):
-        fail(f"{_flag(name)} {getattr(cfg, name)!r}: {why}")
-
+def check_config(cfg):  # rejects values the run cannot use, naming the flag
     choices = dict(arch=BACKBONES, optimizer=("lars", "adamw"), precision=("auto", "bf16", "fp16", "fp32"),
                    batched_aug=("auto", "on", "off"))
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            bad(name, f"unknown (choose from {', '.join(allowed)})")
-    rules = [(lambda v: v >= 1, "must be at least 1", "epochs batch_size accumulate global_size local_size feat_dim "
-              "hidden_dim num_groups num_heads log_every synthetic_size"),
-             (lambda v: v >= 0, "must be at least 0", "num_local kmeans_iters warmup_epochs stop_after checkpoint_every"),
-             (lambda v: v >= -1, "must be at least 0 (or -1: about ten reports per run)", "eval_every"),
-             (lambda v: v >= -1, "must be at least 0 (or -1: the cores per process)", "workers"),
-             (lambda v: v == -1 or 0 <= v <= 1, "must lie in [0, 1] (or -1: 0.5 for --data synthetic, else 0)",
-              "invert"),
-             (lambda v: 0 <= v <= 1, "must lie in [0, 1]", "ema beta_start beta_end drop_path"),
-             (lambda v: v > 0, "must be positive", "tau lr dist_timeout"),
-             (lambda v: 0 < v[0] <= v[1] <= 1, "needs 0 < low <= high <= 1", "global_scale local_scale"),
-             (lambda v: 0 < v[0] <= v[1], "needs 0 < low <= high", "blur_sigma"),
-             (lambda v: math.isfinite(v) and v >= 0, "must be a finite number of GiB, at least 0 (0: always stream "
-              "through workers)", "memory_budget")]
+    rules = [(lambda v, allowed=allowed: v in allowed, f"unknown (choose from {', '.join(allowed)})", name)
+             for name, allowed in choices.items()]
+    rules += [(lambda v: v >= 1, "must be at least 1", "epochs batch_size accumulate global_size local_size feat_dim "
+               "hidden_dim num_groups num_heads log_every synthetic_size"),
+              (lambda v: v >= 0, "must be at least 0", "num_local kmeans_iters warmup_epochs stop_after "
+               "checkpoint_every"),
+              (lambda v: v >= -1, "must be at least 0 (or -1: about ten reports per run)", "eval_every"),
+              (lambda v: v >= -1, "must be at least 0 (or -1: the cores per process)", "workers"),
+              (lambda v: v == -1 or 0 <= v <= 1, "must lie in [0, 1] (or -1: 0.5 for --data synthetic, else 0)",
+               "invert"),
+              (lambda v: 0 <= v <= 1, "must lie in [0, 1]", "ema beta_start beta_end drop_path"),
+              (lambda v: v > 0, "must be positive", "tau lr dist_timeout"),
+              (lambda v: 0 < v[0] <= v[1] <= 1, "needs 0 < low <= high <= 1", "global_scale local_scale"),
+              (lambda v: 0 < v[0] <= v[1], "needs 0 < low <= high", "blur_sigma"),
+              (lambda v: math.isfinite(v) and v >= 0, "must be a finite number of GiB, at least 0 (0: always stream "
+               "through workers)", "memory_budget"),
+              (lambda v: not cfg.arch.startswith("vit") or v % 16 == 0,
+               f"--arch {cfg.arch} needs crop sizes that are multiples of its 16-px patches", "global_size local_size")]
     for ok, why, names in rules:
-        for name in names.split():
-            if not ok(getattr(cfg, name)):
-                bad(name, why)
-    for name in ("global_size", "local_size"):
-        if cfg.arch.startswith("vit") and getattr(cfg, name) % 16:
-            bad(name, f"--arch {cfg.arch} needs crop sizes that are multiples of its 16-px patches")
+        for name in (name for name in names.split() if not ok(getattr(cfg, name))):
+            fail(f"{_flag(name)} {getattr(cfg, name)!r}: {why}")
 
-def log(*args):
-    """Prints on rank 0 only."""
+def log(*args):  # prints on rank 0 only
     if rank() == 0:
         print(*args, flush=True)
 
-
 # ----- backbones, and the authors' machinery that some of them need ------------------------------------------------
-
 def bn_over_sizes(bn, xs, relu=False):
-    """One BatchNorm call for crops of several sizes (then ReLU in place, when asked): xs, a list of (N_i, C, H_i, W_i),
-    share one set of statistics over every pixel of every crop (and running statistics move once), as the authors'
-    src/resnet50.py, list_bn_forward, which packs them as one (1, C, Σ N·H·W, 1) batch. Channels-last activations
-    already are (N·H·W, C) rows in memory, so the packed batch is one concatenation of rows, seen as that
-    (1, C, L, 1) shape in the channels-last layout; the outputs are views of it. SyncBatchNorm takes it unchanged."""
+    """One BN (and ReLU) over crops of several sizes, xs (N_i, C, H_i, W_i), as the authors' list_bn_forward."""
     if len(xs) == 1:
         return [F.relu(bn(xs[0]), inplace=True) if relu else bn(xs[0])]
+    # The authors pack all crops as one (1, C, Σ N·H·W, 1) batch: one set of statistics over every pixel of every
+    # size. Channels-last crops already are (N·H·W, C) rows in memory, so the batch is their concatenation, seen as
+    # (1, C, L, 1) channels-last by view + permute (rows.t()[None, ..., None] has strides on which CPU BatchNorm's
+    # backward is wrong, torch 2.14); the outputs are views of it.
     c = xs[0].shape[1]
     rows = torch.cat([x.permute(0, 2, 3, 1).reshape(-1, c) for x in xs])  # (Σ N·H·W, C); views of NHWC crops
-    # (1, C, L, 1) in channels-last strides over the rows' own memory. Made by view + permute, not rows.t()[None, ...,
-    # None]: its strides on the size-1 dimensions are not the canonical ones, and CPU BatchNorm's backward then
-    # computes wrong gradients (torch 2.14).
     out = bn(rows.view(1, -1, 1, c).permute(0, 3, 1, 2))
     out = (F.relu(out, inplace=True) if relu else out).permute(0, 2, 3, 1).reshape(-1, c)  # (L, C)
     out = [o.reshape(x.shape[0], x.shape[2], x.shape[3], c).permute(0, 3, 1, 2)  # (N_i, C, H_i, W_i), NHWC
@@ -708,9 +591,7 @@ def bn_over_sizes(bn, xs, relu=False):
     return [o if x.is_contiguous(memory_format=torch.channels_last) else o.contiguous() for o, x in zip(out, xs)]
 
 def resnet_over_sizes(net, xs):
-    """A ResNet made of torchvision modules (conv, BN, ReLU, pooling, BasicBlock or Bottleneck, in forward order) run
-    on crop batches of several sizes, each BN over all of them; the BN of a downsample shortcut runs per size, as in
-    the authors' code. xs: list of (N_i, 3, s_i, s_i) → list of (N_i, ...) outputs."""
+    """A torchvision ResNet on crops of several sizes (N_i, 3, s_i, s_i), each BN over all (shortcuts' per size)."""
     children = list(net.children())
     for i, m in enumerate(children):
         if isinstance(m, nn.Sequential):
@@ -735,51 +616,35 @@ def _torchvision_resnet(name, small_stem=False):
     """torchvision ResNet without its classifier; small_stem: 3x3 stride-1 first conv and no max-pool (32-px images)."""
     net = getattr(torchvision.models, name)()
     if small_stem:
-        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        net.maxpool = nn.Identity()
-    dim = net.fc.in_features
-    net.fc = nn.Identity()
+        net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    dim, net.fc = net.fc.in_features, nn.Identity()
     return net, dim
 
 def _tiny_resnet(widths=(16, 32, 64, 256)):
-    """A 4-stage ResNet of torchvision BasicBlocks (one per stage, each halving the resolution) after a 3x3 stem at
-    full resolution: 0.8M parameters, CPU-friendly. The full-resolution stem lets the first strided block see the
-    corners that tell a 6-px square from a disk (README, "What the default run does")."""
+    """A 0.8M-parameter ResNet of four strided BasicBlocks after a 3x3 full-resolution stem, for CPUs."""
     layers, c_in = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(True)], widths[0]
-    for c in widths:
-        down = nn.Sequential(nn.Conv2d(c_in, c, 1, 2, bias=False), nn.BatchNorm2d(c))
-        layers.append(BasicBlock(c_in, c, 2, down))
+    for c in widths:  # the full-resolution stem sees the corners that tell a 6-px square from a disk
+        layers.append(BasicBlock(c_in, c, 2, nn.Sequential(nn.Conv2d(c_in, c, 1, 2, bias=False), nn.BatchNorm2d(c))))
         c_in = c
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), c_in
 
 def _resnet50_wide(widen=2):
-    """ResNet-50 with every width × widen, as SwAV's and the authors' ResNet-50w2 (4096-d output, 94M parameters).
-
-    torchvision's wide_resnet50_2 is a different network: it widens only the 3x3 convolutions (2048-d output). Built
-    from torchvision's own ResNet and Bottleneck, so its state_dict keys are torchvision's.
-    """
-    net = torchvision.models.ResNet(Bottleneck, [3, 4, 6, 3])
-    net.inplanes = 64 * widen
-    net.conv1 = nn.Conv2d(3, 64 * widen, 7, 2, 3, bias=False)
-    net.bn1 = nn.BatchNorm2d(64 * widen)
+    """ResNet-50 with every width × widen (SwAV's and the authors' ResNet-50w2, 4096-d) in torchvision's modules."""
+    net, width = torchvision.models.ResNet(Bottleneck, [3, 4, 6, 3]), 64 * widen
+    net.inplanes, net.conv1, net.bn1 = width, nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width)
     for i, (blocks, stride) in enumerate(zip([3, 4, 6, 3], [1, 2, 2, 2])):
-        setattr(net, f"layer{i + 1}", net._make_layer(Bottleneck, 64 * widen * 2 ** i, blocks, stride=stride))
-    for m in net.modules():  # torchvision's initialisation, for the layers made anew
+        setattr(net, f"layer{i + 1}", net._make_layer(Bottleneck, width * 2 ** i, blocks, stride=stride))
+    for m in net.modules():  # torchvision's initialisation of the convolutions made anew (BN's is the default)
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
     net.fc = nn.Identity()
     return net, 2048 * widen
 
 class KeptShiftWindowAttention(torchvision.models.swin_transformer.ShiftedWindowAttention):
-    """torchvision's shifted-window attention, except that a map padded to a single window is still shifted (with
-    the attention mask): the authors fix each block's shift when they build it (src/SwinTrans_multicrop.py,
-    SwinTransformerBlock), so the 6x6 maps of a 96-px crop's stage 3 are padded to 7x7 and rolled by 3, where
-    torchvision drops the shift."""
-
+    """torchvision's shifted-window attention that still shifts a map padded to one window, as the authors'."""
     def forward(self, x):  # (B, H, W, C)
+        # The authors fix each block's shift when they build it (src/SwinTrans_multicrop.py, SwinTransformerBlock):
+        # a 96-px crop's 6x6 stage-3 maps are padded to 7x7 and rolled by 3, where torchvision drops the shift.
         b, h, w, c = x.shape
         (wh, ww), (sh, sw) = self.window_size, self.shift_size
         if not (sh or sw) or h > wh or w > ww:  # several windows, or no shift: torchvision's own computation
@@ -796,10 +661,7 @@ class KeptShiftWindowAttention(torchvision.models.swin_transformer.ShiftedWindow
         return torch.roll(out.view(b, wh, ww, c), (sh, sw), (1, 2))[:, :h, :w]
 
 class SwinBlockBN(torchvision.models.swin_transformer.SwinTransformerBlock):
-    """The authors' Swin block (src/SwinTrans_multicrop.py, norm_before_mlp='bn', as MoBY): a BatchNorm over the
-    channels in place of the LayerNorm before the MLP, and the normalised tensor is also the MLP's residual; the
-    shifted windows as theirs (KeptShiftWindowAttention, and no shift where _swin_t says so)."""
-
+    """The authors' Swin block (norm_before_mlp='bn', as MoBY): BatchNorm, not LayerNorm, before the MLP."""
     def __init__(self, dim, *args, **kwargs):
         super().__init__(dim, *args, attn_layer=KeptShiftWindowAttention, **kwargs)
         self.norm2 = nn.BatchNorm1d(dim)
@@ -810,12 +672,10 @@ class SwinBlockBN(torchvision.models.swin_transformer.SwinTransformerBlock):
         return x + self.stochastic_depth(self.mlp(x))
 
 def _swin_t(drop_path, bn_blocks=False):
-    """torchvision's Swin-T (768-d pooled output), or with the authors' blocks (SwinBlockBN); it pads 96-px crops'
-    feature maps to whole 7x7 windows itself."""
+    """torchvision's Swin-T (768-d pooled output; pads 96-px crops' maps to whole 7x7 windows), or the authors'."""
     block = dict(block=SwinBlockBN) if bn_blocks else {}
-    net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2],
-                                             num_heads=[3, 6, 12, 24], window_size=[7, 7],
-                                             stochastic_depth_prob=drop_path, **block)  # swin_t() fixes it at 0.2
+    net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2], window_size=[7, 7],
+                                             num_heads=[3, 6, 12, 24], stochastic_depth_prob=drop_path, **block)
     net.head = nn.Identity()
     if bn_blocks:  # the authors build each block for 224 px: one whose map fits one window there is never shifted
         for stage, side in zip(net.features[1::2], (56, 28, 14, 7)):
@@ -825,17 +685,14 @@ def _swin_t(drop_path, bn_blocks=False):
     return net, 768
 
 class ViT(torchvision.models.VisionTransformer):
-    """torchvision's VisionTransformer returning the class token, at any input size: its position embedding (made
-    for 224 px) is interpolated bicubically to the input's patch grid, so 96-px local crops work (as DINO does)."""
-
+    """torchvision's ViT returning the class token, its position embedding interpolated to any input size (as DINO)."""
     def __init__(self, depth, heads, dim):
         super().__init__(image_size=224, patch_size=16, num_layers=depth, num_heads=heads, hidden_dim=dim,
                          mlp_dim=4 * dim)
         self.heads = nn.Identity()
 
     def position_embedding(self, rows, cols):  # (1, 1 + rows·cols, dim)
-        pos = self.encoder.pos_embedding
-        side = self.image_size // self.patch_size
+        pos, side = self.encoder.pos_embedding, self.image_size // self.patch_size
         if (rows, cols) == (side, side):
             return pos
         grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
@@ -851,53 +708,37 @@ class ViT(torchvision.models.VisionTransformer):
 # name -> (drop_path) -> (backbone module mapping (N, 3, s, s) to (N, dim), dim). drop_path (stochastic depth) is
 # used by Swin only: torchvision's ResNets and ViTs have none.
 BACKBONES = {
-    "resnet_tiny": lambda drop_path: _tiny_resnet(),
-    "resnet18": lambda drop_path: _torchvision_resnet("resnet18"),
+    "resnet_tiny": lambda drop_path: _tiny_resnet(), "resnet18": lambda drop_path: _torchvision_resnet("resnet18"),
     "resnet18_cifar": lambda drop_path: _torchvision_resnet("resnet18", small_stem=True),
-    "resnet50": lambda drop_path: _torchvision_resnet("resnet50"),
-    "resnet50w2": lambda drop_path: _resnet50_wide(2),
-    "swin_t": _swin_t,
-    "swin_t_bn": lambda drop_path: _swin_t(drop_path, bn_blocks=True),
+    "resnet50": lambda drop_path: _torchvision_resnet("resnet50"), "resnet50w2": lambda drop_path: _resnet50_wide(2),
+    "swin_t": _swin_t, "swin_t_bn": lambda drop_path: _swin_t(drop_path, bn_blocks=True),
     "vit_s16": lambda drop_path: (ViT(depth=12, heads=6, dim=384), 384),
     "vit_b16": lambda drop_path: (ViT(depth=12, heads=12, dim=768), 768),
 }
 
-def make_online(cfg):
-    """The online branch of a config: OnlineNet around a fresh cfg.arch backbone, ResNets with BN over sizes."""
+def make_online(cfg):  # OnlineNet around a fresh cfg.arch backbone, ResNets with BN over sizes
     over_sizes = resnet_over_sizes if cfg.bn_over_sizes and cfg.arch.startswith("resnet") else None
     return OnlineNet(*BACKBONES[cfg.arch](cfg.drop_path), cfg.hidden_dim, cfg.feat_dim, cfg.swin_heads, over_sizes)
 
-
 # ----- data: the embedded synthetic data set, ImageFolder, CIFAR-10 ------------------------------------------------
-
 SHAPES = ("disk", "square", "triangle", "plus", "ring", "star", "frame", "crescent", "bar", "half-disk")
 
-def _shape_masks(kind, u, v):
-    """Inside-masks of one shape class at rotated, unit-scaled coordinates u, v (any shape of arrays)."""
+def _shape_masks(kind, u, v):  # inside-masks of one shape class at rotated, unit-scaled coordinates u, v
     r, th = np.hypot(u, v), np.arctan2(v, u)
     box = np.maximum(abs(u), abs(v))
-    return {
-        "disk": r < 0.9,
-        "square": box < 0.75,
-        "triangle": (v > -0.5) & (np.sqrt(3) * u + v < 1) & (-np.sqrt(3) * u + v < 1),
-        "plus": ((abs(u) < 0.28) & (abs(v) < 1)) | ((abs(v) < 0.28) & (abs(u) < 1)),
-        "ring": (r > 0.55) & (r < 0.95),
-        "star": r < 0.55 + 0.4 * np.cos(5 * th),
-        "frame": (box > 0.5) & (box < 0.85),
-        "crescent": (r < 0.95) & (np.hypot(u - 0.5, v) > 0.75),
-        "bar": (abs(u) < 1) & (abs(v) < 0.3),
-        "half-disk": (r < 0.95) & (v > -0.2),
-    }[kind]
+    return {"disk": r < 0.9, "square": box < 0.75,
+            "triangle": (v > -0.5) & (np.sqrt(3) * u + v < 1) & (-np.sqrt(3) * u + v < 1),
+            "plus": ((abs(u) < 0.28) & (abs(v) < 1)) | ((abs(v) < 0.28) & (abs(u) < 1)),
+            "ring": (r > 0.55) & (r < 0.95), "star": r < 0.55 + 0.4 * np.cos(5 * th),
+            "frame": (box > 0.5) & (box < 0.85), "crescent": (r < 0.95) & (np.hypot(u - 0.5, v) > 0.75),
+            "bar": (abs(u) < 1) & (abs(v) < 0.3), "half-disk": (r < 0.95) & (v > -0.2)}[kind]
 
 def synthetic_shapes(n, seed, size=32):
-    """The embedded data set: n grey-level images (uint8, (n, 3, size, size)) of 10 shape classes, labels (n,).
-
-    Class identity is the shape; position, size, rotation, polarity, contrast and sensor noise are random, so the
-    only signal two views share that generalises across images is the shape (README, "The embedded data set").
-    Deterministic from (n, seed, size); drawn at twice the resolution and averaged for anti-aliased edges."""
+    """The embedded data set: n uint8 images (n, 3, size, size) of 10 shape classes and their labels (n,)."""
+    # Position, size, rotation, polarity, contrast and noise are random: the shape is what two views share. Drawn at
+    # twice the resolution and averaged, for anti-aliased edges; deterministic from (n, seed, size).
     rng = np.random.default_rng(seed)
-    labels = rng.integers(0, len(SHAPES), n)
-    s2 = 2 * size
+    labels, s2 = rng.integers(0, len(SHAPES), n), 2 * size
     yy, xx = np.meshgrid(np.arange(s2) + 0.5, np.arange(s2) + 0.5, indexing="ij")
     images = np.empty((n, 3, size, size), np.uint8)
     for start in range(0, n, 512):
@@ -920,23 +761,18 @@ def synthetic_shapes(n, seed, size=32):
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 def rgb8(image):
-    """A PIL image of any mode as 8-bit RGB. 16-bit grey (I;16) is scaled from 0–65535, 32-bit integer grey (I) from
-    0–65535 when its values fit (how PIL opens many 16-bit files) else from 0–2³¹−1, float grey (F) from 0–1 (or as
-    I when larger): PIL's own convert("RGB") clips them at 255, which turns most 16-bit images white."""
+    """A PIL image of any mode as 8-bit RGB, 16- and 32-bit and float grey scaled to 0–255, not clipped at 255."""
     import PIL.Image
-    if image.mode.startswith("I") or image.mode == "F":
+    if image.mode.startswith("I") or image.mode == "F":  # PIL's convert("RGB") clips these, most 16-bit images white
         x = np.asarray(image, dtype=np.float64)
         top = x.max(initial=0)
         full = (1.0 if image.mode == "F" and top <= 1 else 65535.0 if image.mode.startswith("I;16") or top <= 65535
-                else 2.0 ** 31 - 1)
+                else 2.0 ** 31 - 1)  # 32-bit "I" files often hold 16-bit values
         image = PIL.Image.fromarray(np.clip(x / full * 255 + 0.5, 0, 255).astype(np.uint8), "L")
     return image.convert("RGB")
 
 def scan_folder(root, classes=None):
-    """(class names, [(path, class index)]) of a class-per-folder tree: each subfolder of root is a class, the image
-    files at any depth below it its samples, in sorted order. Symbolic links are followed, but each real folder and
-    file is read once (a link to a parent folder would repeat the tree without end). classes: the names to index by
-    (a val/ split by its train/ split's): a subfolder not among them is an error naming it."""
+    """(class names, [(path, class index)]) of a class-per-folder tree; classes: the names to index by (train/'s)."""
     try:
         names = sorted(e.name for e in os.scandir(root) if e.is_dir())
     except OSError as e:
@@ -944,64 +780,48 @@ def scan_folder(root, classes=None):
     if not names:
         fail(f"--data {root}: no class folders (expected one subfolder of images per class)")
     classes = names if classes is None else classes
-    unknown = [n for n in names if n not in classes]
-    if unknown:
-        fail(f"--data {os.path.join(root, unknown[0])!r}: a class the training split {os.path.dirname(root)}/train "
+    for name in (n for n in names if n not in classes):
+        fail(f"--data {os.path.join(root, name)!r}: a class the training split {os.path.dirname(root)}/train "
              f"does not have (its classes: {', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''})")
-    index = {c: i for i, c in enumerate(classes)}
+    # Links are followed, but every real folder and file is read once: a link to a parent would repeat without end.
     seen = {os.path.realpath(root)} | {os.path.realpath(os.path.join(root, n)) for n in names}  # folders and files
-    extensions = torchvision.datasets.folder.IMG_EXTENSIONS
-    samples = []
+
+    def unseen(path):  # a real folder or file not read yet; marked as read
+        real = os.path.realpath(path)
+        return real not in seen and (seen.add(real) or True)
+    samples, extensions = [], torchvision.datasets.folder.IMG_EXTENSIONS
     for name in names:
-        found = len(samples)
+        found, label = len(samples), classes.index(name)
         for folder, subfolders, files in os.walk(os.path.join(root, name), followlinks=True):
-            kept = []
-            for sub in sorted(subfolders):
-                real = os.path.realpath(os.path.join(folder, sub))
-                if real not in seen:
-                    seen.add(real)
-                    kept.append(sub)
-            subfolders[:] = kept  # os.walk descends only into folders not read yet
-            for file in sorted(files):
-                path = os.path.join(folder, file)
-                real = os.path.realpath(path)
-                if file.lower().endswith(extensions) and real not in seen:
-                    seen.add(real)
-                    samples.append((path, index[name]))
+            subfolders[:] = [s for s in sorted(subfolders) if unseen(os.path.join(folder, s))]  # os.walk's next ones
+            paths = [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(extensions)]
+            samples += [(path, label) for path in paths if unseen(path)]
         if len(samples) == found:
             fail(f"--data {os.path.join(root, name)!r}: a class folder without images ({', '.join(extensions)})")
     return classes, samples
 
 class ImageFolderData(torch.utils.data.Dataset):
-    """A class-per-folder tree (scan_folder) whose unreadable images are replaced by the next readable one and
-    reported, not fatal; every image is read as 8-bit RGB (rgb8).
-
-    __getitem__ takes (index, step parity) (parity_batches) and returns (sample, label, failed path or ""); the sample
-    is `transform(image, parity)`: all crops (MultiCrop) or their uint8 cuts (CutCrops)."""
-
+    """A class-per-folder tree of 8-bit RGB images; an unreadable one is replaced by the next, and reported."""
     def __init__(self, root, classes=None, transform=None):
         self.root, self.transform = root, transform
         self.classes, self.samples = scan_folder(root, classes)
         self.targets = [label for _, label in self.samples]
 
     @staticmethod
-    def load(path):
-        """The image at path as 8-bit RGB."""
+    def load(path):  # the image at path as 8-bit RGB
         import PIL.Image
         with open(path, "rb") as f:
             return rgb8(PIL.Image.open(f))
 
-    def fingerprint(self):
-        """What identifies this data set in a checkpoint: its image count and a hash of its sorted relative paths."""
+    def fingerprint(self):  # what identifies the data set in a checkpoint: image count, hash of the relative paths
         digest = hashlib.sha1("\n".join(os.path.relpath(p, self.root) for p, _ in self.samples).encode())
         return f"{len(self.samples)} images in {len(self.classes)} classes, paths sha1 {digest.hexdigest()[:12]}"
 
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, key):
-        index, parity = key if isinstance(key, tuple) else (key, 0)
-        failed = ""
+    def __getitem__(self, key):  # (index, step parity) → (transform(image, parity), label, failed path or "")
+        (index, parity), failed = key if isinstance(key, tuple) else (key, 0), ""
         for attempt in range(len(self)):
             path, label = self.samples[(index + attempt) % len(self)]
             try:
@@ -1011,23 +831,24 @@ class ImageFolderData(torch.utils.data.Dataset):
                 failed = failed or f"{printable(path)} ({type(e).__name__}: {e})"
         fail(f"--data {printable(self.root)}: no readable image")
 
-def printable(text):
-    """text with control characters (newlines, terminal escapes) escaped, for file names in messages."""
+def printable(text):  # text with control characters (newlines, terminal escapes) escaped, for names in messages
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
-class Split(NamedTuple):
-    """One split of a data set, as load_dataset returns it."""
+class Split(NamedTuple):  # one split of a data set, as load_dataset returns it
     images: torch.Tensor | None  # uint8 (N, 3, H, W) held in memory, or None: read from `folder` by workers
     labels: torch.Tensor | None  # (N,); None: there is no such split
     folder: "ImageFolderData | None"
     fingerprint: str  # what identifies the data set in a checkpoint (resume refuses another one)
 
 def load_dataset(cfg, split):
-    """The split train|val of cfg.data: the embedded and CIFAR-10 sets, and small folders, held in memory as uint8
-    tensors; larger folders read by loader workers."""
+    """The split train|val of cfg.data: uint8 images in memory (with labels), or a folder for loader workers."""
     if cfg.data == "synthetic":
         n = cfg.synthetic_size if split == "train" else 2000
-        need, free = n * 3 * 32 * 32 / 2**30, available_memory_gib()
+        need = n * 3 * 32 * 32 / 2**30
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30  # memory free now (Linux)
+        except (ValueError, OSError, AttributeError):
+            free = math.inf
         if need > free:
             fail(f"--synthetic-size {n}: its images need {need:.1f} GiB, more than the {free:.1f} GiB of memory free")
         images, labels = synthetic_shapes(n, seed=cfg.seed * 2 + (split != "train"))
@@ -1046,34 +867,23 @@ def load_dataset(cfg, split):
     train_root, val_root = os.path.join(cfg.data, "train"), os.path.join(cfg.data, "val")
     if not os.path.isdir(train_root) and os.path.isdir(val_root):
         fail(f"--data {cfg.data}: has val/ but no train/ (a folder with val/ needs its training images in train/)")
-    if not os.path.isdir(train_root):
-        train_root = cfg.data  # a plain class-per-folder tree is the training set
+    train_root = train_root if os.path.isdir(train_root) else cfg.data  # or a plain class-per-folder tree is it
     if split == "val" and not os.path.isdir(val_root):
         return Split(None, None, None, "")
     classes = None if split == "train" else scan_folder(train_root)[0]  # val/ labels follow train/'s class names
     ds = ImageFolderData(train_root if split == "train" else val_root, classes)
-    decoded = decode_into_memory(ds, cfg.memory_budget, split)
-    return Split(*decoded, None, ds.fingerprint()) if decoded else Split(None, torch.tensor(ds.targets), ds,
-                                                                         ds.fingerprint())
-
-def available_memory_gib():
-    """Memory the system has free now (Linux), in GiB; infinite where it cannot be read."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    except (ValueError, OSError, AttributeError):
-        return math.inf
+    images, labels = decode_into_memory(ds, cfg.memory_budget, split) or (None, torch.tensor(ds.targets))
+    return Split(images, labels, ds if images is None else None, ds.fingerprint())
 
 def decode_into_memory(ds, budget_gib, split):
-    """(images uint8 (N, 3, H, W), labels (N,)) of a small ImageFolder, decoded once, when its images share one size
-    and fit in budget_gib; else None, and the folder streams through loader workers. Unreadable images are left out
-    and reported; more than 1% of them end the run."""
-    samples, first = ds.samples, None
-    for path, _ in samples[:20]:  # the first readable image tells the size
+    """(images (N, 3, H, W) uint8, labels) of a folder whose images share a size and fit in budget_gib, or None."""
+    def read(path):  # (H, W, 3) uint8, or why it is unreadable
         try:
-            first = np.asarray(ds.load(path))
-            break
-        except Exception:  # noqa: BLE001 - reported below, when every image is read
-            continue
+            return np.asarray(ds.load(path))
+        except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable image"
+            return f"{printable(path)} ({type(e).__name__}: {e})"
+    samples = ds.samples
+    first = next((x for x in (read(path) for path, _ in samples[:20]) if not isinstance(x, str)), None)  # the size
     if first is None or len(samples) * first.nbytes > budget_gib * 2**30:
         if first is not None and budget_gib > 0:
             log(f"data ({split}): {len(samples)} images would take {len(samples) * first.nbytes / 2**30:.1f} GiB "
@@ -1081,17 +891,16 @@ def decode_into_memory(ds, budget_gib, split):
         return None
     t0, images, labels, failed = time.time(), [], [], []
     for path, label in samples:
-        try:
-            pixels = np.asarray(ds.load(path))
-        except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable image"
-            failed.append(f"{printable(path)} ({type(e).__name__}: {e})")
-            continue
-        if pixels.shape != first.shape:
+        pixels = read(path)
+        if isinstance(pixels, str):
+            failed.append(pixels)
+        elif pixels.shape != first.shape:
             log(f"data ({split}): images of several sizes ({printable(path)}: {pixels.shape[1]}x{pixels.shape[0]}, "
                 f"others {first.shape[1]}x{first.shape[0]}): streamed through loader workers")
             return None
-        images.append(pixels)
-        labels.append(label)
+        else:
+            images.append(pixels)
+            labels.append(label)
     if len(failed) > 0.01 * len(samples):
         fail(f"{len(failed)} of {len(samples)} images are unreadable, e.g. {failed[0]}")
     log(f"data ({split}): {len(images)} images of {first.shape[1]}x{first.shape[0]} decoded into memory "
@@ -1101,28 +910,22 @@ def decode_into_memory(ds, budget_gib, split):
 
 class InMemoryData(torch.utils.data.Dataset):
     """uint8 images (N, 3, S, S) as a Dataset of (crops, label, "") for CPU workers (used with --batched-aug off)."""
-
     def __init__(self, images, labels, transform):
         self.images, self.labels, self.transform = images, labels, transform
-        self.to_pil = torchvision.transforms.ToPILImage()
 
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, key):
-        index, parity = key
-        return self.transform(self.to_pil(self.images[index]), parity), int(self.labels[index]), ""
-
+    def __getitem__(self, key):  # (index, step parity)
+        image = torchvision.transforms.functional.to_pil_image(self.images[key[0]])
+        return self.transform(image, key[1]), int(self.labels[key[0]]), ""
 
 # ----- batched augmentation: the multi-crop recipe on whole batches, on the training device ------------------------
-# The fast equivalent of Part 1's MultiCrop, from the same constants (JITTER, JITTER_P, GRAYSCALE_P, FLIP_P, ASPECT,
-# PIPELINES) and CropRecipe, with independent random parameters for every crop of every image, as tensor work on
-# the training device (no decoding workers, no per-image Python); resizing is antialiased bilinear, as torchvision's
-# on PIL images, done as two matrix products per crop. Where it differs from MultiCrop:
-#   - hue jitter is a rotation about the grey axis in YIQ space, not a shift of the HSV hue;
-#   - colour jitter runs in the fixed order brightness → contrast → saturation → hue (torchvision: random order);
-# Images held in memory are cropped on the device; ImageFolder images are cropped at full resolution in the loader
-# workers (CutCrops), where they are decoded, and only their flips and photometric work run on the device.
+# The fast equivalent of Part 1's MultiCrop, from its constants and CropRecipe, with independent random parameters
+# for every crop, as tensor work on the device (no per-image Python); resizing is antialiased bilinear as
+# torchvision's on PIL images. It differs from MultiCrop in the hue jitter (a rotation about the grey axis in YIQ,
+# not an HSV shift) and the jitter's fixed order (brightness → contrast → saturation → hue). ImageFolder images are
+# cut at full resolution in the loader workers that decode them (CutCrops); the rest runs on the device.
 
 def _gray(x):  # (n, 3, h, w) -> (n, 1, h, w), ITU-R 601 luma as torchvision
     return (x * _constants(x.device)["luma"].to(x.dtype)).sum(1, keepdim=True)  # (a 1x1 conv is far slower on CPU)
@@ -1131,57 +934,42 @@ def _uniform(n, lo, hi, device):
     return torch.empty(n, device=device).uniform_(lo, hi)
 
 def random_resized_boxes(n, scale, height, width, device, ratio=ASPECT, tries=10):
-    """(n, 4) crop boxes x0, y0, x1, y1 in pixels, drawn as torchvision's RandomResizedCrop draws them: area fraction
-    ~ U(scale) and log aspect ~ U(log ratio), sides rounded to whole pixels, redrawn up to `tries` times until the box
-    fits, else the whole image cut to an aspect in range; only the offsets are not whole pixels."""
+    """(n, 4) crop boxes x0, y0, x1, y1 in pixels, drawn as torchvision's RandomResizedCrop draws them."""
     area = _uniform(n * tries, *scale, device).view(n, tries) * height * width
     aspect = torch.exp(_uniform(n * tries, math.log(ratio[0]), math.log(ratio[1]), device)).view(n, tries)
     w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()  # (n, tries), whole pixels
     fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
-    first = fits.int().argmax(1, keepdim=True)  # the first try that fits
-    fallback = round(min(width, height * ratio[1])), round(min(height, width / ratio[0]))  # torchvision's
-    w = torch.where(fits.any(1), w.gather(1, first)[:, 0], fallback[0])
-    h = torch.where(fits.any(1), h.gather(1, first)[:, 0], fallback[1])
-    x0 = torch.where(fits.any(1), torch.rand(n, device=device) * (width - w), (width - w) / 2)
-    y0 = torch.where(fits.any(1), torch.rand(n, device=device) * (height - h), (height - h) / 2)
+    first, ok = fits.int().argmax(1, keepdim=True), fits.any(1)  # the first try that fits
+    w = torch.where(ok, w.gather(1, first)[:, 0], round(min(width, height * ratio[1])))  # else torchvision's fallback
+    h = torch.where(ok, h.gather(1, first)[:, 0], round(min(height, width / ratio[0])))
+    x0 = torch.where(ok, torch.rand(n, device=device) * (width - w), (width - w) / 2)
+    y0 = torch.where(ok, torch.rand(n, device=device) * (height - h), (height - h) / 2)
     return torch.stack([x0, y0, x0 + w, y0 + h], 1)
 
 @functools.lru_cache(maxsize=None)
 def _constants(device):
-    """Constant tensors of the batched augmentation, made once per device (from Python data in every step, each
-    would be a blocking host-to-device copy): normalisation x·scale + shift (1, 3, 1, 1), luma weights (1, 3, 1, 1),
-    and the hue basis (3, 3, 3): hue rotation by θ = P0 + cos θ·P1 + sin θ·P2 (the I, Q chroma plane of YIQ turns,
-    luma stays)."""
+    """The batched augmentation's constant tensors, made once per device (not a host-to-device copy per step)."""
     yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
-    rgb = torch.linalg.inv(yiq)
-    turn = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
+    rgb, turn = torch.linalg.inv(yiq), torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
+    # hue rotation by θ = P0 + cos θ·P1 + sin θ·P2: YIQ's chroma plane (I, Q) turns, luma Y stays
     hue = torch.stack([rgb[:, :1] @ yiq[:1], rgb[:, 1:] @ yiq[1:], rgb[:, 1:] @ turn @ yiq[1:]])
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     return dict(scale=(1 / std).to(device), shift=(-mean / std).to(device), hue=hue.float().to(device),
                 luma=torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1).to(device))
 
 def _resampling_matrix(start, stop, size, length):
-    """(n, size, length) resampling rows: output pixel i of each crop spanning [start, stop) of an axis `length`
-    pixels long, bilinear, the triangle widened by the shrink factor when shrinking (antialiased, as PIL's resize).
-
-    start, stop: (n,) in pixel-edge coordinates; start > stop reads the span right to left: the mirrored crop.
-    """
+    """(n, size, length) rows resampling spans [start, stop) of an axis: bilinear, antialiased as PIL's resize."""
     dev = start.device
     step = (stop - start) / size  # (n,) source pixels per output pixel, negative when mirrored
     centre = start[:, None] + (torch.arange(size, device=dev) + 0.5) * step[:, None]  # (n, size)
-    width = step.abs().clamp(min=1)[:, None, None]
-    pixel = torch.arange(length, device=dev) + 0.5
+    width, pixel = step.abs().clamp(min=1)[:, None, None], torch.arange(length, device=dev) + 0.5
     weight = (1 - (pixel - centre[..., None]).abs() / width).clamp(min=0)  # (n, size, length)
     return weight / weight.sum(-1, keepdim=True)  # pixels beyond the edge get no weight: renormalised, as PIL
 
 def random_resized_crops(x, size, scale, crops_per_image=1):
-    """RandomResizedCrop + horizontal flip, batched: x (B, 3, H, W) float → (crops_per_image·B, 3, size, size),
-    crop i from image i % B.
-
-    Cropping, resizing and flipping are linear in the rows and in the columns, so each crop is R · image · Cᵀ with a
-    (size, H) matrix R and a (size, W) matrix C of its own: two batched matrix products, which GPUs run on tensor
-    cores, instead of one gather per output pixel.
-    """
+    """RandomResizedCrop + flip, batched: x (B, 3, H, W) float → (crops_per_image·B, 3, size, size)."""
+    # Cropping, resizing and flipping are linear in rows and columns: each crop is R · image · Cᵀ with its own
+    # (size, H) R and (size, W) C, two batched matrix products on tensor cores instead of a gather per pixel.
     b, c, h, w = x.shape
     n = b * crops_per_image
     x0, y0, x1, y1 = random_resized_boxes(n, scale, h, w, x.device).unbind(1)
@@ -1192,18 +980,13 @@ def random_resized_crops(x, size, scale, crops_per_image=1):
     return (rows @ x @ cols.mT).view(n, c, size, size)  # (k, B, 1, s, H) @ (B, 3, H, W) @ (k, B, 1, W, s)
 
 def _color_jitter(x, p=JITTER_P, strengths=JITTER):
-    """ColorJitter(*strengths) applied with probability p, factors drawn per image; x is (n, 3, h, w) in [0, 1].
-
-    Fixed order brightness → contrast → saturation → hue. Hue is a rotation about the gray axis in YIQ space: the
-    cheap, batched equivalent of torchvision's HSV hue shift.
-    """
+    """ColorJitter(*strengths) with probability p, factors per image: x (n, 3, h, w) in [0, 1]."""
     n, dev = x.shape[0], x.device
     brightness, contrast, saturation, hue = strengths
     on = torch.rand(n, device=dev) < p
 
     def factor(amount):  # (n, 1, 1, 1) in x's dtype: a float32 factor would promote the whole image to float32
         return torch.where(on, _uniform(n, 1 - amount, 1 + amount, dev), 1.0).view(n, 1, 1, 1).to(x.dtype)
-
     # Each blend written as one addcmul: (x − a)·f + a = x·f + a·(1 − f), fewer passes over the crops.
     x = (x * factor(brightness)).clamp_(0, 1)
     c = factor(contrast)
@@ -1216,8 +999,7 @@ def _color_jitter(x, p=JITTER_P, strengths=JITTER):
     return torch.einsum("nij,njhw->nihw", matrix.to(x.dtype), x).clamp_(0, 1)
 
 def _blur_matrix(kernel, length):
-    """(n, length, length): row i holds kernel n (n, 2r+1) centred on pixel i, taps beyond an edge reflected back
-    (as reflect padding); multiplying by it blurs along one axis."""
+    """(n, length, length) blur along one axis: row i holds kernel n (n, 2r+1) centred on pixel i, reflect-padded."""
     r, dev = kernel.shape[1] // 2, kernel.device
     source = (torch.arange(length, device=dev)[:, None] + torch.arange(-r, r + 1, device=dev)).abs()
     source = torch.where(source > length - 1, 2 * (length - 1) - source, source)  # (length, 2r+1), reflected
@@ -1225,33 +1007,25 @@ def _blur_matrix(kernel, length):
     return torch.einsum("nt,itj->nij", kernel, taps)
 
 def _gaussian_blur(x, p, sigma):
-    """Gaussian blur with probability p and σ ~ U(sigma) per image: (n, 3, h, w) → (n, 3, h, w).
-
-    Separable, with reflect padding, as two batched matrix products B_h · x · B_wᵀ with banded per-image matrices:
-    tensor-core work instead of a grouped convolution with a kernel per image and channel.
-    """
+    """Gaussian blur with probability p and σ ~ U(sigma) per image, reflect-padded: (n, 3, h, w)."""
     n, _, h, w = x.shape
-    on = torch.rand(n, device=x.device) < p
-    s = _uniform(n, *sigma, x.device)
+    on, s = torch.rand(n, device=x.device) < p, _uniform(n, *sigma, x.device)
     radius = min(math.ceil(3 * sigma[1]), (min(h, w) - 1) // 2)
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
     kernel = torch.exp(-t[None] ** 2 / (2 * s[:, None] ** 2))
     kernel = torch.where(on[:, None], kernel / kernel.sum(1, keepdim=True), (t == 0).float()[None])  # (n, 2r+1)
     rows, cols = _blur_matrix(kernel, h).to(x.dtype), _blur_matrix(kernel, w).to(x.dtype)
-    return rows[:, None] @ x @ cols[:, None].mT
+    return rows[:, None] @ x @ cols[:, None].mT  # separable, banded B_h · x · B_wᵀ: no per-image convolution kernels
 
 def imagenet_normalize(x):  # (n, 3, h, w) in [0, 1] -> (x − mean) / std in float32
     const = _constants(x.device)
     return torch.addcmul(const["shift"], x, const["scale"])
 
 def photometric(x, pipeline, blur_sigma, invert=0.0, flip=False):
-    """The rest of the recipe on crops already cut, with independent random parameters per crop: (optionally) the
-    horizontal flip, colour jitter, grayscale, blur, solarize (and invert). x: (n, 3, s, s) float in [0, 1] →
-    normalised float32."""
-    n = x.shape[0]
+    """The recipe after the cut, per crop: (flip), jitter, grayscale, blur, solarize, (invert), normalisation."""
+    n, (blur_p, solarize_p) = x.shape[0], PIPELINES[pipeline]
     if flip:
         x = torch.where((torch.rand(n, device=x.device) < FLIP_P).view(n, 1, 1, 1), x.flip(-1), x)
-    blur_p, solarize_p = PIPELINES[pipeline]
     x = _color_jitter(x)
     gray = torch.rand(n, device=x.device) < GRAYSCALE_P
     x = torch.where(gray.view(n, 1, 1, 1), _gray(x), x)
@@ -1263,37 +1037,26 @@ def photometric(x, pipeline, blur_sigma, invert=0.0, flip=False):
     return imagenet_normalize(x)
 
 def batch_augment(images, size, scale, pipeline, blur_sigma, crops_per_image=1, invert=0.0):
-    """Augments a batch on its own device, with independent random parameters for every crop of every image.
-
-    images: (B, 3, H, W) uint8, or float16/32 in [0, 1] (the dtype the work is done in). Returns
-    (crops_per_image·B, 3, size, size) normalised float32, crop-major (all images' first crop, then all second ...).
-    """
+    """(crops_per_image·B, 3, size, size) normalised crops of uint8 or [0, 1] float images (B, 3, H, W)."""
     x = images.float() / 255 if images.dtype == torch.uint8 else images
     return photometric(random_resized_crops(x, size, scale, crops_per_image), pipeline, blur_sigma, invert)
 
-def _work_dtype(x):
-    """float16 on GPUs halves the memory traffic of the augmentation (8-bit pixels are exact in it); float32 on CPUs,
-    whose float16 kernels are slow."""
+def _work_dtype(x):  # float16 on GPUs halves the memory traffic (8-bit pixels are exact); CPUs' float16 is slow
     return torch.float16 if x.is_cuda else torch.float32
 
 def batch_multicrop(images, step, recipe, invert=0.0):
     """All Crops of one step from a uint8 batch (B, 3, H, W), as MultiCrop(recipe, invert)'s, on its device."""
     r, (online_aug, target_aug) = recipe, pipelines_for_step(step)
-    images = images.to(_work_dtype(images)) / 255  # converted once for the four calls
-    n_target_local = r.num_local * r.target_local
-    return Crops(batch_augment(images, r.global_size, r.global_scale, online_aug, r.blur_sigma, 2, invert),
-                 batch_augment(images, r.local_size, r.local_scale, online_aug, r.blur_sigma, r.num_local,
-                               invert) if r.num_local else None,
-                 batch_augment(images, r.global_size, r.global_scale, target_aug, r.blur_sigma, 2, invert),
-                 batch_augment(images, r.local_size, r.local_scale, target_aug, r.blur_sigma, n_target_local,
-                               invert) if n_target_local else None)
+    x = images.to(_work_dtype(images)) / 255  # converted once for the four calls
+    def crops(size, scale, pipeline, n):  # (n·B, 3, size, size), or None
+        return batch_augment(x, size, scale, pipeline, r.blur_sigma, n, invert) if n else None
+    return Crops(crops(r.global_size, r.global_scale, online_aug, 2),
+                 crops(r.local_size, r.local_scale, online_aug, r.num_local),
+                 crops(r.global_size, r.global_scale, target_aug, 2),
+                 crops(r.local_size, r.local_scale, target_aug, r.num_local * r.target_local))
 
 class CutCrops:
-    """Decode-side work of the batched augmentation: every RandomResizedCrop of one image for one step, its geometry
-    drawn on the full-resolution image and cut and resized there (bilinear, antialiased), as the authors' pipeline;
-    flips and photometric work follow on the device (cut_multicrop). Called with (PIL image, step); returns uint8
-    (global (4, 3, S, S): 2 online then 2 target, local (L + L_target, 3, s, s) or None)."""
-
+    """(PIL image, step) → uint8 (global (4, 3, S, S), local (L + L_t, 3, s, s) or None), cut at full resolution."""
     def __init__(self, recipe):
         self.recipe = recipe
 
@@ -1313,31 +1076,21 @@ class CutCrops:
                 self._cut(image, r.local_size, r.local_scale, n_local) if n_local else None)
 
 def cut_multicrop(cut, step, recipe, invert=0.0):
-    """batch_multicrop's Crops from a batch of CutCrops' cuts, collated crop-major (4B, ...) and ((L + L_t)·B, ...):
-    flips and photometric work on the device."""
+    """batch_multicrop's Crops from a batch of CutCrops' cuts (flips and photometric work on the device)."""
     (glob, loc), (online_aug, target_aug) = cut, pipelines_for_step(step)
     n = recipe.num_local * len(glob) // 4  # L·B
-
     def augment(x, pipeline):  # (k·B, 3, s, s) uint8 -> normalised float
         return photometric(x.to(_work_dtype(x)) / 255, pipeline, recipe.blur_sigma, invert, flip=True)
-
     return Crops(augment(glob[:len(glob) // 2], online_aug), augment(loc[:n], online_aug) if n else None,
                  augment(glob[len(glob) // 2:], target_aug), augment(loc[n:], target_aug) if n and recipe.target_local
                  else None)
 
-
 # ----- feeding the device: one interface over the three crop paths -------------------------------------------------
-
 CROP_PATHS = dict(device="batched on the device", cut="cut by workers (CutCrops), finished on the device",
                   pil="per image in workers (MultiCrop)")
 
 class TrainData:
-    """The training split as steps of Crops on the device. One place (here) picks the crop path:
-      "device": images held in memory (on the device) and cropped there by batch_multicrop, no loader workers;
-      "cut":    ImageFolder images cut at full resolution by CutCrops in loader workers, finished by cut_multicrop;
-      "pil":    MultiCrop in loader workers (--batched-aug off), crops ready when they arrive.
-    steps() yields each step's loader batches, crops() turns one into Crops whatever the path."""
-
+    """The training split as steps of Crops on the device, by one of the three crop paths (CROP_PATHS)."""
     def __init__(self, cfg, device):
         self.cfg, self.device, self.recipe = cfg, device, crop_recipe(cfg)
         self.images, self.labels, self.folder, self.fingerprint = load_dataset(cfg, "train")
@@ -1361,22 +1114,19 @@ class TrainData:
         self.epoch_images = self.steps_per_epoch * cfg.accumulate * cfg.batch_size  # this process's, per epoch
 
     def steps(self, first_step, skip=0):
-        """Yields (batches, failed) for each step of this epoch of the sampler, less the first `skip` steps (a run
-        resumed mid-epoch): the step's cfg.accumulate loader batches (uint8 images, CutCrops' cuts, or crops) and
-        the unreadable images that were replaced by readable ones. More than 1% of them in an epoch end the run."""
-        n = self.cfg.accumulate
-        batches = self._batches(parity_batches(self.sampler, self.cfg.batch_size, first_step * n, skip * n,
-                                               self.steps_per_epoch * n))
-        bad, step = [], []
-        for batch, failed in batches:
+        """Yields (batches, failed) for each step of this epoch after the first `skip` (a run resumed mid-epoch)."""
+        n, b, bad, indices = self.cfg.accumulate, self.cfg.batch_size, [], list(self.sampler)
+        # Each pass's (index, pass parity) pairs: the parity tells CPU workers which pipeline each branch uses.
+        passes = [[(j, (first_step * n + p - skip * n) % 2) for j in indices[p * b:(p + 1) * b]]
+                  for p in range(skip * n, self.steps_per_epoch * n)]
+        batches = iter(self._batches(passes))
+        for step in zip(*[batches] * n):  # each step's n (batch, failed) pairs
+            failed = [f for _, fs in step for f in fs]
             bad += failed
             if len(bad) > 0.01 * self.epoch_images:
                 fail(f"{len(bad)} images unreadable in one epoch, more than 1% of the {self.epoch_images} this "
                      f"process reads per epoch; e.g. {bad[0]}")
-            step.append((batch, failed))
-            if len(step) == n:
-                yield [b for b, _ in step], [f for _, fs in step for f in fs]
-                step = []
+            yield [batch for batch, _ in step], failed
 
     def _batches(self, batches):  # (batch, failed paths) of lists of (index, parity) pairs
         if self.loader_data is None:  # in memory, augmented on the device: no loader processes needed
@@ -1389,48 +1139,28 @@ class TrainData:
         yield from copied_ahead(batches, self.device) if self.device.type == "cuda" else batches
 
     def crops(self, batch, index, reseed=True):
-        """The Crops of forward pass `index` from a batch of steps(), on the device in the networks' memory layout.
-        Random draws are seeded by (seed, process, pass): a run resumed at any step draws what an uninterrupted run
-        would."""
+        """The Crops of forward pass `index` from a batch of steps(), on the device, from seed (seed, process, pass)."""
         if reseed:
             torch.manual_seed(seed_for(self.cfg.seed, index, rank()))
         batch = _tensors_to(batch, self.device)  # a no-op for batches that copied_ahead already moved
-        if self.path == "device":
-            crops = batch_multicrop(batch, index, self.recipe, self.cfg.invert)
-        elif self.path == "cut":
-            crops = cut_multicrop(batch, index, self.recipe, self.cfg.invert)
-        else:
-            crops = Crops(*batch)
+        finish = dict(device=batch_multicrop, cut=cut_multicrop).get(self.path)
+        crops = finish(batch, index, self.recipe, self.cfg.invert) if finish else Crops(*batch)
         return Crops(*(None if x is None else channels_last(x, self.cfg) for x in crops))
 
-    def global_crops(self):
-        """The online global crops (2B, 3, S, S) of one pass over the data, for the initial bank (fill_bank)."""
+    def global_crops(self):  # the online global crops (2B, 3, S, S) of one pass over the data, for fill_bank
         torch.manual_seed(seed_for(self.cfg.seed, -1, rank()))
         self.sampler.set_epoch(-1)
         for batches, _ in self.steps(0):
             for batch in batches:
                 yield self.crops(batch, 0, reseed=False).online_global
 
-def parity_batches(sampler, batch_size, first_pass, skip=0, passes=None):
-    """One epoch's batches of (index, pass parity) pairs (the first `passes` batches, default all), less the first
-    `skip` (a run resumed mid-epoch); the first one given is forward pass first_pass (a step with --accumulate N
-    has N passes). The parity lets CPU workers draw only the crops of the pipeline each branch uses."""
-    indices = list(sampler)
-    return [[(j, (first_pass + b - skip) % 2) for j in indices[b * batch_size:(b + 1) * batch_size]]
-            for b in range(skip, passes or len(indices) // batch_size)]
-
-def collate(batch):
-    """Stacks (sample, label, failed path) triples: image tensors, or per-image tuples of crop stacks (MultiCrop's,
-    CutCrops'), which come out crop-major, (k·B, 3, s, s), like batch_multicrop's."""
+def collate(batch):  # stacks (sample, label, failed path) triples; crop stacks come out crop-major (k·B, 3, s, s)
     samples, labels, failed = zip(*batch)
-    if isinstance(samples[0], torch.Tensor):
-        out = torch.stack(samples)
-    else:
-        out = tuple(None if parts[0] is None else torch.stack(parts, 1).flatten(0, 1) for parts in zip(*samples))
+    out = torch.stack(samples) if isinstance(samples[0], torch.Tensor) else tuple(
+        None if parts[0] is None else torch.stack(parts, 1).flatten(0, 1) for parts in zip(*samples))
     return out, torch.tensor(labels), [f for f in failed if f]
 
-def channels_last(x, cfg):
-    """x in the NHWC memory layout when cfg.channels_last."""
+def channels_last(x, cfg):  # x in the NHWC memory layout when cfg.channels_last
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
 def _tensors_to(batch, device):  # a tensor, or a tuple of tensors and None, moved without waiting
@@ -1439,8 +1169,7 @@ def _tensors_to(batch, device):  # a tensor, or a tuple of tensors and None, mov
     return tuple(None if x is None else _tensors_to(x, device) for x in batch)
 
 def copied_ahead(batches, device):
-    """Yields the (batch, failed) pairs of a loader with each batch already on the GPU: batch i+1 is copied on a side
-    stream while step i runs, so the device never idles during a copy."""
+    """A loader's (batch, failed) pairs, batch i+1 copied to the GPU on a side stream while step i runs."""
     stream, ahead = torch.cuda.Stream(device), None
     for batch, failed in batches:
         with torch.cuda.stream(stream):
@@ -1454,8 +1183,7 @@ def copied_ahead(batches, device):
         yield _handed_over(*ahead)
 
 def _handed_over(batch, failed, ready):
-    """The compute stream waits for the copy and keeps the copied tensors' memory (allocated on the side stream)
-    from being reused until it is done with them."""
+    """Makes the compute stream wait for a copied batch and keep its memory until done with it."""
     stream = torch.cuda.current_stream()
     stream.wait_event(ready)
     for t in batch if isinstance(batch, tuple) else [batch]:
@@ -1463,15 +1191,11 @@ def _handed_over(batch, failed, ready):
             t.record_stream(stream)
     return batch, failed
 
-
 # ----- the run state and its checkpoints ---------------------------------------------------------------------------
-
 def resolve_precision(cfg, device):
-    """(name, autocast context, GradScaler): fp16 autocast on CUDA by default, fp32 on CPU; a scaler only for fp16.
-
-    fp16, not bf16, by default: torch runs BatchNorm on cuDNN for fp16 but on slower native kernels for bf16
-    (README, Performance). The scaler costs no host sync: LARS and AdamW(fused) take its overflow flag as a tensor.
-    """
+    """(name, autocast context, GradScaler): fp16 on CUDA by default, fp32 on CPU; a scaler for fp16 only."""
+    # fp16 rather than bf16: cuDNN runs fp16 BatchNorm, bf16 falls back to slower kernels (README, Performance). The
+    # scaler costs no host sync: LARS and fused AdamW take its overflow flag as a tensor.
     precision = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else nullcontext())
@@ -1485,10 +1209,7 @@ def make_optimizer(cfg, online):
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 class RunState:
-    """Everything a run continues from, identical on every process except the bank: the networks, groups,
-    optimiser and GradScaler, this process's memory bank, and where the run is (epochs done, global step, steps
-    done in the current epoch). save() writes it as a checkpoint, resume() reads one back."""
-
+    """What a run continues from: nets, groups, optimiser, scaler, this process's bank, epoch, step."""
     def __init__(self, cfg, device, bank_rows=0, scaler=None):
         torch.manual_seed(cfg.seed)  # the same on every process: identical initial weights and groups
         online = make_online(cfg).to(device)
@@ -1497,12 +1218,10 @@ class RunState:
         if cfg.channels_last:
             online = online.to(memory_format=torch.channels_last)
         self.online, self.target = online, target_of(online)  # online: the plain module, what checkpoints hold
-        if cfg.compile:  # in place: state_dict keys stay free of "_orig_mod." prefixes
-            self.online.compile(dynamic=False)
-            self.target.compile(dynamic=False)
+        for net in (online, self.target) if cfg.compile else []:  # in place: no "_orig_mod." prefixes in state_dict
+            net.compile(dynamic=False)
         self.grouping = MomentumGrouping(cfg.num_groups, cfg.feat_dim, cfg.num_heads).to(device)
-        self.opt = make_optimizer(cfg, online)
-        self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+        self.opt, self.scaler = make_optimizer(cfg, online), scaler or torch.amp.GradScaler(device.type, enabled=False)
         self.bank = MemoryBank(bank_rows, cfg.feat_dim, device)
         # online wrapped in DistributedDataParallel under torchrun: what train_step trains
         self.online_ddp = (nn.parallel.DistributedDataParallel(online, device_ids=[device] if device.type == "cuda"
@@ -1510,22 +1229,19 @@ class RunState:
         self.epoch = self.step = self.epoch_step = 0
 
     def save(self, path, cfg, data):
-        """A checkpoint of the run; mid-epoch it holds every process's bank too. A collective: every process calls
-        it, rank 0 writes. The new file is written aside and read back before it replaces the old one, which is
-        kept as previous_of(path): a process killed at any moment, a full disk or a damaged copy never leaves the
-        run without a checkpoint that loads. A write that fails ends the run with one line, its partial file
-        removed."""
-        banks = all_gather(self.bank.feats).cpu() if self.epoch_step else None
+        """Writes the run as a checkpoint (rank 0; a collective), keeping the one before as previous_of(path)."""
+        banks = all_gather(self.bank.feats).cpu() if self.epoch_step else None  # mid-epoch: every process's bank
         if rank() != 0:
             return
+        # Written aside and read back before it replaces the old one: no kill at any moment, full disk or damaged
+        # copy leaves the run without a checkpoint that loads. A write that fails ends the run in one line.
         tmp = path + ".tmp"
         try:
-            torch.save(dict(
-                config=dataclasses.asdict(cfg), epoch=self.epoch, step=self.step, epoch_step=self.epoch_step,
-                processes=world_size(), num_images=len(data.labels), data_fingerprint=data.fingerprint,
-                online=self.online.state_dict(), target=self.target.state_dict(), grouping=self.grouping.state_dict(),
-                optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(), banks=banks,
-                bank_filled=self.bank.filled), tmp)
+            torch.save(dict(config=dataclasses.asdict(cfg), epoch=self.epoch, step=self.step, processes=world_size(),
+                            epoch_step=self.epoch_step, num_images=len(data.labels), data_fingerprint=data.fingerprint,
+                            online=self.online.state_dict(), target=self.target.state_dict(), banks=banks,
+                            grouping=self.grouping.state_dict(), optimizer=self.opt.state_dict(),
+                            scaler=self.scaler.state_dict(), bank_filled=self.bank.filled), tmp)
             read_checkpoint(tmp)
             if os.path.exists(path):
                 os.replace(path, previous_of(path))
@@ -1533,17 +1249,13 @@ class RunState:
         except (OSError, RuntimeError, ValueError) as e:  # torch.save says RuntimeError for a full disk
             if os.path.isfile(tmp):
                 os.remove(tmp)
-            fail(f"could not write the checkpoint {tmp} ({str(e).strip().splitlines()[0][:200]}); the previous "
-                 f"checkpoints in --out-dir {cfg.out_dir} are as they were: free space there, or give another "
-                 f"--out-dir")
+            fail(f"could not write the checkpoint {tmp} ({str(e).strip().splitlines()[0][:200]}); the ones before "
+                 f"in --out-dir {cfg.out_dir} are as they were: free space there, or give another --out-dir")
 
-    def load(self, state):
-        """Copies a checkpoint's contents into the run (this process's bank too, when it was written mid-epoch)."""
-        self.online.load_state_dict(state["online"])
-        self.target.load_state_dict(state["target"])
-        self.grouping.load_state_dict(state["grouping"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+    def load(self, state):  # copies a checkpoint into the run (and this process's bank, mid-epoch)
+        for name, part in dict(online=self.online, target=self.target, grouping=self.grouping, optimizer=self.opt,
+                               scaler=self.scaler).items():
+            part.load_state_dict(state[name])
         self.epoch, self.step, self.epoch_step = state["epoch"], state["step"], state.get("epoch_step", 0)
         if self.epoch_step:
             if state["banks"][rank()].shape != self.bank.feats.shape:
@@ -1553,8 +1265,7 @@ class RunState:
             self.bank.filled = state["bank_filled"]
 
     def resume(self, paths, cfg, data):
-        """Restores the run from the first of `paths` that loads and fits (saying so when it falls back to an older
-        one), refusing in one line a checkpoint that this run's config or data cannot continue (check_resumable)."""
+        """Restores the run from the first of `paths` that loads and fits, or ends in one line."""
         errors = []
         for path in paths:
             try:
@@ -1565,27 +1276,20 @@ class RunState:
             except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:  # damaged, foreign, cut short
                 why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
                 errors.append(f"{path} ({why})")
-                log(f"checkpoint {path} does not load ({why})" + ("; trying the one before it" if path != paths[-1]
-                                                                  else ""))
+                log(f"checkpoint {path} does not load ({why})" + "; trying the one before it" * (path != paths[-1]))
         else:
             fail(f"--resume: no checkpoint loads: {'; '.join(errors)}")
         log(f"resumed from {path} at epoch {self.epoch}, step {self.step}" + (
             f" (mid-epoch, after {self.epoch_step} steps)" if self.epoch_step else ""))
 
 def seed_for(seed, index, process=0):
-    """The seed of one step's (or epoch's) random draws on one process: a pure function of (seed, index, process), so
-    a run resumed at any step draws what an uninterrupted run would."""
+    """The seed of one step's (or epoch's) draws on one process, a function of these alone: resuming is exact."""
     return seed + 7919 * process + 104729 * (index + 1)
 
-def previous_of(path):
-    """Where the checkpoint before `path` is kept: checkpoint.pt → checkpoint.prev.pt."""
-    root, ext = os.path.splitext(path)
-    return root + ".prev" + ext
+def previous_of(path):  # where the checkpoint before `path` is kept: checkpoint.pt → checkpoint.prev.pt
+    return "{0}.prev{1}".format(*os.path.splitext(path))
 
-def resolve_resume(cfg):
-    """The checkpoints to try, newest first: [] for a fresh start. A --resume PATH that does not exist is an error,
-    never a fresh start; checkpoint.prev.pt beside it is the fallback. --resume none in an out-dir that holds
-    checkpoints moves them (and log.jsonl) aside under names that say when, and says so: never overwritten."""
+def resolve_resume(cfg):  # checkpoints to try, newest first ([]: a fresh start); --resume none moves old ones aside
     path = os.path.join(cfg.out_dir, "checkpoint.pt") if cfg.resume in ("auto", "none") else cfg.resume
     for p in (path, previous_of(path)):
         if os.path.exists(p) and not os.path.isfile(p):
@@ -1604,25 +1308,18 @@ def resolve_resume(cfg):
         fail(f"--resume {path}: no such checkpoint")
     return [p for p in (path, previous_of(path)) if os.path.isfile(p)]
 
-RUN_STATE = ("online", "target", "grouping", "optimizer", "scaler", "epoch", "step")  # what resuming needs
-
-def read_checkpoint(path, needs=RUN_STATE):
-    """A checkpoint file's contents, unpickled with weights_only=True: tensors and plain Python data only, so that a
-    file from elsewhere can never run code. Raises ValueError saying why a file is refused (damaged, foreign, or
-    without the entries `needs`)."""
+def read_checkpoint(path, needs=("online", "target", "grouping", "optimizer", "scaler", "epoch", "step")):
+    """A checkpoint's contents (weights_only: tensors and plain data); ValueError saying why it is refused."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
+    except Exception as e:  # noqa: BLE001 - any failure means a damaged or foreign file
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
             raise ValueError("refused: it holds objects other than tensors and plain data, and unpickling those "
                              "could run code") from None
         raise ValueError(f"not a readable checkpoint ({type(e).__name__})") from None
-    except Exception as e:  # noqa: BLE001 - any other failure means a damaged or foreign file
-        raise ValueError(f"not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise ValueError("not a smog.py checkpoint")
-    missing = set(needs) - state.keys()
-    if missing:
+    if missing := set(needs) - state.keys():
         raise ValueError(f"incomplete: no {', '.join(sorted(missing))}")
     return state
 
@@ -1632,23 +1329,19 @@ RESUME_MUST_MATCH = ("arch", "feat_dim", "hidden_dim", "num_groups", "num_heads"
                      "exclude_1d", "seed")
 
 def check_resumable(path, state, cfg, data):
-    """Ends with one line when the run cannot continue the checkpoint: another recipe, data set or global batch, or
-    mid-epoch with another number of processes. Another number of processes at the same global batch at an epoch
-    boundary is allowed, and said."""
+    """Ends in one line when the run cannot continue the checkpoint (another recipe, data or global batch)."""
     saved = state["config"]
-    for name in RESUME_MUST_MATCH:
-        if saved.get(name) != getattr(cfg, name):
-            fail(f"--resume {path}: checkpoint has {_flag(name)} {saved.get(name)!r}, the config asks for "
-                 f"{getattr(cfg, name)!r}; keep the checkpoint's value, or start a new run (--resume none)")
+    for name in (name for name in RESUME_MUST_MATCH if saved.get(name) != getattr(cfg, name)):
+        fail(f"--resume {path}: checkpoint has {_flag(name)} {saved.get(name)!r}, the config asks for "
+             f"{getattr(cfg, name)!r}; keep the checkpoint's value, or start a new run (--resume none)")
     batch, processes, passes = saved.get("batch_size"), state.get("processes", world_size()), saved.get("accumulate", 1)
     if batch * processes * passes != cfg.batch_size * world_size() * cfg.accumulate:  # steps, schedules would differ
         fail(f"--resume {path}: written with a global batch of {batch * processes * passes} ({batch} × {processes} "
-             f"process(es) × {passes} passes), this run has {cfg.batch_size * world_size() * cfg.accumulate} "
-             f"({cfg.batch_size} × {world_size()} × {cfg.accumulate}); keep --batch-size × processes × "
-             f"--accumulate, or start a new run")
+             f"process(es) × {passes} passes), this run has {cfg.batch_size * world_size() * cfg.accumulate}; keep "
+             f"--batch-size × processes × --accumulate, or start a new run")
     written_for = state.get("data_fingerprint", f"{state.get('num_images')} images")
-    if ("data_fingerprint" in state and written_for != data.fingerprint) or state.get("num_images") != len(
-            data.labels):
+    other_paths = "data_fingerprint" in state and written_for != data.fingerprint
+    if other_paths or state.get("num_images") != len(data.labels):
         fail(f"--resume {path}: written for another data set ({written_for}); --data {printable(cfg.data)} is "
              f"{data.fingerprint}: restore that data set, or start a new run (--resume none)")
     if (processes, passes) != (world_size(), cfg.accumulate):
@@ -1656,20 +1349,13 @@ def check_resumable(path, state, cfg, data):
             fail(f"--resume {path}: written mid-epoch by {processes} process(es) × {passes} passes; resume it with "
                  f"as many (this run has {world_size()} × {cfg.accumulate}), or from the end of an epoch")
         log(f"resuming {processes} process(es) × {batch} images × {passes} passes as {world_size()} × "
-            f"{cfg.batch_size} × {cfg.accumulate}: the same global batch and schedules; BN statistics are now over "
-            f"{cfg.batch_size} images per process and pass (SyncBN: all processes), and the data order differs from "
-            f"an uninterrupted run")
-
+            f"{cfg.batch_size} × {cfg.accumulate}: the same global batch and schedules; BN statistics now over "
+            f"{cfg.batch_size} images per pass (SyncBN: all processes'), the data order unlike an uninterrupted run's")
 
 # ----- processes and faults: preemption, the out-dir lock, divergence, failed collectives --------------------------
-
 def setup_device(timeout=300):
-    """Starts the process group under torchrun (NCCL on GPU, gloo on CPU) and picks this process's device.
-
-    timeout: seconds a collective may wait for the other processes before this one fails (instead of the backends'
-    10–30 minutes), so a process that died or stopped answering ends the run, and torchrun can restart it.
-    """
-    if "RANK" in os.environ and not distributed():
+    """Starts the process group under torchrun (NCCL on GPU, gloo on CPU) and picks this process's device."""
+    if "RANK" in os.environ and not distributed():  # timeout: a dead peer ends the run (for torchrun to restart)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # NCCL: a timed-out collective ends the process
         wait = datetime.timedelta(seconds=timeout)
         store, rank_, world = next(dist.rendezvous("env://", timeout=wait))
@@ -1678,18 +1364,15 @@ def setup_device(timeout=300):
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=wait, rank=rank_,
                                 world_size=world, store=dist.PrefixStore(f"attempt{attempt}/", store))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
     return device
 
 @contextmanager
 def catch_preemption():
-    """Records SIGTERM and SIGUSR1 (what SLURM sends before it kills a job) and SIGINT (Ctrl-C) instead of dying:
-    the training loop then writes a checkpoint at the next agreed step and leaves (exit status 0; 130 after
-    Ctrl-C). A second Ctrl-C stops at once, without a checkpoint. Yields the list of caught signals."""
+    """Yields the list of caught SIGTERM, SIGUSR1 (SLURM) and SIGINT: a checkpoint, then exit, not death."""
     caught = []
 
     def record(signum, frame):
@@ -1699,7 +1382,6 @@ def catch_preemption():
         if signum == signal.SIGINT:
             log("Ctrl-C: a checkpoint at the next agreed step, then exit (Ctrl-C again: stop at once, without one)")
         caught.append(signum)
-
     previous = {sig: signal.signal(sig, record) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         yield caught
@@ -1709,10 +1391,7 @@ def catch_preemption():
 
 @contextmanager
 def holding_out_dir(out_dir, device):
-    """Creates out_dir and holds out_dir/lock for the run (rank 0), so that a second run on the same out-dir refuses
-    in one line instead of both writing the same checkpoints; a lock left by a process that is gone (same host) is
-    taken over, and said. A collective: every process learns whether rank 0 got it. Also the check, before any data
-    is read, that out_dir can be written."""
+    """Creates out_dir and holds its lock for the run (rank 0, a collective): one run per out-dir."""
     path, error, mine = os.path.join(out_dir, "lock"), None, None
     if rank() == 0:
         error = _take_lock(out_dir, path)
@@ -1722,11 +1401,9 @@ def holding_out_dir(out_dir, device):
     try:
         yield
     finally:
-        try:
+        with suppress(OSError):
             if mine is not None and open(path).read() == mine:
                 os.remove(path)
-        except OSError:
-            pass
 
 def _take_lock(out_dir, path):
     """Creates the lock file at path holding this process's host, pid and start time; returns why it could not."""
@@ -1755,33 +1432,28 @@ def _take_lock(out_dir, path):
             return f"--out-dir {out_dir}: not writable ({e.strerror})"
     return f"--out-dir {out_dir}: could not take its lock {path}"
 
-def _alive(pid):
-    """Whether a process with this pid runs on this host."""
+def _alive(pid):  # whether a process with this pid runs on this host (another user's counts)
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's: alive
         return True
-    return True
+    except OSError as e:  # PermissionError: another user's, alive
+        return not isinstance(e, ProcessLookupError)
 
 def caught_by_any(caught, device):
-    """Whether any process caught a preemption signal; all-reduced, so every process stops at the same step."""
+    """Whether any process caught a preemption signal (all-reduced: all stop at one step; alone: no device sync)."""
     if not distributed():
-        return bool(caught)  # host-side: no device round trip
+        return bool(caught)
     return all_reduce_(torch.tensor(float(bool(caught)), device=device), op="max").item() > 0
 
 DIVERGED = 1000.0  # the online weights' norm grown this many times over its value at the job's start: diverged
 
-def weight_norm(module):
-    """The L2 norm of all of a module's parameters together, as a device tensor."""
+def weight_norm(module):  # the L2 norm of all of a module's parameters together, as a device tensor
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach() for p in module.parameters()])))
 
 def stop_if_diverged(bad_step, run, start_norm, ckpt_path):
-    """Ends every process together if any saw a non-finite loss, or if the online weights are not finite or their
-    norm grew DIVERGED times over start_norm (a run can diverge while its loss stays finite). bad_step: this
-    process's first step with a non-finite loss, or −1, kept on the device so that the steps need no host sync;
-    checked at log intervals and before each checkpoint, so no checkpoint holds such weights."""
+    """Ends every process together after a non-finite loss, or non-finite or exploded online weights."""
+    # bad_step: this process's first step with a non-finite loss, or −1, kept on the device (no host sync per step);
+    # checked at log intervals and before each checkpoint, so no checkpoint holds such weights.
     first = all_reduce_(bad_step.clone(), op="max").item()
     norm = weight_norm(run.online).item()  # the same on every process: DDP keeps the weights identical
     last = f"{ckpt_path} (after {run.epoch} epochs)" if os.path.exists(ckpt_path) else "none"
@@ -1797,32 +1469,25 @@ COLLECTIVE_FAILURE = re.compile("gloo|nccl|timed out|timeout|connection (reset|c
 
 @contextmanager
 def collective_failures_in_one_line(run, timeout):
-    """Turns a collective that failed (another process died, or did not answer within `timeout` seconds) into one
-    line naming this process and the run's step, instead of a backend's stack trace."""
+    """A failed collective as one line naming this process and step, not a backend trace."""
     try:
         yield
     except RuntimeError as error:
         if distributed() and (isinstance(error, dist.DistError) or COLLECTIVE_FAILURE.search(str(error))):
+            why = str(error).strip().splitlines()[0][:240]
             fail(f"process {rank()} of {world_size()} stopped at step {run.step}: a collective failed, so another "
-                 f"process died or did not answer within --dist-timeout {timeout} s "
-                 f"({str(error).strip().splitlines()[0][:240]})")
+                 f"process died or did not answer within --dist-timeout {timeout} s ({why})")
         raise
 
-
 # ----- reports: the log line, group health, kNN on the held-out split, the plot ------------------------------------
-
 def group_health(counts):
-    """(mean distinct groups used per head, mean entropy of the assignments in nats) from counts (H, K) summed over
-    an interval of steps; log K is the most the entropy can be (every group used equally)."""
-    used = (counts > 0).sum(1).float().mean()
-    prob = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    """(mean groups used per head, mean assignment entropy in nats, at most log K) of counts (H, K) over steps."""
+    used, prob = (counts > 0).sum(1).float().mean(), counts / counts.sum(1, keepdim=True).clamp(min=1)
     entropy = -(prob * prob.clamp(min=1e-12).log()).sum(1).mean()
     return used.item(), entropy.item()
 
 def eval_batches(data, cfg, batch=256, indices=None):
-    """Centre views at the global crop size, normalised (n, 3, S, S) float batches, from uint8 images (N, 3, H, W)
-    in memory or from an ImageFolderData (Resize to 8/7 of the size, then CenterCrop, as in linear evaluation);
-    only the rows `indices` when given."""
+    """Normalised centre views (n, 3, S, S) of uint8 images (N, 3, H, W) or an ImageFolderData."""
     if isinstance(data, torch.Tensor):
         data = data if indices is None else data[indices.to(data.device)]
         for i in range(0, len(data), batch):
@@ -1837,136 +1502,110 @@ def eval_batches(data, cfg, batch=256, indices=None):
     folder = copy.copy(data)
     folder.transform = lambda image, parity: view(image.convert("RGB"))
     part = folder if indices is None else torch.utils.data.Subset(folder, indices.tolist())
-    loader = torch.utils.data.DataLoader(part, batch_size=batch, num_workers=cfg.workers, collate_fn=collate)
-    for x, _, _ in loader:
+    for x, _, _ in torch.utils.data.DataLoader(part, batch_size=batch, num_workers=cfg.workers, collate_fn=collate):
         yield x
 
 @torch.no_grad()
 def extract_features(backbone, data, cfg, device, normalize=True, indices=None):
-    """Backbone features (N, dim) of a data set's centre views (only rows `indices` when given), in eval mode;
-    L2-normalised unless told not to."""
+    """Backbone features (N, dim) of a data set's centre views in eval mode, L2-normalised by default."""
     was_training = backbone.training
-    backbone.eval()
-    feats = [backbone(channels_last(x.to(device), cfg)).float() for x in eval_batches(data, cfg, indices=indices)]
+    feats = torch.cat([backbone.eval()(channels_last(x.to(device), cfg)).float()
+                       for x in eval_batches(data, cfg, indices=indices)])
     backbone.train(was_training)
-    feats = torch.cat(feats)
     return F.normalize(feats, dim=1) if normalize else feats
 
 @torch.no_grad()
 def knn_top1(train_feats, train_labels, test_feats, test_labels, k=20, t=0.07, num_classes=None):
     """Weighted kNN (cosine similarity, votes exp(s/t)) top-1 accuracy in %, as in InstDisc/DINO."""
-    num_classes = num_classes or int(train_labels.max()) + 1
-    correct = 0
+    num_classes, correct = num_classes or int(train_labels.max()) + 1, 0
     for i in range(0, len(test_feats), 1024):
         sim, idx = (test_feats[i:i + 1024] @ train_feats.T).topk(min(k, len(train_feats)), dim=1)
-        votes = torch.zeros(len(sim), num_classes, device=sim.device)
-        votes.scatter_add_(1, train_labels[idx], (sim / t).exp())
+        votes = torch.zeros(len(sim), num_classes, device=sim.device).scatter_add_(1, train_labels[idx],
+                                                                                   (sim / t).exp())
         correct += (votes.argmax(1) == test_labels[i:i + 1024]).sum().item()
     return 100.0 * correct / len(test_feats)
 
-def knn_report(backbone, cfg, device, train_data, train_labels, held_out, baselines=True):
-    """kNN top-1 (%) on the held-out split (load_dataset(cfg, "val")): the trained encoder, and with baselines the
-    same architecture at random init and (for data sets held in memory) raw pixels. None without a held-out split."""
+def knn_report(run, cfg, device, data, held_out, progress, epoch, final=False):
+    """kNN top-1 of the online backbone on the held-out split, printed and logged; at the end with baselines."""
+    # Labels are used only here. Rank 0 alone: the others wait at their next collective (within --dist-timeout).
     test_images, test_labels, test_folder, _ = held_out
     if test_labels is None:
-        return None
+        if final:
+            log("kNN report skipped: the data set has no held-out split (PATH/val)")
+        return
+    train_data = data.images if data.folder is None else data.folder
     test_data = test_images if test_images is not None else test_folder
-    train_labels, test_labels = train_labels.to(device), test_labels.to(device)
-    nets = [("knn_top1", backbone)]
-    if baselines:
+    train_labels, test_labels = data.labels.to(device), test_labels.to(device)
+    nets = [("knn_top1", "trained", run.online.encoder.backbone)]
+    if final:
         torch.manual_seed(cfg.seed)
-        nets.append(("knn_top1_random_init", BACKBONES[cfg.arch](0.0)[0].to(device)))
+        nets.append(("knn_top1_random_init", "same architecture at random init",
+                     BACKBONES[cfg.arch](0.0)[0].to(device)))
     result = {key: knn_top1(extract_features(net, train_data, cfg, device), train_labels,
-                            extract_features(net, test_data, cfg, device), test_labels) for key, net in nets}
-    if baselines and test_images is not None:
+                            extract_features(net, test_data, cfg, device), test_labels) for key, _, net in nets}
+    if final and test_images is not None:
         pixels = [F.normalize(x.flatten(1).float() - x.flatten(1).float().mean(1, keepdim=True), dim=1).to(device)
                   for x in (train_data, test_images)]  # centred per image: invariant to brightness and contrast
         result["knn_top1_raw_pixels"] = knn_top1(pixels[0], train_labels, pixels[1], test_labels)
-    return result
+        nets.append(("knn_top1_raw_pixels", "raw pixels", None))
+    log(f"kNN top-1 on the held-out split{'' if final else f' after epoch {epoch}'}: " + " | ".join(
+        f"{name} {result[key]:.1f}%" for key, name, _ in nets))
+    progress.write(dict(step=run.step, epoch=epoch, **result))
 
 class Progress:
-    """The log line every cfg.log_every steps (console and log.jsonl): loss, lr, β, images/s, the share of time spent
-    waiting for data, group health, unreadable images, and under fp16 the optimiser steps GradScaler skipped and its
-    scale (with a warning when they keep overflowing)."""
-
+    """The log line every cfg.log_every steps, on the console and in log.jsonl."""
     def __init__(self, cfg, total_steps, jsonl, first_step, scaler):
         self.cfg, self.total_steps, self.jsonl, self.scaler = cfg, total_steps, jsonl, scaler
-        self.first_step = first_step
-        self.t_start, self.counts, self.skipped, self.skipped_in_job, self.warned = time.time(), 0, 0, 0, False
+        self.first_step, self.t_start, self.skipped_in_job, self.warned = first_step, time.time(), 0, False
+        self.counts = self.skipped = 0  # summed on the device over each interval
         self.restart()
 
     def restart(self):  # at each epoch start: the k-means reset does not count as waiting for data
         self.t_log, self.data_time, self.images, self.bad_images = time.time(), 0.0, 0, 0
 
-    def timed(self, steps):
-        """Yields the batches of TrainData.steps, timing the wait for each step's and counting its unreadable
-        images."""
-        steps = iter(steps)
-        while True:
-            t0 = time.time()
-            batches, failed = next(steps, (None, None))
-            if batches is None:
-                return
+    def timed(self, steps):  # TrainData.steps' batches, timing each wait for them and counting unreadable images
+        t0 = time.time()
+        for batches, failed in steps:
             self.data_time += time.time() - t0
             self.bad_images += len(failed)
             self.images += self.cfg.batch_size * world_size() * len(batches)
             yield batches
+            t0 = time.time()  # the loop asks for the next step's batches
 
     def add(self, counts, skipped):  # one step's group counts (H, K) and skip flag, summed on the device
         self.counts, self.skipped = self.counts + counts, self.skipped + skipped
 
-    def report(self, step, epoch, loss, lr, beta):
-        """Prints and records one interval (one host sync): groups used and assignment entropy over the interval,
-        against K and log K, and the time left at this job's pace."""
-        used, entropy = group_health(self.counts)
-        elapsed, now = time.time() - self.t_log, time.time()
-        eta = (now - self.t_start) / max(1, step - self.first_step) * (self.total_steps - step)
-        skipped = int(self.skipped) if self.scaler.is_enabled() else 0
+    def report(self, step, epoch, loss, lr, beta):  # prints and records one interval's figures (one host sync)
+        (used, entropy), elapsed, fp16 = group_health(self.counts), time.time() - self.t_log, self.scaler.is_enabled()
+        eta = (time.time() - self.t_start) / max(1, step - self.first_step) * (self.total_steps - step)
+        skipped = int(self.skipped) if fp16 else 0
         record = dict(step=step, epoch=epoch, loss=loss.item(), lr=lr, beta=beta, img_per_s=self.images / elapsed,
                       data_time=self.data_time / elapsed, groups_used=used, assign_entropy=entropy,
                       assign_entropy_max=math.log(self.cfg.num_groups), eta_s=eta, bad_images=self.bad_images,
-                      skipped_steps=skipped, grad_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None)
+                      skipped_steps=skipped, grad_scale=self.scaler.get_scale() if fp16 else None)
         if torch.cuda.is_available():
             record["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30  # peak so far, this process
         log(f"step {step}/{self.total_steps} | epoch {epoch} | loss {record['loss']:.4f} | lr {lr:.4f} | "
             f"β {beta:.4f} | {record['img_per_s']:.0f} img/s | data {100 * record['data_time']:.0f}% | groups used "
             f"{used:.0f}/{self.cfg.num_groups}, entropy {entropy:.2f}/{record['assign_entropy_max']:.2f} | "
-            + (f"fp16 steps skipped {skipped}, scale {record['grad_scale']:g} | " if self.scaler.is_enabled() else "")
+            + (f"fp16 steps skipped {skipped}, scale {record['grad_scale']:g} | " if fp16 else "")
             + (f"unreadable images {self.bad_images} (replaced) | " if self.bad_images else "")
             + f"ETA {datetime.timedelta(seconds=round(eta))}")
         self.write(record)
-        self.skipped_in_job += skipped
-        steps_in_job = step - self.first_step
+        self.skipped_in_job, steps_in_job = self.skipped_in_job + skipped, step - self.first_step
         # From its initial 2^16 the scale finds its level within ~20 skipped steps; more than 3% after that is not
         # calibration but gradients that keep overflowing.
         if not self.warned and self.skipped_in_job > 20 + 0.03 * steps_in_job:
             self.warned = True
             log(f"warning: GradScaler skipped {self.skipped_in_job} of the {steps_in_job} optimiser steps of this job "
-                f"(fp16 gradients overflowed; scale now {record['grad_scale']:g}): lower --lr, or use --precision "
-                f"bf16 or fp32")
-        self.t_log, self.data_time, self.images, self.counts, self.skipped = time.time(), 0.0, 0, 0, 0
-        self.bad_images = 0  # each log line counts its own interval's unreadable images
+                f"(fp16 overflows; scale {record['grad_scale']:g}): lower --lr, or use --precision bf16 or fp32")
+        self.restart()  # each log line counts its own interval
+        self.counts, self.skipped = 0, 0
 
     def write(self, record):  # one line of log.jsonl, which rank 0 holds (the others have None)
         if self.jsonl:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
-
-def knn_during_training(run, cfg, device, data, held_out, progress, epoch, final=False):
-    """kNN top-1 of the online backbone on the held-out split, printed and logged (labels are used only here); at the
-    end of the run with the baselines (random init, raw pixels) too. Rank 0 alone: the others wait at their next
-    collective (within --dist-timeout)."""
-    result = knn_report(run.online.encoder.backbone, cfg, device, data.images if data.folder is None else
-                        data.folder, data.labels, held_out, baselines=final)
-    if result is None:
-        if final:
-            log("kNN report skipped: the data set has no held-out split (PATH/val)")
-        return
-    names = (("knn_top1", "trained"), ("knn_top1_random_init", "same architecture at random init"),
-             ("knn_top1_raw_pixels", "raw pixels"))
-    log(f"kNN top-1 on the held-out split{'' if final else f' after epoch {epoch}'}: " + " | ".join(
-        f"{name} {result[key]:.1f}%" for key, name in names if key in result))
-    progress.write(dict(step=run.step, epoch=epoch, **result))
 
 def parameter_counts(cfg):
     """Millions of parameters of the networks a config builds (made on the meta device: nothing is allocated)."""
@@ -1974,37 +1613,33 @@ def parameter_counts(cfg):
         online = make_online(cfg)
     millions = lambda module: sum(p.numel() for p in module.parameters()) / 1e6  # noqa: E731
     backbone = millions(online.encoder.backbone)
-    classifier = (online.encoder.projector[0].in_features + 1) * 1000 / 1e6
+    classifier = (online.encoder.projector[0].in_features + 1) * 1000 / 1e6  # papers count it (ResNet-50: 25.6M)
     return dict(backbone=round(backbone, 2), backbone_with_1000_class_classifier=round(backbone + classifier, 2),
                 projector=round(millions(online.encoder.projector), 2),
                 predictor=round(millions(online.predictor), 2), online=round(millions(online), 2))
 
-def _ticks(lo, hi, most=5):
-    """Round tick values from lo to hi, at most `most` of them (steps of 1, 2 or 5 × 10^n)."""
+def _ticks(lo, hi, most=5):  # round tick values from lo to hi, at most `most` of them (steps of 1, 2 or 5 × 10^n)
     raw = (hi - lo) / most
     unit = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
     step = next(unit * m for m in (1, 2, 5, 10) if unit * m >= raw)
     return [i * step for i in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
 
 def plot_curves(out_dir):
-    """Writes out_dir/curves.svg from its log.jsonl: loss, lr, β, groups used (against K), assignment entropy
-    (against log K) and the kNN reports over steps, one panel each, with the epochs under the step axis (plain SVG:
-    no plotting package needed). Returns the path."""
-    path = os.path.join(out_dir, "log.jsonl")
+    """Writes out_dir/curves.svg from its log.jsonl (plain SVG, no plotting package); returns its path."""
     try:
-        records = [json.loads(line) for line in open(path) if line.strip()]
+        records = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl")) if line.strip()]
     except (OSError, ValueError) as e:
         fail(f"--plot {out_dir}: no readable log.jsonl ({type(e).__name__}: {e})")
     log_k = max([r.get("assign_entropy_max", 0) for r in records] + [0])
     k = round(math.exp(log_k)) if log_k else None
-    # (key, title, fixed range or None: the data's, reference line and its label or None)
+    # (key, title, range: fixed, or the data's from "zero" or None: their own; reference line and its label or None)
     panels = [("loss", "loss", None, None), ("lr", "learning rate", "zero", None),
               ("beta", "β (centroid momentum)", None, (1.0, "1")),
               ("groups_used", "groups used", (0, 1.05 * k) if k else "zero", (k, f"K = {k}") if k else None),
               ("assign_entropy", "assignment entropy (nats)", (0, 1.05 * log_k) if k else "zero",
                (log_k, f"log K = {log_k:.2f}") if k else None),
               ("knn_top1", "kNN top-1 (%)", (0, 100), None)]
-    s_lo, s_hi = 0, max([r["step"] for r in records if "step" in r] + [1])
+    s_hi = max([r["step"] for r in records if "step" in r] + [1])
     epoch_at = sorted((r["step"], r["epoch"]) for r in records if "step" in r and "epoch" in r)
     w, h, left, top, bottom = 380, 240, 52, 30, 46
     pw, ph = w - left - 16, h - top - bottom
@@ -2020,14 +1655,13 @@ def plot_curves(out_dir):
             lo, hi = lo - max(abs(lo) * 0.05, 1e-3), hi + max(abs(hi) * 0.05, 1e-3)
         pad = 0 if isinstance(fixed, tuple) else 0.05 * (hi - lo)
         lo, hi = lo - (pad if lo != 0 else 0), hi + pad
-        sx = lambda s: x0 + pw * (s - s_lo) / (s_hi - s_lo)  # noqa: E731
+        sx = lambda s: x0 + pw * s / s_hi  # noqa: E731
         sy = lambda v: y0 + ph - ph * (v - lo) / (hi - lo)  # noqa: E731
         svg.append(f'<text x="{x0}" y="{y0 - 10}" font-weight="bold">{title}</text><rect x="{x0}" y="{y0}" '
                    f'width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
-        for t in _ticks(lo, hi):
-            svg.append(f'<text x="{x0 - 4}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:.4g}</text><line x1="{x0}" '
-                       f'x2="{x0 + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>')
-        for t in _ticks(s_lo, s_hi, 4):
+        svg += [f'<text x="{x0 - 4}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:.4g}</text><line x1="{x0}" '
+                f'x2="{x0 + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>' for t in _ticks(lo, hi)]
+        for t in _ticks(0, s_hi, 4):
             epoch = max([e for s, e in epoch_at if s <= t], default=0 if epoch_at else None)
             svg.append(f'<text x="{sx(t):.1f}" y="{y0 + ph + 14}" text-anchor="middle">{t}</text>'
                        + (f'<text x="{sx(t):.1f}" y="{y0 + ph + 26}" text-anchor="middle" fill="#777">epoch {epoch}'
@@ -2036,22 +1670,19 @@ def plot_curves(out_dir):
             svg.append(f'<line x1="{x0}" x2="{x0 + pw}" y1="{sy(ref[0]):.1f}" y2="{sy(ref[0]):.1f}" stroke="#c33" '
                        f'stroke-dasharray="4 3"/><text x="{x0 + pw - 4}" y="{sy(ref[0]) - 4:.1f}" text-anchor="end" '
                        f'fill="#c33">{ref[1]}</text>')
-        if len(points) > 1 and key != "knn_top1":
+        marked = key == "knn_top1" or len(points) == 1  # reports: marked points, labelled; series: a line
+        if not marked and points:
             line = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in points)
             svg.append(f'<polyline points="{line}" fill="none" stroke="#1f5fa8" stroke-width="1.5"/>')
-        for a, b in points if key == "knn_top1" or len(points) == 1 else []:  # reports: marked points, labelled
-            svg.append(f'<circle cx="{sx(a):.1f}" cy="{sy(b):.1f}" r="3" fill="#1f5fa8"/><text x="{sx(a):.1f}" '
-                       f'y="{sy(b) - 6:.1f}" text-anchor="middle">{b:.1f}</text>')
-    with open(os.path.join(out_dir, "curves.svg"), "w") as f:
+        svg += [f'<circle cx="{sx(a):.1f}" cy="{sy(b):.1f}" r="3" fill="#1f5fa8"/><text x="{sx(a):.1f}" '
+                f'y="{sy(b) - 6:.1f}" text-anchor="middle">{b:.1f}</text>' for a, b in points if marked]
+    path = os.path.join(out_dir, "curves.svg")
+    with open(path, "w") as f:
         f.write("\n".join(svg + ["</svg>"]) + "\n")
-    return os.path.join(out_dir, "curves.svg")
-
+    return path
 
 # ----- training: train() and the command line ----------------------------------------------------------------------
-
-def train(cfg):
-    """The whole run, holding its out-dir: data, networks, resume or a fresh bank, epochs with group resets and
-    checkpoints, kNN report. Returns the RunState."""
+def train(cfg):  # the whole run, holding its out-dir; returns the RunState
     device = setup_device(cfg.dist_timeout)
     with holding_out_dir(cfg.out_dir, device):
         return _train(cfg, device)
@@ -2063,7 +1694,6 @@ def _train(cfg, device):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     log(f"device: {device}, processes: {world_size()}, precision: {precision}")
-
     resume = resolve_resume(cfg)
     data = TrainData(cfg, device)
     n, steps_per_epoch = cfg.accumulate, data.steps_per_epoch  # n: forward passes per step
@@ -2121,9 +1751,8 @@ def _train(cfg, device):
                     preempted = True
                     break
             stop_if_diverged(bad_step, run, start_norm, ckpt_path)  # exit: before any checkpoint
-            finished = run.epoch_step == steps_per_epoch
             t0 = time.time()
-            if finished:  # the next epoch's start: groups reset on this epoch's bank, target <- online
+            if run.epoch_step == steps_per_epoch:  # next epoch's start: k-means on this epoch's bank, target ← online
                 start_epoch(run.grouping, run.bank, run.online, run.target, cfg.kmeans_iters,
                             torch.Generator().manual_seed(seed_for(cfg.seed, epoch)))
                 run.epoch, run.epoch_step = epoch + 1, 0
@@ -2136,12 +1765,12 @@ def _train(cfg, device):
             if (epoch + 1) % max(1, cfg.epochs // 20) == 0 or epoch + 1 == cfg.epochs:  # at most ~20 such lines
                 log(f"epoch {epoch} done: groups reset by k-means ({reset_seconds:.1f}s), checkpoint {ckpt_path}")
             if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and rank() == 0:
-                knn_during_training(run, cfg, device, data, held_out, progress, epoch)
+                knn_report(run, cfg, device, data, held_out, progress, epoch)
             if cfg.stop_after and epoch + 1 - first_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:  # exit
                 log(f"stopping after {cfg.stop_after} epoch(s) as asked; run again to resume from epoch {epoch + 1}")
                 break
         if cfg.knn and rank() == 0 and run.step == total_steps:  # the other processes need not wait for it
-            knn_during_training(run, cfg, device, data, held_out, progress, cfg.epochs - 1, final=True)
+            knn_report(run, cfg, device, data, held_out, progress, cfg.epochs - 1, final=True)
     if signal.SIGINT in caught:
         raise SystemExit(130)  # the shell's status for a program stopped by Ctrl-C
     return run
@@ -2153,7 +1782,6 @@ def main(argv=None):
         return
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
-        # Papers quote backbones with their ImageNet classifier (ResNet-50: 25.6M); SMoG replaces it by the heads.
         print(f"parameters (millions): {json.dumps(parameter_counts(cfg))}")
         return
     try:
