@@ -788,7 +788,9 @@ def scan_folder(root, classes=None):
 
     def unseen(path):  # a real folder or file not read yet; marked as read
         real = os.path.realpath(path)
-        return real not in seen and (seen.add(real) or True)
+        new = real not in seen
+        seen.add(real)
+        return new
     samples, extensions = [], torchvision.datasets.folder.IMG_EXTENSIONS
     for name in names:
         found, label = len(samples), classes.index(name)
@@ -1276,7 +1278,8 @@ class RunState:
             except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:  # damaged, foreign, cut short
                 why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
                 errors.append(f"{path} ({why})")
-                log(f"checkpoint {path} does not load ({why})" + "; trying the one before it" * (path != paths[-1]))
+                log(f"checkpoint {path} does not load ({why})" + ("; trying the one before it" if path != paths[-1]
+                                                                  else ""))
         else:
             fail(f"--resume: no checkpoint loads: {'; '.join(errors)}")
         log(f"resumed from {path} at epoch {self.epoch}, step {self.step}" + (
