@@ -83,12 +83,12 @@ def bench_ceiling(cfg, device, autocast, steps, warmup):
 
 def bench_step(cfg, device, autocast, scaler, steps, warmup, profile=""):
     """(b) the full training step of smog.py on fixed device tensors; profile: write its top operators there."""
-    run = smog.RunState(cfg, device, scaler=scaler)
+    run, hyper = smog.RunState(cfg, device, scaler=scaler), smog.step_hyperparameters(cfg)
     crops = smog.Crops(*(None if x is None else smog.channels_last(x, cfg) for x in fake_crops(cfg, device)))
 
     def step():
         smog.train_step(run.online_ddp, run.target, run.grouping, [crops], run.opt, run.scaler, beta=0.995,
-                        autocast=autocast, **smog.step_hyperparameters(cfg))
+                        autocast=autocast, **hyper)
 
     seconds = timed(step, steps, warmup, device)
     if profile:
@@ -198,14 +198,14 @@ def bench_e2e(cfg, device, autocast, scaler, steps, warmup, root, batched):
     data.sampler = torch.utils.data.RandomSampler(range(len(data.labels)), replacement=True,
                                                   num_samples=(steps + warmup) * cfg.batch_size)
     data.steps_per_epoch = steps + warmup
-    run = smog.RunState(cfg, device, scaler=scaler)
+    run, hyper = smog.RunState(cfg, device, scaler=scaler), smog.step_hyperparameters(cfg)
     for step, (batches, _) in enumerate(data.steps(0)):
         if step == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
         smog.train_step(run.online_ddp, run.target, run.grouping, [data.crops(batches[0], step)], run.opt,
-                        run.scaler, beta=0.995, autocast=autocast, **smog.step_hyperparameters(cfg))
+                        run.scaler, beta=0.995, autocast=autocast, **hyper)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps

@@ -1132,8 +1132,10 @@ class TrainData:
 
     def _batches(self, batches):  # (batch, failed paths) of lists of (index, parity) pairs
         if self.loader_data is None:  # in memory, augmented on the device: no loader processes needed
-            for batch in batches:
-                yield self.images[torch.tensor([j for j, _ in batch], device=self.images.device)], []
+            # The epoch's indices go to the device in one copy: a copy per step would make the host wait for the GPU
+            order = torch.tensor([j for batch in batches for j, _ in batch], dtype=torch.long)
+            for part in order.to(self.images.device).split(self.cfg.batch_size) if len(order) else []:
+                yield self.images[part], []
             return
         loader = torch.utils.data.DataLoader(self.loader_data, batch_sampler=batches, num_workers=self.cfg.workers,
                                              collate_fn=collate, pin_memory=self.device.type == "cuda")
@@ -1175,8 +1177,7 @@ def copied_ahead(batches, device):
     stream, ahead = torch.cuda.Stream(device), None
     for batch, failed in batches:
         with torch.cuda.stream(stream):
-            moved = _tensors_to(batch, device)
-            ready = torch.cuda.Event()
+            moved, ready = _tensors_to(batch, device), torch.cuda.Event()
             ready.record(stream)
         if ahead is not None:
             yield _handed_over(*ahead)
@@ -1578,7 +1579,7 @@ class Progress:
     def add(self, counts, skipped):  # one step's group counts (H, K) and skip flag, summed on the device
         self.counts, self.skipped = self.counts + counts, self.skipped + skipped
 
-    def report(self, step, epoch, loss, lr, beta):  # prints and records one interval's figures (one host sync)
+    def report(self, step, epoch, loss, lr, beta):  # prints and records one interval's figures (one wait for the GPU)
         (used, entropy), elapsed, fp16 = group_health(self.counts), time.time() - self.t_log, self.scaler.is_enabled()
         eta = (time.time() - self.t_start) / max(1, step - self.first_step) * (self.total_steps - step)
         skipped = int(self.skipped) if fp16 else 0
