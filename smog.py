@@ -15,31 +15,16 @@ networks → MomentumGrouping and the memory bank → the epoch start → the lo
 Part 2, "Trainer", from `class Config`: config, backbones, data, the batched augmentation, feeding the device, the
 run state, processes and faults, reports, train(). "The authors' code" is the paper's released main_SMoG.py and src/.
 """
-import argparse
 import copy
-import dataclasses
-import datetime
-import functools
-import hashlib
-import json
 import math
-import os
-import pickle
-import re
-import signal
-import socket
-import sys
-import time
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import nullcontext
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 # ===================================================================================================================
 # Part 1 — SMoG: the method
@@ -118,8 +103,8 @@ class MultiCrop:
                               T.RandomApply([T.GaussianBlur(kernel, r.blur_sigma)], p=blur_p),
                               T.RandomSolarize(128, p=solarize_p), *([T.RandomInvert(p=invert)] if invert else []),
                               T.ToTensor(), T.Normalize(MEAN, STD)])
-        self.glob = {name: pipeline(r.global_size, r.global_scale, name) for name in PIPELINES}
-        self.loc = {name: pipeline(r.local_size, r.local_scale, name) for name in PIPELINES}
+        self.global_pipelines = {name: pipeline(r.global_size, r.global_scale, name) for name in PIPELINES}
+        self.local_pipelines = {name: pipeline(r.local_size, r.local_scale, name) for name in PIPELINES}
 
     def __call__(self, image, step):
         online_aug, target_aug = pipelines_for_step(step)
@@ -127,8 +112,9 @@ class MultiCrop:
 
         def crops(pipelines, name, n):  # (n, 3, s, s), or None
             return torch.stack([pipelines[name](image) for _ in range(n)]) if n else None
-        return Crops(crops(self.glob, online_aug, 2), crops(self.loc, online_aug, n_local),
-                     crops(self.glob, target_aug, 2), crops(self.loc, target_aug, n_target_local))
+        return Crops(crops(self.global_pipelines, online_aug, 2), crops(self.local_pipelines, online_aug, n_local),
+                     crops(self.global_pipelines, target_aug, 2),
+                     crops(self.local_pipelines, target_aug, n_target_local))
 
 # ----- networks: backbone f → projector g → predictor q online; a copy of f and g as the target branch -------------
 def mlp(dim_in, hidden, dim_out, last_bn, gelu=False, trunc_init=False):
@@ -368,18 +354,21 @@ def train_step(online, target, grouping, passes, opt, scaler, *, beta, tau, ema,
     dropping = [m for m in module.encoder.modules() if isinstance(m, torchvision.ops.StochasticDepth) and m.p > 0]
     opt.zero_grad(set_to_none=True)
     z_globals, losses = [], []
-    for i, (g, loc, t, t_loc) in enumerate(passes):
-        last, b = i == accumulate - 1, t.shape[0] // 2
+    for i, crops in enumerate(passes):
+        last = i == accumulate - 1
+        b = crops.target_global.shape[0] // 2
+        target_crops = [x for x in (crops.target_global, crops.target_local) if x is not None]
+        online_crops = [x for x in (crops.online_global, crops.online_local) if x is not None]
         # DDP all-reduces the gradients once, in the last pass's backward
         with nullcontext() if last or not hasattr(online, "no_sync") else online.no_sync():
             with autocast:
                 with torch.no_grad():
-                    zt = target([t] if t_loc is None else [t, t_loc])[:2 * b].float()  # (2B, D): global crops' z
-                z, p = online([g] if loc is None else [g, loc])  # (C_online·B, D) each
+                    zt = target(target_crops)[:2 * b].float()  # (2B, D): global crops' z
+                z, p = online(online_crops)  # (C_online·B, D) each
             labels = grouping.assign(zt).view(h, 2, b)  # 1. y: nearest c_k before the update
             if dropping:  # the update and the bank see the online global crops without stochastic depth
                 with autocast:
-                    z = without_drop_path(module.encoder, [g], dropping)
+                    z = without_drop_path(module.encoder, [crops.online_global], dropping)
             z_globals.append(z[:2 * b].detach().float().view(2, b, -1))  # (2, B, D)
             if last:  # 2. head h moves with online global crop h mod 2, of every pass (a repeat: list indexing
                 z_global = torch.cat(z_globals, 1)  # would copy indices from the host)
@@ -405,6 +394,24 @@ def train_step(online, target, grouping, passes, opt, scaler, *, beta, tau, ema,
 # ===================================================================================================================
 # Part 2 — Trainer: config, backbones, data, batched augmentation, feeding the device, run state, faults, reports
 # ===================================================================================================================
+import argparse
+import dataclasses
+import datetime
+import functools
+import hashlib
+import json
+import os
+import pickle
+import re
+import signal
+import socket
+import sys
+import time
+from contextlib import contextmanager, suppress
+
+import numpy as np
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
 # ----- config: one dataclass, presets on top of it, explicit flags on top of the preset; one-line messages ---------
 @dataclasses.dataclass
 class Config:
@@ -649,13 +656,13 @@ class KeptShiftWindowAttention(torchvision.models.swin_transformer.ShiftedWindow
         (wh, ww), (sh, sw) = self.window_size, self.shift_size
         if not (sh or sw) or h > wh or w > ww:  # several windows, or no shift: torchvision's own computation
             return super().forward(x)
-        n, heads = wh * ww, self.num_heads
+        n, attn_heads = wh * ww, self.num_heads
         x = torch.roll(F.pad(x, (0, 0, 0, ww - w, 0, wh - h)), (-sh, -sw), (1, 2)).reshape(b, n, c)
-        q, k, v = self.qkv(x).view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)  # each (B, heads, N, d)
+        q, k, v = self.qkv(x).view(b, n, 3, attn_heads, c // attn_heads).permute(2, 0, 3, 1, 4)  # (B, heads, N, d)
         rows, cols = torch.arange(wh, device=x.device), torch.arange(ww, device=x.device)
         region = ((rows >= wh - sh)[:, None] * 2 + (cols >= ww - sw)[None]).flatten()  # (N,): wrapped or not
         mask = torch.where(region[:, None] == region[None], 0.0, -100.0).to(q.dtype)  # the masks' −100
-        attn = (q * (c // heads) ** -0.5) @ k.mT + self.get_relative_position_bias() + mask  # (B, heads, N, N)
+        attn = (q * (c // attn_heads) ** -0.5) @ k.mT + self.get_relative_position_bias() + mask  # (B, heads, N, N)
         attn = F.dropout(attn.softmax(-1), self.attention_dropout, self.training)
         out = F.dropout(self.proj((attn @ v).transpose(1, 2).reshape(b, n, c)), self.dropout, self.training)
         return torch.roll(out.view(b, wh, ww, c), (sh, sw), (1, 2))[:, :h, :w]
@@ -686,10 +693,10 @@ def _swin_t(drop_path, bn_blocks=False):
 
 class ViT(torchvision.models.VisionTransformer):
     """torchvision's ViT returning the class token, its position embedding interpolated to any input size (as DINO)."""
-    def __init__(self, depth, heads, dim):
-        super().__init__(image_size=224, patch_size=16, num_layers=depth, num_heads=heads, hidden_dim=dim,
+    def __init__(self, depth, attention_heads, dim):
+        super().__init__(image_size=224, patch_size=16, num_layers=depth, num_heads=attention_heads, hidden_dim=dim,
                          mlp_dim=4 * dim)
-        self.heads = nn.Identity()
+        self.heads = nn.Identity()  # torchvision's name for its classifier
 
     def position_embedding(self, rows, cols):  # (1, 1 + rows·cols, dim)
         pos, side = self.encoder.pos_embedding, self.image_size // self.patch_size
@@ -712,8 +719,8 @@ BACKBONES = {
     "resnet18_cifar": lambda drop_path: _torchvision_resnet("resnet18", small_stem=True),
     "resnet50": lambda drop_path: _torchvision_resnet("resnet50"), "resnet50w2": lambda drop_path: _resnet50_wide(2),
     "swin_t": _swin_t, "swin_t_bn": lambda drop_path: _swin_t(drop_path, bn_blocks=True),
-    "vit_s16": lambda drop_path: (ViT(depth=12, heads=6, dim=384), 384),
-    "vit_b16": lambda drop_path: (ViT(depth=12, heads=12, dim=768), 768),
+    "vit_s16": lambda drop_path: (ViT(depth=12, attention_heads=6, dim=384), 384),
+    "vit_b16": lambda drop_path: (ViT(depth=12, attention_heads=12, dim=768), 768),
 }
 
 def make_online(cfg):  # OnlineNet around a fresh cfg.arch backbone, ResNets with BN over sizes

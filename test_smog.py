@@ -169,19 +169,19 @@ def step_of(cfg, run, passes, beta=0.9):
                            **smog.step_hyperparameters(cfg))
 
 
-def one_step(cfg, nets, step=0):
+def one_step(cfg, run, step=0):
     images, _ = smog.synthetic_shapes(cfg.batch_size, seed=1)
-    return step_of(cfg, nets, [smog.batch_multicrop(images, step, smog.crop_recipe(cfg))])
+    return step_of(cfg, run, [smog.batch_multicrop(images, step, smog.crop_recipe(cfg))])
 
 
 def test_the_initial_bank_forwards_each_online_global_crop_alone(tmp_path):
     cfg = tiny_cfg(tmp_path)
-    nets = build_nets(cfg)
+    run = build_nets(cfg)
     data = smog.TrainData(cfg, torch.device("cpu"))
     bank = smog.MemoryBank(data.epoch_images, cfg.feat_dim, "cpu")
-    sizes, forward = [], nets.online.encoder.forward
-    nets.online.encoder.forward = lambda crops: sizes.append([len(x) for x in crops]) or forward(crops)
-    smog.fill_bank(nets.online.encoder, bank, data.global_crops())
+    sizes, forward = [], run.online.encoder.forward
+    run.online.encoder.forward = lambda crops: sizes.append([len(x) for x in crops]) or forward(crops)
+    smog.fill_bank(run.online.encoder, bank, data.global_crops())
     assert sizes == [[cfg.batch_size]] * (2 * len(data.sampler) // cfg.batch_size)  # its BN sees B images, not 2B
     assert bank.filled == 0 and torch.allclose(bank.feats.norm(dim=-1), torch.ones(2, bank.feats.shape[1]))
 
@@ -331,17 +331,17 @@ def test_swin_recipe_spares_biases_norms_and_position_tables():
 def test_adamw_recipe_decays_only_matrices_and_clips(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, "--optimizer", "adamw", "--weight-decay", "0.05", "--clip-grad", "3.0", "--lr", "1e-3",
                    "--exclude-1d")
-    nets = build_nets(cfg)
-    assert isinstance(nets.opt, torch.optim.AdamW)
-    decay = {id(p): g["weight_decay"] for g in nets.opt.param_groups for p in g["params"]}
-    assert all(decay[id(p)] == (0.05 if p.ndim > 1 else 0.0) for p in nets.online.parameters())
+    run = build_nets(cfg)
+    assert isinstance(run.opt, torch.optim.AdamW)
+    decay = {id(p): g["weight_decay"] for g in run.opt.param_groups for p in g["params"]}
+    assert all(decay[id(p)] == (0.05 if p.ndim > 1 else 0.0) for p in run.online.parameters())
     clipped, original = [], torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
                         lambda params, max_norm: clipped.append(max_norm) or original(params, max_norm))
-    before = [p.clone() for p in nets.online.parameters()]
-    loss, _, _, _ = one_step(cfg, nets)
+    before = [p.clone() for p in run.online.parameters()]
+    loss, _, _, _ = one_step(cfg, run)
     assert torch.isfinite(loss) and clipped == [3.0]
-    assert all(not torch.equal(a, b) for a, b in zip(before, nets.online.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(before, run.online.parameters()))
 
 
 def test_schedules():
@@ -359,35 +359,35 @@ def test_schedules():
 
 def test_gradient_reaches_only_online_branch(tmp_path):
     cfg = tiny_cfg(tmp_path)
-    nets = build_nets(cfg)
+    run = build_nets(cfg)
     grads = {}
-    original_step = nets.opt.step
-    nets.opt.step = lambda: grads.update({n: p.grad for n, p in nets.online.named_parameters()}) or original_step()
-    one_step(cfg, nets)
+    original_step = run.opt.step
+    run.opt.step = lambda: grads.update({n: p.grad for n, p in run.online.named_parameters()}) or original_step()
+    one_step(cfg, run)
     assert grads and all(gr is not None and torch.isfinite(gr).all() for gr in grads.values())
     assert any(gr.abs().sum() > 0 for n, gr in grads.items() if n.startswith("encoder.backbone"))
-    assert all(p.grad is None for p in nets.target.parameters())
-    assert not nets.grouping.centroids.requires_grad and nets.grouping.centroids.grad is None
-    assert not any(True for _ in nets.grouping.parameters())
+    assert all(p.grad is None for p in run.target.parameters())
+    assert not run.grouping.centroids.requires_grad and run.grouping.centroids.grad is None
+    assert not any(True for _ in run.grouping.parameters())
 
 
 def test_step_changes_online_and_moves_target_by_ema(tmp_path):
     cfg = tiny_cfg(tmp_path, "--ema", "0.9")
-    nets = build_nets(cfg)
-    nets.target.load_state_dict(nets.online.encoder.state_dict())
-    for p in nets.target.parameters():  # a target different from the online weights, so the EMA is visible
+    run = build_nets(cfg)
+    run.target.load_state_dict(run.online.encoder.state_dict())
+    for p in run.target.parameters():  # a target different from the online weights, so the EMA is visible
         p.add_(0.01 * torch.randn_like(p))
-    online_before = [p.clone() for p in nets.online.encoder.parameters()]
-    target_before = [p.clone() for p in nets.target.parameters()]
-    centroids_before = nets.grouping.centroids.clone()
-    loss, counts, _, _ = one_step(cfg, nets)
+    online_before = [p.clone() for p in run.online.encoder.parameters()]
+    target_before = [p.clone() for p in run.target.parameters()]
+    centroids_before = run.grouping.centroids.clone()
+    loss, counts, _, _ = one_step(cfg, run)
     assert torch.isfinite(loss)
-    online_after = list(nets.online.encoder.parameters())
+    online_after = list(run.online.encoder.parameters())
     changed = sum(not torch.equal(a, b) for a, b in zip(online_before, online_after))
     assert changed == len(online_before)  # every weight of the encoder receives an update
-    for t0, o1, t1 in zip(target_before, online_after, nets.target.parameters()):
+    for t0, o1, t1 in zip(target_before, online_after, run.target.parameters()):
         assert torch.allclose(t1, 0.9 * t0 + 0.1 * o1, atol=1e-6, rtol=0)
-    assert not torch.equal(nets.grouping.centroids, centroids_before)
+    assert not torch.equal(run.grouping.centroids, centroids_before)
     assert counts.sum().item() == cfg.num_heads * cfg.batch_size
 
 
@@ -396,13 +396,13 @@ def test_accumulated_passes_equal_a_reference_loop(tmp_path):
     # passes' z before the second pass's loss (the first pass's loss saw the groups before it), the gradients
     # averaged, one LARS step, one EMA. The reference builds one graph of both passes and backpropagates once.
     cfg = tiny_cfg(tmp_path, "--accumulate", "2", "--ema", "0.9")
-    nets, ref = build_nets(cfg), build_nets(cfg)
+    run, ref = build_nets(cfg), build_nets(cfg)
     images, _ = smog.synthetic_shapes(64, seed=3)
     passes = []
     for i in range(2):
         torch.manual_seed(i)
         passes.append(smog.batch_multicrop(images[32 * i:32 * (i + 1)], i, smog.crop_recipe(cfg)))
-    loss, counts, z_global, _ = step_of(cfg, nets, iter(passes))
+    loss, counts, z_global, _ = step_of(cfg, run, iter(passes))
     h, k, b = cfg.num_heads, cfg.num_groups, 32
     losses, zs = [], []
     for i, (g, loc, t, t_loc) in enumerate(passes):
@@ -421,22 +421,22 @@ def test_accumulated_passes_equal_a_reference_loop(tmp_path):
     smog.ema_(ref.target, ref.online.encoder, 0.9)
     assert loss.item() == pytest.approx(sum(losses).item() / 2, abs=1e-6)
     assert counts.sum().item() == h * 64 and z_global.shape == (2, 64, cfg.feat_dim)
-    assert torch.allclose(nets.grouping.centroids, ref.grouping.centroids, atol=1e-6)
-    for a, r in zip([*nets.online.parameters(), *nets.target.parameters()],
+    assert torch.allclose(run.grouping.centroids, ref.grouping.centroids, atol=1e-6)
+    for a, r in zip([*run.online.parameters(), *run.target.parameters()],
                     [*ref.online.parameters(), *ref.target.parameters()]):
         assert torch.allclose(a, r, atol=1e-6)
     with pytest.raises(ValueError, match="1 forward passes"):  # a step needs exactly --accumulate passes
-        step_of(cfg, nets, passes[:1])
+        step_of(cfg, run, passes[:1])
 
 
 def test_target_forwards_its_local_crops_and_labels_come_from_its_global_crops(tmp_path):
     cfg = tiny_cfg(tmp_path)
     assert cfg.target_local and cfg.num_local == 2
-    nets, seen = build_nets(cfg), {}
-    forward, assign = nets.target.forward, nets.grouping.assign
-    nets.target.forward = lambda crops: seen.setdefault("target", [c.shape for c in crops]) and forward(crops)
-    nets.grouping.assign = lambda x: seen.setdefault("assign", x.shape) and assign(x)
-    one_step(cfg, nets)
+    run, seen = build_nets(cfg), {}
+    forward, assign = run.target.forward, run.grouping.assign
+    run.target.forward = lambda crops: seen.setdefault("target", [c.shape for c in crops]) and forward(crops)
+    run.grouping.assign = lambda x: seen.setdefault("assign", x.shape) and assign(x)
+    one_step(cfg, run)
     b = cfg.batch_size
     assert seen["target"] == [(2 * b, 3, 32, 32), (2 * b, 3, 16, 16)]  # 2 global and num_local local crops
     assert seen["assign"] == (2 * b, cfg.feat_dim)  # labels: the 2 global crops only
@@ -625,10 +625,10 @@ def swin_cfg():
 def test_swin_update_and_bank_see_the_online_z_without_drop_path():
     cfg = swin_cfg()
     assert cfg.drop_path == 0.2 and cfg.swin_heads and cfg.arch == "swin_t_bn"
-    nets = build_nets(cfg)
+    run = build_nets(cfg)
     crops = smog.batch_multicrop(smog.synthetic_shapes(4, seed=1)[0], 0, smog.crop_recipe(cfg))
-    before = copy.deepcopy(nets.online)
-    _, _, z_global, _ = step_of(cfg, nets, [crops])
+    before = copy.deepcopy(run.online)
+    _, _, z_global, _ = step_of(cfg, run, [crops])
     dropping = [m for m in before.modules() if isinstance(m, smog.torchvision.ops.StochasticDepth)]
     expected = smog.without_drop_path(before.encoder, [crops[0]], dropping)  # (2B, D), weights before the step
     assert torch.allclose(z_global.flatten(0, 1), expected, atol=1e-5)
@@ -707,20 +707,20 @@ def test_backbone_trains_a_step_at_both_crop_sizes_reloads_and_exports(arch, tmp
     cfg = smog.parse_config(["--arch", arch, "--global-size", "64", "--local-size", "32", "--num-local", "1",
                              "--batch-size", "4", "--num-groups", "8", "--hidden-dim", "32", "--feat-dim", "16",
                              "--drop-path", "0.2" if arch.startswith("swin") else "0", "--channels-last"])
-    nets = build_nets(cfg)
+    run = build_nets(cfg)
     if arch.startswith("swin"):  # drop-path in the online branch only
-        depths = [m.p for m in nets.online.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
+        depths = [m.p for m in run.online.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
         assert max(depths) == pytest.approx(0.2)
-        assert all(m.p == 0 for m in nets.target.modules() if isinstance(m, torchvision.ops.StochasticDepth))
-    backbone = nets.online.encoder.backbone
+        assert all(m.p == 0 for m in run.target.modules() if isinstance(m, torchvision.ops.StochasticDepth))
+    backbone = run.online.encoder.backbone
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     images, _ = smog.synthetic_shapes(4, seed=1)
     crops = smog.batch_multicrop(images, 0, smog.crop_recipe(cfg))  # online: 64 and 32 px in one forward
-    loss, _, _, _ = step_of(cfg, nets, [crops])
+    loss, _, _, _ = step_of(cfg, run, [crops])
     assert torch.isfinite(loss)
     assert any(not torch.equal(before[k], v) for k, v in backbone.state_dict().items())
     # save → strict reload (eval_linear.py) → export into the torchvision model
-    torch.save(dict(config=dataclasses.asdict(cfg), online=nets.online.state_dict()), tmp_path / "ck.pt")
+    torch.save(dict(config=dataclasses.asdict(cfg), online=run.online.state_dict()), tmp_path / "ck.pt")
     r = export_in_process(capsys, tmp_path / "ck.pt", tmp_path / "backbone.pt")
     assert r.returncode == 0, r.stderr
     sd = torch.load(tmp_path / "backbone.pt", weights_only=True)
@@ -734,8 +734,8 @@ def test_backbone_trains_a_step_at_both_crop_sizes_reloads_and_exports(arch, tmp
 
 
 def test_compile_keeps_checkpoint_keys_plain(tmp_path):
-    nets = build_nets(tiny_cfg(tmp_path, "--compile"))
-    keys = list(nets.online.state_dict()) + list(nets.target.state_dict())
+    run = build_nets(tiny_cfg(tmp_path, "--compile"))
+    keys = list(run.online.state_dict()) + list(run.target.state_dict())
     assert keys and not any("_orig_mod" in k or k.startswith("module.") for k in keys)
 
 
@@ -1043,7 +1043,7 @@ def crops_of(image, recipe, pipeline, batched, n=N_STAT):
         x = smog.batch_augment(image.expand(n, -1, -1, -1), recipe.global_size, recipe.global_scale, pipeline,
                                recipe.blur_sigma)
     else:
-        transform, pil = smog.MultiCrop(recipe).glob[pipeline], torchvision_pil(image)
+        transform, pil = smog.MultiCrop(recipe).global_pipelines[pipeline], torchvision_pil(image)
         x = torch.stack([transform(pil) for _ in range(n)])
     return unnormalise(x)
 
@@ -1577,8 +1577,8 @@ DRIVER = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     import smog
     torch.set_num_threads(1)
-    nets = smog.train(smog.parse_config(sys.argv[1:]))
-    state = dict(centroids=nets.grouping.centroids, target=nets.target.state_dict(), online=nets.online.state_dict())
+    run = smog.train(smog.parse_config(sys.argv[1:]))
+    state = dict(centroids=run.grouping.centroids, target=run.target.state_dict(), online=run.online.state_dict())
     torch.save(state, os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"]))
     torch.distributed.destroy_process_group()
 """)
@@ -1619,18 +1619,18 @@ SPLIT_DRIVER = textwrap.dedent("""
     # Three training steps, each rank on its own images: weights and groups must stay identical.
     cfg = smog.parse_config(["--batch-size", "16", "--num-groups", "10", "--hidden-dim", "32", "--feat-dim", "16",
                              "--num-local", "1"])
-    nets = smog.RunState(cfg, torch.device("cpu"))
+    run = smog.RunState(cfg, torch.device("cpu"))
     images = smog.synthetic_shapes(32, seed=5)[0][rank * 16:(rank + 1) * 16]
     losses = []
     for step in range(3):
         torch.manual_seed(smog.seed_for(cfg.seed, step, rank))
-        loss, _, _, _ = smog.train_step(nets.online_ddp, nets.target, nets.grouping,
-                                        [smog.batch_multicrop(images, step, smog.crop_recipe(cfg))], nets.opt,
-                                        nets.scaler, beta=0.99, **smog.step_hyperparameters(cfg))
+        loss, _, _, _ = smog.train_step(run.online_ddp, run.target, run.grouping,
+                                        [smog.batch_multicrop(images, step, smog.crop_recipe(cfg))], run.opt,
+                                        run.scaler, beta=0.99, **smog.step_hyperparameters(cfg))
         losses.append(loss.item())
-    params = {{name: p for name, p in nets.online.named_parameters()}}
-    params.update({{"target." + name: p for name, p in nets.target.named_parameters()}})
-    torch.save(dict(updated=updated, kmeans=grouping.centroids.clone(), centroids=nets.grouping.centroids,
+    params = {{name: p for name, p in run.online.named_parameters()}}
+    params.update({{"target." + name: p for name, p in run.target.named_parameters()}})
+    torch.save(dict(updated=updated, kmeans=grouping.centroids.clone(), centroids=run.grouping.centroids,
                     params=params, losses=losses), os.path.join({out!r}, "split%d.pt" % rank))
     dist.destroy_process_group()
 """)
