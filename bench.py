@@ -88,7 +88,7 @@ def bench_step(cfg, device, autocast, scaler, steps, warmup, profile=""):
 
     def step():
         smog.train_step(run.online_ddp, run.target, run.grouping, [crops], run.opt, run.scaler, beta=0.995,
-                        autocast=autocast, **hyper)
+                        group_z=run.group_z, autocast=autocast, **hyper)
 
     seconds = timed(step, steps, warmup, device)
     if profile:
@@ -127,7 +127,7 @@ def bench_augment(cfg, device, steps, warmup, profile=""):
 def bench_decode_and_cut(cfg, root, seconds=5.0):
     """The loader workers' share of the batched augmentation, in one process (one core): decoding an ImageFolder
     JPEG and cutting all of one step's crops from it at full resolution (smog.CutCrops); images per second."""
-    folder = smog.load_dataset(dataclasses.replace(cfg, data=root, memory_budget=0), "train").folder
+    folder = smog.load_dataset(dataclasses.replace(cfg, data=root, memory_budget=0), "train").source
     folder.transform = smog.CutCrops(smog.crop_recipe(cfg))
     torch.set_num_threads(1)
     done, t0 = 0, time.perf_counter()
@@ -194,10 +194,7 @@ def bench_e2e(cfg, device, autocast, scaler, steps, warmup, root, batched):
     warmup, steps = max(warmup, cfg.workers), max(steps, 3 * cfg.workers)
     # streamed, as a large folder is
     cfg = dataclasses.replace(cfg, data=root, memory_budget=0, batched_aug="on" if batched else "off", accumulate=1)
-    data = smog.TrainData(cfg, device)
-    data.sampler = torch.utils.data.RandomSampler(range(len(data.labels)), replacement=True,
-                                                  num_samples=(steps + warmup) * cfg.batch_size)
-    data.steps_per_epoch = steps + warmup
+    data = smog.TrainData(cfg, device, draws=(steps + warmup) * cfg.batch_size)
     run, hyper = smog.RunState(cfg, device, scaler=scaler), smog.step_hyperparameters(cfg)
     for step, (batches, _) in enumerate(data.steps(0)):
         if step == warmup:
@@ -205,7 +202,7 @@ def bench_e2e(cfg, device, autocast, scaler, steps, warmup, root, batched):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
         smog.train_step(run.online_ddp, run.target, run.grouping, [data.crops(batches[0], step)], run.opt,
-                        run.scaler, beta=0.995, autocast=autocast, **hyper)
+                        run.scaler, beta=0.995, group_z=run.group_z, autocast=autocast, **hyper)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps
@@ -257,7 +254,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=128 if cuda else 16, help="images per step")
     parser.add_argument("--steps", type=int, default=20 if cuda else 3)
     parser.add_argument("--warmup", type=int, default=5 if cuda else 1)
-    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])  # smog.py's
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks, as smog.py --compile")
     parser.add_argument("--images", type=int, default=0, help="JPEGs to generate for (c); default 4 batches")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
@@ -354,6 +351,10 @@ def measure(args):
 
 
 
+
+# =================================================================================================================
+# The acceptance check (--acceptance OUT_DIR): the speed above, then two fp16 training runs of smog.py, checked
+# =================================================================================================================
 
 def shapes_folder(root, n, size):
     """root/train: an ImageFolder of n JPEGs of the embedded data set's shapes (smog.synthetic_shapes) at size px."""

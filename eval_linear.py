@@ -17,6 +17,7 @@ augmentation: the fast path for small data and CPUs). kNN: cosine similarity of 
 k = 20 and 200, temperature 0.07, weighted vote. The reported top-1/top-5 are those of the final epoch; the best
 epoch (what the authors' script reports) is shown too, labelled as such. The last line printed is one JSON object.
 """
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -54,6 +55,37 @@ def export_advice(arch, path):
             f"{build}; m.load_state_dict(torch.load({str(path)!r}, weights_only=True))")
 
 
+def export(backbone, arch, args):
+    """Writes the backbone's state_dict to --export: into an existing folder, over an existing file only with
+    --force, and never over a smog.py checkpoint (which a resume would otherwise find damaged)."""
+    path = args.export
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        fail(f"--export {path}: the folder {folder} does not exist; create it first")
+    if os.path.exists(path):
+        if os.path.abspath(path) == os.path.abspath(args.checkpoint) or is_checkpoint(path):
+            fail(f"--export {path}: that is a smog.py checkpoint; give another path")
+        if not args.force:
+            fail(f"--export {path}: the file exists; add --force to replace it")
+    tmp = path + ".tmp"
+    try:
+        torch.save({k: v.clone() for k, v in backbone.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        fail(f"--export {path}: could not write it ({str(e).strip().splitlines()[0][:200]})")
+    print(export_advice(arch, path))
+
+
+def is_checkpoint(path):  # whether path holds a smog.py checkpoint (a dict with its config and online weights)
+    try:
+        smog.read_checkpoint(path, needs=("online",))
+        return True
+    except ValueError:
+        return False
+
+
 def parse_args(argv=None):
     p = smog._Parser(prog="eval_linear.py", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default="", help="smog.py checkpoint whose online backbone is evaluated")
@@ -73,13 +105,24 @@ def parse_args(argv=None):
                    help="standardise features with the training split's statistics before the probe (ours); auto: "
                         "off for the paper's ImageNet presets (the authors' protocol), on for the others")
     p.add_argument("--export", default="", help="write the backbone as a plain state_dict to this path and exit")
+    p.add_argument("--force", action="store_true", help="with --export: replace an existing file (never a smog.py "
+                   "checkpoint)")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if bool(args.checkpoint) == args.random_init:
         fail("give exactly one of --checkpoint PATH and --random-init")
-    if (args.epochs is not None and args.epochs < 1) or args.batch_size < 1:
-        fail("--epochs and --batch-size must be at least 1")
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        fail(f"--lr {args.lr}: must be a finite positive number")
+    if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        fail(f"--weight-decay {args.weight_decay}: must be a finite number, at least 0")
+    if args.workers < 0:
+        fail(f"--workers {args.workers}: must be at least 0")
+    if args.arch and args.arch not in smog.BACKBONES:
+        fail(f"--arch {args.arch!r} is unknown (choose from {', '.join(smog.BACKBONES)})")
     return args
 
 
@@ -109,15 +152,19 @@ def load_backbone(args):
         cfg = smog.Config(**{k: v for k, v in saved.items() if k in smog.Config.__dataclass_fields__})
         online = state["online"]
     except Exception as e:  # noqa: BLE001 - any failure means the file is not a smog.py checkpoint
-        fail(f"--checkpoint {args.checkpoint}: not a smog.py checkpoint "
-                         f"({type(e).__name__}: {e})")
+        fail(f"--checkpoint {args.checkpoint}: not a smog.py checkpoint ({type(e).__name__}: {e})")
+    if cfg.arch not in smog.BACKBONES:
+        fail(f"--checkpoint {args.checkpoint}: trained with --arch {cfg.arch!r}, which this smog.py does not have")
+    if args.arch and args.arch != cfg.arch:
+        fail(f"--arch {args.arch}: the checkpoint {args.checkpoint} holds a {cfg.arch}; leave --arch out (it is "
+             f"for --random-init)")
     prefix = "encoder.backbone."
     weights = {k[len(prefix):]: v for k, v in online.items() if k.startswith(prefix)}
     backbone = smog.BACKBONES[cfg.arch](0.0)[0]
     missing, unexpected = backbone.state_dict().keys() - weights.keys(), weights.keys() - backbone.state_dict().keys()
     if missing or unexpected:
         fail(f"--checkpoint {args.checkpoint} does not match --arch {cfg.arch}: "
-                         f"{len(missing)} missing keys (e.g. {sorted(missing)[:2]}), {len(unexpected)} unexpected")
+             f"{len(missing)} missing keys (e.g. {sorted(missing)[:2]}), {len(unexpected)} unexpected")
     backbone.load_state_dict(weights, strict=True)
     return backbone, cfg
 
@@ -237,8 +284,7 @@ def main(argv=None):
     backbone, cfg = load_backbone(args)
     protocol_defaults(args, cfg.arch)
     if args.export:
-        torch.save({k: v.clone() for k, v in backbone.state_dict().items()}, args.export)
-        print(export_advice(cfg.arch, args.export))
+        export(backbone, cfg.arch, args)
         return
     # Paths come from this script's flags only: a shared checkpoint's out_dir and data are never used for files.
     if not args.data and cfg.data != "synthetic" and not args.random_init:
@@ -248,15 +294,14 @@ def main(argv=None):
                               channels_last=False)
     device = smog.setup_device()
     backbone = backbone.to(device).eval().requires_grad_(False)
-    assert not any(p.requires_grad for p in backbone.parameters())  # only the classifier will be trained
+    if any(p.requires_grad for p in backbone.parameters()):  # only the classifier is trained
+        raise RuntimeError("the backbone still has trainable parameters")
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
 
-    train_images, train_y, train_folder, _ = smog.load_dataset(cfg, "train")
-    test_images, test_y, test_folder, _ = smog.load_dataset(cfg, "val")
+    train_data, train_y, _ = smog.load_dataset(cfg, "train")
+    test_data, test_y, _ = smog.load_dataset(cfg, "val")
     if test_y is None:
         fail(f"--data {cfg.data}: no val/ split to evaluate on")
-    train_data = train_images if train_images is not None else train_folder
-    test_data = test_images if test_images is not None else test_folder
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     train_x, train_y_all = split_features(backbone, train_data, train_y, cfg, device)
     test_x, test_y = split_features(backbone, test_data, test_y, cfg, device)
@@ -276,7 +321,8 @@ def main(argv=None):
         history = augmented_probe(backbone, standardise, train_data, train_y, standardise(test_x), test_y, num_classes,
                                   cfg, args, device)
     after = backbone.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before), "a backbone tensor changed during the probe"
+    if not all(torch.equal(before[k], after[k]) for k in before):
+        raise RuntimeError("a backbone tensor changed during the probe")
     top1, top5 = history[-1]
     best = max(range(len(history)), key=lambda e: history[e][0])
     smog.log(f"linear probe, final epoch {len(history)}: top-1 {top1:.2f}%  top-5 {top5:.2f}%  "

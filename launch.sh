@@ -14,15 +14,23 @@
 # that checkpoint (--checkpoint-every N bounds it to N steps). A process that stops answering makes the others fail
 # within --dist-timeout seconds (default 300), which triggers the same restart.
 #
-# Batch size: --batch-size is per process, so the global batch is batch_size × GPUs × nodes. --lr is per 256 images
-# of global batch (linear scaling): keep --lr and adjust --batch-size to keep a recipe on a different GPU count,
-# e.g. the paper's 4096 = 64 GPUs × 64 = 32 GPUs × 128.
+# Batch size: --batch-size is per process and forward pass, so the global batch is batch_size × GPUs × nodes ×
+# accumulate. --lr is per 256 images of global batch (linear scaling): keep --lr and the global batch to keep a recipe
+# on a different GPU count, e.g. the paper's 4096 = 64 GPUs × 64 = 8 GPUs × 64 × --accumulate 8.
 #
 # Examples:
 #   bash launch.sh node --preset imagenet-r50 --data /data/imagenet --out-dir runs/r50
 #   NNODES=4 MASTER_ADDR=node001 bash launch.sh multinode --preset imagenet-r50 --data /data/imagenet
 set -euo pipefail
-cd "$(dirname "$0")"
+# Under sbatch this script runs as a spooled copy in the node's spool folder: smog.py is in the folder the job was
+# submitted from. Otherwise it is next to this script.
+here=${SLURM_SUBMIT_DIR:-$(dirname "$0")}
+[ -f "$here/smog.py" ] || here=$(dirname "$0")
+if [ ! -f "$here/smog.py" ]; then
+  echo "launch.sh: smog.py not found in ${SLURM_SUBMIT_DIR:+$SLURM_SUBMIT_DIR (SLURM_SUBMIT_DIR) or }$(dirname "$0"); run sbatch from the folder that holds smog.py" >&2
+  exit 1
+fi
+cd "$here"
 
 mode=node
 case "${1:-}" in single|node|multinode|slurm) mode=$1; shift ;; esac

@@ -10,10 +10,11 @@ At every epoch start the groups are re-clustered by spherical k-means on a bank 
     python smog.py                                   # tiny preset: embedded data set, small ResNet, CPU, minutes
     torchrun --standalone --nproc_per_node=gpu --max-restarts=3 smog.py --preset imagenet-r50 --data /path/to/imagenet
 
-Part 1, "SMoG", is the whole method, with torch and torchvision alone: collectives → the multi-crop recipe →
-networks → MomentumGrouping and the memory bank → the epoch start → the loss → LARS, schedules, EMA → train_step.
-Part 2, "Trainer", from `class Config`: config, backbones, data, the batched augmentation, feeding the device, the
-run state, processes and faults, reports, train(). "The authors' code" is the paper's released main_SMoG.py and src/.
+Part 1, "SMoG", is the whole method, with torch and torchvision alone, for any backbone: the algorithm →
+collectives → the multi-crop recipe → networks → MomentumGrouping and the memory bank → the epoch start → the loss →
+LARS, schedules, EMA → train_step. Part 2, "Trainer", from its banner: config, backbones, data, the batched
+augmentation, feeding the device, the run state, processes and faults, reports, train(). "The authors' code" is the
+paper's released main_SMoG.py and src/.
 """
 import copy
 import math
@@ -29,6 +30,22 @@ import torchvision
 # ===================================================================================================================
 # Part 1 — SMoG: the method
 # ===================================================================================================================
+# The algorithm (the paper's Algorithm 1 as it runs here), in Part 1's names:
+#
+#   online = OnlineNet(f, *projector_and_predictor(dim))     # f: any backbone (N, 3, s, s) → (N, dim); g, q: MLPs
+#   target = target_of(online)                               # a copy of f and g, trained only by EMA
+#   grouping, bank = MomentumGrouping(K, D, H), MemoryBank(rows, D)
+#   fill_bank(online.encoder, bank, global crops of one pass over the data)      # once, before the first epoch
+#   for every epoch:
+#       start_epoch(grouping, bank, online, target)          # c_k ← k-means of the bank; target ← online
+#       for every batch of images, step t:
+#           crops = MultiCrop(recipe)(image, t) per image     # 2 + 2 global, L local; pipelines q, k swap each step
+#           loss, counts, z, _ = train_step(online, target, grouping, [crops], opt, scaler,
+#                                           beta=beta_at(t, T), tau=τ, ema=m)
+#               # 1. y = argmax_k ⟨z_target, c_k⟩   2. c_k ← normalize(β·c_k + (1−β)·mean of the z in group k)
+#               # 3. CE(p · Cᵀ / τ, y) → LARS step   4. target ← m·target + (1−m)·online
+#           bank.add(z)                                      # what the next epoch's k-means clusters
+
 # ----- collectives: every one is a no-op in a single process, so the same code runs with and without torchrun ------
 def distributed():  # whether a process group is running (torchrun)
     return dist.is_available() and dist.is_initialized()
@@ -63,7 +80,9 @@ def broadcast_(t, src=0):  # copies rank src's t to every process, in place
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet normalisation
 JITTER = (0.4, 0.4, 0.2, 0.1)  # ColorJitter strengths: brightness, contrast, saturation, hue
-JITTER_P, GRAYSCALE_P, FLIP_P = 0.8, 0.2, 0.5
+JITTER_P = 0.8
+GRAYSCALE_P = 0.2
+FLIP_P = 0.5
 ASPECT = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
 PIPELINES = {"q": (1.0, 0.0), "k": (0.1, 0.2)}  # pipeline -> (blur probability, solarize probability)
 
@@ -90,25 +109,30 @@ def pipelines_for_step(step):
 
 class MultiCrop:
     """(PIL image, step) → Crops of that image, by per-image torchvision pipelines: the definition of the recipe.
-    invert: the probability of a crop's negative 1 − x, not in the paper (for Part 2's embedded data set)."""
-    def __init__(self, recipe=CropRecipe(), invert=0.0):
-        T, r, self.recipe = torchvision.transforms, recipe, recipe
+    extra: transforms of PIL images applied after solarize (Part 2 adds one for its own data)."""
+    def __init__(self, recipe=CropRecipe(), extra=()):
+        self.recipe = recipe
+        T = torchvision.transforms
 
         def pipeline(size, scale, name):
             blur_p, solarize_p = PIPELINES[name]
-            kernel = 2 * min(math.ceil(3 * r.blur_sigma[1]), (size - 1) // 2) + 1
+            kernel = 2 * min(math.ceil(3 * recipe.blur_sigma[1]), (size - 1) // 2) + 1
             return T.Compose([T.RandomResizedCrop(size, scale=scale, ratio=ASPECT),  # bilinear, as the authors'
-                              T.RandomHorizontalFlip(FLIP_P), T.RandomApply([T.ColorJitter(*JITTER)], p=JITTER_P),
+                              T.RandomHorizontalFlip(FLIP_P),
+                              T.RandomApply([T.ColorJitter(*JITTER)], p=JITTER_P),
                               T.RandomGrayscale(p=GRAYSCALE_P),
-                              T.RandomApply([T.GaussianBlur(kernel, r.blur_sigma)], p=blur_p),
-                              T.RandomSolarize(128, p=solarize_p), *([T.RandomInvert(p=invert)] if invert else []),
-                              T.ToTensor(), T.Normalize(MEAN, STD)])
-        self.global_pipelines = {name: pipeline(r.global_size, r.global_scale, name) for name in PIPELINES}
-        self.local_pipelines = {name: pipeline(r.local_size, r.local_scale, name) for name in PIPELINES}
+                              T.RandomApply([T.GaussianBlur(kernel, recipe.blur_sigma)], p=blur_p),
+                              T.RandomSolarize(128, p=solarize_p),
+                              *extra,
+                              T.ToTensor(),
+                              T.Normalize(MEAN, STD)])
+        self.global_pipelines = {name: pipeline(recipe.global_size, recipe.global_scale, name) for name in PIPELINES}
+        self.local_pipelines = {name: pipeline(recipe.local_size, recipe.local_scale, name) for name in PIPELINES}
 
     def __call__(self, image, step):
         online_aug, target_aug = pipelines_for_step(step)
-        n_local, n_target_local = self.recipe.num_local, self.recipe.num_local * self.recipe.target_local
+        n_local = self.recipe.num_local
+        n_target_local = n_local if self.recipe.target_local else 0
 
         def crops(pipelines, name, n):  # (n, 3, s, s), or None
             return torch.stack([pipelines[name](image) for _ in range(n)]) if n else None
@@ -117,57 +141,54 @@ class MultiCrop:
                      crops(self.local_pipelines, target_aug, n_target_local))
 
 # ----- networks: backbone f → projector g → predictor q online; a copy of f and g as the target branch -------------
-def mlp(dim_in, hidden, dim_out, last_bn, gelu=False, trunc_init=False):
-    """Linear → BN → ReLU (or GELU) → Linear (→ affine-free BN: projector) as src/resnet50.py; trunc_init as Swin's."""
-    layers = [nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.GELU() if gelu else nn.ReLU(True),
-              nn.Linear(hidden, dim_out)]
+def mlp(dim_in, hidden, dim_out, last_bn, activation=nn.ReLU):
+    """Linear → BN → activation → Linear (→ affine-free BN, the projector's), as the authors' src/resnet50.py."""
+    layers = [nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), activation(), nn.Linear(hidden, dim_out)]
     if last_bn:
         layers.append(nn.BatchNorm1d(dim_out, affine=False))
-    for linear in layers[::3] if trunc_init else []:
-        nn.init.trunc_normal_(linear.weight, std=0.02)
-        nn.init.zeros_(linear.bias)
     return nn.Sequential(*layers)
 
-def mlp_over_sizes(mlp, xs, swin_heads=False):
-    """A head on every crop size's features xs (n_i, d) → (Σ n_i, D): one pass (the authors' ResNets), or one per size
-    (swin_heads, their Swin)."""
-    return torch.cat([mlp(x) for x in xs]) if swin_heads else mlp(torch.cat(xs))
+def projector_and_predictor(dim, hidden_dim=2048, feat_dim=128):
+    """g: dim → hidden → D, ending in an affine-free BN; q: D → hidden → D (the authors' ResNet MLPs)."""
+    return mlp(dim, hidden_dim, feat_dim, last_bn=True), mlp(feat_dim, hidden_dim, feat_dim, last_bn=False)
+
+def one_pass(mlp, feats):
+    """An MLP over every crop size's features (n_i, d) at once → (Σ n_i, D): one set of BN statistics for all."""
+    return mlp(torch.cat(feats))
 
 class Encoder(nn.Module):
-    """Backbone (N, 3, s, s) → (N, dim), then projector: crops → z, each crop size as one batch. over_sizes: None, or
-    (backbone, crops) → all sizes' features at once (Part 2's resnet_over_sizes: the authors' ResNets share BN
-    statistics over sizes). swin_heads: the authors' Swin heads (GELU projector, ReLU predictor, trunc-normal)."""
-    def __init__(self, backbone, dim, hidden_dim, feat_dim, swin_heads=False, over_sizes=None):
+    """Backbone f, then projector g: a list of crops (n_i, 3, s_i, s_i), one tensor per size → z (Σ n_i, D).
+    Hooks, for backbones that need them (Part 2 fills them): backbone_over_sizes(backbone, crops) → every size's
+    features in one go (None: the backbone once per size); mlp_over_sizes(mlp, feats) → (Σ n_i, D)."""
+    def __init__(self, backbone, projector, backbone_over_sizes=None, mlp_over_sizes=one_pass):
         super().__init__()
-        self.backbone, self.swin_heads, self.over_sizes = backbone, swin_heads, over_sizes
-        self.projector = mlp(dim, hidden_dim, feat_dim, last_bn=True, gelu=swin_heads, trunc_init=swin_heads)
+        self.backbone = backbone
+        self.projector = projector
+        self.backbone_over_sizes = backbone_over_sizes
+        self.mlp_over_sizes = mlp_over_sizes
 
     def forward(self, crops):  # list of (n_i, 3, s_i, s_i) -> (Σ n_i, D)
-        if self.over_sizes is not None and len(crops) > 1:
-            feats = [x.flatten(1) for x in self.over_sizes(self.backbone, crops)]
+        if self.backbone_over_sizes is not None and len(crops) > 1:
+            feats = [x.flatten(1) for x in self.backbone_over_sizes(self.backbone, crops)]
         else:
             feats = [self.backbone(x) for x in crops]
-        return mlp_over_sizes(self.projector, feats, self.swin_heads)
+        return self.mlp_over_sizes(self.projector, feats)
 
 class OnlineNet(nn.Module):
-    """The online branch: encoder plus predictor. Returns (z, p), both (Σ n_i, D), not yet normalised."""
-    def __init__(self, backbone, dim, hidden_dim, feat_dim, swin_heads=False, over_sizes=None):
+    """The online branch: encoder (f, g) plus predictor q. Returns (z, p), both (Σ n_i, D), not yet normalised."""
+    def __init__(self, backbone, projector, predictor, backbone_over_sizes=None, mlp_over_sizes=one_pass):
         super().__init__()
-        self.encoder = Encoder(backbone, dim, hidden_dim, feat_dim, swin_heads, over_sizes)
-        # ReLU in the predictor for Swin too (the authors' src/SwinTrans_multicrop.py, predictor_head)
-        self.predictor = mlp(feat_dim, hidden_dim, feat_dim, last_bn=False, trunc_init=swin_heads)
+        self.encoder = Encoder(backbone, projector, backbone_over_sizes, mlp_over_sizes)
+        self.predictor = predictor
 
     def forward(self, crops):
         z = self.encoder(crops)
-        return z, mlp_over_sizes(self.predictor, z.split([len(x) for x in crops]), self.encoder.swin_heads)
+        p = self.encoder.mlp_over_sizes(self.predictor, z.split([len(x) for x in crops]))
+        return z, p
 
 def target_of(online):
-    """The target branch: a copy of the online encoder without gradients and without stochastic depth."""
-    target = copy.deepcopy(online.encoder).requires_grad_(False)
-    for m in target.modules():  # the authors' Swin target has no drop-path
-        if isinstance(m, torchvision.ops.StochasticDepth):
-            m.p = 0.0
-    return target
+    """The target branch: a copy of the online encoder, without gradients (trained by EMA alone)."""
+    return copy.deepcopy(online.encoder).requires_grad_(False)
 
 # ----- momentum grouping: c_k moved every step by an all-reduced mean (main_SMoG.py, M_step), reset by k-means -----
 class MomentumGrouping(nn.Module):
@@ -228,12 +249,17 @@ class MemoryBank:
     """This process's normalised online z of both online global crops over one epoch, (2, M, D): what the next
     epoch start's k-means clusters, head h crop h mod 2 (the authors')."""
     def __init__(self, rows, dim, device):
-        self.feats, self.filled = torch.zeros(2, rows, dim, device=device), 0
+        self.feats = torch.zeros(2, rows, dim, device=device)
+        self.filled = 0  # where the next row goes: the oldest rows are overwritten first
 
-    def add(self, z):  # z: (2, B, D)
+    def add(self, z):  # z: (2, B, D), B at most M; past the last row it goes on from the first
+        rows = self.feats.shape[1]
         b = z.shape[1]
-        self.feats[:, self.filled:self.filled + b] = F.normalize(z.float(), dim=-1)
-        self.filled = (self.filled + b) % self.feats.shape[1]
+        first = min(b, rows - self.filled)  # the rows before the end, then the rest from row 0
+        z = F.normalize(z.float(), dim=-1)
+        self.feats[:, self.filled:self.filled + first] = z[:, :first]
+        self.feats[:, :b - first] = z[:, first:]
+        self.filled = (self.filled + b) % rows
 
     def for_heads(self, num_heads):  # (H, M, D)
         return self.feats.repeat((num_heads + 1) // 2, 1, 1)[:num_heads]  # head h clusters crop h mod 2
@@ -242,9 +268,10 @@ class MemoryBank:
 @torch.no_grad()
 def fill_bank(encoder, bank, global_crops):
     """Fills the bank with the initial encoder's z for the first k-means (the authors' init_memory): global_crops
-    yields each batch's online global crops (2B, 3, S, S), each crop forwarded alone (BN sees one per image)."""
-    for g in global_crops:
-        bank.add(torch.stack([encoder([crop]).float() for crop in g.chunk(2)]))  # (2, B, D)
+    yields each batch's online global crops (2B, 3, S, S), each crop forwarded alone (BN sees one per image).
+    encoder: the online encoder, or the function train_step's group_z hook names."""
+    for both_crops in global_crops:
+        bank.add(torch.stack([encoder([crop]).float() for crop in both_crops.chunk(2)]))  # (2, B, D)
 
 @torch.no_grad()
 def start_epoch(grouping, bank, online, target, kmeans_iters=10, generator=None):
@@ -299,19 +326,17 @@ class LARS(torch.optim.SGD):
             torch._foreach_mul_(grads, list(trust.unbind()))
         return super().step()
 
-NO_DECAY = ("relative_position_bias_table", "absolute_pos_embed")  # the authors' Swin skip list (src/optimizer.py)
-
-def parameter_groups(modules, exclude_1d=False):
+def parameter_groups(modules, exclude_1d=False, no_decay_names=()):
     """Optimiser groups: weight decay and LARS for every parameter (the authors' LARC), except with exclude_1d (their
-    Swin recipe) for biases, 1-D (norm) parameters and Swin's position tables."""
+    Transformer recipe) for biases, 1-D (norm) parameters and the parameters whose names end in no_decay_names."""
     named = [(n, p) for m in modules for n, p in m.named_parameters() if p.requires_grad]
-    excluded = [exclude_1d and (p.ndim <= 1 or n.endswith(NO_DECAY)) for n, p in named]
+    excluded = [exclude_1d and (p.ndim <= 1 or n.endswith(tuple(no_decay_names))) for n, p in named]
     groups = [dict(params=[p for (_, p), x in zip(named, excluded) if not x]),
               dict(params=[p for (_, p), x in zip(named, excluded) if x], weight_decay=0.0, lars=False)]
     return [g for g in groups if g["params"]]
 
 def lr_at(step, total_steps, warmup_steps, peak, start, final):
-    """Linear warm-up from start to peak, reached at the last warm-up step (the authors' np.linspace), then cosine
+    """Linear warm-up from start to peak, reached at the last warm-up step (the authors' linspace), then cosine
     down to final at the last step, and final after it. The paper's peak: 0.3 × global batch / 256."""
     if step < warmup_steps:
         return start + (peak - start) * step / max(1, warmup_steps - 1)
@@ -328,30 +353,19 @@ def ema_(target, online, m):  # target ← m·target + (1−m)·online for every
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - m)
 
 # ----- one training step -------------------------------------------------------------------------------------------
-@torch.no_grad()
-def without_drop_path(encoder, crops, dropping):
-    """encoder(crops) without gradients and stochastic depth: the authors' Swin z for the group update and the bank
-    (src/two_stream_network.py, TwoStreamNet.forward)."""
-    for m in dropping:
-        m.eval()
-    try:
-        return encoder(crops)
-    finally:
-        for m in dropping:
-            m.train()
-
 def train_step(online, target, grouping, passes, opt, scaler, *, beta, tau, ema, accumulate=1, clip_grad=0.0,
-               autocast=nullcontext()):
+               autocast=nullcontext(), group_z=None):
     """One SMoG step: label with the target, update the groups with online z, contrast online p with them, step, EMA.
 
     online: OnlineNet (or DDP around one), target: its encoder's EMA copy, scaler: a GradScaler (enabled for fp16),
     ema: the target's momentum, clip_grad: max gradient norm (0: off). passes: `accumulate` Crops, made as each runs;
     as main_SMoG.py's --multi_forward, each is labelled and backpropagated alone (1/N of the gradient), the groups
-    move once, with every pass's z, before the last pass's loss, then one optimiser step and one EMA. Returns device
-    tensors (no host sync): mean loss, counts (H, K), online global z (2, N·B, D), whether GradScaler skipped it."""
+    move once, with every pass's z, before the last pass's loss, then one optimiser step and one EMA. group_z: None,
+    or a function crops → z that the group update and the bank see instead of the trained forward's z (Part 2: the
+    online encoder without stochastic depth, as the authors'). Returns device tensors (no host sync): mean loss,
+    counts (H, K), online global z (2, N·B, D), whether GradScaler skipped the step."""
     h, k = grouping.centroids.shape[:2]
     module = getattr(online, "module", online)  # the OnlineNet itself, also inside DDP
-    dropping = [m for m in module.encoder.modules() if isinstance(m, torchvision.ops.StochasticDepth) and m.p > 0]
     opt.zero_grad(set_to_none=True)
     z_globals, losses = [], []
     for i, crops in enumerate(passes):
@@ -360,18 +374,19 @@ def train_step(online, target, grouping, passes, opt, scaler, *, beta, tau, ema,
         target_crops = [x for x in (crops.target_global, crops.target_local) if x is not None]
         online_crops = [x for x in (crops.online_global, crops.online_local) if x is not None]
         # DDP all-reduces the gradients once, in the last pass's backward
-        with nullcontext() if last or not hasattr(online, "no_sync") else online.no_sync():
+        gradients_synced = last or not hasattr(online, "no_sync")
+        with nullcontext() if gradients_synced else online.no_sync():
             with autocast:
                 with torch.no_grad():
                     zt = target(target_crops)[:2 * b].float()  # (2B, D): global crops' z
                 z, p = online(online_crops)  # (C_online·B, D) each
+                if group_z is not None:
+                    z = group_z([crops.online_global])
             labels = grouping.assign(zt).view(h, 2, b)  # 1. y: nearest c_k before the update
-            if dropping:  # the update and the bank see the online global crops without stochastic depth
-                with autocast:
-                    z = without_drop_path(module.encoder, [crops.online_global], dropping)
             z_globals.append(z[:2 * b].detach().float().view(2, b, -1))  # (2, B, D)
-            if last:  # 2. head h moves with online global crop h mod 2, of every pass (a repeat: list indexing
-                z_global = torch.cat(z_globals, 1)  # would copy indices from the host)
+            if last:  # 2. every pass's z moves the groups; head h with online global crop h mod 2
+                z_global = torch.cat(z_globals, 1)  # (2, N·B, D)
+                # repeat, not list indexing, which would copy indices from the host
                 counts = grouping.update(z_global.repeat((h + 1) // 2, 1, 1)[:h], beta)
             loss = smog_loss(grouping.logits(p, tau).view(h, -1, b, k), labels)  # 3. p against the c_k
             scaler.scale(loss / accumulate).backward()
@@ -379,11 +394,10 @@ def train_step(online, target, grouping, passes, opt, scaler, *, beta, tau, ema,
     if len(losses) != accumulate:
         raise ValueError(f"train_step got {len(losses)} forward passes, accumulate is {accumulate}")
     scaler.unscale_(opt)  # trust ratios and clipping need the true gradients; no host sync
-    # An inf or NaN in any unscaled gradient makes the norm non-finite: the steps GradScaler skips (fp16 only; the
-    # other precisions skip nothing and need no extra pass over the gradients).
-    grads = [q.grad for q in online.parameters() if q.grad is not None] if scaler.is_enabled() else []
-    skipped = (~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()) if grads else
-               torch.zeros((), dtype=torch.bool, device=grouping.centroids.device))
+    if scaler.is_enabled():
+        skipped = overflowed(online.parameters())
+    else:  # only fp16 skips steps: no extra pass over the gradients for the other precisions
+        skipped = torch.zeros((), dtype=torch.bool, device=grouping.centroids.device)
     if clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(online.parameters(), clip_grad)
     scaler.step(opt)  # under fp16, skipped on the device when the gradients overflowed
@@ -391,14 +405,22 @@ def train_step(online, target, grouping, passes, opt, scaler, *, beta, tau, ema,
     ema_(target, module.encoder, ema)
     return torch.stack(losses).mean(), counts, z_global, skipped
 
+def overflowed(parameters):
+    """Whether any gradient holds an inf or NaN, as a device tensor: the steps GradScaler skips under fp16."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+
 # ===================================================================================================================
 # Part 2 — Trainer: config, backbones, data, batched augmentation, feeding the device, run state, faults, reports
 # ===================================================================================================================
 import argparse
 import dataclasses
 import datetime
+import errno
+import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -407,107 +429,149 @@ import signal
 import socket
 import sys
 import time
+import types
 from contextlib import contextmanager, suppress
 
 import numpy as np
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 # ----- config: one dataclass, presets on top of it, explicit flags on top of the preset; one-line messages ---------
+def option(default, help, section=None, auto=None):
+    """A Config field: its default, its --help line, the --help section it opens, and what `auto` (None) means."""
+    return dataclasses.field(default=default, metadata=dict(help=help, section=section, auto=auto))
+
 @dataclasses.dataclass
 class Config:
-    # --- run ---
-    preset: str = "tiny"  # recipe to start from (see PRESETS); flags given explicitly override it
-    data: str = "synthetic"  # synthetic (embedded, no files) | cifar10 (torchvision download) | PATH to an ImageFolder
-    out_dir: str = "out"  # checkpoint.pt and log.jsonl go here
-    epochs: int = 400
-    batch_size: int = 64  # images per process and pass; the global batch is batch_size × processes × accumulate
-    accumulate: int = 1  # forward passes per optimiser step (the authors' --multi_forward): a large batch on few GPUs
-    workers: int = -1  # loader processes per training process (streamed ImageFolder); -1: the cores / processes
-    memory_budget: float = 2.0  # GiB: an ImageFolder whose decoded images fit is decoded once and held in memory
-    seed: int = 0
-    resume: str = "auto"  # auto (out_dir/checkpoint.pt if present) | none | PATH
-    stop_after: int = 0  # leave after this many epochs in this job, resumable (for time-limited jobs); 0 = run all
-    checkpoint_every: int = 0  # also checkpoint every N steps (bounds what a killed process loses); 0 = epoch ends only
-    dist_timeout: int = 300  # seconds a process waits for the others in a collective before it fails (torchrun)
-    synthetic_size: int = 8000  # training images of the embedded data set (its held-out split has 2000)
-    # --- multi-crop: the fields of Part 1's CropRecipe (its comments say what each is), with its defaults ---
-    global_size: int = 224
-    global_scale: tuple[float, float] = (0.2, 1.0)
-    local_size: int = 96
-    local_scale: tuple[float, float] = (0.05, 0.2)
-    num_local: int = 4
-    target_local: bool = True
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    invert: float = 0.0  # not in the paper: P(crop → 1 − x); -1: 0.5 for --data synthetic (shapes of both polarities)
-    batched_aug: str = "auto"  # on: crops drawn on the device | off: MultiCrop in CPU workers | auto: on in memory, GPU
-    # --- networks ---
-    arch: str = "resnet50"  # see BACKBONES
-    bn_over_sizes: bool = True  # ResNets: one set of BN statistics for all crop sizes of a branch (the authors')
-    feat_dim: int = 128  # dimension D of z, p and the centroids
-    hidden_dim: int = 2048  # hidden width of projector and predictor
-    drop_path: float = 0.0  # stochastic depth of the online backbone (Swin: 0.2); the target, update and bank: none
-    swin_heads: bool = False  # the authors' Swin heads: GELU projector, ReLU predictor, trunc-normal, per crop size
-    ema: float = 0.999  # target ← ema·target + (1−ema)·online after every step
-    # --- momentum grouping and loss ---
-    num_groups: int = 3000  # K centroids per head
-    num_heads: int = 3  # H independent group sets
-    tau: float = 0.1  # temperature of the group logits
-    beta_start: float = 1.0  # momentum β of the centroid update, linear per step from beta_start to beta_end
-    beta_end: float = 0.99
-    kmeans_iters: int = 10  # spherical k-means iterations of the reset at every epoch start
-    # --- optimisation ---
-    optimizer: str = "lars"  # lars (ResNets) | adamw (Transformers)
-    lr: float = 0.3  # peak learning rate per 256 images of global batch (4.8 at 4096)
-    start_lr: float = 0.01  # learning rate at step 0, warmed up linearly to the peak
-    final_lr: float = 0.0048  # learning rate at the last step, after the cosine decay
-    warmup_epochs: int = 10
-    weight_decay: float = 1e-6
-    momentum: float = 0.9
-    lars_eta: float = 0.001  # LARS trust coefficient; lower it if the loss does not decrease with large batches
-    clip_grad: float = 0.0  # max gradient norm, 0 = off
-    exclude_1d: bool = False  # no weight decay or LARS on biases, norms, Swin's position tables (authors: Swin only)
-    # --- system ---
-    precision: str = "auto"  # auto (CUDA: fp16, see resolve_precision; CPU: fp32) | bf16 | fp16 | fp32
-    channels_last: bool = True  # NHWC memory layout: the one tensor cores and oneDNN's convolutions prefer
-    compile: bool = False  # torch.compile the online and target networks (opt-in: see README, Performance)
-    log_every: int = 20  # steps between log lines
-    knn: bool = True  # report kNN top-1 on the held-out split at the end (labels are used only for these reports)
-    eval_every: int = 0  # also every N epochs during training (online backbone, rank 0); -1: about ten per run
+    """Every setting of a run. None means automatic (`auto` on the command line), 0 means off where a field says so."""
+    preset: str = option("tiny", "the recipe to start from (listed below); flags given explicitly override it",
+                         section="run")
+    data: str = option("synthetic", "synthetic (the embedded set, no files) | cifar10 (downloaded by torchvision) | "
+                       "PATH to class folders, or to train/ and val/")
+    out_dir: str = option("out", "where checkpoint.pt, log.jsonl and the lock go")
+    epochs: int = option(400, "passes over the training split")
+    batch_size: int = option(64, "images per process and forward pass: the global batch is batch_size × "
+                             "processes × accumulate")
+    accumulate: int = option(1, "forward passes per optimiser step (the authors' --multi_forward): the paper's batch "
+                             "on fewer GPUs")
+    workers: int | None = option(None, "loader processes per training process (streamed folders)",
+                                 auto="the cores / processes")
+    memory_budget: float = option(2.0, "GiB: a folder whose decoded images fit is decoded once and cropped on the "
+                                  "device; 0: always stream")
+    seed: int = option(0, "the seed of weights, groups, data order and crops (and of the embedded data set)")
+    resume: str | None = option(None, "none (a new run; earlier checkpoints are moved aside) | PATH",
+                                auto="out_dir/checkpoint.pt if it exists")
+    stop_after: int = option(0, "leave after this many epochs of this job, resumable (time-limited jobs); 0: off")
+    checkpoint_every: int = option(0, "also checkpoint every N steps: bounds what a killed process loses; "
+                                   "0: at epoch ends only")
+    dist_timeout: int = option(300, "seconds a process waits for the others in a collective before it fails")
+    synthetic_size: int = option(8000, "training images of the embedded data set (its held-out split has 2000)")
+    # The multi-crop fields are Part 1's CropRecipe, with its defaults (the paper's ResNet-50 recipe).
+    global_size: int = option(224, "side of the 2 online and 2 target global crops", section="multi-crop")
+    global_scale: tuple[float, float] = option((0.2, 1.0), "area range of the global crops (RandomResizedCrop)")
+    local_size: int = option(96, "side of the local crops")
+    local_scale: tuple[float, float] = option((0.05, 0.2), "area range of the local crops")
+    num_local: int = option(4, "local crops per image (online; the target forwards as many)")
+    target_local: bool = option(True, "the target forwards local crops too; they join only its BN statistics")
+    blur_sigma: tuple[float, float] = option((0.1, 2.0), "range of the Gaussian blur's σ, in pixels of the crop")
+    invert: float | None = option(0.0, "not in the paper: the probability of a crop's negative 1 − x",
+                                  auto="0.5 for --data synthetic (shapes of both polarities), else 0")
+    batched_aug: str | None = option(None, "on: crops drawn in batches on the device | off: MultiCrop per image in "
+                                     "loader workers (folders only)", auto="on in memory or on a GPU")
+    arch: str = option("resnet50", "the backbone (listed below)", section="networks")
+    bn_over_sizes: bool = option(True, "ResNets: one set of BN statistics for all crop sizes of a branch (the "
+                                 "authors')")
+    feat_dim: int = option(128, "dimension D of z, p and the centroids")
+    hidden_dim: int = option(2048, "hidden width of the projector and the predictor")
+    drop_path: float = option(0.0, "stochastic depth of the online backbone (Swin: 0.2); never in the target, the "
+                              "group update or the bank")
+    swin_mlps: bool = option(False, "the authors' Swin projector and predictor: GELU in the projector, trunc-normal "
+                             "init, run per crop size")
+    ema: float = option(0.999, "the target's momentum m: target ← m·target + (1−m)·online after every step; lower "
+                        "it (0.99) for short runs")
+    num_groups: int = option(3000, "K, centroids per group set (the paper's 3000 for ImageNet)",
+                             section="momentum grouping and loss")
+    num_heads: int = option(3, "H, independent group sets (the paper's heads)")
+    tau: float = option(0.1, "τ, the temperature of the group logits")
+    beta_start: float = option(1.0, "β at the first step: the centroid momentum, linear per step to --beta-end")
+    beta_end: float = option(0.99, "β at the last step")
+    kmeans_iters: int = option(10, "spherical k-means iterations of the reset at every epoch start")
+    optimizer: str = option("lars", "lars (ResNets) | adamw (Transformers)", section="optimisation")
+    lr: float = option(0.3, "peak learning rate per 256 images of global batch (the paper's 4.8 at 4096); lower it "
+                       "if the loss does not decrease")
+    start_lr: float = option(0.01, "learning rate at step 0, warmed up linearly to the peak")
+    final_lr: float = option(0.0048, "learning rate at the last step, after the cosine decay")
+    warmup_epochs: int = option(10, "epochs of linear warm-up; raise it if the loss becomes NaN early")
+    weight_decay: float = option(1e-6, "weight decay (inside LARS's trust ratio)")
+    momentum: float = option(0.9, "SGD momentum of LARS")
+    lars_eta: float = option(0.001, "LARS trust coefficient; lower it if the loss does not decrease with large "
+                             "batches")
+    clip_grad: float = option(0.0, "max gradient norm; 0: off")
+    exclude_1d: bool = option(False, "no weight decay or LARS on biases, norms and position tables (the authors: "
+                              "Swin only)")
+    precision: str | None = option(None, "fp16 | bf16 | fp32: autocast dtype of the networks; grouping and loss are "
+                                   "fp32", section="system", auto="fp16 on CUDA, fp32 on CPU")
+    channels_last: bool = option(True, "NHWC memory layout: the one tensor cores and oneDNN's convolutions prefer")
+    compile: bool = option(False, "torch.compile the online and target networks (minutes of compilation)")
+    log_every: int = option(20, "steps between log lines")
+    knn: bool = option(True, "kNN top-1 on the held-out split at the end (labels are used only for these reports)")
+    eval_every: int | None = option(0, "also a kNN report every N epochs (rank 0); 0: off",
+                                    auto="about ten per run")
 
 TRANSFORMER_RECIPE = dict(optimizer="adamw", feat_dim=256, lr=1e-3 * 256 / 4096, start_lr=4e-5, final_lr=4e-5,
                           warmup_epochs=10, weight_decay=0.05, clip_grad=3.0, exclude_1d=True, target_local=False)
 
-# Each preset lists only what differs from the defaults above (which are the paper's ResNet-50 recipe).
+class Preset(NamedTuple):
+    about: str  # one line in --help
+    values: dict  # only what differs from Config's defaults (the paper's ResNet-50 recipe)
+
 PRESETS = {
-    # CPU-friendly: embedded 32-px data set, small ResNet, a few minutes on 2 cores.
-    "tiny": dict(data="synthetic", synthetic_size=2000, arch="resnet_tiny", epochs=160, batch_size=64,
-                 global_size=32, global_scale=(0.5, 1.0), num_local=0, local_size=16, local_scale=(0.1, 0.4),
-                 blur_sigma=(0.1, 0.6), invert=-1, hidden_dim=512, exclude_1d=True, eval_every=-1, num_groups=200,
-                 tau=0.05, lr=6.0, start_lr=0.05, final_lr=0.01, warmup_epochs=2, ema=0.996, log_every=100),
-    # ResNet-18 with a 3x3 stem on 32-px images.
-    "cifar10-r18": dict(data="cifar10", arch="resnet18_cifar", epochs=200, batch_size=256, workers=4, global_size=32,
-                        global_scale=(0.2, 1.0), local_size=16, local_scale=(0.05, 0.2), num_local=4,
-                        blur_sigma=(0.1, 0.5), hidden_dim=2048, num_groups=300, lr=1.2, start_lr=0.05,
-                        warmup_epochs=10, ema=0.99, exclude_1d=True, eval_every=-1),
+    "tiny": Preset("the default: the embedded 32-px data set, a 0.8M-parameter ResNet, minutes on 2 CPU cores",
+                   dict(data="synthetic", synthetic_size=2000, arch="resnet_tiny", epochs=160, batch_size=64,
+                        global_size=32, global_scale=(0.5, 1.0), num_local=0, local_size=16, local_scale=(0.1, 0.4),
+                        blur_sigma=(0.1, 0.6), hidden_dim=512, exclude_1d=True, num_groups=200, tau=0.05, lr=6.0,
+                        start_lr=0.05, final_lr=0.01, warmup_epochs=2, ema=0.996, log_every=100, invert=None,
+                        eval_every=None)),
+    "cifar10-r18": Preset("CIFAR-10 (downloaded), ResNet-18 with a 3x3 stem on 32-px images, one GPU",
+                          dict(data="cifar10", arch="resnet18_cifar", epochs=200, batch_size=256, workers=4,
+                               global_size=32, global_scale=(0.2, 1.0), local_size=16, local_scale=(0.05, 0.2),
+                               num_local=4, blur_sigma=(0.1, 0.5), hidden_dim=2048, num_groups=300, lr=1.2,
+                               start_lr=0.05, warmup_epochs=10, ema=0.99, exclude_1d=True, eval_every=None)),
     # The paper's recipes (the authors' scripts/pretrain/*.sh): batch 4096 = 64 GPUs × 64, 400 epochs.
-    "imagenet-r50": dict(), "imagenet-r50w2": dict(arch="resnet50w2"),
-    # Transformers (the authors' Swin-T script and src/optimizer.py): AdamW 1e-3 at batch 4096 (= 6.25e-5 per 256)
-    # → 4e-5, weight decay 0.05, clipping 3.0.
-    "imagenet-swin-t": dict(arch="swin_t_bn", drop_path=0.2, swin_heads=True, **TRANSFORMER_RECIPE),
-    # Not in the paper: ViT-S/16 on the Swin-T recipe (torchvision's ViT has no drop-path).
-    "imagenet-vit-s16": dict(arch="vit_s16", **TRANSFORMER_RECIPE),
+    "imagenet-r50": Preset("the paper's ResNet-50 recipe: 400 epochs at batch 4096 (64 GPUs × 64)", dict()),
+    "imagenet-r50w2": Preset("the paper's ResNet-50w2 (every width doubled), the same recipe",
+                             dict(arch="resnet50w2")),
+    # The authors' Swin-T script and src/optimizer.py: AdamW 1e-3 at batch 4096 (= 6.25e-5 per 256) → 4e-5.
+    "imagenet-swin-t": Preset("the paper's Swin-T: the authors' BN blocks and MLPs, AdamW, drop-path 0.2",
+                              dict(arch="swin_t_bn", drop_path=0.2, swin_mlps=True, **TRANSFORMER_RECIPE)),
+    "imagenet-vit-s16": Preset("not in the paper: ViT-S/16 on the Swin-T recipe (no drop-path)",
+                               dict(arch="vit_s16", **TRANSFORMER_RECIPE)),
 }
-PRESETS["cifar10"] = PRESETS["cifar10-r18"]  # the short name
+PRESETS["cifar10"] = Preset("the short name of cifar10-r18", PRESETS["cifar10-r18"].values)
 
 def _flag(name):
     return "--" + name.replace("_", "-")
 
+def _value_type(f):  # the type of a field's values: int for `int | None`
+    if isinstance(f.type, types.UnionType):
+        return next(t for t in f.type.__args__ if t is not type(None))
+    return f.type
+
 def _parse_value(f, text):  # parses one CLI value for dataclass field f (tuples are written '0.2,1.0')
-    if f.type != tuple[float, float]:
-        return f.type(text)
+    if text == "auto" and f.metadata["auto"]:
+        return None
+    kind = _value_type(f)
+    if kind != tuple[float, float]:
+        return kind(text)
     if text.count(",") != 1:
         raise ValueError("expected two comma-separated numbers, e.g. 0.2,1.0")
     return tuple(float(part) for part in text.split(","))
+
+def _shown(value):  # a config value as --help and --print-config show it
+    if value is None:
+        return "auto"
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 def fail(message, prog="smog.py"):
     """Ends the program with the one line "prog: error: message" (exit status 1): no stack trace for bad input."""
@@ -517,15 +581,35 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
         fail(message, self.prog)
 
+def _help(f):  # a field's --help line: what it does, its default, the tiny preset's value where it differs
+    text = f.metadata["help"] + f" (default {_shown(f.default)}"
+    if f.metadata["auto"]:
+        text += f"; auto: {f.metadata['auto']}"
+    tiny = PRESETS["tiny"].values.get(f.name, f.default)
+    if tiny != f.default:
+        text += f"; tiny preset: {_shown(tiny)}"
+    return (text + ")").replace("%", "%%")
+
 def parse_command(argv=None):
     """(Config, args): defaults ← --preset ← flags given; args holds the one-off --print-config and --plot."""
-    parser = _Parser(prog="smog.py", description=__doc__.split("\n")[0])
+    presets = "\n".join(f"  {name:<18} {preset.about}" for name, preset in PRESETS.items())
+    parser = _Parser(prog="smog.py", description=__doc__.split("\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog=f"presets (--preset):\n{presets}\n\nbackbones (--arch): {', '.join(BACKBONES)}")
+    group = parser
     for f in dataclasses.fields(Config):  # default None: not given, so the preset's value holds
-        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(metavar=f.type.__name__.upper())
-        parser.add_argument(_flag(f.name), default=None, **kind)
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--plot", metavar="OUT_DIR", default="", help="draw OUT_DIR/log.jsonl as curves.svg and exit")
-    args, given = parser.parse_args(argv), {}
+        if f.metadata["section"]:
+            group = parser.add_argument_group(f.metadata["section"])
+        if f.type is bool:
+            group.add_argument(_flag(f.name), default=None, action=argparse.BooleanOptionalAction, help=_help(f))
+        else:
+            metavar = "LOW,HIGH" if _value_type(f) == tuple[float, float] else _value_type(f).__name__.upper()
+            group.add_argument(_flag(f.name), default=None, metavar=metavar, help=_help(f))
+    actions = parser.add_argument_group("one-off actions")
+    actions.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    actions.add_argument("--plot", metavar="OUT_DIR", default="", help="draw OUT_DIR/log.jsonl as curves.svg and exit")
+    args = parser.parse_args(argv)
+    given = {}
     for f in (f for f in dataclasses.fields(Config) if getattr(args, f.name) is not None):
         text = getattr(args, f.name)
         try:
@@ -535,15 +619,21 @@ def parse_command(argv=None):
     preset = given.get("preset", Config.preset)
     if preset not in PRESETS:
         fail(f"--preset {preset!r} is unknown (choose from {', '.join(PRESETS)})")
-    cfg = Config(**{**PRESETS[preset], **given, "preset": preset})
+    cfg = Config(**{**PRESETS[preset].values, **given, "preset": preset})
     check_config(cfg)
-    auto = dict(invert=0.5 if cfg.data == "synthetic" else 0.0,  # a property of the embedded data set, not the preset
-                eval_every=max(1, cfg.epochs // 10),
-                workers=max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    return dataclasses.replace(cfg, **{name: v for name, v in auto.items() if getattr(cfg, name) == -1}), args
+    return resolve_automatic(cfg), args
+
+def resolve_automatic(cfg):  # the automatic values that the config alone decides (the others need the device)
+    automatic = dict(invert=0.5 if cfg.data == "synthetic" else 0.0,  # the embedded data set's, not the preset's
+                     eval_every=max(1, cfg.epochs // 10),
+                     workers=max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    return dataclasses.replace(cfg, **{name: v for name, v in automatic.items() if getattr(cfg, name) is None})
 
 def parse_config(argv=None):  # the Config of a command line (parse_command without its one-off actions)
     return parse_command(argv)[0]
+
+def config_text(cfg, indent=None):  # the config as JSON, automatic values shown as "auto" (as --help does)
+    return json.dumps({k: "auto" if v is None else v for k, v in dataclasses.asdict(cfg).items()}, indent=indent)
 
 def crop_recipe(cfg):  # Part 1's CropRecipe of a config
     return CropRecipe(**{name: getattr(cfg, name) for name in CropRecipe._fields})
@@ -551,30 +641,37 @@ def crop_recipe(cfg):  # Part 1's CropRecipe of a config
 def step_hyperparameters(cfg):  # train_step's hyperparameters of a config, all but β (which follows its schedule)
     return dict(tau=cfg.tau, ema=cfg.ema, accumulate=cfg.accumulate, clip_grad=cfg.clip_grad)
 
+INT64 = 2**63 - 1
+
 def check_config(cfg):  # rejects values the run cannot use, naming the flag
-    choices = dict(arch=BACKBONES, optimizer=("lars", "adamw"), precision=("auto", "bf16", "fp16", "fp32"),
-                   batched_aug=("auto", "on", "off"))
-    rules = [(lambda v, allowed=allowed: v in allowed, f"unknown (choose from {', '.join(allowed)})", name)
-             for name, allowed in choices.items()]
-    rules += [(lambda v: v >= 1, "must be at least 1", "epochs batch_size accumulate global_size local_size feat_dim "
-               "hidden_dim num_groups num_heads log_every synthetic_size"),
-              (lambda v: v >= 0, "must be at least 0", "num_local kmeans_iters warmup_epochs stop_after "
-               "checkpoint_every"),
-              (lambda v: v >= -1, "must be at least 0 (or -1: about ten reports per run)", "eval_every"),
-              (lambda v: v >= -1, "must be at least 0 (or -1: the cores per process)", "workers"),
-              (lambda v: v == -1 or 0 <= v <= 1, "must lie in [0, 1] (or -1: 0.5 for --data synthetic, else 0)",
-               "invert"),
-              (lambda v: 0 <= v <= 1, "must lie in [0, 1]", "ema beta_start beta_end drop_path"),
-              (lambda v: v > 0, "must be positive", "tau lr dist_timeout"),
-              (lambda v: 0 < v[0] <= v[1] <= 1, "needs 0 < low <= high <= 1", "global_scale local_scale"),
-              (lambda v: 0 < v[0] <= v[1], "needs 0 < low <= high", "blur_sigma"),
-              (lambda v: math.isfinite(v) and v >= 0, "must be a finite number of GiB, at least 0 (0: always stream "
-               "through workers)", "memory_budget"),
-              (lambda v: not cfg.arch.startswith("vit") or v % 16 == 0,
-               f"--arch {cfg.arch} needs crop sizes that are multiples of its 16-px patches", "global_size local_size")]
+    choices = dict(arch=BACKBONES, optimizer=("lars", "adamw"), precision=(None, "bf16", "fp16", "fp32"),
+                   batched_aug=(None, "on", "off"))
+    rules = [(lambda v, allowed=allowed: v in allowed, f"unknown (choose from "
+              f"{', '.join(_shown(a) for a in allowed)})", name) for name, allowed in choices.items()]
+    floats = [f.name for f in dataclasses.fields(Config)
+              if _value_type(f) is float and getattr(cfg, f.name) is not None]
+    rules += [
+        (lambda v: math.isfinite(v), "must be a finite number", " ".join(floats)),
+        (lambda v: all(map(math.isfinite, v)), "must be finite numbers", "global_scale local_scale blur_sigma"),
+        (lambda v: 1 <= v <= INT64, "must be at least 1", "epochs batch_size accumulate global_size local_size "
+         "feat_dim hidden_dim num_groups num_heads log_every dist_timeout"),
+        (lambda v: 0 <= v <= INT64, "must be at least 0", "num_local kmeans_iters warmup_epochs stop_after "
+         "checkpoint_every"),
+        (lambda v: v is None or 0 <= v <= INT64, "must be at least 0 (or auto)", "eval_every workers"),
+        (lambda v: 0 <= v < 2**62, "must lie in [0, 2^62) (seeds are 64-bit)", "seed"),
+        (lambda v: 1 <= v <= 2_000_000, "must lie in [1, 2000000] (2M images of 32x32 take 6 GiB)",
+         "synthetic_size"),
+        (lambda v: v is None or 0 <= v <= 1, "must lie in [0, 1] (or auto)", "invert"),
+        (lambda v: 0 <= v <= 1, "must lie in [0, 1]", "ema beta_start beta_end drop_path momentum"),
+        (lambda v: v > 0, "must be positive", "tau lr lars_eta"),
+        (lambda v: v >= 0, "must be at least 0", "start_lr final_lr weight_decay clip_grad memory_budget"),
+        (lambda v: 0 < v[0] <= v[1] <= 1, "needs 0 < low <= high <= 1", "global_scale local_scale"),
+        (lambda v: 0 < v[0] <= v[1], "needs 0 < low <= high", "blur_sigma"),
+        (lambda v: not cfg.arch.startswith("vit") or v % 16 == 0,
+         f"--arch {cfg.arch} needs crop sizes that are multiples of its 16-px patches", "global_size local_size")]
     for ok, why, names in rules:
         for name in (name for name in names.split() if not ok(getattr(cfg, name))):
-            fail(f"{_flag(name)} {getattr(cfg, name)!r}: {why}")
+            fail(f"{_flag(name)} {_shown(getattr(cfg, name))}: {why}")
 
 def log(*args):  # prints on rank 0 only
     if rank() == 0:
@@ -638,7 +735,9 @@ def _tiny_resnet(widths=(16, 32, 64, 256)):
 def _resnet50_wide(widen=2):
     """ResNet-50 with every width × widen (SwAV's and the authors' ResNet-50w2, 4096-d) in torchvision's modules."""
     net, width = torchvision.models.ResNet(Bottleneck, [3, 4, 6, 3]), 64 * widen
-    net.inplanes, net.conv1, net.bn1 = width, nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width)
+    net.inplanes = width
+    net.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+    net.bn1 = nn.BatchNorm2d(width)
     for i, (blocks, stride) in enumerate(zip([3, 4, 6, 3], [1, 2, 2, 2])):
         setattr(net, f"layer{i + 1}", net._make_layer(Bottleneck, width * 2 ** i, blocks, stride=stride))
     for m in net.modules():  # torchvision's initialisation of the convolutions made anew (BN's is the default)
@@ -658,11 +757,12 @@ class KeptShiftWindowAttention(torchvision.models.swin_transformer.ShiftedWindow
             return super().forward(x)
         n, attn_heads = wh * ww, self.num_heads
         x = torch.roll(F.pad(x, (0, 0, 0, ww - w, 0, wh - h)), (-sh, -sw), (1, 2)).reshape(b, n, c)
-        q, k, v = self.qkv(x).view(b, n, 3, attn_heads, c // attn_heads).permute(2, 0, 3, 1, 4)  # (B, heads, N, d)
+        q, k, v = self.qkv(x).view(b, n, 3, attn_heads, c // attn_heads).permute(2, 0, 3, 1, 4)  # (B, attn_heads, N, d)
         rows, cols = torch.arange(wh, device=x.device), torch.arange(ww, device=x.device)
         region = ((rows >= wh - sh)[:, None] * 2 + (cols >= ww - sw)[None]).flatten()  # (N,): wrapped or not
         mask = torch.where(region[:, None] == region[None], 0.0, -100.0).to(q.dtype)  # the masks' −100
-        attn = (q * (c // attn_heads) ** -0.5) @ k.mT + self.get_relative_position_bias() + mask  # (B, heads, N, N)
+        scores = (q * (c // attn_heads) ** -0.5) @ k.mT  # (B, attn_heads, N, N)
+        attn = scores + self.get_relative_position_bias() + mask
         attn = F.dropout(attn.softmax(-1), self.attention_dropout, self.training)
         out = F.dropout(self.proj((attn @ v).transpose(1, 2).reshape(b, n, c)), self.dropout, self.training)
         return torch.roll(out.view(b, wh, ww, c), (sh, sw), (1, 2))[:, :h, :w]
@@ -683,7 +783,7 @@ def _swin_t(drop_path, bn_blocks=False):
     block = dict(block=SwinBlockBN) if bn_blocks else {}
     net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2], window_size=[7, 7],
                                              num_heads=[3, 6, 12, 24], stochastic_depth_prob=drop_path, **block)
-    net.head = nn.Identity()
+    net.head = nn.Identity()  # torchvision's name for its classifier
     if bn_blocks:  # the authors build each block for 224 px: one whose map fits one window there is never shifted
         for stage, side in zip(net.features[1::2], (56, 28, 14, 7)):
             for block in stage:
@@ -723,9 +823,52 @@ BACKBONES = {
     "vit_b16": lambda drop_path: (ViT(depth=12, attention_heads=12, dim=768), 768),
 }
 
-def make_online(cfg):  # OnlineNet around a fresh cfg.arch backbone, ResNets with BN over sizes
+def swin_mlps(dim, hidden_dim, feat_dim):
+    """The authors' Swin projector (GELU) and predictor (ReLU), trunc-normal(0.02) (src/SwinTrans_multicrop.py)."""
+    def trunc_normal(net):
+        for linear in (m for m in net if isinstance(m, nn.Linear)):
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
+        return net
+    projector = trunc_normal(mlp(dim, hidden_dim, feat_dim, last_bn=True, activation=nn.GELU))
+    predictor = trunc_normal(mlp(feat_dim, hidden_dim, feat_dim, last_bn=False))
+    return projector, predictor
+
+def per_size(mlp, feats):  # an MLP run on each crop size's features alone (the authors' Swin): (Σ n_i, D)
+    return torch.cat([mlp(x) for x in feats])
+
+def make_online(cfg):
+    """OnlineNet around a fresh cfg.arch backbone, with Part 1's hooks filled: the ResNets' BN over crop sizes, the
+    Swin MLPs run per size."""
+    backbone, dim = BACKBONES[cfg.arch](cfg.drop_path)
+    if cfg.swin_mlps:
+        return OnlineNet(backbone, *swin_mlps(dim, cfg.hidden_dim, cfg.feat_dim), mlp_over_sizes=per_size)
     over_sizes = resnet_over_sizes if cfg.bn_over_sizes and cfg.arch.startswith("resnet") else None
-    return OnlineNet(*BACKBONES[cfg.arch](cfg.drop_path), cfg.hidden_dim, cfg.feat_dim, cfg.swin_heads, over_sizes)
+    return OnlineNet(backbone, *projector_and_predictor(dim, cfg.hidden_dim, cfg.feat_dim), over_sizes)
+
+def stochastic_depth(module):  # the module's stochastic-depth layers that drop (Swin's drop-path)
+    return [m for m in module.modules() if isinstance(m, torchvision.ops.StochasticDepth) and m.p > 0]
+
+def without_stochastic_depth(encoder):
+    """encoder's forward without gradients and drop-path, what the authors' Swin groups and bank see
+    (src/two_stream_network.py, TwoStreamNet.forward): train_step's group_z; None for an encoder without it."""
+    dropping = stochastic_depth(encoder)
+    if not dropping:
+        return None
+
+    @torch.no_grad()
+    def forward(crops):
+        for m in dropping:
+            m.eval()
+        try:
+            return encoder(crops)
+        finally:
+            for m in dropping:
+                m.train()
+    return forward
+
+# The authors' Swin keeps these out of weight decay with the biases and norms (src/optimizer.py)
+NO_DECAY = ("relative_position_bias_table", "absolute_pos_embed")
 
 # ----- data: the embedded synthetic data set, ImageFolder, CIFAR-10 ------------------------------------------------
 SHAPES = ("disk", "square", "triangle", "plus", "ring", "star", "frame", "crescent", "bar", "half-disk")
@@ -791,7 +934,15 @@ def scan_folder(root, classes=None):
         fail(f"--data {os.path.join(root, name)!r}: a class the training split {os.path.dirname(root)}/train "
              f"does not have (its classes: {', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''})")
     # Links are followed, but every real folder and file is read once: a link to a parent would repeat without end.
-    seen = {os.path.realpath(root)} | {os.path.realpath(os.path.join(root, n)) for n in names}  # folders and files
+    class_of = {}  # real path of a class folder -> its name
+    for name in names:
+        real = os.path.realpath(os.path.join(root, name))
+        if real in class_of:
+            fail(f"--data {printable(os.path.join(root, name))!r}: a link to the class folder "
+                 f"{printable(class_of[real])!r}, whose images count once, as that class's; remove the link or "
+                 f"copy the images")
+        class_of[real] = name
+    seen = {os.path.realpath(root), *class_of}  # folders and files read
 
     def unseen(path):  # a real folder or file not read yet; marked as read
         real = os.path.realpath(path)
@@ -822,9 +973,17 @@ class ImageFolderData(torch.utils.data.Dataset):
         with open(path, "rb") as f:
             return rgb8(PIL.Image.open(f))
 
-    def fingerprint(self):  # what identifies the data set in a checkpoint: image count, hash of the relative paths
-        digest = hashlib.sha1("\n".join(os.path.relpath(p, self.root) for p, _ in self.samples).encode())
-        return f"{len(self.samples)} images in {len(self.classes)} classes, paths sha1 {digest.hexdigest()[:12]}"
+    def fingerprint(self):
+        """What identifies the data set in a checkpoint: image count, a hash of each relative path and file size (a
+        copy of the folder elsewhere has the same; another folder with the same names has not)."""
+        def size(path):  # -1 for a file that cannot be read (it is replaced when training reads it)
+            try:
+                return os.path.getsize(path)
+            except OSError:
+                return -1
+        files = (f"{os.path.relpath(p, self.root)} {size(p)}" for p, _ in self.samples)
+        digest = hashlib.sha1("\n".join(files).encode()).hexdigest()[:12]
+        return f"{len(self.samples)} images in {len(self.classes)} classes, paths and sizes sha1 {digest}"
 
     def __len__(self):
         return len(self.samples)
@@ -844,24 +1003,21 @@ def printable(text):  # text with control characters (newlines, terminal escapes
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 class Split(NamedTuple):  # one split of a data set, as load_dataset returns it
-    images: torch.Tensor | None  # uint8 (N, 3, H, W) held in memory, or None: read from `folder` by workers
-    labels: torch.Tensor | None  # (N,); None: there is no such split
-    folder: "ImageFolderData | None"
+    source: "torch.Tensor | ImageFolderData | None"  # uint8 images (N, 3, H, W) in memory, or a folder that loader
+    # workers read; None: there is no such split
+    labels: torch.Tensor | None  # (N,)
     fingerprint: str  # what identifies the data set in a checkpoint (resume refuses another one)
+
+    @property
+    def in_memory(self):  # the one place that tells images in memory from a folder
+        return isinstance(self.source, torch.Tensor)
 
 def load_dataset(cfg, split):
     """The split train|val of cfg.data: uint8 images in memory (with labels), or a folder for loader workers."""
     if cfg.data == "synthetic":
         n = cfg.synthetic_size if split == "train" else 2000
-        need = n * 3 * 32 * 32 / 2**30
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30  # memory free now (Linux)
-        except (ValueError, OSError, AttributeError):
-            free = math.inf
-        if need > free:
-            fail(f"--synthetic-size {n}: its images need {need:.1f} GiB, more than the {free:.1f} GiB of memory free")
         images, labels = synthetic_shapes(n, seed=cfg.seed * 2 + (split != "train"))
-        return Split(images, labels, None, f"the embedded data set, {n} images, --seed {cfg.seed}")
+        return Split(images, labels, f"the embedded data set, {n} images, --seed {cfg.seed}")
     if cfg.data == "cifar10":
         root = os.path.join(cfg.out_dir, "cifar10")
         try:
@@ -869,7 +1025,7 @@ def load_dataset(cfg, split):
         except Exception as e:  # noqa: BLE001 - no network, a proxy, a damaged archive: all say the same
             fail(f"--data cifar10: could not download CIFAR-10 to {root} ({type(e).__name__}: {e}); put "
                  f"cifar-10-batches-py there by hand, or train on --data PATH")
-        return Split(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), None,
+        return Split(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets),
                      f"CIFAR-10 {split}, {len(ds)} images")
     if not os.path.isdir(cfg.data):
         fail(f"--data {cfg.data}: no such directory (or use synthetic | cifar10)")
@@ -878,11 +1034,20 @@ def load_dataset(cfg, split):
         fail(f"--data {cfg.data}: has val/ but no train/ (a folder with val/ needs its training images in train/)")
     train_root = train_root if os.path.isdir(train_root) else cfg.data  # or a plain class-per-folder tree is it
     if split == "val" and not os.path.isdir(val_root):
-        return Split(None, None, None, "")
+        return Split(None, None, "")
     classes = None if split == "train" else scan_folder(train_root)[0]  # val/ labels follow train/'s class names
     ds = ImageFolderData(train_root if split == "train" else val_root, classes)
-    images, labels = decode_into_memory(ds, cfg.memory_budget, split) or (None, torch.tensor(ds.targets))
-    return Split(images, labels, ds if images is None else None, ds.fingerprint())
+    budget = 0 if cfg.batched_aug == "off" else cfg.memory_budget  # MultiCrop runs in the workers that read files
+    decoded = decode_into_memory(ds, budget, split)
+    if decoded is None:
+        return Split(ds, torch.tensor(ds.targets), ds.fingerprint())
+    return Split(*decoded, ds.fingerprint())
+
+def check_unreadable(unreadable, images, examples):
+    """The one rule for unreadable images, decoded into memory or streamed: more than 1% of the data set's stops the
+    run (under 1%, each is replaced by the next readable one and counted in the log)."""
+    if unreadable > 0.01 * images:
+        fail(f"{unreadable} of the {images} images are unreadable, more than 1%; e.g. {examples[0]}")
 
 def decode_into_memory(ds, budget_gib, split):
     """(images (N, 3, H, W) uint8, labels) of a folder whose images share a size and fit in budget_gib, or None."""
@@ -898,7 +1063,8 @@ def decode_into_memory(ds, budget_gib, split):
             log(f"data ({split}): {len(samples)} images would take {len(samples) * first.nbytes / 2**30:.1f} GiB "
                 f"decoded, over --memory-budget {budget_gib:g}: streamed through loader workers")
         return None
-    t0, images, labels, failed = time.time(), [], [], []
+    t0 = time.time()
+    images, labels, failed = [], [], []  # the decoded images, their labels, the unreadable ones
     for path, label in samples:
         pixels = read(path)
         if isinstance(pixels, str):
@@ -910,24 +1076,11 @@ def decode_into_memory(ds, budget_gib, split):
         else:
             images.append(pixels)
             labels.append(label)
-    if len(failed) > 0.01 * len(samples):
-        fail(f"{len(failed)} of {len(samples)} images are unreadable, e.g. {failed[0]}")
+    check_unreadable(len(failed), len(samples), failed)
     log(f"data ({split}): {len(images)} images of {first.shape[1]}x{first.shape[0]} decoded into memory "
         f"({len(images) * first.nbytes / 2**20:.0f} MiB, {time.time() - t0:.1f}s; --memory-budget {budget_gib:g} GiB)"
         + (f"; {len(failed)} unreadable left out, e.g. {failed[0]}" if failed else ""))
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
-
-class InMemoryData(torch.utils.data.Dataset):
-    """uint8 images (N, 3, S, S) as a Dataset of (crops, label, "") for CPU workers (used with --batched-aug off)."""
-    def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, key):  # (index, step parity)
-        image = torchvision.transforms.functional.to_pil_image(self.images[key[0]])
-        return self.transform(image, key[1]), int(self.labels[key[0]]), ""
 
 # ----- batched augmentation: the multi-crop recipe on whole batches, on the training device ------------------------
 # The fast equivalent of Part 1's MultiCrop, from its constants and CropRecipe, with independent random parameters
@@ -1100,51 +1253,64 @@ CROP_PATHS = dict(device="batched on the device", cut="cut by workers (CutCrops)
 
 class TrainData:
     """The training split as steps of Crops on the device, by one of the three crop paths (CROP_PATHS)."""
-    def __init__(self, cfg, device):
-        self.cfg, self.device, self.recipe = cfg, device, crop_recipe(cfg)
-        self.images, self.labels, self.folder, self.fingerprint = load_dataset(cfg, "train")
+    def __init__(self, cfg, device, draws=None):  # draws: an epoch of this many random images instead (bench.py)
+        self.cfg = cfg
+        self.device = device
+        self.recipe = crop_recipe(cfg)
+        self.source, self.labels, self.fingerprint = load_dataset(cfg, "train")
+        in_memory = isinstance(self.source, torch.Tensor)
         per_step = cfg.batch_size * world_size() * cfg.accumulate
         if len(self.labels) < per_step:
             fail(f"--batch-size {cfg.batch_size} × {world_size()} process(es) × --accumulate {cfg.accumulate} = "
                  f"{per_step} is larger than the data set ({len(self.labels)} images in --data {cfg.data})")
-        batched = cfg.batched_aug == "on" or (cfg.batched_aug == "auto" and (device.type == "cuda" or
-                                                                             self.images is not None))
-        self.path = ("device" if self.images is not None else "cut") if batched else "pil"
-        if self.folder is not None:
-            self.folder.transform = CutCrops(self.recipe) if batched else MultiCrop(self.recipe, cfg.invert)
-        self.loader_data = self.folder  # what loader workers read; None: batches sliced from self.images
-        if self.path == "device":
-            self.images = self.images.to(device)
-        elif self.images is not None:
-            self.loader_data = InMemoryData(self.images, self.labels, MultiCrop(self.recipe, cfg.invert))
-        self.sampler = torch.utils.data.DistributedSampler(range(len(self.labels)), num_replicas=world_size(),
-                                                           rank=rank(), shuffle=True, seed=cfg.seed, drop_last=True)
+        if in_memory and cfg.batched_aug == "off":
+            fail(f"--batched-aug off: MultiCrop runs in the loader workers of a folder (--data PATH); --data "
+                 f"{cfg.data} is held in memory and cropped in batches")
+        if in_memory:
+            self.path = "device"
+            self.source = self.source.to(device)
+        elif cfg.batched_aug == "on" or (cfg.batched_aug is None and device.type == "cuda"):
+            self.path = "cut"
+            self.source.transform = CutCrops(self.recipe)
+        else:
+            self.path = "pil"
+            self.source.transform = MultiCrop(self.recipe, extra=inverted(cfg.invert))
+        if draws is None:
+            self.sampler = torch.utils.data.DistributedSampler(range(len(self.labels)), num_replicas=world_size(),
+                                                               rank=rank(), shuffle=True, seed=cfg.seed,
+                                                               drop_last=True)
+        else:
+            self.sampler = torch.utils.data.RandomSampler(range(len(self.labels)), replacement=True,
+                                                          num_samples=draws)
+        self.unreadable = set()  # the unreadable images met so far (streamed folders), each once
         self.steps_per_epoch = len(self.sampler) // cfg.batch_size // cfg.accumulate
         self.epoch_images = self.steps_per_epoch * cfg.accumulate * cfg.batch_size  # this process's, per epoch
 
     def steps(self, first_step, skip=0):
         """Yields (batches, failed) for each step of this epoch after the first `skip` (a run resumed mid-epoch)."""
-        n, b, bad, indices = self.cfg.accumulate, self.cfg.batch_size, [], list(self.sampler)
+        passes_per_step, b = self.cfg.accumulate, self.cfg.batch_size
+        indices = list(self.sampler)
         # Each pass's (index, pass parity) pairs: the parity tells CPU workers which pipeline each branch uses.
-        passes = [[(j, (first_step * n + p - skip * n) % 2) for j in indices[p * b:(p + 1) * b]]
-                  for p in range(skip * n, self.steps_per_epoch * n)]
+        passes = []
+        for p in range(skip * passes_per_step, self.steps_per_epoch * passes_per_step):
+            parity = (first_step * passes_per_step + p - skip * passes_per_step) % 2
+            passes.append([(j, parity) for j in indices[p * b:(p + 1) * b]])
         batches = iter(self._batches(passes))
-        for step in zip(*[batches] * n):  # each step's n (batch, failed) pairs
+        for _ in range(skip, self.steps_per_epoch):
+            step = [next(batches) for _ in range(passes_per_step)]  # this step's (batch, failed) pairs
             failed = [f for _, fs in step for f in fs]
-            bad += failed
-            if len(bad) > 0.01 * self.epoch_images:
-                fail(f"{len(bad)} images unreadable in one epoch, more than 1% of the {self.epoch_images} this "
-                     f"process reads per epoch; e.g. {bad[0]}")
+            self.unreadable.update(failed)
+            check_unreadable(len(self.unreadable), len(self.labels), failed)
             yield [batch for batch, _ in step], failed
 
     def _batches(self, batches):  # (batch, failed paths) of lists of (index, parity) pairs
-        if self.loader_data is None:  # in memory, augmented on the device: no loader processes needed
+        if self.path == "device":  # in memory, augmented on the device: no loader processes needed
             # The epoch's indices go to the device in one copy: a copy per step would make the host wait for the GPU
             order = torch.tensor([j for batch in batches for j, _ in batch], dtype=torch.long)
-            for part in order.to(self.images.device).split(self.cfg.batch_size) if len(order) else []:
-                yield self.images[part], []
+            for part in order.to(self.source.device).split(self.cfg.batch_size) if len(order) else []:
+                yield self.source[part], []
             return
-        loader = torch.utils.data.DataLoader(self.loader_data, batch_sampler=batches, num_workers=self.cfg.workers,
+        loader = torch.utils.data.DataLoader(self.source, batch_sampler=batches, num_workers=self.cfg.workers,
                                              collate_fn=collate, pin_memory=self.device.type == "cuda")
         batches = ((batch, failed) for batch, _, failed in loader)
         yield from copied_ahead(batches, self.device) if self.device.type == "cuda" else batches
@@ -1153,17 +1319,28 @@ class TrainData:
         """The Crops of forward pass `index` from a batch of steps(), on the device, from seed (seed, process, pass)."""
         if reseed:
             torch.manual_seed(seed_for(self.cfg.seed, index, rank()))
-        batch = _tensors_to(batch, self.device)  # a no-op for batches that copied_ahead already moved
-        finish = dict(device=batch_multicrop, cut=cut_multicrop).get(self.path)
-        crops = finish(batch, index, self.recipe, self.cfg.invert) if finish else Crops(*batch)
+        batch = tensors_to(batch, self.device)  # a no-op for batches that copied_ahead already moved
+        if self.path == "device":
+            crops = batch_multicrop(batch, index, self.recipe, self.cfg.invert)
+        elif self.path == "cut":
+            crops = cut_multicrop(batch, index, self.recipe, self.cfg.invert)
+        else:
+            crops = Crops(*batch)
         return Crops(*(None if x is None else channels_last(x, self.cfg) for x in crops))
 
-    def global_crops(self):  # the online global crops (2B, 3, S, S) of one pass over the data, for fill_bank
+    def global_crops(self):
+        """The online global crops (2B, 3, S, S) of one pass over the data, for fill_bank: every batch's by the query
+        pipeline (parity 0), as the authors' init_memory."""
         torch.manual_seed(seed_for(self.cfg.seed, -1, rank()))
         self.sampler.set_epoch(-1)
-        for batches, _ in self.steps(0):
-            for batch in batches:
-                yield self.crops(batch, 0, reseed=False).online_global
+        indices, b = list(self.sampler), self.cfg.batch_size
+        passes = [[(j, 0) for j in indices[p * b:(p + 1) * b]]
+                  for p in range(self.steps_per_epoch * self.cfg.accumulate)]
+        for batch, _ in self._batches(passes):
+            yield self.crops(batch, 0, reseed=False).online_global
+
+def inverted(p):  # MultiCrop's extra transforms for --invert p: the crop's negative with probability p
+    return [torchvision.transforms.RandomInvert(p=p)] if p else []
 
 def collate(batch):  # stacks (sample, label, failed path) triples; crop stacks come out crop-major (k·B, 3, s, s)
     samples, labels, failed = zip(*batch)
@@ -1174,46 +1351,45 @@ def collate(batch):  # stacks (sample, label, failed path) triples; crop stacks 
 def channels_last(x, cfg):  # x in the NHWC memory layout when cfg.channels_last
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
-def _tensors_to(batch, device):  # a tensor, or a tuple of tensors and None, moved without waiting
+def tensors_to(batch, device):  # a tensor, or a tuple of tensors and None, moved without waiting
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
-    return tuple(None if x is None else _tensors_to(x, device) for x in batch)
+    return tuple(None if x is None else tensors_to(x, device) for x in batch)
 
 def copied_ahead(batches, device):
     """A loader's (batch, failed) pairs, batch i+1 copied to the GPU on a side stream while step i runs."""
-    stream, ahead = torch.cuda.Stream(device), None
+    side, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+
+    def handed_over(moved, failed, ready):  # the step waits for the copy (the host does not) and keeps its memory
+        compute.wait_event(ready)
+        for t in moved if isinstance(moved, tuple) else [moved]:
+            if t is not None:
+                t.record_stream(compute)
+        return moved, failed
+    ahead = None  # (batch on the GPU, failed, the event its copy records)
     for batch, failed in batches:
-        with torch.cuda.stream(stream):
-            moved, ready = _tensors_to(batch, device), torch.cuda.Event()
-            ready.record(stream)
+        with torch.cuda.stream(side):
+            moved, ready = tensors_to(batch, device), torch.cuda.Event()
+            ready.record(side)
         if ahead is not None:
-            yield _handed_over(*ahead)
+            yield handed_over(*ahead)
         ahead = (moved, failed, ready)
     if ahead is not None:
-        yield _handed_over(*ahead)
-
-def _handed_over(batch, failed, ready):
-    """Makes the compute stream wait for a copied batch and keep its memory until done with it."""
-    stream = torch.cuda.current_stream()
-    stream.wait_event(ready)
-    for t in batch if isinstance(batch, tuple) else [batch]:
-        if t is not None:
-            t.record_stream(stream)
-    return batch, failed
+        yield handed_over(*ahead)
 
 # ----- the run state and its checkpoints ---------------------------------------------------------------------------
 def resolve_precision(cfg, device):
     """(name, autocast context, GradScaler): fp16 on CUDA by default, fp32 on CPU; a scaler for fp16 only."""
     # fp16 rather than bf16: cuDNN runs fp16 BatchNorm, bf16 falls back to slower kernels (README, Performance). The
     # scaler costs no host sync: LARS and fused AdamW take its overflow flag as a tensor.
-    precision = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    precision = cfg.precision or ("fp16" if device.type == "cuda" else "fp32")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else nullcontext())
     return precision, autocast, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 def make_optimizer(cfg, online):
     """LARS (the ResNet recipes) or AdamW (the Transformer recipes) over Part 1's parameter groups."""
-    groups = parameter_groups([online], cfg.exclude_1d)
+    groups = parameter_groups([online], cfg.exclude_1d, NO_DECAY)
     if cfg.optimizer == "lars":
         return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
@@ -1227,16 +1403,22 @@ class RunState:
             online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
         if cfg.channels_last:
             online = online.to(memory_format=torch.channels_last)
-        self.online, self.target = online, target_of(online)  # online: the plain module, what checkpoints hold
+        self.online = online  # the plain module, what checkpoints hold
+        self.target = target_of(online)
+        for m in stochastic_depth(self.target):  # the authors' target has no drop-path
+            m.p = 0.0
+        self.group_z = without_stochastic_depth(online.encoder)  # what the groups and bank see (Swin), or None
         for net in (online, self.target) if cfg.compile else []:  # in place: no "_orig_mod." prefixes in state_dict
             net.compile(dynamic=False)
         self.grouping = MomentumGrouping(cfg.num_groups, cfg.feat_dim, cfg.num_heads).to(device)
-        self.opt, self.scaler = make_optimizer(cfg, online), scaler or torch.amp.GradScaler(device.type, enabled=False)
+        self.opt = make_optimizer(cfg, online)
+        self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
         self.bank = MemoryBank(bank_rows, cfg.feat_dim, device)
         # online wrapped in DistributedDataParallel under torchrun: what train_step trains
         self.online_ddp = (nn.parallel.DistributedDataParallel(online, device_ids=[device] if device.type == "cuda"
                                                                else None) if world_size() > 1 else online)
         self.epoch = self.step = self.epoch_step = 0
+        self.last_good = "none"  # the newest checkpoint this run wrote or resumed from, as the divergence message says
 
     def save(self, path, cfg, data):
         """Writes the run as a checkpoint (rank 0; a collective), keeping the one before as previous_of(path)."""
@@ -1256,17 +1438,26 @@ class RunState:
             if os.path.exists(path):
                 os.replace(path, previous_of(path))
             os.replace(tmp, path)
+            self.last_good = f"{path} (after {self.epoch} epochs)"
         except (OSError, RuntimeError, ValueError) as e:  # torch.save says RuntimeError for a full disk
-            if os.path.isfile(tmp):
-                os.remove(tmp)
             fail(f"could not write the checkpoint {tmp} ({str(e).strip().splitlines()[0][:200]}); the ones before "
                  f"in --out-dir {cfg.out_dir} are as they were: free space there, or give another --out-dir")
+        finally:  # a write that failed or was cut short (a second Ctrl-C) leaves no partial file
+            with suppress(OSError):
+                os.remove(tmp)
 
     def load(self, state):  # copies a checkpoint into the run (and this process's bank, mid-epoch)
-        for name, part in dict(online=self.online, target=self.target, grouping=self.grouping, optimizer=self.opt,
-                               scaler=self.scaler).items():
+        for name, part in dict(online=self.online, target=self.target, grouping=self.grouping,
+                               optimizer=self.opt).items():
             part.load_state_dict(state[name])
-        self.epoch, self.step, self.epoch_step = state["epoch"], state["step"], state.get("epoch_step", 0)
+        if bool(state["scaler"]) == self.scaler.is_enabled():  # a disabled GradScaler's state is empty
+            self.scaler.load_state_dict(state["scaler"])
+        else:
+            log(f"--precision: the checkpoint was written {'with' if state['scaler'] else 'without'} fp16's "
+                f"GradScaler, this run is {'' if self.scaler.is_enabled() else 'not '}fp16: a fresh scaler")
+        self.epoch = state["epoch"]
+        self.step = state["step"]
+        self.epoch_step = state.get("epoch_step", 0)
         if self.epoch_step:
             if state["banks"][rank()].shape != self.bank.feats.shape:
                 raise ValueError(f"memory bank of shape {tuple(state['banks'][rank()].shape)}, this run's is "
@@ -1290,6 +1481,7 @@ class RunState:
                                                                   else ""))
         else:
             fail(f"--resume: no checkpoint loads: {'; '.join(errors)}")
+        self.last_good = f"{path} (after {self.epoch} epochs)"
         log(f"resumed from {path} at epoch {self.epoch}, step {self.step}" + (
             f" (mid-epoch, after {self.epoch_step} steps)" if self.epoch_step else ""))
 
@@ -1301,23 +1493,33 @@ def previous_of(path):  # where the checkpoint before `path` is kept: checkpoint
     return "{0}.prev{1}".format(*os.path.splitext(path))
 
 def resolve_resume(cfg):  # checkpoints to try, newest first ([]: a fresh start); --resume none moves old ones aside
-    path = os.path.join(cfg.out_dir, "checkpoint.pt") if cfg.resume in ("auto", "none") else cfg.resume
+    path = cfg.resume if cfg.resume not in (None, "none") else os.path.join(cfg.out_dir, "checkpoint.pt")
     for p in (path, previous_of(path)):
         if os.path.exists(p) and not os.path.isfile(p):
             fail(f"--out-dir {cfg.out_dir}: {p} is not a file (a folder of that name?); move it away")
     if cfg.resume == "none":
-        old = [p for p in (path, previous_of(path), os.path.join(cfg.out_dir, "log.jsonl")) if os.path.isfile(p)]
-        if old and rank() == 0:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            for p in old:
-                root, ext = os.path.splitext(p)
-                os.replace(p, f"{root}.{stamp}{ext}")
-            log(f"--resume none: the earlier run's {', '.join(os.path.basename(p) for p in old)} moved aside as "
-                f"*.{stamp}.* in {cfg.out_dir}")
+        if rank() == 0:
+            move_aside([path, previous_of(path), os.path.join(cfg.out_dir, "log.jsonl")], cfg.out_dir)
         return []
-    if cfg.resume != "auto" and not os.path.isfile(path):
+    if cfg.resume is not None and not os.path.isfile(path):
         fail(f"--resume {path}: no such checkpoint")
     return [p for p in (path, previous_of(path)) if os.path.isfile(p)]
+
+def move_aside(paths, out_dir):  # an earlier run's files into a new folder out_dir/earlier-<time>[-n]: none overwritten
+    old = [p for p in paths if os.path.isfile(p)]
+    if not old:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count():
+        aside = os.path.join(out_dir, f"earlier-{stamp}" + (f"-{n}" if n else ""))
+        try:
+            os.mkdir(aside)  # atomic: two runs in the same second get two folders
+            break
+        except FileExistsError:
+            continue
+    for p in old:
+        os.replace(p, os.path.join(aside, os.path.basename(p)))
+    log(f"--resume none: the earlier run's {', '.join(os.path.basename(p) for p in old)} moved to {aside}")
 
 def read_checkpoint(path, needs=("online", "target", "grouping", "optimizer", "scaler", "epoch", "step")):
     """A checkpoint's contents (weights_only: tensors and plain data); ValueError saying why it is refused."""
@@ -1332,11 +1534,23 @@ def read_checkpoint(path, needs=("online", "target", "grouping", "optimizer", "s
         raise ValueError("not a smog.py checkpoint")
     if missing := set(needs) - state.keys():
         raise ValueError(f"incomplete: no {', '.join(sorted(missing))}")
+    for part in (*needs, "banks"):
+        if not all_finite(state.get(part)):
+            raise ValueError(f"damaged: its {part} holds NaN or inf")
     return state
+
+def all_finite(tree):  # whether every floating-point tensor in a nest of dicts and lists is finite
+    if isinstance(tree, torch.Tensor):
+        return not tree.is_floating_point() or bool(torch.isfinite(tree).all())
+    if isinstance(tree, dict):
+        return all(all_finite(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return all(all_finite(v) for v in tree)
+    return True
 
 # What a checkpoint's config must share with the run resuming it: the shapes of networks, groups and optimiser state
 # (arch .. exclude_1d), and the seed of the data order and the crops.
-RESUME_MUST_MATCH = ("arch", "feat_dim", "hidden_dim", "num_groups", "num_heads", "swin_heads", "optimizer",
+RESUME_MUST_MATCH = ("arch", "feat_dim", "hidden_dim", "num_groups", "num_heads", "swin_mlps", "optimizer",
                      "exclude_1d", "seed")
 
 def check_resumable(path, state, cfg, data):
@@ -1345,7 +1559,9 @@ def check_resumable(path, state, cfg, data):
     for name in (name for name in RESUME_MUST_MATCH if saved.get(name) != getattr(cfg, name)):
         fail(f"--resume {path}: checkpoint has {_flag(name)} {saved.get(name)!r}, the config asks for "
              f"{getattr(cfg, name)!r}; keep the checkpoint's value, or start a new run (--resume none)")
-    batch, processes, passes = saved.get("batch_size"), state.get("processes", world_size()), saved.get("accumulate", 1)
+    batch = saved.get("batch_size")
+    processes = state.get("processes", world_size())
+    passes = saved.get("accumulate", 1)
     if batch * processes * passes != cfg.batch_size * world_size() * cfg.accumulate:  # steps, schedules would differ
         fail(f"--resume {path}: written with a global batch of {batch * processes * passes} ({batch} × {processes} "
              f"process(es) × {passes} passes), this run has {cfg.batch_size * world_size() * cfg.accumulate}; keep "
@@ -1403,52 +1619,51 @@ def catch_preemption():
 @contextmanager
 def holding_out_dir(out_dir, device):
     """Creates out_dir and holds its lock for the run (rank 0, a collective): one run per out-dir."""
-    path, error, mine = os.path.join(out_dir, "lock"), None, None
+    error, lock = None, None
     if rank() == 0:
-        error = _take_lock(out_dir, path)
-        mine = None if error else open(path).read()
+        error, lock = _take_lock(out_dir)
     if all_reduce_(torch.tensor(float(error is not None), device=device), op="max").item() > 0:
         fail(error or f"process {rank()}: process 0 could not take --out-dir {out_dir} (see its message)")
     try:
         yield
     finally:
-        with suppress(OSError):
-            if mine is not None and open(path).read() == mine:
-                os.remove(path)
+        if lock is not None:
+            with suppress(OSError):
+                os.remove(lock.name)  # still holding it: a run starting now locks the next file, not this one
+            lock.close()
 
-def _take_lock(out_dir, path):
-    """Creates the lock file at path holding this process's host, pid and start time; returns why it could not."""
-    me = dict(host=socket.gethostname(), pid=os.getpid(), since=time.strftime("%Y-%m-%d %H:%M:%S"))
+def _take_lock(out_dir):
+    """(why not, None) or (None, the open lock file): an flock on out_dir/lock, which the kernel (and an NFS server,
+    when its client's lease runs out) releases when the holder dies, so a dead run's lock needs no taking over."""
+    path = os.path.join(out_dir, "lock")
+    me = f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
     try:
         os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        return f"--out-dir {out_dir}: cannot be created ({e.strerror}: {e.filename})"
-    for _ in range(2):
-        try:
-            with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as f:
-                json.dump(me, f)
-            return None
-        except FileExistsError:
+        while True:
+            lock = open(path, "a+")
             try:
-                holder = json.load(open(path))
-                host, pid, since = holder["host"], int(holder["pid"]), holder.get("since", "?")
-            except (OSError, ValueError, KeyError, TypeError):
-                return f"--out-dir {out_dir}: holds a lock file {path} that does not read; delete it if no run uses it"
-            if host != me["host"] or _alive(pid):
-                return (f"--out-dir {out_dir}: in use by process {pid} on {host} since {since} ({path}); wait for "
-                        f"it, give another --out-dir, or delete the lock if that run is gone")
-            log(f"--out-dir {out_dir}: taking over the lock of process {pid} on {host} (since {since}), which is gone")
-            os.remove(path)
-        except OSError as e:
-            return f"--out-dir {out_dir}: not writable ({e.strerror})"
-    return f"--out-dir {out_dir}: could not take its lock {path}"
-
-def _alive(pid):  # whether a process with this pid runs on this host (another user's counts)
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError as e:  # PermissionError: another user's, alive
-        return not isinstance(e, ProcessLookupError)
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = printable(lock.read().strip()) or "another run"
+                lock.close()
+                return (f"--out-dir {out_dir}: in use by {holder} ({path}); wait for it, or give another "
+                        f"--out-dir"), None
+            if os.path.exists(path) and os.path.samefile(path, lock.fileno()):
+                break
+            lock.close()  # its holder removed the file as we locked it: lock the one now at path
+        lock.seek(0)
+        if earlier := printable(lock.read().strip()):  # a holder that died left its line
+            log(f"--out-dir {out_dir}: taking over the lock of {earlier}, which is gone")
+        lock.truncate(0)
+        lock.write(me)
+        lock.flush()
+        return None, lock
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            return (f"--out-dir {out_dir}: its file system does not lock files ({e.strerror}), so two runs on it "
+                    f"could not be told apart; give an --out-dir on a file system that does"), None
+        return f"--out-dir {out_dir}: not writable ({e.strerror}: {e.filename or path})", None
 
 def caught_by_any(caught, device):
     """Whether any process caught a preemption signal (all-reduced: all stop at one step; alone: no device sync)."""
@@ -1461,19 +1676,19 @@ DIVERGED = 1000.0  # the online weights' norm grown this many times over its val
 def weight_norm(module):  # the L2 norm of all of a module's parameters together, as a device tensor
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach() for p in module.parameters()])))
 
-def stop_if_diverged(bad_step, run, start_norm, ckpt_path):
+def stop_if_diverged(bad_step, run, start_norm):
     """Ends every process together after a non-finite loss, or non-finite or exploded online weights."""
     # bad_step: this process's first step with a non-finite loss, or −1, kept on the device (no host sync per step);
-    # checked at log intervals and before each checkpoint, so no checkpoint holds such weights.
+    # checked before every report and checkpoint, so no checkpoint holds such weights.
     first = all_reduce_(bad_step.clone(), op="max").item()
     norm = weight_norm(run.online).item()  # the same on every process: DDP keeps the weights identical
-    last = f"{ckpt_path} (after {run.epoch} epochs)" if os.path.exists(ckpt_path) else "none"
     if first >= 0:
-        fail(f"the loss became NaN/inf at step {first}; every process stopped. Last good checkpoint: {last}. "
-             f"Lower --lr or raise --warmup-epochs")
+        fail(f"the loss became NaN/inf at step {first}; every process stopped. Last good checkpoint: "
+             f"{run.last_good}. Lower --lr or raise --warmup-epochs")
     if not math.isfinite(norm) or norm > DIVERGED * start_norm:
         fail(f"the online weights diverged by step {run.step}: their norm grew from {start_norm:.3g} to {norm:.3g} "
-             f"while the loss stayed finite; every process stopped. Last good checkpoint: {last}. Lower --lr")
+             f"while the loss stayed finite; every process stopped. Last good checkpoint: {run.last_good}. "
+             f"Lower --lr")
 
 # What gloo and NCCL say when a peer died or a collective timed out (not all of them raise dist.DistError).
 COLLECTIVE_FAILURE = re.compile("gloo|nccl|timed out|timeout|connection (reset|closed|refused)|closed by peer", re.I)
@@ -1498,7 +1713,7 @@ def group_health(counts):
     return used.item(), entropy.item()
 
 def eval_batches(data, cfg, batch=256, indices=None):
-    """Normalised centre views (n, 3, S, S) of uint8 images (N, 3, H, W) or an ImageFolderData."""
+    """Normalised centre views (n, 3, S, S) of a Split's source: uint8 images (N, 3, H, W), or an ImageFolderData."""
     if isinstance(data, torch.Tensor):
         data = data if indices is None else data[indices.to(data.device)]
         for i in range(0, len(data), batch):
@@ -1539,24 +1754,21 @@ def knn_top1(train_feats, train_labels, test_feats, test_labels, k=20, t=0.07, n
 def knn_report(run, cfg, device, data, held_out, progress, epoch, final=False):
     """kNN top-1 of the online backbone on the held-out split, printed and logged; at the end with baselines."""
     # Labels are used only here. Rank 0 alone: the others wait at their next collective (within --dist-timeout).
-    test_images, test_labels, test_folder, _ = held_out
-    if test_labels is None:
+    if held_out.labels is None:
         if final:
             log("kNN report skipped: the data set has no held-out split (PATH/val)")
         return
-    train_data = data.images if data.folder is None else data.folder
-    test_data = test_images if test_images is not None else test_folder
-    train_labels, test_labels = data.labels.to(device), test_labels.to(device)
+    train_labels, test_labels = data.labels.to(device), held_out.labels.to(device)
     nets = [("knn_top1", "trained", run.online.encoder.backbone)]
     if final:
         torch.manual_seed(cfg.seed)
         nets.append(("knn_top1_random_init", "same architecture at random init",
                      BACKBONES[cfg.arch](0.0)[0].to(device)))
-    result = {key: knn_top1(extract_features(net, train_data, cfg, device), train_labels,
-                            extract_features(net, test_data, cfg, device), test_labels) for key, _, net in nets}
-    if final and test_images is not None:
+    result = {key: knn_top1(extract_features(net, data.source, cfg, device), train_labels,
+                            extract_features(net, held_out.source, cfg, device), test_labels) for key, _, net in nets}
+    if final and held_out.in_memory and data.path == "device":
         pixels = [F.normalize(x.flatten(1).float() - x.flatten(1).float().mean(1, keepdim=True), dim=1).to(device)
-                  for x in (train_data, test_images)]  # centred per image: invariant to brightness and contrast
+                  for x in (data.source, held_out.source)]  # centred per image: invariant to brightness and contrast
         result["knn_top1_raw_pixels"] = knn_top1(pixels[0], train_labels, pixels[1], test_labels)
         nets.append(("knn_top1_raw_pixels", "raw pixels", None))
     log(f"kNN top-1 on the held-out split{'' if final else f' after epoch {epoch}'}: " + " | ".join(
@@ -1566,13 +1778,21 @@ def knn_report(run, cfg, device, data, held_out, progress, epoch, final=False):
 class Progress:
     """The log line every cfg.log_every steps, on the console and in log.jsonl."""
     def __init__(self, cfg, total_steps, jsonl, first_step, scaler):
-        self.cfg, self.total_steps, self.jsonl, self.scaler = cfg, total_steps, jsonl, scaler
-        self.first_step, self.t_start, self.skipped_in_job, self.warned = first_step, time.time(), 0, False
-        self.counts = self.skipped = 0  # summed on the device over each interval
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.jsonl = jsonl
+        self.scaler = scaler
+        self.first_step = first_step
+        self.t_start = time.time()
+        self.counts = 0  # group counts (H, K), summed on the device over each interval
+        self.skipped = 0  # steps GradScaler skipped, likewise
         self.restart()
 
     def restart(self):  # at each epoch start: the k-means reset does not count as waiting for data
-        self.t_log, self.data_time, self.images, self.bad_images = time.time(), 0.0, 0, 0
+        self.t_log = time.time()
+        self.data_time = 0.0
+        self.images = 0
+        self.bad_images = 0
 
     def timed(self, steps):  # TrainData.steps' batches, timing each wait for them and counting unreadable images
         t0 = time.time()
@@ -1584,10 +1804,13 @@ class Progress:
             t0 = time.time()  # the loop asks for the next step's batches
 
     def add(self, counts, skipped):  # one step's group counts (H, K) and skip flag, summed on the device
-        self.counts, self.skipped = self.counts + counts, self.skipped + skipped
+        self.counts = self.counts + counts
+        self.skipped = self.skipped + skipped
 
     def report(self, step, epoch, loss, lr, beta):  # prints and records one interval's figures (one wait for the GPU)
-        (used, entropy), elapsed, fp16 = group_health(self.counts), time.time() - self.t_log, self.scaler.is_enabled()
+        used, entropy = group_health(self.counts)
+        elapsed = time.time() - self.t_log
+        fp16 = self.scaler.is_enabled()
         eta = (time.time() - self.t_start) / max(1, step - self.first_step) * (self.total_steps - step)
         skipped = int(self.skipped) if fp16 else 0
         record = dict(step=step, epoch=epoch, loss=loss.item(), lr=lr, beta=beta, img_per_s=self.images / elapsed,
@@ -1596,22 +1819,20 @@ class Progress:
                       skipped_steps=skipped, grad_scale=self.scaler.get_scale() if fp16 else None)
         if torch.cuda.is_available():
             record["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30  # peak so far, this process
-        log(f"step {step}/{self.total_steps} | epoch {epoch} | loss {record['loss']:.4f} | lr {lr:.4f} | "
-            f"β {beta:.4f} | {record['img_per_s']:.0f} img/s | data {100 * record['data_time']:.0f}% | groups used "
-            f"{used:.0f}/{self.cfg.num_groups}, entropy {entropy:.2f}/{record['assign_entropy_max']:.2f} | "
-            + (f"fp16 steps skipped {skipped}, scale {record['grad_scale']:g} | " if fp16 else "")
-            + (f"unreadable images {self.bad_images} (replaced) | " if self.bad_images else "")
-            + f"ETA {datetime.timedelta(seconds=round(eta))}")
+        parts = [f"step {step}/{self.total_steps}", f"epoch {epoch}", f"loss {record['loss']:.4f}", f"lr {lr:.4f}",
+                 f"β {beta:.4f}", f"{record['img_per_s']:.0f} img/s", f"data {100 * record['data_time']:.0f}%",
+                 f"groups used {used:.0f}/{self.cfg.num_groups}, entropy {entropy:.2f}/"
+                 f"{record['assign_entropy_max']:.2f}"]
+        if fp16:  # a scale that keeps falling, with many skips, means gradients that keep overflowing
+            parts.append(f"fp16 steps skipped {skipped}, scale {record['grad_scale']:g}")
+        if self.bad_images:
+            parts.append(f"unreadable images {self.bad_images} (replaced)")
+        parts.append(f"ETA {datetime.timedelta(seconds=round(eta))}")
+        log(" | ".join(parts))
         self.write(record)
-        self.skipped_in_job, steps_in_job = self.skipped_in_job + skipped, step - self.first_step
-        # From its initial 2^16 the scale finds its level within ~20 skipped steps; more than 3% after that is not
-        # calibration but gradients that keep overflowing.
-        if not self.warned and self.skipped_in_job > 20 + 0.03 * steps_in_job:
-            self.warned = True
-            log(f"warning: GradScaler skipped {self.skipped_in_job} of the {steps_in_job} optimiser steps of this job "
-                f"(fp16 overflows; scale {record['grad_scale']:g}): lower --lr, or use --precision bf16 or fp32")
         self.restart()  # each log line counts its own interval
-        self.counts, self.skipped = 0, 0
+        self.counts = 0
+        self.skipped = 0
 
     def write(self, record):  # one line of log.jsonl, which rank 0 holds (the others have None)
         if self.jsonl:
@@ -1652,7 +1873,8 @@ def plot_curves(out_dir):
               ("knn_top1", "kNN top-1 (%)", (0, 100), None)]
     s_hi = max([r["step"] for r in records if "step" in r] + [1])
     epoch_at = sorted((r["step"], r["epoch"]) for r in records if "step" in r and "epoch" in r)
-    w, h, left, top, bottom = 380, 240, 52, 30, 46
+    w, h = 380, 240  # one panel, in pixels
+    left, top, bottom = 52, 30, 46  # its margins
     pw, ph = w - left - 16, h - top - bottom
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{3 * w}" height="{2 * h}" font-family="sans-serif" '
            f'font-size="11"><rect width="100%" height="100%" fill="white"/>']
@@ -1698,89 +1920,117 @@ def train(cfg):  # the whole run, holding its out-dir; returns the RunState
     with holding_out_dir(cfg.out_dir, device):
         return _train(cfg, device)
 
+def open_log(cfg):  # out_dir/log.jsonl, appended to by rank 0; the other processes get None
+    return open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank() == 0 else nullcontext()
+
+def remaining_steps(data, run, cfg, progress):
+    """(epoch, batches) for every step from the run's current one to the end, epoch by epoch."""
+    for epoch in range(run.epoch, cfg.epochs):
+        # Data order is a function of (seed, epoch), each pass's crops of (seed, process, pass): resuming at any
+        # step is exact with batched augmentation (CPU workers draw from their own per-epoch seeds).
+        data.sampler.set_epoch(epoch)
+        torch.manual_seed(seed_for(cfg.seed, epoch, rank()))  # the loader's worker seeds
+        progress.restart()
+        for batches in progress.timed(data.steps(run.step, run.epoch_step)):
+            yield epoch, batches
+
 def _train(cfg, device):
+    # ----- setup: precision, data, the run state (resumed, or a bank from the initial network and k-means) -----
     precision, autocast, scaler = resolve_precision(cfg, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    log(f"config: {config_text(cfg)}")
     log(f"device: {device}, processes: {world_size()}, precision: {precision}")
     resume = resolve_resume(cfg)
     data = TrainData(cfg, device)
-    n, steps_per_epoch = cfg.accumulate, data.steps_per_epoch  # n: forward passes per step
-    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    global_batch = cfg.batch_size * world_size() * n
+    passes_per_step = cfg.accumulate
+    steps_per_epoch = data.steps_per_epoch
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    global_batch = cfg.batch_size * world_size() * passes_per_step
+    batch_parts = f"{cfg.batch_size} × {world_size()} process(es)"
+    if passes_per_step > 1:
+        batch_parts += f" × {passes_per_step} passes"
     log(f"data: {len(data.labels)} images, {steps_per_epoch} steps per epoch, global batch {global_batch} "
-        f"({cfg.batch_size} × {world_size()} process(es)" + (f" × {n} passes" if n > 1 else "")
-        + f"), crops: {CROP_PATHS[data.path]}")
+        f"({batch_parts}), crops: {CROP_PATHS[data.path]}")
+    passes_per_epoch = len(data.sampler) // cfg.batch_size
+    if passes_per_epoch % passes_per_step:  # the authors carry them into the next step; this loop leaves them out
+        left_out = passes_per_epoch % passes_per_step
+        log(f"--accumulate {passes_per_step}: the last {left_out} of the {passes_per_epoch} passes of each epoch "
+            f"({left_out * cfg.batch_size} images per process) fill no step and are left out")
     run = RunState(cfg, device, data.epoch_images, scaler)
     if resume:
         run.resume(resume, cfg, data)
     else:
         t0 = time.time()
         with autocast:
-            fill_bank(run.online.encoder, run.bank, data.global_crops())
+            fill_bank(run.group_z or run.online.encoder, run.bank, data.global_crops())
         start_epoch(run.grouping, run.bank, run.online, run.target, cfg.kmeans_iters,
                     torch.Generator().manual_seed(seed_for(cfg.seed, -1)))
         log(f"bank filled by the initial network, groups set by k-means ({time.time() - t0:.1f}s)")
-    peak_lr, first_epoch, hyper = cfg.lr * global_batch / 256, run.epoch, step_hyperparameters(cfg)
+    peak_lr = cfg.lr * global_batch / 256
+    first_epoch = run.epoch
+    hyper = step_hyperparameters(cfg)
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
     start_norm = weight_norm(run.online).item()
     held_out = load_dataset(cfg, "val") if rank() == 0 and (cfg.knn or cfg.eval_every) else None
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+    stop = None  # why the run leaves before its last step: "signal" or "stop-after"
 
-    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank() == 0 else nullcontext() as jsonl, \
-            catch_preemption() as caught, collective_failures_in_one_line(run, cfg.dist_timeout):
+    with open_log(cfg) as jsonl, catch_preemption() as caught, collective_failures_in_one_line(run, cfg.dist_timeout):
         progress = Progress(cfg, total_steps, jsonl, run.step, scaler)
-        for epoch in range(run.epoch, cfg.epochs):
-            # Data order is a function of (seed, epoch), each pass's crops of (seed, process, pass): resuming at any
-            # step is exact with batched augmentation (CPU workers draw from their own per-epoch seeds).
-            data.sampler.set_epoch(epoch)
-            torch.manual_seed(seed_for(cfg.seed, epoch, rank()))  # the loader's worker seeds
-            progress.restart()
-            preempted = False
-            for batches in progress.timed(data.steps(run.step, run.epoch_step)):
-                lr = lr_at(run.step, total_steps, warmup_steps, peak_lr, cfg.start_lr, cfg.final_lr)
-                beta = beta_at(run.step, total_steps, cfg.beta_start, cfg.beta_end)
-                for group in run.opt.param_groups:
-                    group["lr"] = lr
-                passes = (data.crops(batch, run.step * n + i) for i, batch in enumerate(batches))
-                loss, counts, z_global, skipped = train_step(run.online_ddp, run.target, run.grouping, passes, run.opt,
-                                                             run.scaler, beta=beta, autocast=autocast, **hyper)
-                run.bank.add(z_global)
-                progress.add(counts, skipped)
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), run.step, bad_step)
-                run.step, run.epoch_step = run.step + 1, run.epoch_step + 1
-                if run.step % cfg.log_every == 0 or run.step == total_steps:
-                    stop_if_diverged(bad_step, run, start_norm, ckpt_path)
-                    progress.report(run.step, epoch, loss, lr, beta)
-                if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.epoch_step < steps_per_epoch:
-                    stop_if_diverged(bad_step, run, start_norm, ckpt_path)
-                    run.save(ckpt_path, cfg, data)
-                # Checked every step in one process (free), every 10 steps under torchrun (one host sync each).
-                if (run.step % 10 == 0 or not distributed()) and caught_by_any(caught, device):
-                    preempted = True
-                    break
-            stop_if_diverged(bad_step, run, start_norm, ckpt_path)  # exit: before any checkpoint
-            t0 = time.time()
-            if run.epoch_step == steps_per_epoch:  # next epoch's start: k-means on this epoch's bank, target ← online
+        for epoch, batches in remaining_steps(data, run, cfg, progress):
+            # ----- one step: the schedules at this step, train_step, the bank, the interval's sums -----
+            lr = lr_at(run.step, total_steps, warmup_steps, peak_lr, cfg.start_lr, cfg.final_lr)
+            beta = beta_at(run.step, total_steps, cfg.beta_start, cfg.beta_end)
+            for group in run.opt.param_groups:
+                group["lr"] = lr
+            passes = (data.crops(batch, run.step * passes_per_step + i) for i, batch in enumerate(batches))
+            loss, counts, z_global, skipped = train_step(run.online_ddp, run.target, run.grouping, passes, run.opt,
+                                                         run.scaler, beta=beta, autocast=autocast,
+                                                         group_z=run.group_z, **hyper)
+            run.bank.add(z_global)
+            progress.add(counts, skipped)
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), run.step, bad_step)
+            run.step += 1
+            run.epoch_step += 1
+            epoch_done = run.epoch_step == steps_per_epoch
+            # ----- stop here? A signal (checked every step alone, every 10 steps and at epoch ends under torchrun,
+            # one host sync each), or --stop-after at an epoch end -----
+            if (epoch_done or run.step % 10 == 0 or not distributed()) and caught_by_any(caught, device):
+                stop = "signal"
+            elif epoch_done and cfg.stop_after and epoch + 1 - first_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:
+                stop = "stop-after"
+            # ----- report and checkpoint, each after the one divergence check -----
+            report = run.step % cfg.log_every == 0 or run.step == total_steps
+            save = epoch_done or stop or (cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0)
+            if report or save:
+                stop_if_diverged(bad_step, run, start_norm)
+            if report:
+                progress.report(run.step, epoch, loss, lr, beta)
+            if epoch_done:  # the next epoch's start: k-means on this epoch's bank, target ← online
+                t0 = time.time()
                 start_epoch(run.grouping, run.bank, run.online, run.target, cfg.kmeans_iters,
                             torch.Generator().manual_seed(seed_for(cfg.seed, epoch)))
                 run.epoch, run.epoch_step = epoch + 1, 0
-            reset_seconds = time.time() - t0
-            run.save(ckpt_path, cfg, data)
-            if preempted or caught_by_any(caught, device):  # exit: preempted or Ctrl-C (mid-epoch or at its end)
-                log(f"caught {'Ctrl-C' if signal.SIGINT in caught else 'a preemption signal'}: checkpoint "
-                    f"{ckpt_path} at epoch {run.epoch}, step {run.step}; run again to resume from there")
-                break
-            if (epoch + 1) % max(1, cfg.epochs // 20) == 0 or epoch + 1 == cfg.epochs:  # at most ~20 such lines
+                reset_seconds = time.time() - t0
+            if save:
+                run.save(ckpt_path, cfg, data)
+            if epoch_done and ((epoch + 1) % max(1, cfg.epochs // 20) == 0 or epoch + 1 == cfg.epochs):
                 log(f"epoch {epoch} done: groups reset by k-means ({reset_seconds:.1f}s), checkpoint {ckpt_path}")
-            if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and rank() == 0:
+            if epoch_done and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and rank() == 0:
                 knn_report(run, cfg, device, data, held_out, progress, epoch)
-            if cfg.stop_after and epoch + 1 - first_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:  # exit
-                log(f"stopping after {cfg.stop_after} epoch(s) as asked; run again to resume from epoch {epoch + 1}")
+            if stop:
                 break
-        if cfg.knn and rank() == 0 and run.step == total_steps:  # the other processes need not wait for it
+        # ----- the end: the final kNN report, or how to continue -----
+        if stop == "signal":
+            log(f"caught {'Ctrl-C' if signal.SIGINT in caught else 'a preemption signal'}: checkpoint "
+                f"{ckpt_path} at epoch {run.epoch}, step {run.step}; run again to resume from there")
+        elif stop == "stop-after":
+            log(f"stopping after {cfg.stop_after} epoch(s) as asked; run again to resume from epoch {run.epoch}")
+        elif cfg.knn and rank() == 0 and run.step == total_steps:  # the other processes need not wait for it
             knn_report(run, cfg, device, data, held_out, progress, cfg.epochs - 1, final=True)
     if signal.SIGINT in caught:
         raise SystemExit(130)  # the shell's status for a program stopped by Ctrl-C
@@ -1792,13 +2042,14 @@ def main(argv=None):
         print(f"wrote {plot_curves(args.plot)}")
         return
     if args.print_config:
-        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        print(config_text(cfg, indent=2))
         print(f"parameters (millions): {json.dumps(parameter_counts(cfg))}")
         return
     try:
         train(cfg)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading data, filling the bank, the kNN report)
-        raise SystemExit("smog.py: stopped by Ctrl-C; the run resumes from its last checkpoint") from None
+        print("smog.py: stopped by Ctrl-C; the run resumes from its last checkpoint", file=sys.stderr)
+        raise SystemExit(130) from None
     if distributed():
         dist.destroy_process_group()
 
