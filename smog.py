@@ -104,7 +104,8 @@ class Crops(NamedTuple):
     target_local: torch.Tensor | None  # (L·B, 3, s, s), None unless recipe.target_local
 
 def pipelines_for_step(step):
-    """(online pipeline, target pipeline): the two swap roles every other step (main_SMoG.py, train)."""
+    """(online pipeline, target pipeline) of forward pass `step`: the two swap roles at every pass (main_SMoG.py,
+    train; with accumulation too)."""
     return ("q", "k") if step % 2 == 0 else ("k", "q")
 
 class MultiCrop:
@@ -1104,8 +1105,9 @@ def random_resized_boxes(n, scale, height, width, device, ratio=ASPECT, tries=10
     first, ok = fits.int().argmax(1, keepdim=True), fits.any(1)  # the first try that fits
     w = torch.where(ok, w.gather(1, first)[:, 0], round(min(width, height * ratio[1])))  # else torchvision's fallback
     h = torch.where(ok, h.gather(1, first)[:, 0], round(min(height, width / ratio[0])))
-    x0 = torch.where(ok, torch.rand(n, device=device) * (width - w), (width - w) / 2)
-    y0 = torch.where(ok, torch.rand(n, device=device) * (height - h), (height - h) / 2)
+    # whole-pixel offsets, uniform over the places the box fits (torch.randint's), else the centre rounded down
+    x0 = torch.where(ok, (torch.rand(n, device=device) * (width - w + 1)).floor(), ((width - w) / 2).floor())
+    y0 = torch.where(ok, (torch.rand(n, device=device) * (height - h + 1)).floor(), ((height - h) / 2).floor())
     return torch.stack([x0, y0, x0 + w, y0 + h], 1)
 
 @functools.lru_cache(maxsize=None)
@@ -1120,13 +1122,17 @@ def _constants(device):
                 luma=torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1).to(device))
 
 def _resampling_matrix(start, stop, size, length):
-    """(n, size, length) rows resampling spans [start, stop) of an axis: bilinear, antialiased as PIL's resize."""
+    """(n, size, length) rows resampling whole-pixel spans [start, stop) of an axis (stop < start: mirrored):
+    bilinear, antialiased, reading the span's pixels only, as PIL resizes a crop (torchvision's resized_crop)."""
     dev = start.device
     step = (stop - start) / size  # (n,) source pixels per output pixel, negative when mirrored
     centre = start[:, None] + (torch.arange(size, device=dev) + 0.5) * step[:, None]  # (n, size)
-    width, pixel = step.abs().clamp(min=1)[:, None, None], torch.arange(length, device=dev) + 0.5
-    weight = (1 - (pixel - centre[..., None]).abs() / width).clamp(min=0)  # (n, size, length)
-    return weight / weight.sum(-1, keepdim=True)  # pixels beyond the edge get no weight: renormalised, as PIL
+    width = step.abs().clamp(min=1)[:, None, None]  # the filter's half-width: wider when shrinking (antialiasing)
+    index = torch.arange(length, device=dev)
+    weight = (1 - (index + 0.5 - centre[..., None]).abs() / width).clamp(min=0)  # (n, size, length)
+    low, high = torch.minimum(start, stop)[:, None, None], torch.maximum(start, stop)[:, None, None]
+    weight = weight * ((index >= low) & (index < high))  # no pixel outside the span
+    return weight / weight.sum(-1, keepdim=True)  # renormalised at the span's edges, as PIL
 
 def random_resized_crops(x, size, scale, crops_per_image=1):
     """RandomResizedCrop + flip, batched: x (B, 3, H, W) float → (crops_per_image·B, 3, size, size)."""
@@ -1418,11 +1424,13 @@ class RunState:
         self.online_ddp = (nn.parallel.DistributedDataParallel(online, device_ids=[device] if device.type == "cuda"
                                                                else None) if world_size() > 1 else online)
         self.epoch = self.step = self.epoch_step = 0
+        self.reset_pending = False  # after the last epoch: the groups are not reset (the authors reset at epoch starts)
         self.last_good = "none"  # the newest checkpoint this run wrote or resumed from, as the divergence message says
 
     def save(self, path, cfg, data):
         """Writes the run as a checkpoint (rank 0; a collective), keeping the one before as previous_of(path)."""
-        banks = all_gather(self.bank.feats).cpu() if self.epoch_step else None  # mid-epoch: every process's bank
+        keep_banks = self.epoch_step or self.reset_pending  # mid-epoch, or the last epoch's for a longer run
+        banks = all_gather(self.bank.feats).cpu() if keep_banks else None  # every process's bank
         if rank() != 0:
             return
         # Written aside and read back before it replaces the old one: no kill at any moment, full disk or damaged
@@ -1433,7 +1441,8 @@ class RunState:
                             epoch_step=self.epoch_step, num_images=len(data.labels), data_fingerprint=data.fingerprint,
                             online=self.online.state_dict(), target=self.target.state_dict(), banks=banks,
                             grouping=self.grouping.state_dict(), optimizer=self.opt.state_dict(),
-                            scaler=self.scaler.state_dict(), bank_filled=self.bank.filled), tmp)
+                            scaler=self.scaler.state_dict(), bank_filled=self.bank.filled,
+                            reset_pending=self.reset_pending), tmp)
             read_checkpoint(tmp)
             if os.path.exists(path):
                 os.replace(path, previous_of(path))
@@ -1458,7 +1467,8 @@ class RunState:
         self.epoch = state["epoch"]
         self.step = state["step"]
         self.epoch_step = state.get("epoch_step", 0)
-        if self.epoch_step:
+        self.reset_pending = state.get("reset_pending", False)
+        if self.epoch_step or self.reset_pending:
             if state["banks"][rank()].shape != self.bank.feats.shape:
                 raise ValueError(f"memory bank of shape {tuple(state['banks'][rank()].shape)}, this run's is "
                                  f"{tuple(self.bank.feats.shape)}")
@@ -1572,8 +1582,9 @@ def check_resumable(path, state, cfg, data):
         fail(f"--resume {path}: written for another data set ({written_for}); --data {printable(cfg.data)} is "
              f"{data.fingerprint}: restore that data set, or start a new run (--resume none)")
     if (processes, passes) != (world_size(), cfg.accumulate):
-        if state.get("epoch_step", 0):
-            fail(f"--resume {path}: written mid-epoch by {processes} process(es) × {passes} passes; resume it with "
+        if state.get("epoch_step", 0) or state.get("reset_pending", False):  # the banks are per process
+            fail(f"--resume {path}: written with each process's bank (mid-epoch, or at the end) by {processes} "
+                 f"process(es) × {passes} passes; resume it with "
                  f"as many (this run has {world_size()} × {cfg.accumulate}), or from the end of an epoch")
         log(f"resuming {processes} process(es) × {batch} images × {passes} passes as {world_size()} × "
             f"{cfg.batch_size} × {cfg.accumulate}: the same global batch and schedules; BN statistics now over "
@@ -1920,6 +1931,11 @@ def train(cfg):  # the whole run, holding its out-dir; returns the RunState
     with holding_out_dir(cfg.out_dir, device):
         return _train(cfg, device)
 
+def reset_groups(run, cfg, epoch):  # the epoch start after `epoch`: k-means on its bank, BN buffers, target ← online
+    start_epoch(run.grouping, run.bank, run.online, run.target, cfg.kmeans_iters,
+                torch.Generator().manual_seed(seed_for(cfg.seed, epoch)))
+    run.reset_pending = False
+
 def open_log(cfg):  # out_dir/log.jsonl, appended to by rank 0; the other processes get None
     return open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank() == 0 else nullcontext()
 
@@ -1963,6 +1979,8 @@ def _train(cfg, device):
     run = RunState(cfg, device, data.epoch_images, scaler)
     if resume:
         run.resume(resume, cfg, data)
+        if run.reset_pending and run.epoch < cfg.epochs:  # a finished run resumed for more epochs
+            reset_groups(run, cfg, run.epoch - 1)
     else:
         t0 = time.time()
         with autocast:
@@ -2012,14 +2030,17 @@ def _train(cfg, device):
                 progress.report(run.step, epoch, loss, lr, beta)
             if epoch_done:  # the next epoch's start: k-means on this epoch's bank, target ← online
                 t0 = time.time()
-                start_epoch(run.grouping, run.bank, run.online, run.target, cfg.kmeans_iters,
-                            torch.Generator().manual_seed(seed_for(cfg.seed, epoch)))
                 run.epoch, run.epoch_step = epoch + 1, 0
+                if run.epoch < cfg.epochs:
+                    reset_groups(run, cfg, epoch)
+                else:  # none after the last epoch: its target stays the EMA's, as the authors' (they reset at starts)
+                    run.reset_pending = True
                 reset_seconds = time.time() - t0
             if save:
                 run.save(ckpt_path, cfg, data)
             if epoch_done and ((epoch + 1) % max(1, cfg.epochs // 20) == 0 or epoch + 1 == cfg.epochs):
-                log(f"epoch {epoch} done: groups reset by k-means ({reset_seconds:.1f}s), checkpoint {ckpt_path}")
+                reset = "the last" if run.reset_pending else f"groups reset by k-means ({reset_seconds:.1f}s)"
+                log(f"epoch {epoch} done ({reset}), checkpoint {ckpt_path}")
             if epoch_done and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and rank() == 0:
                 knn_report(run, cfg, device, data, held_out, progress, epoch)
             if stop:
