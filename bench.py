@@ -150,10 +150,12 @@ def bench_bn_over_sizes(cfg, device, autocast, reps):
     if cpu:
         torch.set_num_threads(1)
     torch.manual_seed(0)
-    encoders = {shared: smog.Encoder(*smog.BACKBONES["resnet50"](0.0), cfg.hidden_dim, cfg.feat_dim,
-                                     over_sizes=smog.resnet_over_sizes if shared else None
-                                     ).to(device).to(memory_format=torch.channels_last)
-                for shared in (True, False)}
+    def encoder(shared):  # the ResNet-50 online encoder, its BNs over all sizes or per size
+        backbone, dim = smog.BACKBONES["resnet50"](0.0)
+        projector, _ = smog.projector_and_predictor(dim, cfg.hidden_dim, cfg.feat_dim)
+        over_sizes = smog.resnet_over_sizes if shared else None
+        return smog.Encoder(backbone, projector, over_sizes).to(device).to(memory_format=torch.channels_last)
+    encoders = {shared: encoder(shared) for shared in (True, False)}
     crops = [torch.randn(2 * b, 3, big, big, device=device), torch.randn(n_local * b, 3, small, small, device=device)]
     crops = [x.contiguous(memory_format=torch.channels_last) for x in crops]
 

