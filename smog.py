@@ -18,8 +18,13 @@ paper's released main_SMoG.py and src/.
 """
 import copy
 import math
+import signal
+import sys
 from contextlib import nullcontext
 from typing import NamedTuple
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: exit 130 without a traceback (main() takes over from there)
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
 import torch
 import torch.distributed as dist
@@ -426,9 +431,7 @@ import json
 import os
 import pickle
 import re
-import signal
 import socket
-import sys
 import time
 import types
 from contextlib import contextmanager, suppress
@@ -2064,6 +2067,7 @@ def _train(cfg, device):
     return run
 
 def main(argv=None):
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt again, now torch is loaded
     cfg, args = parse_command(argv)
     if args.plot:
         print(f"wrote {plot_curves(args.plot)}")

@@ -1694,6 +1694,13 @@ def test_ctrl_c_checkpoints_and_exits_130_and_a_second_one_stops_at_once(tmp_pat
     assert status == 130 and not stderr.strip()  # no traceback
     assert any("caught Ctrl-C: checkpoint" in line for line in lines), lines
     assert 0 < final_state(out)["epoch_step"] < 6 and not (out / "lock").exists()  # mid-epoch; the out-dir is free
+    # Ctrl-C while torch is imported: 130, no traceback
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "smog.py"), "--out-dir", str(tmp_path / "importing")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.6)  # torch takes seconds to import; the handler is set before it
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     # Ctrl-C before training (data loaded, the bank being filled): 130 too, one line, no traceback
     status, _, stderr = run_signalled(signal.SIGINT, tmp_path / "early", *SMALL, "--epochs", "2", at="data:")
     assert status == 130 and "Traceback" not in stderr and len(stderr.strip().splitlines()) <= 1, stderr
