@@ -1069,7 +1069,9 @@ def decode_into_memory(ds, budget_gib, split):
                 f"decoded, over --memory-budget {budget_gib:g}: streamed through loader workers")
         return None
     t0 = time.time()
-    images, labels, failed = [], [], []  # the decoded images, their labels, the unreadable ones
+    images = []  # the decoded images
+    labels = []  # their labels
+    failed = []  # why each unreadable one is
     for path, label in samples:
         pixels = read(path)
         if isinstance(pixels, str):
@@ -1892,7 +1894,9 @@ def plot_curves(out_dir):
     s_hi = max([r["step"] for r in records if "step" in r] + [1])
     epoch_at = sorted((r["step"], r["epoch"]) for r in records if "step" in r and "epoch" in r)
     w, h = 380, 240  # one panel, in pixels
-    left, top, bottom = 52, 30, 46  # its margins
+    left = 52  # the panel's margins
+    top = 30
+    bottom = 46
     pw, ph = w - left - 16, h - top - bottom
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{3 * w}" height="{2 * h}" font-family="sans-serif" '
            f'font-size="11"><rect width="100%" height="100%" fill="white"/>']
