@@ -1269,8 +1269,9 @@ class TrainData:
         self.cfg = cfg
         self.device = device
         self.recipe = crop_recipe(cfg)
-        self.source, self.labels, self.fingerprint = load_dataset(cfg, "train")
-        in_memory = isinstance(self.source, torch.Tensor)
+        split = load_dataset(cfg, "train")
+        self.source, self.labels, self.fingerprint = split
+        in_memory = split.in_memory
         per_step = cfg.batch_size * world_size() * cfg.accumulate
         if len(self.labels) < per_step:
             fail(f"--batch-size {cfg.batch_size} × {world_size()} process(es) × --accumulate {cfg.accumulate} = "
