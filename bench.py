@@ -198,7 +198,7 @@ def bench_e2e(cfg, device, autocast, scaler, steps, warmup, root, batched):
     cfg = dataclasses.replace(cfg, data=root, memory_budget=0, batched_aug="on" if batched else "off", accumulate=1)
     data = smog.TrainData(cfg, device, draws=(steps + warmup) * cfg.batch_size)
     run, hyper = smog.RunState(cfg, device, scaler=scaler), smog.step_hyperparameters(cfg)
-    for step, (batches, _) in enumerate(data.steps(0)):
+    for step, (batches, _, _) in enumerate(data.steps()):
         if step == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()

@@ -47,8 +47,8 @@ import torchvision
 #           crops = MultiCrop(recipe)(image, t) per image     # 2 + 2 global, L local; pipelines q, k swap each step
 #           loss, counts, z, _ = train_step(online, target, grouping, [crops], opt, scaler,
 #                                           beta=beta_at(t, T), tau=τ, ema=m)
-#               # 1. y = argmax_k ⟨z_target, c_k⟩   2. c_k ← normalize(β·c_k + (1−β)·mean of the z in group k)
-#               # 3. CE(p · Cᵀ / τ, y) → LARS step   4. target ← m·target + (1−m)·online
+#               # 0. target ← m·target + (1−m)·online   1. y = argmax_k ⟨z_target, c_k⟩
+#               # 2. c_k ← normalize(β·c_k + (1−β)·mean of the z in group k)   3. CE(p · Cᵀ / τ, y) → LARS step
 #           bank.add(z)                                      # what the next epoch's k-means clusters
 
 # ----- collectives: every one is a no-op in a single process, so the same code runs with and without torchrun ------
@@ -81,7 +81,7 @@ def broadcast_(t, src=0):  # copies rank src's t to every process, in place
 # ----- the multi-crop recipe (the authors' src/multicropdataset.py, MultiCropDataset) ------------------------------
 # Every crop: RandomResizedCrop, flip, colour jitter, grayscale, then blur and solarize with its pipeline's
 # probabilities. The pipelines "q" and "k" (query and key, MoCo's words for the online and target views) swap
-# branches every other step. These constants serve MultiCrop and Part 2's batched augmentation alike.
+# branches at every pass. These constants serve MultiCrop and Part 2's batched augmentation alike.
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet normalisation
 JITTER = (0.4, 0.4, 0.2, 0.1)  # ColorJitter strengths: brightness, contrast, saturation, hue
@@ -109,8 +109,8 @@ class Crops(NamedTuple):
     target_local: torch.Tensor | None  # (L·B, 3, s, s), None unless recipe.target_local
 
 def pipelines_for_step(step):
-    """(online pipeline, target pipeline) of forward pass `step`: the two swap roles at every pass (main_SMoG.py,
-    train; with accumulation too)."""
+    """(online pipeline, target pipeline) of forward pass `step` of an epoch: the two swap roles at every pass, and
+    each epoch starts with q online (main_SMoG.py, train: `it % 2`; with accumulation too)."""
     return ("q", "k") if step % 2 == 0 else ("k", "q")
 
 class MultiCrop:
@@ -360,22 +360,27 @@ def ema_(target, online, m):  # target ← m·target + (1−m)·online for every
 
 # ----- one training step -------------------------------------------------------------------------------------------
 def train_step(online, target, grouping, passes, opt, scaler, *, beta, tau, ema, accumulate=1, clip_grad=0.0,
-               autocast=nullcontext(), group_z=None):
-    """One SMoG step: label with the target, update the groups with online z, contrast online p with them, step, EMA.
+               autocast=nullcontext(), group_z=None, step=True):
+    """One SMoG step: EMA, label with the target, update the groups with online z, contrast online p with them, step.
 
     online: OnlineNet (or DDP around one), target: its encoder's EMA copy, scaler: a GradScaler (enabled for fp16),
     ema: the target's momentum, clip_grad: max gradient norm (0: off). passes: `accumulate` Crops, made as each runs;
     as main_SMoG.py's --multi_forward, each is labelled and backpropagated alone (1/N of the gradient), the groups
-    move once, with every pass's z, before the last pass's loss, then one optimiser step and one EMA. group_z: None,
-    or a function crops → z that the group update and the bank see instead of the trained forward's z (Part 2: the
-    online encoder without stochastic depth, as the authors'). Returns device tensors (no host sync): mean loss,
-    counts (H, K), online global z (2, N·B, D), whether GradScaler skipped the step."""
+    move once, with every pass's z, before the last pass's loss, then one optimiser step. group_z: None, or a
+    function crops → z that the group update and the bank see instead of the trained forward's z (Part 2: the
+    online encoder without stochastic depth, as the authors'). step=False: fewer than `accumulate` passes, the
+    ones that end an epoch without filling a step (main_SMoG.py, train): they add their gradients and make no
+    group update and no optimiser step, so their gradients carry into the next step. Returns device tensors (no
+    host sync): mean loss, counts (H, K) (None without a step), online global z (2, N·B, D), whether GradScaler
+    skipped the step."""
     h, k = grouping.centroids.shape[:2]
     module = getattr(online, "module", online)  # the OnlineNet itself, also inside DDP
-    opt.zero_grad(set_to_none=True)
+    # 0. target ← m·target + (1−m)·online, at the step's start as main_SMoG.py's model forward (update_k_encoder
+    # on each step's first pass): the online network as the previous step left it
+    ema_(target, module.encoder, ema)
     z_globals, losses = [], []
     for i, crops in enumerate(passes):
-        last = i == accumulate - 1
+        last = step and i == accumulate - 1
         b = crops.target_global.shape[0] // 2
         target_crops = [x for x in (crops.target_global, crops.target_local) if x is not None]
         online_crops = [x for x in (crops.online_global, crops.online_local) if x is not None]
@@ -397,18 +402,24 @@ def train_step(online, target, grouping, passes, opt, scaler, *, beta, tau, ema,
             loss = smog_loss(grouping.logits(p, tau).view(h, -1, b, k), labels)  # 3. p against the c_k
             scaler.scale(loss / accumulate).backward()
         losses.append(loss.detach())
+    no_skip = torch.zeros((), dtype=torch.bool, device=grouping.centroids.device)
+    if not step:
+        if not 0 < len(losses) < accumulate:
+            raise ValueError(f"train_step(step=False) got {len(losses)} passes, accumulate is {accumulate}")
+        for param in module.parameters():  # averaged over processes as DDP's sync would: the same everywhere
+            if param.grad is not None:
+                all_reduce_(param.grad).div_(world_size())
+        return torch.stack(losses).mean(), None, torch.cat(z_globals, 1), no_skip
     if len(losses) != accumulate:
         raise ValueError(f"train_step got {len(losses)} forward passes, accumulate is {accumulate}")
-    scaler.unscale_(opt)  # trust ratios and clipping need the true gradients; no host sync
-    if scaler.is_enabled():
-        skipped = overflowed(online.parameters())
-    else:  # only fp16 skips steps: no extra pass over the gradients for the other precisions
-        skipped = torch.zeros((), dtype=torch.bool, device=grouping.centroids.device)
+    scaler.unscale_(opt)  # 4. trust ratios and clipping need the true gradients; no host sync
+    # only fp16 skips steps: no extra pass over the gradients for the other precisions
+    skipped = overflowed(online.parameters()) if scaler.is_enabled() else no_skip
     if clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(online.parameters(), clip_grad)
     scaler.step(opt)  # under fp16, skipped on the device when the gradients overflowed
     scaler.update()
-    ema_(target, module.encoder, ema)
+    opt.zero_grad(set_to_none=True)  # after the step, as main_SMoG.py: passes without a step keep theirs
     return torch.stack(losses).mean(), counts, z_global, skipped
 
 def overflowed(parameters):
@@ -1296,25 +1307,30 @@ class TrainData:
             self.sampler = torch.utils.data.RandomSampler(range(len(self.labels)), replacement=True,
                                                           num_samples=draws)
         self.unreadable = set()  # the unreadable images met so far (streamed folders), each once
-        self.steps_per_epoch = len(self.sampler) // cfg.batch_size // cfg.accumulate
-        self.epoch_images = self.steps_per_epoch * cfg.accumulate * cfg.batch_size  # this process's, per epoch
+        self.passes_per_epoch = len(self.sampler) // cfg.batch_size  # this process's forward passes
+        self.steps_per_epoch = self.passes_per_epoch // cfg.accumulate
+        self.left_over = self.passes_per_epoch % cfg.accumulate  # passes after the epoch's last step
+        self.epoch_images = self.passes_per_epoch * cfg.batch_size  # this process's, per epoch
 
-    def steps(self, first_step, skip=0):
-        """Yields (batches, failed) for each step of this epoch after the first `skip` (a run resumed mid-epoch)."""
+    def steps(self, skip=0):
+        """Yields (batches, carried, failed) for each step of this epoch after the first `skip` (a run resumed
+        mid-epoch): the step's `accumulate` batches, and at the epoch's last step the `left_over` batches after it
+        (whose gradients carry into the next step, as main_SMoG.py's), else []."""
         passes_per_step, b = self.cfg.accumulate, self.cfg.batch_size
         indices = list(self.sampler)
         # Each pass's (index, pass parity) pairs: the parity tells CPU workers which pipeline each branch uses.
         passes = []
-        for p in range(skip * passes_per_step, self.steps_per_epoch * passes_per_step):
-            parity = (first_step * passes_per_step + p - skip * passes_per_step) % 2
-            passes.append([(j, parity) for j in indices[p * b:(p + 1) * b]])
+        for p in range(skip * passes_per_step, self.passes_per_epoch):
+            passes.append([(j, p % 2) for j in indices[p * b:(p + 1) * b]])
         batches = iter(self._batches(passes))
-        for _ in range(skip, self.steps_per_epoch):
-            step = [next(batches) for _ in range(passes_per_step)]  # this step's (batch, failed) pairs
-            failed = [f for _, fs in step for f in fs]
+        for step in range(skip, self.steps_per_epoch):
+            last = step == self.steps_per_epoch - 1
+            taken = [next(batches) for _ in range(passes_per_step + self.left_over * last)]  # (batch, failed) pairs
+            failed = [f for _, fs in taken for f in fs]
             self.unreadable.update(failed)
             check_unreadable(len(self.unreadable), len(self.labels), failed)
-            yield [batch for batch, _ in step], failed
+            batches_only = [batch for batch, _ in taken]
+            yield batches_only[:passes_per_step], batches_only[passes_per_step:], failed
 
     def _batches(self, batches):  # (batch, failed paths) of lists of (index, parity) pairs
         if self.path == "device":  # in memory, augmented on the device: no loader processes needed
@@ -1329,14 +1345,16 @@ class TrainData:
         yield from copied_ahead(batches, self.device) if self.device.type == "cuda" else batches
 
     def crops(self, batch, index, reseed=True):
-        """The Crops of forward pass `index` from a batch of steps(), on the device, from seed (seed, process, pass)."""
+        """The Crops of forward pass `index` (counted over the run) from a batch of steps(), on the device, from seed
+        (seed, process, pass)."""
         if reseed:
             torch.manual_seed(seed_for(self.cfg.seed, index, rank()))
         batch = tensors_to(batch, self.device)  # a no-op for batches that copied_ahead already moved
+        in_epoch = index % self.passes_per_epoch  # the pipelines swap with the pass of the epoch
         if self.path == "device":
-            crops = batch_multicrop(batch, index, self.recipe, self.cfg.invert)
+            crops = batch_multicrop(batch, in_epoch, self.recipe, self.cfg.invert)
         elif self.path == "cut":
-            crops = cut_multicrop(batch, index, self.recipe, self.cfg.invert)
+            crops = cut_multicrop(batch, in_epoch, self.recipe, self.cfg.invert)
         else:
             crops = Crops(*batch)
         return Crops(*(None if x is None else channels_last(x, self.cfg) for x in crops))
@@ -1347,8 +1365,7 @@ class TrainData:
         torch.manual_seed(seed_for(self.cfg.seed, -1, rank()))
         self.sampler.set_epoch(-1)
         indices, b = list(self.sampler), self.cfg.batch_size
-        passes = [[(j, 0) for j in indices[p * b:(p + 1) * b]]
-                  for p in range(self.steps_per_epoch * self.cfg.accumulate)]
+        passes = [[(j, 0) for j in indices[p * b:(p + 1) * b]] for p in range(self.passes_per_epoch)]
         for batch, _ in self._batches(passes):
             yield self.crops(batch, 0, reseed=False).online_global
 
@@ -1440,6 +1457,7 @@ class RunState:
         banks = all_gather(self.bank.feats).cpu() if keep_banks else None  # every process's bank
         if rank() != 0:
             return
+        carried = self.carried_gradients()
         # Written aside and read back before it replaces the old one: no kill at any moment, full disk or damaged
         # copy leaves the run without a checkpoint that loads. A write that fails ends the run in one line.
         tmp = path + ".tmp"
@@ -1449,7 +1467,7 @@ class RunState:
                             online=self.online.state_dict(), target=self.target.state_dict(), banks=banks,
                             grouping=self.grouping.state_dict(), optimizer=self.opt.state_dict(),
                             scaler=self.scaler.state_dict(), bank_filled=self.bank.filled,
-                            reset_pending=self.reset_pending), tmp)
+                            reset_pending=self.reset_pending, carried=carried), tmp)
             read_checkpoint(tmp)
             if os.path.exists(path):
                 os.replace(path, previous_of(path))
@@ -1461,6 +1479,11 @@ class RunState:
         finally:  # a write that failed or was cut short (a second Ctrl-C) leaves no partial file
             with suppress(OSError):
                 os.remove(tmp)
+
+    def carried_gradients(self):  # the gradients passes without a step left for the next (by name, unscaled), or None
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        grads = {name: p.grad / scale for name, p in self.online.named_parameters() if p.grad is not None}
+        return grads or None
 
     def load(self, state):  # copies a checkpoint into the run (and this process's bank, mid-epoch)
         for name, part in dict(online=self.online, target=self.target, grouping=self.grouping,
@@ -1475,6 +1498,10 @@ class RunState:
         self.step = state["step"]
         self.epoch_step = state.get("epoch_step", 0)
         self.reset_pending = state.get("reset_pending", False)
+        carried = state.get("carried") or {}
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        for name, p in self.online.named_parameters():
+            p.grad = torch.empty_like(p).copy_(carried[name] * scale) if name in carried else None
         if self.epoch_step or self.reset_pending:
             if state["banks"][rank()].shape != self.bank.feats.shape:
                 raise ValueError(f"memory bank of shape {tuple(state['banks'][rank()].shape)}, this run's is "
@@ -1551,7 +1578,7 @@ def read_checkpoint(path, needs=("online", "target", "grouping", "optimizer", "s
         raise ValueError("not a smog.py checkpoint")
     if missing := set(needs) - state.keys():
         raise ValueError(f"incomplete: no {', '.join(sorted(missing))}")
-    for part in (*needs, "banks"):
+    for part in (*needs, "banks", "carried"):
         if not all_finite(state.get(part)):
             raise ValueError(f"damaged: its {part} holds NaN or inf")
     return state
@@ -1593,6 +1620,10 @@ def check_resumable(path, state, cfg, data):
             fail(f"--resume {path}: written with each process's bank (mid-epoch, or at the end) by {processes} "
                  f"process(es) × {passes} passes; resume it with "
                  f"as many (this run has {world_size()} × {cfg.accumulate}), or from the end of an epoch")
+        if state.get("carried"):  # a gradient summed over `passes` passes' shares
+            fail(f"--resume {path}: it holds the gradients of the passes that ended its epoch without a step, for "
+                 f"{processes} process(es) × {passes} passes; resume it with as many (this run has "
+                 f"{world_size()} × {cfg.accumulate})")
         log(f"resuming {processes} process(es) × {batch} images × {passes} passes as {world_size()} × "
             f"{cfg.batch_size} × {cfg.accumulate}: the same global batch and schedules; BN statistics now over "
             f"{cfg.batch_size} images per pass (SyncBN: all processes'), the data order unlike an uninterrupted run's")
@@ -1817,11 +1848,11 @@ class Progress:
 
     def timed(self, steps):  # TrainData.steps' batches, timing each wait for them and counting unreadable images
         t0 = time.time()
-        for batches, failed in steps:
+        for batches, carried, failed in steps:
             self.data_time += time.time() - t0
             self.bad_images += len(failed)
-            self.images += self.cfg.batch_size * world_size() * len(batches)
-            yield batches
+            self.images += self.cfg.batch_size * world_size() * (len(batches) + len(carried))
+            yield batches, carried
             t0 = time.time()  # the loop asks for the next step's batches
 
     def add(self, counts, skipped):  # one step's group counts (H, K) and skip flag, summed on the device
@@ -1952,15 +1983,15 @@ def open_log(cfg):  # out_dir/log.jsonl, appended to by rank 0; the other proces
     return open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank() == 0 else nullcontext()
 
 def remaining_steps(data, run, cfg, progress):
-    """(epoch, batches) for every step from the run's current one to the end, epoch by epoch."""
+    """(epoch, batches, carried) for every step from the run's current one to the end, epoch by epoch (TrainData.steps)."""
     for epoch in range(run.epoch, cfg.epochs):
         # Data order is a function of (seed, epoch), each pass's crops of (seed, process, pass): resuming at any
         # step is exact with batched augmentation (CPU workers draw from their own per-epoch seeds).
         data.sampler.set_epoch(epoch)
         torch.manual_seed(seed_for(cfg.seed, epoch, rank()))  # the loader's worker seeds
         progress.restart()
-        for batches in progress.timed(data.steps(run.step, run.epoch_step)):
-            yield epoch, batches
+        for batches, carried in progress.timed(data.steps(run.epoch_step)):
+            yield epoch, batches, carried
 
 def _train(cfg, device):
     # ----- setup: precision, data, the run state (resumed, or a bank from the initial network and k-means) -----
@@ -1976,18 +2007,19 @@ def _train(cfg, device):
     passes_per_step = cfg.accumulate
     steps_per_epoch = data.steps_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    # The schedules run over forward passes, set at each step's last, as main_SMoG.py's (per pass, over len(loader))
+    passes_per_epoch = data.passes_per_epoch
+    total_passes = cfg.epochs * passes_per_epoch
+    warmup_passes = cfg.warmup_epochs * passes_per_epoch
     global_batch = cfg.batch_size * world_size() * passes_per_step
     batch_parts = f"{cfg.batch_size} × {world_size()} process(es)"
     if passes_per_step > 1:
         batch_parts += f" × {passes_per_step} passes"
     log(f"data: {len(data.labels)} images, {steps_per_epoch} steps per epoch, global batch {global_batch} "
         f"({batch_parts}), crops: {CROP_PATHS[data.path]}")
-    passes_per_epoch = len(data.sampler) // cfg.batch_size
-    if passes_per_epoch % passes_per_step:  # the authors carry them into the next step; this loop leaves them out
-        left_out = passes_per_epoch % passes_per_step
-        log(f"--accumulate {passes_per_step}: the last {left_out} of the {passes_per_epoch} passes of each epoch "
-            f"({left_out * cfg.batch_size} images per process) fill no step and are left out")
+    if data.left_over:
+        log(f"--accumulate {passes_per_step}: the last {data.left_over} of the {passes_per_epoch} passes of each "
+            f"epoch fill no step; their gradients carry into the next epoch's first step, as the authors'")
     run = RunState(cfg, device, data.epoch_images, scaler)
     if resume:
         run.resume(resume, cfg, data)
@@ -2011,18 +2043,26 @@ def _train(cfg, device):
 
     with open_log(cfg) as jsonl, catch_preemption() as caught, collective_failures_in_one_line(run, cfg.dist_timeout):
         progress = Progress(cfg, total_steps, jsonl, run.step, scaler)
-        for epoch, batches in remaining_steps(data, run, cfg, progress):
+        for epoch, batches, carried in remaining_steps(data, run, cfg, progress):
             # ----- one step: the schedules at this step, train_step, the bank, the interval's sums -----
-            lr = lr_at(run.step, total_steps, warmup_steps, peak_lr, cfg.start_lr, cfg.final_lr)
-            beta = beta_at(run.step, total_steps, cfg.beta_start, cfg.beta_end)
+            first_pass = epoch * passes_per_epoch + run.epoch_step * passes_per_step  # counted over the run
+            last_pass = first_pass + passes_per_step - 1
+            lr = lr_at(last_pass, total_passes, warmup_passes, peak_lr, cfg.start_lr, cfg.final_lr)
+            beta = beta_at(last_pass, total_passes, cfg.beta_start, cfg.beta_end)
             for group in run.opt.param_groups:
                 group["lr"] = lr
-            passes = (data.crops(batch, run.step * passes_per_step + i) for i, batch in enumerate(batches))
+            passes = (data.crops(batch, first_pass + i) for i, batch in enumerate(batches))
             loss, counts, z_global, skipped = train_step(run.online_ddp, run.target, run.grouping, passes, run.opt,
                                                          run.scaler, beta=beta, autocast=autocast,
                                                          group_z=run.group_z, **hyper)
             run.bank.add(z_global)
             progress.add(counts, skipped)
+            if carried:  # the epoch's last passes, too few for a step: gradients for the next step, z for the bank
+                passes = (data.crops(batch, last_pass + 1 + i) for i, batch in enumerate(carried))
+                _, _, z_carried, _ = train_step(run.online_ddp, run.target, run.grouping, passes, run.opt, run.scaler,
+                                                beta=beta, autocast=autocast, group_z=run.group_z, step=False,
+                                                **hyper)
+                run.bank.add(z_carried)
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), run.step, bad_step)
             run.step += 1
             run.epoch_step += 1

@@ -420,8 +420,9 @@ def test_step_changes_online_and_moves_target_by_ema(tmp_path):
     online_after = list(run.online.encoder.parameters())
     changed = sum(not torch.equal(a, b) for a, b in zip(online_before, online_after))
     assert changed == len(online_before)  # every weight of the encoder receives an update
-    for t0, o1, t1 in zip(target_before, online_after, run.target.parameters()):
-        assert torch.allclose(t1, 0.9 * t0 + 0.1 * o1, atol=1e-6, rtol=0)
+    # The EMA runs at the step's start, as in the authors' forward: it blends in the online weights from before the update.
+    for t0, o0, t1 in zip(target_before, online_before, run.target.parameters()):
+        assert torch.allclose(t1, 0.9 * t0 + 0.1 * o0, atol=1e-6, rtol=0)
     assert not torch.equal(run.grouping.centroids, centroids_before)
     assert counts.sum().item() == cfg.num_heads * cfg.batch_size
 
@@ -429,9 +430,12 @@ def test_step_changes_online_and_moves_target_by_ema(tmp_path):
 def test_accumulated_passes_equal_a_reference_loop(tmp_path):
     # Two passes of 32 images: each labelled by the target with the groups as they were, one group update with both
     # passes' z before the second pass's loss (the first pass's loss saw the groups before it), the gradients
-    # averaged, one LARS step, one EMA. The reference builds one graph of both passes and backpropagates once.
+    # averaged, one LARS step; one EMA first. The reference builds one graph of both passes and backpropagates once.
     cfg = tiny_cfg(tmp_path, "--accumulate", "2", "--ema", "0.9")
     run, ref = build_nets(cfg), build_nets(cfg)
+    with torch.no_grad():  # a target unlike the online network, as after a step: the EMA first moves it
+        for p in [*run.target.parameters(), *ref.target.parameters()]:
+            p.mul_(0.5)
     images, _ = smog.synthetic_shapes(64, seed=3)
     passes = []
     for i in range(2):
@@ -439,6 +443,7 @@ def test_accumulated_passes_equal_a_reference_loop(tmp_path):
         passes.append(smog.batch_multicrop(images[32 * i:32 * (i + 1)], i, smog.crop_recipe(cfg)))
     loss, counts, z_global, _ = step_of(cfg, run, iter(passes))
     h, k, b = cfg.num_heads, cfg.num_groups, 32
+    smog.ema_(ref.target, ref.online.encoder, 0.9)
     losses, zs = [], []
     for i, crops in enumerate(passes):
         with torch.no_grad():
@@ -454,7 +459,6 @@ def test_accumulated_passes_equal_a_reference_loop(tmp_path):
     ref.opt.zero_grad()
     (sum(losses) / 2).backward()
     ref.opt.step()
-    smog.ema_(ref.target, ref.online.encoder, 0.9)
     assert loss.item() == pytest.approx(sum(losses).item() / 2, abs=1e-6)
     assert counts.sum().item() == h * 64 and z_global.shape == (2, 64, cfg.feat_dim)
     assert torch.allclose(run.grouping.centroids, ref.grouping.centroids, atol=1e-6)
@@ -463,6 +467,40 @@ def test_accumulated_passes_equal_a_reference_loop(tmp_path):
         assert torch.allclose(a, r, atol=1e-6)
     with pytest.raises(ValueError, match="1 forward passes"):  # a step needs exactly --accumulate passes
         step_of(cfg, run, passes[:1])
+
+
+def test_passes_without_a_step_carry_their_gradients_into_the_next_step(tmp_path):
+    # main_SMoG.py zeroes the gradients only after a step: the passes that end an epoch add theirs to the next
+    # step's, which divides the sum by --accumulate. So the next step's gradient is its own plus the carried one.
+    cfg = tiny_cfg(tmp_path, "--accumulate", "2")
+    images, _ = smog.synthetic_shapes(96, seed=3)
+    passes = []
+    for i in range(3):
+        torch.manual_seed(i)
+        passes.append(smog.batch_multicrop(images[32 * i:32 * (i + 1)], i, smog.crop_recipe(cfg)))
+    carried_only, step_only, both = build_nets(cfg), build_nets(cfg), build_nets(cfg)
+    centroids = both.grouping.centroids.clone()
+    loss, counts, z, skipped = smog.train_step(both.online, both.target, both.grouping, iter(passes[:1]), both.opt,
+                                               both.scaler, beta=0.9, step=False,
+                                               **smog.step_hyperparameters(cfg))
+    assert counts is None and z.shape == (2, 32, cfg.feat_dim) and not skipped
+    assert torch.equal(both.grouping.centroids, centroids)  # no group update without a step
+    assert all(torch.equal(a, b) for a, b in zip(both.online.parameters(), step_only.online.parameters()))
+    smog.train_step(carried_only.online, carried_only.target, carried_only.grouping, iter(passes[:1]),
+                    carried_only.opt, carried_only.scaler, beta=0.9, step=False, **smog.step_hyperparameters(cfg))
+    seen = {}
+    for name, run in (("both", both), ("step_only", step_only)):
+        run.opt.step = lambda run=run, name=name: seen.update(
+            {name: [p.grad.clone() for p in run.online.parameters() if p.grad is not None]})
+        step_of(cfg, run, iter(passes[1:]))
+    carried = [p.grad for p in carried_only.online.parameters() if p.grad is not None]
+    assert len(seen["both"]) == len(seen["step_only"]) == len(carried) > 0
+    for g_both, g_step, g_carried in zip(seen["both"], seen["step_only"], carried):
+        assert torch.allclose(g_both, g_step + g_carried, atol=1e-6)
+    assert all(p.grad is None for p in both.online.parameters())  # zeroed after the step
+    with pytest.raises(ValueError, match="2 passes"):  # passes without a step are fewer than --accumulate
+        smog.train_step(both.online, both.target, both.grouping, iter(passes[:2]), both.opt, both.scaler,
+                        beta=0.9, step=False, **smog.step_hyperparameters(cfg))
 
 
 def test_target_forwards_its_local_crops_and_labels_come_from_its_global_crops(tmp_path):
@@ -1435,20 +1473,31 @@ def test_train_resume_continue_matches_uninterrupted(tmp_path):
 
 @pytest.mark.slow
 def test_accumulated_run_preempted_mid_epoch_resumes_exactly(tmp_path):
-    flags = [*SMALL, "--synthetic-size", "256", "--batch-size", "32", "--accumulate", "2", "--epochs", "2",
-             "--no-knn"]  # global batch 64: 4 steps per epoch
+    # 256 images in passes of 28: 9 passes per epoch, 4 steps of 2 and a ninth pass whose gradients carry into the
+    # next epoch's first step. One run is preempted mid-epoch, one stopped at the first epoch's end, where the
+    # checkpoint holds the carried gradients: both end as the uninterrupted run.
+    flags = [*SMALL, "--synthetic-size", "256", "--batch-size", "28", "--accumulate", "2", "--epochs", "2",
+             "--no-knn"]
     r = run_smog(*flags, "--out-dir", str(tmp_path / "straight"))
-    assert r.returncode == 0 and "global batch 64 (32 × 1 process(es) × 2 passes)" in r.stdout, r.stderr
+    assert r.returncode == 0 and "global batch 56 (28 × 1 process(es) × 2 passes)" in r.stdout, r.stderr
+    assert "the last 1 of the 9 passes of each epoch fill no step" in r.stdout
     status, _, stderr = run_signalled(signal.SIGTERM, tmp_path / "preempted", *flags, at="step 6/")
     assert status == 0, stderr
     assert 0 < final_state(tmp_path / "preempted")["epoch_step"] < 4
     r = run_smog(*flags, "--out-dir", str(tmp_path / "preempted"))
     assert r.returncode == 0 and "mid-epoch" in r.stdout, r.stderr
-    a, c = final_state(tmp_path / "straight"), final_state(tmp_path / "preempted")
-    assert a["step"] == c["step"] == 8
-    for key in ("online", "target", "grouping"):
-        for name in a[key]:
-            assert torch.allclose(a[key][name].float(), c[key][name].float(), atol=1e-6), (key, name)
+    r = run_smog(*flags, "--stop-after", "1", "--out-dir", str(tmp_path / "stopped"))
+    assert r.returncode == 0, r.stderr
+    assert final_state(tmp_path / "stopped")["carried"]  # the ninth pass's gradients
+    r = run_smog(*flags, "--out-dir", str(tmp_path / "stopped"))
+    assert r.returncode == 0, r.stderr
+    a = final_state(tmp_path / "straight")
+    for resumed in ("preempted", "stopped"):
+        c = final_state(tmp_path / resumed)
+        assert a["step"] == c["step"] == 8
+        for key in ("online", "target", "grouping"):
+            for name in a[key]:
+                assert torch.allclose(a[key][name].float(), c[key][name].float(), atol=1e-6), (resumed, key, name)
 
 
 @pytest.fixture(scope="module")
@@ -1649,8 +1698,8 @@ def test_an_accumulation_remainder_is_said_in_one_line(tmp_path, capsys, monkeyp
                              str(tmp_path)])  # 8 passes per epoch: 2 steps of 3, 2 passes left out
     with pytest.raises(Stop):
         smog.train(cfg)
-    assert "--accumulate 3: the last 2 of the 8 passes of each epoch (128 images per process) fill no step" in \
-        capsys.readouterr().out
+    assert "--accumulate 3: the last 2 of the 8 passes of each epoch fill no step; their gradients carry into " \
+        "the next epoch's first step" in capsys.readouterr().out
 
 
 class RunsCode:
@@ -1873,7 +1922,8 @@ DRIVER = textwrap.dedent("""
     import smog
     torch.set_num_threads(1)
     run = smog.train(smog.parse_config(sys.argv[1:]))
-    state = dict(centroids=run.grouping.centroids, target=run.target.state_dict(), online=run.online.state_dict())
+    state = dict(centroids=run.grouping.centroids, target=run.target.state_dict(), online=run.online.state_dict(),
+                 carried=run.carried_gradients() or {{}})
     torch.save(state, os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"]))
     torch.distributed.destroy_process_group()
 """)
@@ -1885,17 +1935,19 @@ def test_torchrun_two_processes_stay_in_sync(tmp_path, accumulate):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(repo=REPO, out=str(tmp_path)))
     # 390 images: not divisible by 2 processes × 64, so ranks drop different tails and must still agree after the
-    # epoch's 3 steps (195 images per rank) and its k-means reset; with --accumulate 2, steps of 2 passes of 32.
+    # epoch's 3 steps (195 images per rank) and its k-means reset. With --accumulate 2, 5 passes of 36 per rank: 2
+    # steps, then one pass whose gradients carry into the next step, averaged over the ranks as DDP's sync would.
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(driver), *SMALL, "--synthetic-size", "390", "--epochs", "1", "--no-knn",
-                        "--accumulate", accumulate, "--batch-size", str(64 // int(accumulate)),
+                        "--accumulate", accumulate, "--batch-size", "64" if accumulate == "1" else "36",
                         "--out-dir", str(tmp_path / "out")],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "processes: 2" in r.stdout
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
     assert torch.equal(r0["centroids"], r1["centroids"])
-    for key in ("target", "online"):
+    assert bool(r0["carried"]) == (accumulate == "2")  # only the fifth pass leaves gradients for a next step
+    for key in ("target", "online", "carried"):
         for name in r0[key]:
             assert torch.equal(r0[key][name], r1[key][name]), (key, name)
 
