@@ -524,7 +524,8 @@ class Config:
     exclude_1d: bool = option(False, "no weight decay or LARS on biases, norms and position tables (the authors: "
                               "Swin only)")
     precision: str | None = option(None, "fp16 | bf16 | fp32: autocast dtype of the networks; grouping and loss are "
-                                   "fp32", section="system", auto="fp16 on CUDA, fp32 on CPU")
+                                   "fp32", section="system",
+                                   auto="fp16 on CUDA, bf16 on CPUs with AMX or AVX512-BF16, else fp32")
     channels_last: bool = option(True, "NHWC memory layout: the one tensor cores and oneDNN's convolutions prefer")
     compile: bool = option(False, "torch.compile the online and target networks (minutes of compilation)")
     log_every: int = option(20, "steps between log lines")
@@ -1408,11 +1409,22 @@ def copied_ahead(batches, device):
         yield handed_over(*ahead)
 
 # ----- the run state and its checkpoints ---------------------------------------------------------------------------
+def native_bf16_cpu():
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16): there bf16 autocast is faster than fp32."""
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16"))
+
 def resolve_precision(cfg, device):
-    """(name, autocast context, GradScaler): fp16 on CUDA by default, fp32 on CPU; a scaler for fp16 only."""
-    # fp16 rather than bf16: cuDNN runs fp16 BatchNorm, bf16 falls back to slower kernels (README, Performance). The
-    # scaler costs no host sync: LARS and fused AdamW take its overflow flag as a tensor.
-    precision = cfg.precision or ("fp16" if device.type == "cuda" else "fp32")
+    """(name, autocast context, GradScaler): by default fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
+    # fp16 rather than bf16 on CUDA: cuDNN runs fp16 BatchNorm, bf16 falls back to slower kernels (README,
+    # Performance). Elsewhere (oneDNN) bf16 is emulated and slower than fp32. The scaler costs no host sync: LARS
+    # and fused AdamW take its overflow flag as a tensor.
+    if cfg.precision:
+        precision = cfg.precision
+    elif device.type == "cuda":
+        precision = "fp16"
+    else:
+        precision = "bf16" if native_bf16_cpu() else "fp32"
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else nullcontext())
     return precision, autocast, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -1448,6 +1460,8 @@ class RunState:
         self.online_ddp = (nn.parallel.DistributedDataParallel(online, device_ids=[device] if device.type == "cuda"
                                                                else None) if world_size() > 1 else online)
         self.epoch = self.step = self.epoch_step = 0
+        self.started = time.time()  # when this job built the run; elapsed_s() adds the jobs before (checkpointed)
+        self.seconds_before = 0.0
         self.reset_pending = False  # after the last epoch: the groups are not reset (the authors reset at epoch starts)
         self.last_good = "none"  # the newest checkpoint this run wrote or resumed from, as the divergence message says
 
@@ -1467,7 +1481,7 @@ class RunState:
                             online=self.online.state_dict(), target=self.target.state_dict(), banks=banks,
                             grouping=self.grouping.state_dict(), optimizer=self.opt.state_dict(),
                             scaler=self.scaler.state_dict(), bank_filled=self.bank.filled,
-                            reset_pending=self.reset_pending, carried=carried), tmp)
+                            reset_pending=self.reset_pending, carried=carried, elapsed_s=self.elapsed_s()), tmp)
             read_checkpoint(tmp)
             if os.path.exists(path):
                 os.replace(path, previous_of(path))
@@ -1479,6 +1493,9 @@ class RunState:
         finally:  # a write that failed or was cut short (a second Ctrl-C) leaves no partial file
             with suppress(OSError):
                 os.remove(tmp)
+
+    def elapsed_s(self):  # wall-clock seconds of the run so far, over all its jobs: what log.jsonl's curves plot
+        return self.seconds_before + time.time() - self.started
 
     def carried_gradients(self):  # the gradients passes without a step left for the next (by name, unscaled), or None
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
@@ -1498,6 +1515,7 @@ class RunState:
         self.step = state["step"]
         self.epoch_step = state.get("epoch_step", 0)
         self.reset_pending = state.get("reset_pending", False)
+        self.seconds_before = state.get("elapsed_s", 0.0)
         carried = state.get("carried") or {}
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         for name, p in self.online.named_parameters():
@@ -1829,8 +1847,9 @@ def knn_report(run, cfg, device, data, held_out, progress, epoch, final=False):
 
 class Progress:
     """The log line every cfg.log_every steps, on the console and in log.jsonl."""
-    def __init__(self, cfg, total_steps, jsonl, first_step, scaler):
+    def __init__(self, cfg, total_steps, jsonl, first_step, scaler, clock=time.time):
         self.cfg = cfg
+        self.clock = clock  # the run's elapsed seconds, which every record carries as elapsed_s
         self.total_steps = total_steps
         self.jsonl = jsonl
         self.scaler = scaler
@@ -1888,7 +1907,7 @@ class Progress:
 
     def write(self, record):  # one line of log.jsonl, which rank 0 holds (the others have None)
         if self.jsonl:
-            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.write(json.dumps({**record, "elapsed_s": round(self.clock(), 1)}) + "\n")
             self.jsonl.flush()
 
 def parameter_counts(cfg):
@@ -1916,25 +1935,29 @@ def plot_curves(out_dir):
         fail(f"--plot {out_dir}: no readable log.jsonl ({type(e).__name__}: {e})")
     log_k = max([r.get("assign_entropy_max", 0) for r in records] + [0])
     k = round(math.exp(log_k)) if log_k else None
-    # (key, title, range: fixed, or the data's from "zero" or None: their own; reference line and its label or None)
-    panels = [("loss", "loss", None, None), ("lr", "learning rate", "zero", None),
-              ("beta", "β (centroid momentum)", None, (1.0, "1")),
-              ("groups_used", "groups used", (0, 1.05 * k) if k else "zero", (k, f"K = {k}") if k else None),
+    # (key, title, range: fixed, or the data's from "zero" or None: their own; reference line and its label or None;
+    # x: "step", or "elapsed_s" for the time-to-accuracy panel, in minutes of the run's wall-clock)
+    panels = [("loss", "loss", None, None, "step"), ("lr", "learning rate", "zero", None, "step"),
+              ("beta", "β (centroid momentum)", None, (1.0, "1"), "step"),
+              ("groups_used", "groups used", (0, 1.05 * k) if k else "zero", (k, f"K = {k}") if k else None, "step"),
               ("assign_entropy", "assignment entropy (nats)", (0, 1.05 * log_k) if k else "zero",
-               (log_k, f"log K = {log_k:.2f}") if k else None),
-              ("knn_top1", "kNN top-1 (%)", (0, 100), None)]
-    s_hi = max([r["step"] for r in records if "step" in r] + [1])
+               (log_k, f"log K = {log_k:.2f}") if k else None, "step"),
+              ("img_per_s", "throughput (img/s)", "zero", None, "step"),
+              ("knn_top1", "kNN top-1 (%)", (0, 100), None, "step"),
+              ("knn_top1", "kNN top-1 (%) against wall-clock", (0, 100), None, "elapsed_s")]
+    x_hi = dict(step=max([r["step"] for r in records if "step" in r] + [1]),
+                elapsed_s=max([r["elapsed_s"] for r in records if "elapsed_s" in r] + [60]))
     epoch_at = sorted((r["step"], r["epoch"]) for r in records if "step" in r and "epoch" in r)
     w, h = 380, 240  # one panel, in pixels
     left = 52  # the panel's margins
     top = 30
     bottom = 46
     pw, ph = w - left - 16, h - top - bottom
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{3 * w}" height="{2 * h}" font-family="sans-serif" '
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{4 * w}" height="{2 * h}" font-family="sans-serif" '
            f'font-size="11"><rect width="100%" height="100%" fill="white"/>']
-    for i, (key, title, fixed, ref) in enumerate(panels):
-        x0, y0 = (i % 3) * w + left, (i // 3) * h + top
-        points = [(r["step"], r[key]) for r in records if r.get(key) is not None and "step" in r]
+    for i, (key, title, fixed, ref, x) in enumerate(panels):
+        x0, y0 = (i % 4) * w + left, (i // 4) * h + top
+        points = [(r[x], r[key]) for r in records if r.get(key) is not None and x in r]
         values = [v for _, v in points] + ([ref[0]] if ref else [])
         lo, hi = fixed if isinstance(fixed, tuple) else (min(values, default=0), max(values, default=1))
         lo = min(lo, 0) if fixed == "zero" else lo
@@ -1942,17 +1965,21 @@ def plot_curves(out_dir):
             lo, hi = lo - max(abs(lo) * 0.05, 1e-3), hi + max(abs(hi) * 0.05, 1e-3)
         pad = 0 if isinstance(fixed, tuple) else 0.05 * (hi - lo)
         lo, hi = lo - (pad if lo != 0 else 0), hi + pad
-        sx = lambda s: x0 + pw * s / s_hi  # noqa: E731
+        sx = lambda s: x0 + pw * s / x_hi[x]  # noqa: E731
         sy = lambda v: y0 + ph - ph * (v - lo) / (hi - lo)  # noqa: E731
         svg.append(f'<text x="{x0}" y="{y0 - 10}" font-weight="bold">{title}</text><rect x="{x0}" y="{y0}" '
                    f'width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
         svg += [f'<text x="{x0 - 4}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:.4g}</text><line x1="{x0}" '
                 f'x2="{x0 + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>' for t in _ticks(lo, hi)]
-        for t in _ticks(0, s_hi, 4):
-            epoch = max([e for s, e in epoch_at if s <= t], default=0 if epoch_at else None)
-            svg.append(f'<text x="{sx(t):.1f}" y="{y0 + ph + 14}" text-anchor="middle">{t}</text>'
-                       + (f'<text x="{sx(t):.1f}" y="{y0 + ph + 26}" text-anchor="middle" fill="#777">epoch {epoch}'
-                          f'</text>' if epoch is not None else ""))
+        if x == "elapsed_s":  # ticks in minutes
+            svg += [f'<text x="{sx(60 * t):.1f}" y="{y0 + ph + 14}" text-anchor="middle">{t:g} min</text>'
+                    for t in _ticks(0, x_hi[x] / 60, 4)]
+        else:  # ticks in steps, with the epoch under each
+            for t in _ticks(0, x_hi[x], 4):
+                epoch = max([e for s, e in epoch_at if s <= t], default=0 if epoch_at else None)
+                svg.append(f'<text x="{sx(t):.1f}" y="{y0 + ph + 14}" text-anchor="middle">{t}</text>'
+                           + (f'<text x="{sx(t):.1f}" y="{y0 + ph + 26}" text-anchor="middle" fill="#777">epoch '
+                              f'{epoch}</text>' if epoch is not None else ""))
         if ref:
             svg.append(f'<line x1="{x0}" x2="{x0 + pw}" y1="{sy(ref[0]):.1f}" y2="{sy(ref[0]):.1f}" stroke="#c33" '
                        f'stroke-dasharray="4 3"/><text x="{x0 + pw - 4}" y="{sy(ref[0]) - 4:.1f}" text-anchor="end" '
@@ -2001,7 +2028,10 @@ def _train(cfg, device):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     log(f"config: {config_text(cfg)}")
-    log(f"device: {device}, processes: {world_size()}, precision: {precision}")
+    why = ""
+    if cfg.precision is None and device.type == "cpu":
+        why = " (auto: this CPU computes bf16 natively)" if precision == "bf16" else " (auto: no native bf16 on this CPU)"
+    log(f"device: {device}, processes: {world_size()}, precision: {precision}{why}")
     resume = resolve_resume(cfg)
     data = TrainData(cfg, device)
     passes_per_step = cfg.accumulate
@@ -2042,7 +2072,7 @@ def _train(cfg, device):
     stop = None  # why the run leaves before its last step: "signal" or "stop-after"
 
     with open_log(cfg) as jsonl, catch_preemption() as caught, collective_failures_in_one_line(run, cfg.dist_timeout):
-        progress = Progress(cfg, total_steps, jsonl, run.step, scaler)
+        progress = Progress(cfg, total_steps, jsonl, run.step, scaler, clock=run.elapsed_s)
         for epoch, batches, carried in remaining_steps(data, run, cfg, progress):
             # ----- one step: the schedules at this step, train_step, the bank, the interval's sums -----
             first_pass = epoch * passes_per_epoch + run.epoch_step * passes_per_step  # counted over the run

@@ -1443,8 +1443,11 @@ def test_train_resume_continue_matches_uninterrupted(tmp_path):
     r = run_smog(*SMALL, "--epochs", "2", "--stop-after", "1", "--out-dir", str(split))
     assert r.returncode == 0 and "held-out split: " not in r.stdout, r.stderr  # no final report yet
     assert final_state(split)["epoch"] == 1
+    first_job_s = final_state(split)["elapsed_s"]
     r = run_smog(*SMALL, "--epochs", "2", "--out-dir", str(split))  # --resume auto picks it up
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+    clock = [rec["elapsed_s"] for rec in map(json.loads, open(split / "log.jsonl"))]
+    assert clock == sorted(clock) and clock[-1] > first_job_s > 0  # one wall-clock over both jobs
     a, b = final_state(straight), final_state(split)
     assert a["step"] == b["step"] == 2 * (384 // 64)
     for key in ("online", "target", "grouping"):
@@ -1564,6 +1567,21 @@ def test_a_checkpoint_holding_nan_is_damaged_and_the_previous_one_resumes(two_ep
         assert final_state(out)["epoch"] == 3
 
 
+def test_automatic_precision_is_bf16_only_on_cpus_that_compute_it_natively(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(smog, "native_bf16_cpu", lambda native=native: native)
+        precision, autocast, scaler = smog.resolve_precision(tiny_cfg(tmp_path), cpu)
+        assert precision == expected and not scaler.is_enabled()
+        assert isinstance(autocast, torch.autocast) == native
+        assert not native or autocast.fast_dtype == torch.bfloat16
+        for asked in ("fp32", "bf16", "fp16"):  # a precision asked for is the one that runs
+            assert smog.resolve_precision(tiny_cfg(tmp_path, "--precision", asked), cpu)[0] == asked
+    monkeypatch.undo()
+    capabilities = torch.cpu.get_capabilities()
+    assert smog.native_bf16_cpu() == (capabilities["amx_bf16"] or capabilities["avx512_bf16"])
+
+
 def test_a_run_resumes_under_another_precision_with_a_fresh_scaler(tmp_path, capsys):
     cfg = tiny_cfg(tmp_path)
     scalers = dict(fp32=torch.amp.GradScaler("cpu", enabled=False), fp16=torch.amp.GradScaler("cpu"))
@@ -1571,10 +1589,11 @@ def test_a_run_resumes_under_another_precision_with_a_fresh_scaler(tmp_path, cap
         run = smog.RunState(cfg, torch.device("cpu"), scaler=scalers[written])
         state = dict(online=run.online.state_dict(), target=run.target.state_dict(), epoch=1, step=8,
                      grouping=run.grouping.state_dict(), optimizer=run.opt.state_dict(),
-                     scaler=run.scaler.state_dict())
+                     scaler=run.scaler.state_dict(), elapsed_s=3600.0)
         again = smog.RunState(cfg, torch.device("cpu"), scaler=scalers[resumed])
         again.load(state)
         assert again.step == 8 and "a fresh scaler" in capsys.readouterr().out
+        assert 3600 <= again.elapsed_s() < 3660  # the wall-clock goes on from the checkpoint's
 
 
 @pytest.mark.slow
@@ -2048,12 +2067,14 @@ def test_knn_on_toy_set_with_known_answer():
 def test_plot_draws_each_panel_in_a_sane_range_against_k_and_log_k_and_marks_the_knn_reports(tmp_path):
     k = 200
     records = [dict(step=s, epoch=s // 31, loss=6.0 - s / 100, lr=0.1, beta=1 - s / 31000, groups_used=200.0,
-                    assign_entropy=5.26, assign_entropy_max=math.log(k)) for s in range(100, 4961, 100)]
-    records += [dict(step=s, epoch=e, knn_top1=v) for s, e, v in ((496, 15, 59.0), (2480, 79, 86.2), (4960, 159, 91.1))]
+                    assign_entropy=5.26, assign_entropy_max=math.log(k), img_per_s=400.0, elapsed_s=s / 5)
+               for s in range(100, 4961, 100)]
+    records += [dict(step=s, epoch=e, knn_top1=v, elapsed_s=s / 5)
+                for s, e, v in ((496, 15, 59.0), (2480, 79, 86.2), (4960, 159, 91.1))]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     svg = open(smog.plot_curves(str(tmp_path))).read()
     panels = dict(re.findall(r'font-weight="bold">([^<]+)</text>(.*?)(?=font-weight="bold"|</svg>)', svg, re.S))
-    assert len(panels) == 6 and "nan" not in svg and "inf" not in svg
+    assert len(panels) == 8 and "nan" not in svg and "inf" not in svg
     for title, ref in (("groups used", f"K = {k}"), ("assignment entropy (nats)", "log K = 5.30")):
         body = panels[title]
         line_y = float(re.search(r'<line x1="[\d.]+" x2="[\d.]+" y1="([\d.]+)"[^>]*stroke="#c33"', body)[1])
@@ -2066,6 +2087,10 @@ def test_plot_draws_each_panel_in_a_sane_range_against_k_and_log_k_and_marks_the
     knn = panels["kNN top-1 (%)"]
     assert knn.count("<circle") == 3 and ">91.1<" in knn and "<polyline" not in knn  # reports as marked points
     assert all(f">epoch {e}<" in svg for e in (0, 64, 129)) and ">100<" in knn  # epochs under the ticks; 0-100 %
+    clock = panels["kNN top-1 (%) against wall-clock"]  # 992 s of run: the time-to-accuracy curve, in minutes
+    assert clock.count("<circle") == 3 and ">91.1<" in clock and all(f">{t} min<" in clock for t in (0, 5, 10, 15))
+    xs = [float(x) for x in re.findall(r'<circle cx="([\d.]+)"', clock)]
+    assert xs == sorted(xs) and xs[-1] - xs[0] == pytest.approx((992 - 99.2) / 992 * 312, abs=0.2)  # 312 px wide
     assert_one_line_error(run_smog("--plot", str(tmp_path / "nowhere")), "--plot", "log.jsonl")
 
 
