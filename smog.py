@@ -1417,8 +1417,8 @@ def native_bf16_cpu():
 def resolve_precision(cfg, device):
     """(name, autocast context, GradScaler): by default fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
     # fp16 rather than bf16 on CUDA: cuDNN runs fp16 BatchNorm, bf16 falls back to slower kernels (README,
-    # Performance). Elsewhere (oneDNN) bf16 is emulated and slower than fp32. The scaler costs no host sync: LARS
-    # and fused AdamW take its overflow flag as a tensor.
+    # Performance). CPUs without native bf16 emulate it, so fp32 stays their default. The scaler costs no host sync:
+    # LARS and fused AdamW take its overflow flag as a tensor.
     if cfg.precision:
         precision = cfg.precision
     elif device.type == "cuda":
