@@ -1847,14 +1847,15 @@ def knn_report(run, cfg, device, data, held_out, progress, epoch, final=False):
 
 class Progress:
     """The log line every cfg.log_every steps, on the console and in log.jsonl."""
-    def __init__(self, cfg, total_steps, jsonl, first_step, scaler, clock=time.time):
+    def __init__(self, cfg, total_steps, jsonl, first_step, scaler, clock=None):
         self.cfg = cfg
-        self.clock = clock  # the run's elapsed seconds, which every record carries as elapsed_s
         self.total_steps = total_steps
         self.jsonl = jsonl
         self.scaler = scaler
         self.first_step = first_step
         self.t_start = time.time()
+        # the run's elapsed seconds, which every record carries as elapsed_s (by default: since this Progress began)
+        self.clock = clock or (lambda: time.time() - self.t_start)
         self.counts = 0  # group counts (H, K), summed on the device over each interval
         self.skipped = 0  # steps GradScaler skipped, likewise
         self.restart()
