@@ -744,7 +744,7 @@ def _torchvision_resnet(name, small_stem=False):
 def _tiny_resnet(widths=(16, 32, 64, 128)):
     """A 0.3M-parameter ResNet of four strided BasicBlocks after a 3x3 full-resolution stem, for CPUs."""
     # The last block is 128 wide, not 256: at 2x2 pixels its 3x3 convolutions mostly read padding, and 256 made
-    # it a third of the step for no better kNN (1.4x the img/s at the same accuracy over 160 epochs).
+    # it the costliest layer for no better kNN (the README's What to expect has the figures).
     layers, c_in = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(True)], widths[0]
     for c in widths:  # the full-resolution stem sees the corners that tell a 6-px square from a disk
         layers.append(BasicBlock(c_in, c, 2, nn.Sequential(nn.Conv2d(c_in, c, 1, 2, bias=False), nn.BatchNorm2d(c))))
