@@ -18,13 +18,15 @@ paper's released main_SMoG.py and src/.
 """
 import copy
 import math
+import os
 import signal
 import sys
 from contextlib import nullcontext
 from typing import NamedTuple
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: exit 130 without a traceback (main() takes over from there)
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+    # At once, not by SystemExit: an import's broad `except` could swallow that and train on; nothing is written yet.
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
 import torch
 import torch.distributed as dist
@@ -439,7 +441,6 @@ import functools
 import hashlib
 import itertools
 import json
-import os
 import pickle
 import re
 import socket
