@@ -543,7 +543,7 @@ class Preset(NamedTuple):
 
 PRESETS = {
     "tiny": Preset("the default: the embedded 32-px data set, a 0.3M-parameter ResNet, minutes on 2 CPU cores",
-                   dict(data="synthetic", synthetic_size=2000, arch="resnet_tiny", epochs=160, batch_size=64,
+                   dict(data="synthetic", synthetic_size=2000, arch="resnet_tiny", epochs=160, batch_size=128,
                         global_size=32, global_scale=(0.5, 1.0), num_local=0, local_size=16, local_scale=(0.1, 0.4),
                         blur_sigma=(0.1, 0.6), hidden_dim=512, exclude_1d=True, num_groups=200, tau=0.05, lr=6.0,
                         start_lr=0.05, final_lr=0.01, warmup_epochs=2, ema=0.996, log_every=100, invert=None,
