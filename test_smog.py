@@ -523,13 +523,14 @@ ADAMW = ("--optimizer", "adamw", "--lr", "0.02", "--start-lr", "1e-4", "--final-
 @pytest.mark.parametrize("recipe", [(), ADAMW], ids=["lars", "adamw"])
 @pytest.mark.slow
 def test_fp16_with_grad_scaler_and_bf16_train_like_fp32(recipe, tmp_path):
-    # The tiny preset on 128 embedded images for 3 epochs (12 steps of 32): the CUDA default (fp16 autocast, a
-    # GradScaler that skips its first overflowing steps) runs the same code on the CPU.
+    # The tiny preset on 128 embedded images for 3 epochs (12 steps of 32), on 16-px crops (CPU fp16 is slow): the
+    # CUDA default (fp16 autocast, a GradScaler that skips its first overflowing steps) runs the same code on the CPU.
     losses, skipped = {}, {}
     for precision in ("fp32", "fp16", "bf16"):
         out = tmp_path / precision
-        smog.main(["--synthetic-size", "128", "--batch-size", "32", "--epochs", "3", "--log-every", "2",
-                   "--eval-every", "0", "--no-knn", "--precision", precision, "--out-dir", str(out), *recipe])
+        smog.main(["--synthetic-size", "128", "--batch-size", "32", "--epochs", "3", "--global-size", "16",
+                   "--log-every", "2", "--eval-every", "0", "--no-knn", "--precision", precision, "--out-dir", str(out),
+                   *recipe])
         records = [json.loads(line) for line in open(out / "log.jsonl")]
         losses[precision] = [r["loss"] for r in records]
         skipped[precision] = sum(r["skipped_steps"] for r in records)
