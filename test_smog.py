@@ -538,8 +538,8 @@ def test_fp16_with_grad_scaler_and_bf16_train_like_fp32(recipe, tmp_path):
     assert skipped["fp16"] >= 1 and skipped["fp32"] == skipped["bf16"] == 0  # the scaler found its scale
     end = {p: np.mean(v[-2:]) for p, v in losses.items()}  # the last two log intervals
     for precision, v in losses.items():
-        assert end[precision] < v[0] - 0.3, (precision, v)  # the loss falls (measured: by 0.5-1.0 from 6.6)
-    # Stated tolerance: the reduced-precision runs end within 0.6 nats of fp32 (measured: 0.1-0.4).
+        assert end[precision] < v[0] - 0.3, (precision, v)  # the loss falls (measured: by 0.7-1.0 from 6.8)
+    # Stated tolerance: the reduced-precision runs end within 0.6 nats of fp32 (measured: 0.05-0.09).
     assert abs(end["fp16"] - end["fp32"]) < 0.6 and abs(end["bf16"] - end["fp32"]) < 0.6, end
 
 
