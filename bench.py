@@ -409,12 +409,14 @@ def train_and_read(name, flags, limit, out_dir, work_dir):
     losses = [r["loss"] for r in steps]
     knn = next((r for r in records if "knn_top1_random_init" in r), {})
     rates = [r["img_per_s"] for r in steps[1:]] or [r["img_per_s"] for r in steps]
+    waits = [r["data_time"] for r in steps]  # each log interval's share of time spent waiting for the loader
     return dict(command="python smog.py " + " ".join(flags), exit=rc, seconds=round(seconds, 1),
                 steps=steps[-1]["step"] if steps else 0, first_loss=losses[0] if losses else None,
                 last_loss=losses[-1] if losses else None, finite=bool(losses) and all(map(math.isfinite, losses)),
                 skipped_steps=sum(r.get("skipped_steps", 0) for r in steps),
                 grad_scale=steps[-1].get("grad_scale") if steps else None,
                 img_per_s=float(np.median(rates)) if rates else None,
+                data_wait_mean=float(np.mean(waits)) if waits else None, data_wait_max=max(waits, default=None),
                 peak_gpu_mem_gib=max((r["gpu_mem_gib"] for r in steps if "gpu_mem_gib" in r), default=None),
                 knn_top1=knn.get("knn_top1"), knn_top1_random_init=knn.get("knn_top1_random_init"),
                 console_tail=console.strip().splitlines()[-3:])
@@ -424,10 +426,11 @@ def acceptance(args):
     """The acceptance check of the default GPU path, one command: speed of today's code for --preset imagenet-r50
     (fp16, eager: (a) ceiling, (b) step with its peak memory, BN over crop sizes, (c) JPEG end to end), then two
     training runs of smog.py in fp16 (the default tiny run, kNN against random init; the ResNet-50 recipe for 300
-    steps on generated JPEGs: the loss falls, nothing is NaN, skipped steps are counted). Writes OUT_DIR/
-    acceptance.json (everything), OUT_DIR/summary.txt (what a person reads) and each run's console log and
-    log.jsonl; exit status 0 when every check holds. On a GPU it takes about 5 minutes; on a CPU the same at tiny
-    sizes (the checks that need a real run, falling loss and kNN, are then reported but not required)."""
+    steps on generated JPEGs: the loss falls, nothing is NaN, skipped steps are counted; how long each run waits for
+    its loader is reported). Writes OUT_DIR/acceptance.json (everything), OUT_DIR/summary.txt (what a person reads)
+    and each run's console log and log.jsonl; exit status 0 when every check holds. On a GPU it takes about 5
+    minutes; on a CPU the same at tiny sizes (the checks that need a real run, falling loss and kNN, are then
+    reported but not required)."""
     cuda = torch.cuda.is_available()
     out_dir = args.acceptance
     os.makedirs(out_dir, exist_ok=True)
@@ -468,8 +471,9 @@ def acceptance(args):
     for name, run in runs.items():
         lines.append(f"  run {name}: exit {run['exit']}, {run['steps']} steps in {run['seconds']:.0f} s, loss "
                      f"{show(run['first_loss'])} -> {show(run['last_loss'])}, skipped {run['skipped_steps']}, scale "
-                     f"{show(run['grad_scale'], 0)}, {show(run['img_per_s'], 0)} img/s, peak GPU memory "
-                     f"{show(run['peak_gpu_mem_gib'])} GiB, kNN {show(run['knn_top1'], 1)} vs random init "
+                     f"{show(run['grad_scale'], 0)}, {show(run['img_per_s'], 0)} img/s, waiting for data "
+                     f"{show(run['data_wait_mean'])} of a log interval (at most {show(run['data_wait_max'])}), peak "
+                     f"GPU memory {show(run['peak_gpu_mem_gib'])} GiB, kNN {show(run['knn_top1'], 1)} vs random init "
                      f"{show(run['knn_top1_random_init'], 1)}")
     lines += [f"  {'info' if name.endswith('_not_required') else 'ok  ' if ok else 'FAIL'} {name}: {ok}"
               for name, ok in checks.items()]

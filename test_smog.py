@@ -2281,6 +2281,7 @@ def test_acceptance_command_trains_in_fp16_and_writes_its_report(tmp_path):
         run = report["runs"][name]
         assert run["exit"] == 0 and run["finite"] and run["steps"] == 4
         assert run["grad_scale"] is not None and run["skipped_steps"] >= 1  # fp16: the scaler's first steps
+        assert 0 <= run["data_wait_mean"] <= run["data_wait_max"] <= 1  # the loader's share of the log intervals
         assert (out / f"{name}.log").exists() and len((out / f"{name}.jsonl").read_text().splitlines()) >= 2
     assert report["runs"]["tiny"]["knn_top1_random_init"] is not None  # the tiny run's final report
     summary = (out / "summary.txt").read_text()
