@@ -282,7 +282,7 @@ def measure(args):
     if args.compile:
         flags += ["--compile"]
     cfg = smog.parse_config(flags)
-    device = torch.device("cuda" if cuda else "cpu")
+    device = smog.setup_device()  # as smog.py picks it (and sets up the CPU allocator as it does)
     if cuda:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

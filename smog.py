@@ -433,6 +433,7 @@ def overflowed(parameters):
 # Part 2 — Trainer: config, backbones, data, batched augmentation, feeding the device, run state, faults, reports
 # ===================================================================================================================
 import argparse
+import ctypes
 import dataclasses
 import datetime
 import errno
@@ -1662,10 +1663,22 @@ def setup_device(timeout=300):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=wait, rank=rank_,
                                 world_size=world, store=dist.PrefixStore(f"attempt{attempt}/", store))
     if not torch.cuda.is_available():
+        keep_freed_memory()
         return torch.device("cpu")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.set_device(device)
     return device
+
+def keep_freed_memory(pad=1 << 30):
+    """CPU runs: lets glibc's malloc keep up to `pad` bytes of freed memory for reuse, instead of returning it to the
+    OS at every free. Each CPU step frees and allocates the same activation buffers again; memory returned comes back
+    as page faults that the kernel zeroes (1.3-2 million in 240 steps of the tiny preset, a tenth of the run's time,
+    README "What to expect"). Nothing is computed differently. Returns whether it applied (glibc only)."""
+    libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    m_top_pad = -2  # glibc's malloc.h: the free space kept at the heap's top when it grows or shrinks
+    return libc.mallopt(m_top_pad, pad) == 1
 
 @contextmanager
 def catch_preemption():

@@ -1583,6 +1583,35 @@ def test_automatic_precision_is_bf16_only_on_cpus_that_compute_it_natively(tmp_p
     assert smog.native_bf16_cpu() == (capabilities["amx_bf16"] or capabilities["avx512_bf16"])
 
 
+ARENA_AFTER_64_MIB = """
+import ctypes, sys
+class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2: ten size_t counters, the heap's size first
+    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype, libc.malloc.restype, libc.free.argtypes = MallInfo2, ctypes.c_void_p, [ctypes.c_void_p]
+if sys.argv[1] == "keep":
+    import smog
+    assert smog.keep_freed_memory()
+blocks = [libc.malloc(64 << 10) for _ in range(1024)]  # 64 MiB in blocks small enough for the heap, then freed
+for block in blocks:
+    libc.free(block)
+print(libc.mallinfo2().arena)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_cpu_runs_keep_freed_memory_for_reuse():
+    # CPU training frees and allocates its activations every step: the heap keeps 1 GiB for them instead of
+    # returning it to the OS (page faults at the next step). Without the setting, 64 MiB freed leaves a heap under it.
+    def heap_bytes(mode):
+        r = subprocess.run([sys.executable, "-c", ARENA_AFTER_64_MIB, mode], capture_output=True, text=True,
+                           cwd=REPO, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return int(r.stdout)
+    assert heap_bytes("default") < 1 << 30 <= heap_bytes("keep")
+
+
 def test_a_run_resumes_under_another_precision_with_a_fresh_scaler(tmp_path, capsys):
     cfg = tiny_cfg(tmp_path)
     scalers = dict(fp32=torch.amp.GradScaler("cpu", enabled=False), fp16=torch.amp.GradScaler("cpu"))
