@@ -1671,9 +1671,9 @@ def setup_device(timeout=300):
 
 def keep_freed_memory(pad=1 << 30):
     """CPU runs: lets glibc's malloc keep up to `pad` bytes of freed memory for reuse, instead of returning it to the
-    OS at every free. Each CPU step frees and allocates the same activation buffers again; memory returned comes back
-    as page faults that the kernel zeroes (1.3-2 million in 240 steps of the tiny preset, a tenth of the run's time,
-    README "What to expect"). Nothing is computed differently. Returns whether it applied (glibc only)."""
+    OS at every free. Each CPU step frees and allocates its activations anew; memory returned comes back as page
+    faults that the kernel zeroes (up to two million in 240 steps of the tiny preset: about a tenth of its time, the
+    README's What to expect). Nothing is computed differently. Returns whether it applied (glibc only)."""
     libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
     if libc is None or not hasattr(libc, "mallopt"):
         return False
