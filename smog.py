@@ -1652,7 +1652,8 @@ def check_resumable(path, state, cfg, data):
 
 # ----- processes and faults: preemption, the out-dir lock, divergence, failed collectives --------------------------
 def setup_device(timeout=300):
-    """Starts the process group under torchrun (NCCL on GPU, gloo on CPU) and picks this process's device."""
+    """Starts the process group under torchrun (NCCL on GPU, gloo on CPU) and picks this process's device (on the
+    CPU, with freed memory kept for reuse)."""
     if "RANK" in os.environ and not distributed():  # timeout: a dead peer ends the run (for torchrun to restart)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # NCCL: a timed-out collective ends the process
         wait = datetime.timedelta(seconds=timeout)
