@@ -18,7 +18,6 @@ k = 20 and 200, temperature 0.07, weighted vote. The reported top-1/top-5 are th
 epoch (what the authors' script reports) is shown too, labelled as such. The last line printed is one JSON object.
 """
 import contextlib
-import copy
 import dataclasses
 import functools
 import json
@@ -62,19 +61,22 @@ def export(backbone, arch, args):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         fail(f"--export {path}: the folder {folder} does not exist; create it first")
-    if os.path.exists(path):
+    if os.path.isdir(path):
+        fail(f"--export {path}: a folder; give the path of the file to write")
+    if os.path.lexists(path):
         if os.path.abspath(path) == os.path.abspath(args.checkpoint) or is_checkpoint(path):
             fail(f"--export {path}: that is a smog.py checkpoint; give another path")
         if not args.force:
             fail(f"--export {path}: the file exists; add --force to replace it")
     tmp = path + ".tmp"
     try:
-        torch.save({k: v.clone() for k, v in backbone.state_dict().items()}, tmp)
-        os.replace(tmp, path)
+        with smog.open_in_out_dir(tmp, "wb") as f:  # never through a link planted there
+            torch.save({k: v.clone() for k, v in backbone.state_dict().items()}, f)
+        os.replace(tmp, path)  # replaces a link at path, never writes through it
     except (OSError, RuntimeError) as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        fail(f"--export {path}: could not write it ({str(e).strip().splitlines()[0][:200]})")
+        fail(f"--export {path}: could not write it ({' '.join(str(e).split())[:200]})")
     print(export_advice(arch, path))
 
 
@@ -138,7 +140,7 @@ def protocol_defaults(args, arch):
 def load_backbone(args):
     """(backbone, smog Config) from a checkpoint's online encoder with strict key matching, or at random init."""
     if args.random_init:
-        cfg = smog.parse_config(["--arch", args.arch] if args.arch else [])
+        cfg = smog.parse_command(["--arch", args.arch] if args.arch else [])[0]
         torch.manual_seed(args.seed)
         return smog.BACKBONES[cfg.arch](0.0)[0], cfg
     if not os.path.isfile(args.checkpoint):
@@ -169,14 +171,20 @@ def load_backbone(args):
     return backbone, cfg
 
 
+def all_gather(t):  # every process's t, in rank order: (processes, *t.shape)
+    out = [torch.empty_like(t) for _ in range(smog.world_size())]
+    smog.dist.all_gather(out, t)
+    return torch.stack(out)
+
+
 def gather_rows(x):
     """Every process's rows of x, concatenated in rank order (processes may hold different numbers of rows)."""
     if not smog.distributed():
         return x
-    sizes = smog.all_gather(torch.tensor(len(x), device=x.device)).tolist()
+    sizes = all_gather(torch.tensor(len(x), device=x.device)).tolist()
     padded = torch.zeros(max(sizes), *x.shape[1:], dtype=x.dtype, device=x.device)
     padded[:len(x)] = x
-    return torch.cat([rows[:n] for rows, n in zip(smog.all_gather(padded), sizes)])
+    return torch.cat([rows[:n] for rows, n in zip(all_gather(padded), sizes)])
 
 
 def split_features(backbone, data, labels, cfg, device):
@@ -188,28 +196,26 @@ def split_features(backbone, data, labels, cfg, device):
     return gather_rows(feats)[order], gather_rows(labels[mine].to(device))[order]
 
 
-def train_views(images, size):
-    """RandomResizedCrop(size, scale 0.08–1) + horizontal flip of uint8 images (B, 3, H, W), batched, normalised."""
-    return smog.imagenet_normalize(smog.random_resized_crops(images.float() / 255, size, (0.08, 1.0)))
+def train_views(images, sizes, size):
+    """RandomResizedCrop(size, scale 0.08–1) + horizontal flip of uint8 images (B, 3, H, W) of sizes (B, 2), cut on
+    their device as smog.py cuts its crops, normalised."""
+    return smog.imagenet_normalize(smog.random_resized_crops(images.float() / 255, sizes, size, (0.08, 1.0)))
 
 
 def augmented_batches(data, labels, cfg, args, sampler, device):
     """One epoch of this process's (RandomResizedCrop + flip views (B, 3, S, S), labels (B,)) training batches."""
-    if isinstance(data, torch.Tensor):  # in memory: views drawn on the device
+    if isinstance(data, torch.Tensor):  # in memory
         order = torch.tensor(list(sampler))
         for i in range(0, len(order), args.batch_size):
             idx = order[i:i + args.batch_size]
-            yield train_views(data[idx.to(data.device)].to(device), cfg.global_size), labels[idx].to(device)
+            images = data[idx.to(data.device)].to(device)
+            sizes = torch.tensor(images.shape[2:], device=device).expand(len(images), 2)
+            yield train_views(images, sizes, cfg.global_size), labels[idx].to(device)
         return
-    T = smog.torchvision.transforms
-    view = T.Compose([T.RandomResizedCrop(cfg.global_size), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(smog.MEAN, smog.STD)])
-    folder = copy.copy(data)
-    folder.transform = lambda image, parity: view(image.convert("RGB"))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(folder, list(sampler)), batch_size=args.batch_size,
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, list(sampler)), batch_size=args.batch_size,
                                          num_workers=args.workers, collate_fn=smog.collate)
-    for x, y, _ in loader:
-        yield x.to(device), y.to(device)
+    for images, sizes, y, _ in loader:  # decoded by the workers, cut on the device
+        yield train_views(images.to(device), sizes.to(device), cfg.global_size), y.to(device)
 
 
 def topk_correct(logits, labels, ks=(1, 5)):

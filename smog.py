@@ -17,6 +17,7 @@ augmentation, feeding the device, the run state, processes and faults, reports, 
 paper's released main_SMoG.py and src/.
 """
 import copy
+import functools
 import math
 import os
 import signal
@@ -24,15 +25,23 @@ import sys
 from contextlib import nullcontext
 from typing import NamedTuple
 
-if __name__ == "__main__":  # Ctrl-C while torch loads: exit 130 without a traceback (main() takes over from there)
-    # At once, not by SystemExit: an import's broad `except` could swallow that and train on; nothing is written yet.
-    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+if __name__ == "__main__":  # Ctrl-C while torch loads: exit 130 without a traceback, at once (not by SystemExit,
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))  # which an import's broad `except` could swallow)
 
+import PIL.ImageFilter
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+
+if __name__ == "__main__":  # torch is loaded: Ctrl-C raises KeyboardInterrupt again
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+__all__ = ["distributed", "rank", "world_size", "all_reduce_", "broadcast_", "CropRecipe", "Crops", "MultiCrop",
+           "stack_crops", "pipelines_for_step", "mlp", "projector_and_predictor", "Encoder", "OnlineNet", "target_of",
+           "MomentumGrouping", "MemoryBank", "fill_bank", "start_epoch", "smog_loss", "LARS", "parameter_groups",
+           "lr_at", "beta_at", "ema_", "train_step", "torch", "torchvision"]
 
 # ===================================================================================================================
 # Part 1 — SMoG: the method
@@ -42,13 +51,13 @@ import torchvision
 #   online = OnlineNet(f, *projector_and_predictor(dim))     # f: any backbone (N, 3, s, s) → (N, dim); g, q: MLPs
 #   target = target_of(online)                               # a copy of f and g, trained only by EMA
 #   grouping, bank = MomentumGrouping(K, D, H), MemoryBank(rows, D)
-#   fill_bank(online.encoder, bank, global crops of one pass over the data)      # once, before the first epoch
+#   fill_bank(online, bank, global crops of one pass over the data)      # once, before the first epoch
 #   for every epoch:
 #       start_epoch(grouping, bank, online, target)          # c_k ← k-means of the bank; target ← online
-#       for every batch of images, step t:
-#           crops = MultiCrop(recipe)(image, t) per image     # 2 + 2 global, L local; pipelines q, k swap each step
-#           loss, counts, z, _ = train_step(online, target, grouping, [crops], opt, scaler,
-#                                           beta=beta_at(t, T), tau=τ, ema=m)
+#       for every batch of images, pass i of the epoch, step t of the run:
+#           crops = stack_crops([MultiCrop(recipe)(image, i) for image in batch])  # 2 + 2 global, L local crops;
+#           loss, counts, z, _ = train_step(online, target, grouping, [crops], opt, scaler,  # pipelines q, k swap
+#                                           beta=beta_at(t, T), tau=τ, ema=m)              # at every pass
 #               # 0. target ← m·target + (1−m)·online   1. y = argmax_k ⟨z_target, c_k⟩
 #               # 2. c_k ← normalize(β·c_k + (1−β)·mean of the z in group k)   3. CE(p · Cᵀ / τ, y) → LARS step
 #           bank.add(z)                                      # what the next epoch's k-means clusters
@@ -67,13 +76,6 @@ def all_reduce_(t, op="sum"):  # sums (or takes the max of) t over all processes
     if distributed():
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
-
-def all_gather(t):  # every process's t, stacked in rank order: (world_size, *t.shape)
-    if not distributed():
-        return t[None]
-    out = [torch.empty_like(t) for _ in range(world_size())]
-    dist.all_gather(out, t)
-    return torch.stack(out)
 
 def broadcast_(t, src=0):  # copies rank src's t to every process, in place
     if distributed():
@@ -115,21 +117,26 @@ def pipelines_for_step(step):
     each epoch starts with q online (main_SMoG.py, train: `it % 2`; with accumulation too)."""
     return ("q", "k") if step % 2 == 0 else ("k", "q")
 
+def pil_blur(image, sigma):
+    """PIL's Gaussian blur of radius σ ~ U(sigma), as the authors' PILRandomGaussianBlurWithSolarize: it blurs at any
+    σ (torchvision's sampled kernel barely blurs below σ ≈ 0.45)."""
+    return image.filter(PIL.ImageFilter.GaussianBlur(float(torch.empty(()).uniform_(*sigma))))
+
 class MultiCrop:
-    """(PIL image, step) → Crops of that image, by per-image torchvision pipelines: the definition of the recipe.
-    extra: transforms of PIL images applied after solarize (Part 2 adds one for its own data)."""
+    """(PIL image, pass of the epoch) → Crops of that image, by per-image torchvision pipelines: the definition of
+    the recipe. extra: transforms of PIL images applied after solarize."""
     def __init__(self, recipe=CropRecipe(), extra=()):
         self.recipe = recipe
         T = torchvision.transforms
 
         def pipeline(size, scale, name):
             blur_p, solarize_p = PIPELINES[name]
-            kernel = 2 * min(math.ceil(3 * recipe.blur_sigma[1]), (size - 1) // 2) + 1
+            blur = T.Lambda(functools.partial(pil_blur, sigma=recipe.blur_sigma))
             return T.Compose([T.RandomResizedCrop(size, scale=scale, ratio=ASPECT),  # bilinear, as the authors'
                               T.RandomHorizontalFlip(FLIP_P),
                               T.RandomApply([T.ColorJitter(*JITTER)], p=JITTER_P),
                               T.RandomGrayscale(p=GRAYSCALE_P),
-                              T.RandomApply([T.GaussianBlur(kernel, recipe.blur_sigma)], p=blur_p),
+                              T.RandomApply([blur], p=blur_p),
                               T.RandomSolarize(128, p=solarize_p),
                               *extra,
                               T.ToTensor(),
@@ -147,6 +154,10 @@ class MultiCrop:
         return Crops(crops(self.global_pipelines, online_aug, 2), crops(self.local_pipelines, online_aug, n_local),
                      crops(self.global_pipelines, target_aug, 2),
                      crops(self.local_pipelines, target_aug, n_target_local))
+
+def stack_crops(per_image):
+    """One batch's Crops from MultiCrop's per-image Crops, crop-major (every image's first crop, then every second)."""
+    return Crops(*(None if parts[0] is None else torch.stack(parts, 1).flatten(0, 1) for parts in zip(*per_image)))
 
 # ----- networks: backbone f → projector g → predictor q online; a copy of f and g as the target branch -------------
 def mlp(dim_in, hidden, dim_out, last_bn, activation=nn.ReLU):
@@ -255,7 +266,8 @@ class MomentumGrouping(nn.Module):
 
 class MemoryBank:
     """This process's normalised online z of both online global crops over one epoch, (2, M, D): what the next
-    epoch start's k-means clusters, head h crop h mod 2 (the authors')."""
+    epoch start's k-means clusters, head h crop h mod 2 (the authors'). M must be the images this process trains on
+    per epoch (after drop_last; under DDP its share, not the data set's size): rows never filled would join k-means."""
     def __init__(self, rows, dim, device):
         self.feats = torch.zeros(2, rows, dim, device=device)
         self.filled = 0  # where the next row goes: the oldest rows are overwritten first
@@ -274,21 +286,24 @@ class MemoryBank:
 
 # ----- the epoch start (main_SMoG.py, train: init_memory before the first epoch, then cluster_memory) --------------
 @torch.no_grad()
-def fill_bank(encoder, bank, global_crops):
-    """Fills the bank with the initial encoder's z for the first k-means (the authors' init_memory): global_crops
-    yields each batch's online global crops (2B, 3, S, S), each crop forwarded alone (BN sees one per image).
-    encoder: the online encoder, or the function train_step's group_z hook names."""
+def fill_bank(online, bank, global_crops, group_z=None):
+    """Fills the bank with the initial network's z for the first k-means (the authors' init_memory): global_crops
+    yields each batch's online global crops (2B, 3, S, S), each crop forwarded alone through the whole online
+    network (BN sees one crop per image; the predictor runs too, as theirs); group_z: as train_step's."""
+    def z_of(crop):  # (B, D)
+        z = online([crop])[0]
+        return (z if group_z is None else group_z([crop])).float()
     for both_crops in global_crops:
-        bank.add(torch.stack([encoder([crop]).float() for crop in both_crops.chunk(2)]))  # (2, B, D)
+        bank.add(torch.stack([z_of(crop) for crop in both_crops.chunk(2)]))  # (2, B, D)
 
 @torch.no_grad()
 def start_epoch(grouping, bank, online, target, kmeans_iters=10, generator=None):
     """Every epoch start: groups reset by k-means on last epoch's bank (cluster_memory), BN statistics made equal on
-    every process, target ← online (--reset_k_encoder)."""
+    every process, the target's parameters ← the online encoder's (--reset_k_encoder; its BN buffers are unused)."""
     grouping.kmeans_(bank.for_heads(grouping.centroids.shape[0]), kmeans_iters, generator=generator)
     for buffer in online.buffers():  # running statistics drift apart per process without SyncBN (CPU)
         broadcast_(buffer)
-    target.load_state_dict(online.encoder.state_dict())
+    torch._foreach_copy_(list(target.parameters()), list(online.encoder.parameters()))
 
 # ----- the loss (main_SMoG.py, train) ------------------------------------------------------------------------------
 def smog_loss(logits, labels):
@@ -362,7 +377,7 @@ def ema_(target, online, m):  # target ← m·target + (1−m)·online for every
 
 # ----- one training step -------------------------------------------------------------------------------------------
 def train_step(online, target, grouping, passes, opt, scaler, *, beta, tau, ema, accumulate=1, clip_grad=0.0,
-               autocast=nullcontext(), group_z=None, step=True):
+               autocast=nullcontext(), group_z=None):
     """One SMoG step: EMA, label with the target, update the groups with online z, contrast online p with them, step.
 
     online: OnlineNet (or DDP around one), target: its encoder's EMA copy, scaler: a GradScaler (enabled for fp16),
@@ -370,11 +385,8 @@ def train_step(online, target, grouping, passes, opt, scaler, *, beta, tau, ema,
     as main_SMoG.py's --multi_forward, each is labelled and backpropagated alone (1/N of the gradient), the groups
     move once, with every pass's z, before the last pass's loss, then one optimiser step. group_z: None, or a
     function crops → z that the group update and the bank see instead of the trained forward's z (Part 2: the
-    online encoder without stochastic depth, as the authors'). step=False: fewer than `accumulate` passes, the
-    ones that end an epoch without filling a step (main_SMoG.py, train): they add their gradients and make no
-    group update and no optimiser step, so their gradients carry into the next step. Returns device tensors (no
-    host sync): mean loss, counts (H, K) (None without a step), online global z (2, N·B, D), whether GradScaler
-    skipped the step."""
+    online encoder without stochastic depth, as the authors'). Returns device tensors (no host sync): mean loss,
+    counts (H, K), online global z (2, N·B, D), whether GradScaler skipped the step."""
     h, k = grouping.centroids.shape[:2]
     module = getattr(online, "module", online)  # the OnlineNet itself, also inside DDP
     # 0. target ← m·target + (1−m)·online, at the step's start as main_SMoG.py's model forward (update_k_encoder
@@ -382,7 +394,7 @@ def train_step(online, target, grouping, passes, opt, scaler, *, beta, tau, ema,
     ema_(target, module.encoder, ema)
     z_globals, losses = [], []
     for i, crops in enumerate(passes):
-        last = step and i == accumulate - 1
+        last = i == accumulate - 1
         b = crops.target_global.shape[0] // 2
         target_crops = [x for x in (crops.target_global, crops.target_local) if x is not None]
         online_crops = [x for x in (crops.online_global, crops.online_local) if x is not None]
@@ -404,24 +416,17 @@ def train_step(online, target, grouping, passes, opt, scaler, *, beta, tau, ema,
             loss = smog_loss(grouping.logits(p, tau).view(h, -1, b, k), labels)  # 3. p against the c_k
             scaler.scale(loss / accumulate).backward()
         losses.append(loss.detach())
-    no_skip = torch.zeros((), dtype=torch.bool, device=grouping.centroids.device)
-    if not step:
-        if not 0 < len(losses) < accumulate:
-            raise ValueError(f"train_step(step=False) got {len(losses)} passes, accumulate is {accumulate}")
-        for param in module.parameters():  # averaged over processes as DDP's sync would: the same everywhere
-            if param.grad is not None:
-                all_reduce_(param.grad).div_(world_size())
-        return torch.stack(losses).mean(), None, torch.cat(z_globals, 1), no_skip
     if len(losses) != accumulate:
         raise ValueError(f"train_step got {len(losses)} forward passes, accumulate is {accumulate}")
     scaler.unscale_(opt)  # 4. trust ratios and clipping need the true gradients; no host sync
     # only fp16 skips steps: no extra pass over the gradients for the other precisions
-    skipped = overflowed(online.parameters()) if scaler.is_enabled() else no_skip
+    skipped = overflowed(online.parameters()) if scaler.is_enabled() else torch.zeros((), dtype=torch.bool,
+                                                                                       device=z_global.device)
     if clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(online.parameters(), clip_grad)
     scaler.step(opt)  # under fp16, skipped on the device when the gradients overflowed
     scaler.update()
-    opt.zero_grad(set_to_none=True)  # after the step, as main_SMoG.py: passes without a step keep theirs
+    opt.zero_grad(set_to_none=True)
     return torch.stack(losses).mean(), counts, z_global, skipped
 
 def overflowed(parameters):
@@ -438,18 +443,19 @@ import dataclasses
 import datetime
 import errno
 import fcntl
-import functools
 import hashlib
-import itertools
 import json
-import pickle
 import re
 import socket
+import stat
+import tempfile
 import time
 import types
+import zipfile
 from contextlib import contextmanager, suppress
 
 import numpy as np
+import PIL.Image
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 # ----- config: one dataclass, presets on top of it, explicit flags on top of the preset; one-line messages ---------
@@ -472,7 +478,7 @@ class Config:
                              "on fewer GPUs")
     workers: int | None = option(None, "loader processes per training process (streamed folders)",
                                  auto="the cores / processes")
-    memory_budget: float = option(2.0, "GiB: a folder whose decoded images fit is decoded once and cropped on the "
+    memory_budget: float = option(2.0, "GiB: a folder of one image size that fits is decoded once and held on the "
                                   "device; 0: always stream")
     seed: int = option(0, "the seed of weights, groups, data order and crops (and of the embedded data set)")
     resume: str | None = option(None, "none (a new run; earlier checkpoints are moved aside) | PATH",
@@ -492,8 +498,6 @@ class Config:
     blur_sigma: tuple[float, float] = option((0.1, 2.0), "range of the Gaussian blur's σ, in pixels of the crop")
     invert: float | None = option(0.0, "not in the paper: the probability of a crop's negative 1 − x",
                                   auto="0.5 for --data synthetic (shapes of both polarities), else 0")
-    batched_aug: str | None = option(None, "on: crops drawn in batches on the device | off: MultiCrop per image in "
-                                     "loader workers (folders only)", auto="on in memory or on a GPU")
     arch: str = option("resnet50", "the backbone (listed below)", section="networks")
     bn_over_sizes: bool = option(True, "ResNets: one set of BN statistics for all crop sizes of a branch (the "
                                  "authors')")
@@ -503,8 +507,8 @@ class Config:
                               "group update or the bank")
     swin_mlps: bool = option(False, "the authors' Swin projector and predictor: GELU in the projector, trunc-normal "
                              "init, run per crop size")
-    ema: float = option(0.999, "the target's momentum m: target ← m·target + (1−m)·online after every step; lower "
-                        "it (0.99) for short runs")
+    ema: float = option(0.999, "the target's momentum m: target ← m·target + (1−m)·online at the start of every "
+                        "step; lower it (0.99) for short runs")
     num_groups: int = option(3000, "K, centroids per group set (the paper's 3000 for ImageNet)",
                              section="momentum grouping and loss")
     num_heads: int = option(3, "H, independent group sets (the paper's heads)")
@@ -564,68 +568,73 @@ PRESETS = {
     "imagenet-vit-s16": Preset("not in the paper: ViT-S/16 on the Swin-T recipe (no drop-path)",
                                dict(arch="vit_s16", **TRANSFORMER_RECIPE)),
 }
-PRESETS["cifar10"] = Preset("the short name of cifar10-r18", PRESETS["cifar10-r18"].values)
+REMOVED_FLAGS = {"--batched-aug": "every crop is now cut on the training device"}
 
 def _flag(name):
     return "--" + name.replace("_", "-")
 
-def _value_type(f):  # the type of a field's values: int for `int | None`
+def _kind(f):  # the type of a field's values: int for `int | None`
     if isinstance(f.type, types.UnionType):
         return next(t for t in f.type.__args__ if t is not type(None))
     return f.type
 
-def _parse_value(f, text):  # parses one CLI value for dataclass field f (tuples are written '0.2,1.0')
+def _shown(value):  # a config value as --help shows it
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" for v in value)
+    return "auto" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+def _parse_value(f, text):  # one command-line value of field f (tuples are written '0.2,1.0')
     if text == "auto" and f.metadata["auto"]:
         return None
-    kind = _value_type(f)
-    if kind != tuple[float, float]:
-        return kind(text)
+    if _kind(f) != tuple[float, float]:
+        return _kind(f)(text)
     if text.count(",") != 1:
         raise ValueError("expected two comma-separated numbers, e.g. 0.2,1.0")
     return tuple(float(part) for part in text.split(","))
 
-def _shown(value):  # a config value as --help and --print-config show it
-    if value is None:
-        return "auto"
-    if isinstance(value, tuple):
-        return ",".join(f"{v:g}" for v in value)
-    return f"{value:g}" if isinstance(value, float) else str(value)
+def printable(text):  # text with control characters (newlines, terminal escapes) escaped, for the console
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 def fail(message, prog="smog.py"):
     """Ends the program with the one line "prog: error: message" (exit status 1): no stack trace for bad input."""
-    raise SystemExit(f"{prog}: error: {message}")
+    raise SystemExit(f"{prog}: error: {printable(message)}")
+
+def log(*args):  # prints one escaped line on rank 0 only
+    if rank() == 0:
+        print(printable(" ".join(map(str, args))), flush=True)
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
         fail(message, self.prog)
 
-def _help(f):  # a field's --help line: what it does, its default, the tiny preset's value where it differs
-    text = f.metadata["help"] + f" (default {_shown(f.default)}"
-    if f.metadata["auto"]:
-        text += f"; auto: {f.metadata['auto']}"
-    tiny = PRESETS["tiny"].values.get(f.name, f.default)
-    if tiny != f.default:
-        text += f"; tiny preset: {_shown(tiny)}"
-    return (text + ")").replace("%", "%%")
-
 def parse_command(argv=None):
     """(Config, args): defaults ← --preset ← flags given; args holds the one-off --print-config and --plot."""
     presets = "\n".join(f"  {name:<18} {preset.about}" for name, preset in PRESETS.items())
-    parser = _Parser(prog="smog.py", description=__doc__.split("\n")[0],
+    parser = _Parser(prog="smog.py", description=__doc__.split("\n")[0], allow_abbrev=False,
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog=f"presets (--preset):\n{presets}\n\nbackbones (--arch): {', '.join(BACKBONES)}")
     group = parser
     for f in dataclasses.fields(Config):  # default None: not given, so the preset's value holds
-        if f.metadata["section"]:
-            group = parser.add_argument_group(f.metadata["section"])
+        group = parser.add_argument_group(f.metadata["section"]) if f.metadata["section"] else group
+        text = f.metadata["help"] + f" (default {_shown(f.default)}"
+        text += f"; auto: {f.metadata['auto']}" if f.metadata["auto"] else ""
+        tiny = PRESETS["tiny"].values.get(f.name, f.default)
+        text = (text + (f"; tiny preset: {_shown(tiny)})" if tiny != f.default else ")")).replace("%", "%%")
         if f.type is bool:
-            group.add_argument(_flag(f.name), default=None, action=argparse.BooleanOptionalAction, help=_help(f))
+            group.add_argument(_flag(f.name), default=None, action=argparse.BooleanOptionalAction, help=text)
         else:
-            metavar = "LOW,HIGH" if _value_type(f) == tuple[float, float] else _value_type(f).__name__.upper()
-            group.add_argument(_flag(f.name), default=None, metavar=metavar, help=_help(f))
+            metavar = "LOW,HIGH" if _kind(f) == tuple[float, float] else _kind(f).__name__.upper()
+            group.add_argument(_flag(f.name), default=None, metavar=metavar, help=text)
     actions = parser.add_argument_group("one-off actions")
     actions.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     actions.add_argument("--plot", metavar="OUT_DIR", default="", help="draw OUT_DIR/log.jsonl as curves.svg and exit")
+    flags = [a.split("=")[0].replace("--no-", "--") for a in (sys.argv[1:] if argv is None else argv)
+             if a.startswith("--")]
+    for flag in flags:
+        if flag in REMOVED_FLAGS:
+            fail(f"{flag} was removed: {REMOVED_FLAGS[flag]}; leave it out")
+        if flags.count(flag) > 1:
+            fail(f"{flag} is given {flags.count(flag)} times; give it once")
     args = parser.parse_args(argv)
     given = {}
     for f in (f for f in dataclasses.fields(Config) if getattr(args, f.name) is not None):
@@ -639,44 +648,37 @@ def parse_command(argv=None):
         fail(f"--preset {preset!r} is unknown (choose from {', '.join(PRESETS)})")
     cfg = Config(**{**PRESETS[preset].values, **given, "preset": preset})
     check_config(cfg)
-    return resolve_automatic(cfg), args
-
-def resolve_automatic(cfg):  # the automatic values that the config alone decides (the others need the device)
     automatic = dict(invert=0.5 if cfg.data == "synthetic" else 0.0,  # the embedded data set's, not the preset's
                      eval_every=max(1, cfg.epochs // 10),
                      workers=max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    return dataclasses.replace(cfg, **{name: v for name, v in automatic.items() if getattr(cfg, name) is None})
-
-def parse_config(argv=None):  # the Config of a command line (parse_command without its one-off actions)
-    return parse_command(argv)[0]
+    return dataclasses.replace(cfg, **{k: v for k, v in automatic.items() if getattr(cfg, k) is None}), args
 
 def config_text(cfg, indent=None):  # the config as JSON, automatic values shown as "auto" (as --help does)
     return json.dumps({k: "auto" if v is None else v for k, v in dataclasses.asdict(cfg).items()}, indent=indent)
 
-def crop_recipe(cfg):  # Part 1's CropRecipe of a config
-    return CropRecipe(**{name: getattr(cfg, name) for name in CropRecipe._fields})
-
-def step_hyperparameters(cfg):  # train_step's hyperparameters of a config, all but β (which follows its schedule)
-    return dict(tau=cfg.tau, ema=cfg.ema, accumulate=cfg.accumulate, clip_grad=cfg.clip_grad)
-
-INT64 = 2**63 - 1
+def class_roots(data):  # the folders of --data whose subfolders are read as classes
+    if data in ("synthetic", "cifar10") or not os.path.isdir(data):
+        return []
+    train = os.path.join(data, "train")
+    return [train, os.path.join(data, "val")] if os.path.isdir(train) else [data]
 
 def check_config(cfg):  # rejects values the run cannot use, naming the flag
-    choices = dict(arch=BACKBONES, optimizer=("lars", "adamw"), precision=(None, "bf16", "fp16", "fp32"),
-                   batched_aug=(None, "on", "off"))
-    rules = [(lambda v, allowed=allowed: v in allowed, f"unknown (choose from "
-              f"{', '.join(_shown(a) for a in allowed)})", name) for name, allowed in choices.items()]
+    choices = dict(arch=BACKBONES, optimizer=("lars", "adamw"), precision=(None, "bf16", "fp16", "fp32"))
+    rules = [(lambda v, allowed=allowed: v in allowed, f"unknown (choose from {', '.join(map(_shown, allowed))})",
+              name) for name, allowed in choices.items()]
     def named(kind):  # the fields of values of this type that are set (not automatic)
-        return " ".join(f.name for f in dataclasses.fields(Config)
-                        if _value_type(f) == kind and getattr(cfg, f.name) is not None)
+        return " ".join(f.name for f in dataclasses.fields(Config) if _kind(f) == kind and getattr(cfg, f.name)
+                        is not None)
     rules += [
         (lambda v: math.isfinite(v), "must be a finite number", named(float)),
         (lambda v: all(map(math.isfinite, v)), "must be finite numbers", named(tuple[float, float])),
-        (lambda v: abs(v) <= INT64, "is too large (at most 2^63 - 1)", named(int)),
-        (lambda v: v >= 1, "must be at least 1", "epochs batch_size accumulate global_size local_size feat_dim "
-         "hidden_dim num_groups num_heads log_every dist_timeout"),
+        (lambda v: abs(v) < 2**63, "is too large (at most 2^63 - 1)", named(int)),
+        (lambda v: v >= 1, "must be at least 1", "epochs accumulate global_size local_size feat_dim hidden_dim "
+         "num_groups num_heads log_every dist_timeout"),
+        (lambda v: v >= 2, "must be at least 2 (BatchNorm needs two images a pass)", "batch_size"),
         (lambda v: v >= 0, "must be at least 0", "num_local kmeans_iters warmup_epochs stop_after checkpoint_every"),
-        (lambda v: v is None or v >= 0, "must be at least 0 (or auto)", "eval_every workers"),
+        (lambda v: v is None or v >= 0, "must be at least 0 (or auto)", "eval_every"),
+        (lambda v: v is None or 0 <= v <= 256, "must lie in [0, 256] (or auto)", "workers"),
         (lambda v: 0 <= v < 2**62, "must lie in [0, 2^62) (seeds are 64-bit)", "seed"),
         (lambda v: 1 <= v <= 2_000_000, "must lie in [1, 2000000] (2M images of 32x32 take 6 GiB)",
          "synthetic_size"),
@@ -687,14 +689,13 @@ def check_config(cfg):  # rejects values the run cannot use, naming the flag
         (lambda v: 0 < v[0] <= v[1] <= 1, "needs 0 < low <= high <= 1", "global_scale local_scale"),
         (lambda v: 0 < v[0] <= v[1], "needs 0 < low <= high", "blur_sigma"),
         (lambda v: not cfg.arch.startswith("vit") or v % 16 == 0,
-         f"--arch {cfg.arch} needs crop sizes that are multiples of its 16-px patches", "global_size local_size")]
+         f"--arch {cfg.arch} needs crop sizes that are multiples of its 16-px patches", "global_size local_size"),
+        (lambda v: not any(os.path.realpath(v).startswith(os.path.join(os.path.realpath(root), "")) for root in
+                           class_roots(cfg.data)), f"lies in --data {cfg.data}, where it would be read as a class "
+         f"folder: give an --out-dir outside it", "out_dir")]
     for ok, why, names in rules:
         for name in (name for name in names.split() if not ok(getattr(cfg, name))):
             fail(f"{_flag(name)} {_shown(getattr(cfg, name))}: {why}")
-
-def log(*args):  # prints on rank 0 only
-    if rank() == 0:
-        print(*args, flush=True)
 
 # ----- backbones, and the authors' machinery that some of them need ------------------------------------------------
 def bn_over_sizes(bn, xs, relu=False):
@@ -933,7 +934,6 @@ def synthetic_shapes(n, seed, size=32):
 
 def rgb8(image):
     """A PIL image of any mode as 8-bit RGB, 16- and 32-bit and float grey scaled to 0–255, not clipped at 255."""
-    import PIL.Image
     if image.mode.startswith("I") or image.mode == "F":  # PIL's convert("RGB") clips these, most 16-bit images white
         x = np.asarray(image, dtype=np.float64)
         top = x.max(initial=0)
@@ -942,8 +942,30 @@ def rgb8(image):
         image = PIL.Image.fromarray(np.clip(x / full * 255 + 0.5, 0, 255).astype(np.uint8), "L")
     return image.convert("RGB")
 
+def decode_cap(cfg):
+    """The shorter side to which larger images are decoded: every crop of the recipe, at its least area and an
+    aspect of 3:4, still has at least its output side in pixels (579 px for the paper's 224-px crops of 0.2)."""
+    return math.ceil(max(size / math.sqrt(scale[0] * ASPECT[0]) for size, scale in
+                         ((cfg.global_size, cfg.global_scale), (cfg.local_size, cfg.local_scale))))
+
+def decode(path, cap):
+    """The image at path as uint8 RGB (3, h, w), scaled down where its shorter side exceeds cap or its longer side
+    2·cap (JPEGs decoded at reduced size by PIL's draft mode): all that a loader worker does to an image."""
+    with PIL.Image.open(path) as image:
+        w, h = image.size
+        scale = min(1.0, cap / min(w, h), 2 * cap / max(w, h))
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        if scale < 1:
+            image.draft(None, size)  # JPEG: decodes at 1/2, 1/4 or 1/8, no smaller than size
+        image = rgb8(image)
+        image = image.resize(size, PIL.Image.BILINEAR) if image.size != size else image
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+EXTENSIONS = (*torchvision.datasets.folder.IMG_EXTENSIONS, ".gif")  # an animated GIF gives its first frame
+
 def scan_folder(root, classes=None):
-    """(class names, [(path, class index)]) of a class-per-folder tree; classes: the names to index by (train/'s)."""
+    """(class names, [(path, class index)]) of a class-per-folder tree, every real file once (links are followed);
+    classes: the names to index by (train/'s, for val/)."""
     try:
         names = sorted(e.name for e in os.scandir(root) if e.is_dir())
     except OSError as e:
@@ -954,54 +976,41 @@ def scan_folder(root, classes=None):
     for name in (n for n in names if n not in classes):
         fail(f"--data {os.path.join(root, name)!r}: a class the training split {os.path.dirname(root)}/train "
              f"does not have (its classes: {', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''})")
-    # Links are followed, but every real folder and file is read once: a link to a parent would repeat without end.
-    class_of = {}  # real path of a class folder -> its name
-    for name in names:
-        real = os.path.realpath(os.path.join(root, name))
-        if real in class_of:
-            fail(f"--data {printable(os.path.join(root, name))!r}: a link to the class folder "
-                 f"{printable(class_of[real])!r}, whose images count once, as that class's; remove the link or "
-                 f"copy the images")
-        class_of[real] = name
-    seen = {os.path.realpath(root), *class_of}  # folders and files read
+    samples, seen = [], {os.path.realpath(root)}  # real paths read: a link to a parent would repeat without end
 
-    def unseen(path):  # a real folder or file not read yet; marked as read
+    def first_time(path):  # whether the real file or folder behind path is new; it is marked as read
         real = os.path.realpath(path)
         new = real not in seen
         seen.add(real)
         return new
-    samples, extensions = [], torchvision.datasets.folder.IMG_EXTENSIONS
     for name in names:
-        found, label = len(samples), classes.index(name)
-        for folder, subfolders, files in os.walk(os.path.join(root, name), followlinks=True):
-            subfolders[:] = [s for s in sorted(subfolders) if unseen(os.path.join(folder, s))]  # os.walk's next ones
-            paths = [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(extensions)]
-            samples += [(path, label) for path in paths if unseen(path)]
+        found, top = len(samples), os.path.join(root, name)
+        if not first_time(top):
+            fail(f"--data {top!r}: a link to another class folder, whose images count once, as that class's; "
+                 f"remove the link or copy the images")
+        for folder, subfolders, files in os.walk(top, followlinks=True):
+            subfolders[:] = [s for s in sorted(subfolders) if first_time(os.path.join(folder, s))]
+            samples += [(path, classes.index(name)) for path in (os.path.join(folder, f) for f in sorted(files)
+                        if f.lower().endswith(EXTENSIONS)) if first_time(path)]
         if len(samples) == found:
-            fail(f"--data {os.path.join(root, name)!r}: a class folder without images ({', '.join(extensions)})")
+            fail(f"--data {top!r}: a class folder without images ({', '.join(EXTENSIONS)})")
     return classes, samples
 
 class ImageFolderData(torch.utils.data.Dataset):
-    """A class-per-folder tree of 8-bit RGB images; an unreadable one is replaced by the next, and reported."""
-    def __init__(self, root, classes=None, transform=None):
-        self.root, self.transform = root, transform
+    """A class-per-folder tree. Item i: (uint8 image (3, h, w) by decode, label, why an image was unreadable or "");
+    an unreadable image is replaced by the next readable one. view: a transform of the image (evaluation's)."""
+    def __init__(self, root, classes=None, cap=2**31, view=None):
+        self.root, self.cap, self.view = root, cap, view
         self.classes, self.samples = scan_folder(root, classes)
         self.targets = [label for _, label in self.samples]
-
-    @staticmethod
-    def load(path):  # the image at path as 8-bit RGB
-        import PIL.Image
-        with open(path, "rb") as f:
-            return rgb8(PIL.Image.open(f))
 
     def fingerprint(self):
         """What identifies the data set in a checkpoint: image count, a hash of each relative path and file size (a
         copy of the folder elsewhere has the same; another folder with the same names has not)."""
         def size(path):  # -1 for a file that cannot be read (it is replaced when training reads it)
-            try:
+            with suppress(OSError):
                 return os.path.getsize(path)
-            except OSError:
-                return -1
+            return -1
         files = (f"{os.path.relpath(p, self.root)} {size(p)}" for p, _ in self.samples)
         digest = hashlib.sha1("\n".join(files).encode()).hexdigest()[:12]
         return f"{len(self.samples)} images in {len(self.classes)} classes, paths and sizes sha1 {digest}"
@@ -1009,29 +1018,22 @@ class ImageFolderData(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, key):  # (index, step parity) → (transform(image, parity), label, failed path or "")
-        (index, parity), failed = key if isinstance(key, tuple) else (key, 0), ""
+    def __getitem__(self, index):
+        failed = ""
         for attempt in range(len(self)):
             path, label = self.samples[(index + attempt) % len(self)]
             try:
-                image = self.load(path)
-                return (self.transform(image, parity) if self.transform else image), label, failed
+                image = decode(path, self.cap)
+                return (self.view(image) if self.view else image), label, failed
             except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable image"
-                failed = failed or f"{printable(path)} ({type(e).__name__}: {e})"
-        fail(f"--data {printable(self.root)}: no readable image")
-
-def printable(text):  # text with control characters (newlines, terminal escapes) escaped, for names in messages
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+                failed = failed or printable(f"{path} ({type(e).__name__}: {e})")
+        fail(f"--data {self.root}: no readable image")
 
 class Split(NamedTuple):  # one split of a data set, as load_dataset returns it
     source: "torch.Tensor | ImageFolderData | None"  # uint8 images (N, 3, H, W) in memory, or a folder that loader
     # workers read; None: there is no such split
     labels: torch.Tensor | None  # (N,)
     fingerprint: str  # what identifies the data set in a checkpoint (resume refuses another one)
-
-    @property
-    def in_memory(self):  # the one place that tells images in memory from a folder
-        return isinstance(self.source, torch.Tensor)
 
 def load_dataset(cfg, split):
     """The split train|val of cfg.data: uint8 images in memory (with labels), or a folder for loader workers."""
@@ -1057,12 +1059,9 @@ def load_dataset(cfg, split):
     if split == "val" and not os.path.isdir(val_root):
         return Split(None, None, "")
     classes = None if split == "train" else scan_folder(train_root)[0]  # val/ labels follow train/'s class names
-    ds = ImageFolderData(train_root if split == "train" else val_root, classes)
-    budget = 0 if cfg.batched_aug == "off" else cfg.memory_budget  # MultiCrop runs in the workers that read files
-    decoded = decode_into_memory(ds, budget, split)
-    if decoded is None:
-        return Split(ds, torch.tensor(ds.targets), ds.fingerprint())
-    return Split(*decoded, ds.fingerprint())
+    ds = ImageFolderData(train_root if split == "train" else val_root, classes, decode_cap(cfg))
+    decoded = decode_into_memory(ds, cfg.memory_budget, split)
+    return Split(*(decoded or (ds, torch.tensor(ds.targets))), ds.fingerprint())
 
 def check_unreadable(unreadable, images, examples):
     """The one rule for unreadable images, decoded into memory or streamed: more than 1% of the data set's stops the
@@ -1072,45 +1071,43 @@ def check_unreadable(unreadable, images, examples):
 
 def decode_into_memory(ds, budget_gib, split):
     """(images (N, 3, H, W) uint8, labels) of a folder whose images share a size and fit in budget_gib, or None."""
-    def read(path):  # (H, W, 3) uint8, or why it is unreadable
+    def read(path):  # (3, h, w) uint8, or why it is unreadable
         try:
-            return np.asarray(ds.load(path))
+            return decode(path, ds.cap)
         except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable image"
-            return f"{printable(path)} ({type(e).__name__}: {e})"
-    samples = ds.samples
-    first = next((x for x in (read(path) for path, _ in samples[:20]) if not isinstance(x, str)), None)  # the size
-    if first is None or len(samples) * first.nbytes > budget_gib * 2**30:
+            return printable(f"{path} ({type(e).__name__}: {e})")
+    first = next((x for x in (read(path) for path, _ in ds.samples[:20]) if not isinstance(x, str)), None)
+    gib = 0 if first is None else len(ds) * first.numel() / 2**30
+    if first is None or gib > budget_gib:
         if first is not None and budget_gib > 0:
-            log(f"data ({split}): {len(samples)} images would take {len(samples) * first.nbytes / 2**30:.1f} GiB "
-                f"decoded, over --memory-budget {budget_gib:g}: streamed through loader workers")
+            log(f"data ({split}): {len(ds)} images would take {gib:.1f} GiB decoded, over --memory-budget "
+                f"{budget_gib:g}: streamed through loader workers")
         return None
-    t0 = time.time()
-    images = []  # the decoded images
-    labels = []  # their labels
-    failed = []  # why each unreadable one is
-    for path, label in samples:
+    t0, images, labels, failed = time.time(), [], [], []
+    for path, label in ds.samples:
         pixels = read(path)
         if isinstance(pixels, str):
             failed.append(pixels)
         elif pixels.shape != first.shape:
-            log(f"data ({split}): images of several sizes ({printable(path)}: {pixels.shape[1]}x{pixels.shape[0]}, "
-                f"others {first.shape[1]}x{first.shape[0]}): streamed through loader workers")
+            log(f"data ({split}): images of several sizes ({path}: {pixels.shape[2]}x{pixels.shape[1]}, others "
+                f"{first.shape[2]}x{first.shape[1]}): streamed through loader workers")
             return None
         else:
             images.append(pixels)
             labels.append(label)
-    check_unreadable(len(failed), len(samples), failed)
-    log(f"data ({split}): {len(images)} images of {first.shape[1]}x{first.shape[0]} decoded into memory "
-        f"({len(images) * first.nbytes / 2**20:.0f} MiB, {time.time() - t0:.1f}s; --memory-budget {budget_gib:g} GiB)"
-        + (f"; {len(failed)} unreadable left out, e.g. {failed[0]}" if failed else ""))
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
+    check_unreadable(len(failed), len(ds), failed)
+    log(f"data ({split}): {len(images)} images of {first.shape[2]}x{first.shape[1]} decoded into memory "
+        f"({len(images) * first.numel() / 2**20:.0f} MiB, {time.time() - t0:.1f}s; --memory-budget {budget_gib:g} "
+        f"GiB)" + (f"; {len(failed)} unreadable left out, e.g. {failed[0]}" if failed else ""))
+    return torch.stack(images), torch.tensor(labels)
 
 # ----- batched augmentation: the multi-crop recipe on whole batches, on the training device ------------------------
 # The fast equivalent of Part 1's MultiCrop, from its constants and CropRecipe, with independent random parameters
-# for every crop, as tensor work on the device (no per-image Python); resizing is antialiased bilinear as
-# torchvision's on PIL images. It differs from MultiCrop in the hue jitter (a rotation about the grey axis in YIQ,
-# not an HSV shift) and the jitter's fixed order (brightness → contrast → saturation → hue). ImageFolder images are
-# cut at full resolution in the loader workers that decode them (CutCrops); the rest runs on the device.
+# for every crop, as tensor work on the device (no per-image Python). Every crop of every source is cut here, from
+# uint8 images that may be padded into one canvas: each box is drawn from its own image's size and resampled from
+# that box's pixels alone. It differs from MultiCrop in the hue jitter (a rotation about the grey axis in YIQ, not an
+# HSV shift), the jitter's fixed order (brightness → contrast → saturation → hue) and in keeping floats where PIL
+# rounds to 8 bits after each operation (the README's fidelity table has their measured size).
 
 def _gray(x):  # (n, 3, h, w) -> (n, 1, h, w), ITU-R 601 luma as torchvision
     return (x * _constants(x.device)["luma"].to(x.dtype)).sum(1, keepdim=True)  # (a 1x1 conv is far slower on CPU)
@@ -1118,15 +1115,18 @@ def _gray(x):  # (n, 3, h, w) -> (n, 1, h, w), ITU-R 601 luma as torchvision
 def _uniform(n, lo, hi, device):
     return torch.empty(n, device=device).uniform_(lo, hi)
 
-def random_resized_boxes(n, scale, height, width, device, ratio=ASPECT, tries=10):
-    """(n, 4) crop boxes x0, y0, x1, y1 in pixels, drawn as torchvision's RandomResizedCrop draws them."""
-    area = _uniform(n * tries, *scale, device).view(n, tries) * height * width
+def random_resized_boxes(sizes, scale, ratio=ASPECT, tries=10):
+    """(n, 4) boxes x0, y0, x1, y1 in whole pixels, one in each image of sizes (n, 2) (height, width), drawn as
+    torchvision's RandomResizedCrop.get_params draws them."""
+    n, device = len(sizes), sizes.device
+    height, width = sizes.float().unbind(1)  # (n,) each
+    area = _uniform(n * tries, *scale, device).view(n, tries) * (height * width)[:, None]
     aspect = torch.exp(_uniform(n * tries, math.log(ratio[0]), math.log(ratio[1]), device)).view(n, tries)
     w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()  # (n, tries), whole pixels
-    fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
-    first, ok = fits.int().argmax(1, keepdim=True), fits.any(1)  # the first try that fits
-    w = torch.where(ok, w.gather(1, first)[:, 0], round(min(width, height * ratio[1])))  # else torchvision's fallback
-    h = torch.where(ok, h.gather(1, first)[:, 0], round(min(height, width / ratio[0])))
+    fits = (w > 0) & (h > 0) & (w <= width[:, None]) & (h <= height[:, None])
+    first, ok = fits.int().argmax(1, keepdim=True), fits.any(1)  # the first try that fits, else torchvision's fallback
+    w = torch.where(ok, w.gather(1, first)[:, 0], torch.minimum(width, height * ratio[1]).round())
+    h = torch.where(ok, h.gather(1, first)[:, 0], torch.minimum(height, width / ratio[0]).round())
     # whole-pixel offsets, uniform over the places the box fits (torch.randint's), else the centre rounded down
     x0 = torch.where(ok, (torch.rand(n, device=device) * (width - w + 1)).floor(), ((width - w) / 2).floor())
     y0 = torch.where(ok, (torch.rand(n, device=device) * (height - h + 1)).floor(), ((height - h) / 2).floor())
@@ -1153,21 +1153,25 @@ def _resampling_matrix(start, stop, size, length):
     index = torch.arange(length, device=dev)
     weight = (1 - (index + 0.5 - centre[..., None]).abs() / width).clamp(min=0)  # (n, size, length)
     low, high = torch.minimum(start, stop)[:, None, None], torch.maximum(start, stop)[:, None, None]
-    weight = weight * ((index >= low) & (index < high))  # no pixel outside the span
+    weight = weight * ((index >= low) & (index < high))  # no pixel outside the span: padding is never read
     return weight / weight.sum(-1, keepdim=True)  # renormalised at the span's edges, as PIL
 
-def random_resized_crops(x, size, scale, crops_per_image=1):
-    """RandomResizedCrop + flip, batched: x (B, 3, H, W) float → (crops_per_image·B, 3, size, size)."""
+def cut(x, boxes, size, flip):
+    """Crops (n, 3, size, size) of boxes (n, 4) in images x (B, 3, H, W), n = k·B crop-major, mirrored where flip."""
     # Cropping, resizing and flipping are linear in rows and columns: each crop is R · image · Cᵀ with its own
     # (size, H) R and (size, W) C, two batched matrix products on tensor cores instead of a gather per pixel.
-    b, c, h, w = x.shape
-    n = b * crops_per_image
-    x0, y0, x1, y1 = random_resized_boxes(n, scale, h, w, x.device).unbind(1)
-    flip = torch.rand(n, device=x.device) < FLIP_P
+    (b, c, h, w), k = x.shape, len(boxes) // len(x)
+    x0, y0, x1, y1 = boxes.unbind(1)
     x0, x1 = torch.where(flip, x1, x0), torch.where(flip, x0, x1)  # columns read right to left: mirrored
-    rows = _resampling_matrix(y0, y1, size, h).to(x.dtype).view(crops_per_image, b, 1, size, h)
-    cols = _resampling_matrix(x0, x1, size, w).to(x.dtype).view(crops_per_image, b, 1, size, w)
-    return (rows @ x @ cols.mT).view(n, c, size, size)  # (k, B, 1, s, H) @ (B, 3, H, W) @ (k, B, 1, W, s)
+    rows = _resampling_matrix(y0, y1, size, h).to(x.dtype).view(k, b, 1, size, h)
+    cols = _resampling_matrix(x0, x1, size, w).to(x.dtype).view(k, b, 1, size, w)
+    return (rows @ x @ cols.mT).view(k * b, c, size, size)  # (k, B, 1, s, H) @ (B, 3, H, W) @ (k, B, 1, W, s)
+
+def random_resized_crops(x, sizes, size, scale, crops_per_image=1):
+    """RandomResizedCrop + flip, batched: images x (B, 3, H, W) float, each (h, w) of sizes (B, 2) in its top-left
+    corner → (crops_per_image·B, 3, size, size), crop-major."""
+    boxes = random_resized_boxes(sizes.repeat(crops_per_image, 1), scale)
+    return cut(x, boxes, size, torch.rand(len(boxes), device=x.device) < FLIP_P)
 
 def _color_jitter(x, p=JITTER_P, strengths=JITTER):
     """ColorJitter(*strengths) with probability p, factors per image: x (n, 3, h, w) in [0, 1]."""
@@ -1188,34 +1192,35 @@ def _color_jitter(x, p=JITTER_P, strengths=JITTER):
     matrix = basis[0] + torch.cos(theta) * basis[1] + torch.sin(theta) * basis[2]  # (n, 3, 3)
     return torch.einsum("nij,njhw->nihw", matrix.to(x.dtype), x).clamp_(0, 1)
 
-def _blur_matrix(kernel, length):
-    """(n, length, length) blur along one axis: row i holds kernel n (n, 2r+1) centred on pixel i, reflect-padded."""
-    r, dev = kernel.shape[1] // 2, kernel.device
-    source = (torch.arange(length, device=dev)[:, None] + torch.arange(-r, r + 1, device=dev)).abs()
-    source = torch.where(source > length - 1, 2 * (length - 1) - source, source)  # (length, 2r+1), reflected
-    taps = (source[..., None] == torch.arange(length, device=dev)).to(kernel.dtype)  # (length, 2r+1, length)
-    return torch.einsum("nt,itj->nij", kernel, taps)
+def blur_matrices(sigma, length):
+    """(n, length, length) matrices B of PIL's GaussianBlur(σ) along an axis of that length, σ (n,) (0: identity):
+    three passes of a box of fractional radius whose variance is σ²/3 each, with the edge pixels repeated (Pillow's
+    BoxBlur.c), so B = P³ for the one-pass matrix P. At any σ, as the authors' blur, where a sampled Gaussian
+    kernel barely blurs below σ ≈ 0.45 px."""
+    var, dev = (sigma.float() ** 2 / 3)[:, None], sigma.device  # (n, 1): each pass's variance
+    whole = ((torch.sqrt(12 * var + 1) - 1) / 2).floor()  # the box's radius: whole pixels, then a fraction
+    radius = whole + (2 * whole + 1) * (whole * (whole + 1) - 3 * var) / (6 * (var - (whole + 1) ** 2))
+    taps = torch.arange(-int(whole.max()) - 1, int(whole.max()) + 2, device=dev)  # (t,)
+    edge = (radius - whole) * (taps.abs() == whole + 1)  # the fraction of a pixel at whole + 1
+    weight = torch.where(taps.abs() <= whole, 1.0, edge) / (2 * radius + 1)  # (n, t)
+    source = (torch.arange(length, device=dev)[:, None] + taps).clamp(0, length - 1)  # (length, t): edges repeated
+    one_hot = (source[..., None] == torch.arange(length, device=dev)).float()  # (length, t, length)
+    return torch.linalg.matrix_power(torch.einsum("nt,itj->nij", weight, one_hot), 3)
 
 def _gaussian_blur(x, p, sigma):
-    """Gaussian blur with probability p and σ ~ U(sigma) per image, reflect-padded: (n, 3, h, w)."""
+    """Gaussian blur as PIL's with probability p and σ ~ U(sigma) per image: x (n, 3, h, w)."""
     n, _, h, w = x.shape
-    on, s = torch.rand(n, device=x.device) < p, _uniform(n, *sigma, x.device)
-    radius = min(math.ceil(3 * sigma[1]), (min(h, w) - 1) // 2)
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
-    kernel = torch.exp(-t[None] ** 2 / (2 * s[:, None] ** 2))
-    kernel = torch.where(on[:, None], kernel / kernel.sum(1, keepdim=True), (t == 0).float()[None])  # (n, 2r+1)
-    rows, cols = _blur_matrix(kernel, h).to(x.dtype), _blur_matrix(kernel, w).to(x.dtype)
-    return rows[:, None] @ x @ cols[:, None].mT  # separable, banded B_h · x · B_wᵀ: no per-image convolution kernels
+    s = torch.where(torch.rand(n, device=x.device) < p, _uniform(n, *sigma, x.device), 0.0)
+    rows, cols = blur_matrices(s, h).to(x.dtype), blur_matrices(s, w).to(x.dtype)
+    return rows[:, None] @ x @ cols[:, None].mT  # separable B_h · x · B_wᵀ: no per-image convolution kernels
 
 def imagenet_normalize(x):  # (n, 3, h, w) in [0, 1] -> (x − mean) / std in float32
     const = _constants(x.device)
     return torch.addcmul(const["shift"], x, const["scale"])
 
-def photometric(x, pipeline, blur_sigma, invert=0.0, flip=False):
-    """The recipe after the cut, per crop: (flip), jitter, grayscale, blur, solarize, (invert), normalisation."""
+def photometric(x, pipeline, blur_sigma, invert=0.0):
+    """The recipe after the cut, per crop: jitter, grayscale, blur, solarize, (invert), normalisation."""
     n, (blur_p, solarize_p) = x.shape[0], PIPELINES[pipeline]
-    if flip:
-        x = torch.where((torch.rand(n, device=x.device) < FLIP_P).view(n, 1, 1, 1), x.flip(-1), x)
     x = _color_jitter(x)
     gray = torch.rand(n, device=x.device) < GRAYSCALE_P
     x = torch.where(gray.view(n, 1, 1, 1), _gray(x), x)
@@ -1226,209 +1231,135 @@ def photometric(x, pipeline, blur_sigma, invert=0.0, flip=False):
         x = torch.where((torch.rand(n, device=x.device) < invert).view(n, 1, 1, 1), 1 - x, x)
     return imagenet_normalize(x)
 
-def batch_augment(images, size, scale, pipeline, blur_sigma, crops_per_image=1, invert=0.0):
-    """(crops_per_image·B, 3, size, size) normalised crops of uint8 or [0, 1] float images (B, 3, H, W)."""
-    x = images.float() / 255 if images.dtype == torch.uint8 else images
-    return photometric(random_resized_crops(x, size, scale, crops_per_image), pipeline, blur_sigma, invert)
+def batch_augment(x, sizes, size, scale, pipeline, blur_sigma, crops_per_image=1, invert=0.0):
+    """(crops_per_image·B, 3, size, size) normalised crops of [0, 1] images x (B, 3, H, W) of sizes (B, 2)."""
+    return photometric(random_resized_crops(x, sizes, size, scale, crops_per_image), pipeline, blur_sigma, invert)
 
-def _work_dtype(x):  # float16 on GPUs halves the memory traffic (8-bit pixels are exact); CPUs' float16 is slow
-    return torch.float16 if x.is_cuda else torch.float32
-
-def batch_multicrop(images, step, recipe, invert=0.0):
-    """All Crops of one step from a uint8 batch (B, 3, H, W), as MultiCrop(recipe, invert)'s, on its device."""
+def batch_multicrop(images, sizes, step, recipe, invert=0.0):
+    """All Crops of one step from uint8 images (B, 3, H, W) of sizes (B, 2), as MultiCrop(recipe)'s, on their
+    device; step: the pass of the epoch, which picks the pipelines."""
     r, (online_aug, target_aug) = recipe, pipelines_for_step(step)
-    x = images.to(_work_dtype(images)) / 255  # converted once for the four calls
+    # float16 on GPUs halves the memory traffic (8-bit pixels are exact); CPUs compute float16 slowly
+    x = images.to(torch.float16 if images.is_cuda else torch.float32) / 255  # converted once for the four calls
     def crops(size, scale, pipeline, n):  # (n·B, 3, size, size), or None
-        return batch_augment(x, size, scale, pipeline, r.blur_sigma, n, invert) if n else None
+        return batch_augment(x, sizes, size, scale, pipeline, r.blur_sigma, n, invert) if n else None
     return Crops(crops(r.global_size, r.global_scale, online_aug, 2),
                  crops(r.local_size, r.local_scale, online_aug, r.num_local),
                  crops(r.global_size, r.global_scale, target_aug, 2),
                  crops(r.local_size, r.local_scale, target_aug, r.num_local * r.target_local))
 
-class CutCrops:
-    """(PIL image, step) → uint8 (global (4, 3, S, S), local (L + L_t, 3, s, s) or None), cut at full resolution."""
-    def __init__(self, recipe):
-        self.recipe = recipe
-
-    def _cut(self, image, size, scale, n):  # (n, 3, size, size) uint8
-        import PIL.Image
-        crops = []
-        for _ in range(n):
-            top, left, h, w = torchvision.transforms.RandomResizedCrop.get_params(image, scale, ASPECT)
-            crop = image.crop((left, top, left + w, top + h))  # then resized: no pixel beyond the box is read
-            crops.append(np.asarray(crop.resize((size, size), PIL.Image.BILINEAR)))
-        return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
-
-    def __call__(self, image, step=0):
-        r, image = self.recipe, image.convert("RGB")
-        n_local = r.num_local * (1 + r.target_local)
-        return (self._cut(image, r.global_size, r.global_scale, 4),
-                self._cut(image, r.local_size, r.local_scale, n_local) if n_local else None)
-
-def cut_multicrop(cut, step, recipe, invert=0.0):
-    """batch_multicrop's Crops from a batch of CutCrops' cuts (flips and photometric work on the device)."""
-    (glob, loc), (online_aug, target_aug) = cut, pipelines_for_step(step)
-    n = recipe.num_local * len(glob) // 4  # L·B
-    def augment(x, pipeline):  # (k·B, 3, s, s) uint8 -> normalised float
-        return photometric(x.to(_work_dtype(x)) / 255, pipeline, recipe.blur_sigma, invert, flip=True)
-    return Crops(augment(glob[:len(glob) // 2], online_aug), augment(loc[:n], online_aug) if n else None,
-                 augment(glob[len(glob) // 2:], target_aug), augment(loc[n:], target_aug) if n and recipe.target_local
-                 else None)
-
-# ----- feeding the device: one interface over the three crop paths -------------------------------------------------
-CROP_PATHS = dict(device="batched on the device", cut="cut by workers (CutCrops), finished on the device",
-                  pil="per image in workers (MultiCrop)")
-
+# ----- feeding the device: one crop path for every source ------------------------------------------------------------
 class TrainData:
-    """The training split as steps of Crops on the device, by one of the three crop paths (CROP_PATHS)."""
-    def __init__(self, cfg, device, draws=None):  # draws: an epoch of this many random images instead (bench.py)
-        self.cfg = cfg
-        self.device = device
-        self.recipe = crop_recipe(cfg)
-        split = load_dataset(cfg, "train")
-        self.source, self.labels, self.fingerprint = split
-        in_memory = split.in_memory
-        per_step = cfg.batch_size * world_size() * cfg.accumulate
-        if len(self.labels) < per_step:
-            fail(f"--batch-size {cfg.batch_size} × {world_size()} process(es) × --accumulate {cfg.accumulate} = "
-                 f"{per_step} is larger than the data set ({len(self.labels)} images in --data {cfg.data})")
-        if in_memory and cfg.batched_aug == "off":
-            fail(f"--batched-aug off: MultiCrop runs in the loader workers of a folder (--data PATH); --data "
-                 f"{cfg.data} is held in memory and cropped in batches")
-        if in_memory:
-            self.path = "device"
+    """The training split as batches of uint8 images on the device, and their Crops cut there. Images held in memory
+    are indexed on the device; a streamed folder's loader workers only decode, and hand over a batch as one canvas."""
+    def __init__(self, cfg, device):
+        self.cfg, self.device = cfg, device
+        self.recipe = CropRecipe(**{name: getattr(cfg, name) for name in CropRecipe._fields})
+        self.source, self.labels, self.fingerprint = load_dataset(cfg, "train")
+        self.in_memory = isinstance(self.source, torch.Tensor)
+        if self.in_memory:
             self.source = self.source.to(device)
-        elif cfg.batched_aug == "on" or (cfg.batched_aug is None and device.type == "cuda"):
-            self.path = "cut"
-            self.source.transform = CutCrops(self.recipe)
-        else:
-            self.path = "pil"
-            self.source.transform = MultiCrop(self.recipe, extra=inverted(cfg.invert))
-        if draws is None:
-            self.sampler = torch.utils.data.DistributedSampler(range(len(self.labels)), num_replicas=world_size(),
-                                                               rank=rank(), shuffle=True, seed=cfg.seed,
-                                                               drop_last=True)
-        else:
-            self.sampler = torch.utils.data.RandomSampler(range(len(self.labels)), replacement=True,
-                                                          num_samples=draws)
+        self.global_batch = cfg.batch_size * world_size() * cfg.accumulate
+        if len(self.labels) < self.global_batch:
+            fail(f"--batch-size {cfg.batch_size} × {world_size()} process(es) × --accumulate {cfg.accumulate} = "
+                 f"{self.global_batch} is larger than the data set ({len(self.labels)} images in --data {cfg.data})")
+        # As the authors': each process a share of every epoch, padded to a multiple of the processes, and the
+        # batches that fill no step dropped (an epoch's last passes under --accumulate too).
+        self.sampler = torch.utils.data.DistributedSampler(range(len(self.labels)), num_replicas=world_size(),
+                                                           rank=rank(), shuffle=True, seed=cfg.seed)
+        self.steps_per_epoch = len(self.sampler) // (cfg.batch_size * cfg.accumulate)
+        self.passes_per_epoch = self.steps_per_epoch * cfg.accumulate  # this process's forward passes
+        self.epoch_images = self.passes_per_epoch * cfg.batch_size  # this process's, per epoch: the bank's rows
         self.unreadable = set()  # the unreadable images met so far (streamed folders), each once
-        self.passes_per_epoch = len(self.sampler) // cfg.batch_size  # this process's forward passes
-        self.steps_per_epoch = self.passes_per_epoch // cfg.accumulate
-        self.left_over = self.passes_per_epoch % cfg.accumulate  # passes after the epoch's last step
-        self.epoch_images = self.passes_per_epoch * cfg.batch_size  # this process's, per epoch
 
-    def steps(self, skip=0):
-        """Yields (batches, carried, failed) for each step of this epoch after the first `skip` (a run resumed
-        mid-epoch): the step's `accumulate` batches, and at the epoch's last step the `left_over` batches after it
-        (whose gradients carry into the next step, as main_SMoG.py's), else []."""
-        passes_per_step, b = self.cfg.accumulate, self.cfg.batch_size
-        indices = list(self.sampler)
-        # Each pass's (index, pass parity) pairs: the parity tells CPU workers which pipeline each branch uses.
-        passes = []
-        for p in range(skip * passes_per_step, self.passes_per_epoch):
-            passes.append([(j, p % 2) for j in indices[p * b:(p + 1) * b]])
-        batches = iter(self._batches(passes))
-        for step in range(skip, self.steps_per_epoch):
-            last = step == self.steps_per_epoch - 1
-            taken = [next(batches) for _ in range(passes_per_step + self.left_over * last)]  # (batch, failed) pairs
-            failed = [f for _, fs in taken for f in fs]
+    def _passes(self, epochs, skip):  # each epoch's image indices (passes, B), from pass `skip` of the first on
+        for epoch in epochs:  # the order is a function of (seed, epoch) alone
+            self.sampler.set_epoch(epoch)
+            yield torch.tensor(list(self.sampler)[:self.epoch_images]).view(-1, self.cfg.batch_size)[skip:]
+            skip = 0
+
+    def batches(self, epochs, skip=0):
+        """(images (B, 3, H, W) uint8, sizes (B, 2), why images were unreadable) on the device, for every pass of
+        `epochs` after the first `skip`: one loader for them all, so its workers start once and decode the next
+        epoch's first batches while this one ends."""
+        if self.in_memory:  # an epoch's indices go to the device in one copy, not one copy (and host sync) a step
+            sizes = torch.tensor(self.source.shape[2:], device=self.device).expand(self.cfg.batch_size, 2)
+            for order in self._passes(epochs, skip):
+                for part in order.to(self.device):
+                    yield self.source[part], sizes, []
+            return
+        passes = (part.tolist() for order in self._passes(epochs, skip) for part in order)
+        loader = torch.utils.data.DataLoader(self.source, batch_sampler=passes, num_workers=self.cfg.workers,
+                                             collate_fn=collate, pin_memory=self.device.type == "cuda")
+        batches = ((images, sizes, failed) for images, sizes, _, failed in loader)
+        for images, sizes, failed in copied_ahead(batches, self.device) if self.device.type == "cuda" else batches:
             self.unreadable.update(failed)
             check_unreadable(len(self.unreadable), len(self.labels), failed)
-            batches_only = [batch for batch, _ in taken]
-            yield batches_only[:passes_per_step], batches_only[passes_per_step:], failed
+            yield images, sizes, failed
 
-    def _batches(self, batches):  # (batch, failed paths) of lists of (index, parity) pairs
-        if self.path == "device":  # in memory, augmented on the device: no loader processes needed
-            # The epoch's indices go to the device in one copy: a copy per step would make the host wait for the GPU
-            order = torch.tensor([j for batch in batches for j, _ in batch], dtype=torch.long)
-            for part in order.to(self.source.device).split(self.cfg.batch_size) if len(order) else []:
-                yield self.source[part], []
-            return
-        loader = torch.utils.data.DataLoader(self.source, batch_sampler=batches, num_workers=self.cfg.workers,
-                                             collate_fn=collate, pin_memory=self.device.type == "cuda")
-        batches = ((batch, failed) for batch, _, failed in loader)
-        yield from copied_ahead(batches, self.device) if self.device.type == "cuda" else batches
-
-    def crops(self, batch, index, reseed=True):
-        """The Crops of forward pass `index` (counted over the run) from a batch of steps(), on the device, from seed
-        (seed, process, pass)."""
-        if reseed:
-            torch.manual_seed(seed_for(self.cfg.seed, index, rank()))
-        batch = tensors_to(batch, self.device)  # a no-op for batches that copied_ahead already moved
-        in_epoch = index % self.passes_per_epoch  # the pipelines swap with the pass of the epoch
-        if self.path == "device":
-            crops = batch_multicrop(batch, in_epoch, self.recipe, self.cfg.invert)
-        elif self.path == "cut":
-            crops = cut_multicrop(batch, in_epoch, self.recipe, self.cfg.invert)
-        else:
-            crops = Crops(*batch)
+    def crops(self, batch, index):
+        """The Crops of forward pass `index` (counted over the run) of a batch, from the seed (seed, process, pass):
+        the same after a resume."""
+        torch.manual_seed(seed_for(self.cfg.seed, index, rank()))
+        crops = batch_multicrop(*batch[:2], index % self.passes_per_epoch, self.recipe, self.cfg.invert)
         return Crops(*(None if x is None else channels_last(x, self.cfg) for x in crops))
 
     def global_crops(self):
-        """The online global crops (2B, 3, S, S) of one pass over the data, for fill_bank: every batch's by the query
-        pipeline (parity 0), as the authors' init_memory."""
+        """The online global crops (2B, 3, S, S) of one pass over the data by the query pipeline, for fill_bank (the
+        authors' init_memory)."""
         torch.manual_seed(seed_for(self.cfg.seed, -1, rank()))
-        self.sampler.set_epoch(-1)
-        indices, b = list(self.sampler), self.cfg.batch_size
-        passes = [[(j, 0) for j in indices[p * b:(p + 1) * b]] for p in range(self.passes_per_epoch)]
-        for batch, _ in self._batches(passes):
-            yield self.crops(batch, 0, reseed=False).online_global
+        r = self.recipe
+        for images, sizes, _ in self.batches([-1]):
+            x = images.to(torch.float16 if images.is_cuda else torch.float32) / 255
+            yield channels_last(batch_augment(x, sizes, r.global_size, r.global_scale, "q", r.blur_sigma, 2,
+                                              self.cfg.invert), self.cfg)
 
-def inverted(p):  # MultiCrop's extra transforms for --invert p: the crop's negative with probability p
-    return [torchvision.transforms.RandomInvert(p=p)] if p else []
-
-def collate(batch):  # stacks (sample, label, failed path) triples; crop stacks come out crop-major (k·B, 3, s, s)
-    samples, labels, failed = zip(*batch)
-    out = torch.stack(samples) if isinstance(samples[0], torch.Tensor) else tuple(
-        None if parts[0] is None else torch.stack(parts, 1).flatten(0, 1) for parts in zip(*samples))
-    return out, torch.tensor(labels), [f for f in failed if f]
+def collate(batch):
+    """A loader's (image (3, h, w) uint8, label, why unreadable) triples → (canvas (B, 3, H, W) uint8 holding each
+    image in its top-left corner, zeros around, sizes (B, 2), labels (B,), the reasons of the unreadable ones)."""
+    images, labels, failed = zip(*batch)
+    sizes = torch.tensor([image.shape[1:] for image in images])
+    canvas = torch.zeros(len(images), 3, *sizes.amax(0).tolist(), dtype=torch.uint8)
+    for place, image in zip(canvas, images):
+        place[:, :image.shape[1], :image.shape[2]] = image
+    return canvas, sizes, torch.tensor(labels), [f for f in failed if f]
 
 def channels_last(x, cfg):  # x in the NHWC memory layout when cfg.channels_last
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
-def tensors_to(batch, device):  # a tensor, or a tuple of tensors and None, moved without waiting
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    return tuple(None if x is None else tensors_to(x, device) for x in batch)
-
 def copied_ahead(batches, device):
-    """A loader's (batch, failed) pairs, batch i+1 copied to the GPU on a side stream while step i runs."""
+    """A loader's batches (tuples of tensors and lists), batch i+1 copied to the GPU on a side stream while step i
+    runs."""
     side, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
 
-    def handed_over(moved, failed, ready):  # the step waits for the copy (the host does not) and keeps its memory
+    def handed_over(batch, ready):  # the step waits for the copy (the host does not) and keeps its memory
         compute.wait_event(ready)
-        for t in moved if isinstance(moved, tuple) else [moved]:
-            if t is not None:
-                t.record_stream(compute)
-        return moved, failed
-    ahead = None  # (batch on the GPU, failed, the event its copy records)
-    for batch, failed in batches:
+        for x in batch:
+            if isinstance(x, torch.Tensor):
+                x.record_stream(compute)
+        return batch
+    ahead = None  # (the batch on the GPU, the event its copy records)
+    for batch in batches:
         with torch.cuda.stream(side):
-            moved, ready = tensors_to(batch, device), torch.cuda.Event()
+            moved, ready = tuple(x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+                                 for x in batch), torch.cuda.Event()
             ready.record(side)
         if ahead is not None:
             yield handed_over(*ahead)
-        ahead = (moved, failed, ready)
+        ahead = (moved, ready)
     if ahead is not None:
         yield handed_over(*ahead)
 
 # ----- the run state and its checkpoints ---------------------------------------------------------------------------
-def native_bf16_cpu():
-    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16): there bf16 autocast is faster than fp32."""
-    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16"))
+def native_bf16_cpu():  # whether this CPU computes bf16 natively (AMX or AVX512-BF16): bf16 autocast beats fp32
+    return any(torch.cpu.get_capabilities().get(name) for name in ("amx_bf16", "avx512_bf16"))
 
 def resolve_precision(cfg, device):
     """(name, autocast context, GradScaler): by default fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
-    # fp16 rather than bf16 on CUDA: cuDNN runs fp16 BatchNorm, bf16 falls back to slower kernels (README,
-    # Performance). CPUs without native bf16 emulate it, so fp32 stays their default. The scaler costs no host sync:
-    # LARS and fused AdamW take its overflow flag as a tensor.
-    if cfg.precision:
-        precision = cfg.precision
-    elif device.type == "cuda":
-        precision = "fp16"
-    else:
-        precision = "bf16" if native_bf16_cpu() else "fp32"
+    # fp16 rather than bf16 on CUDA: cuDNN runs fp16 BatchNorm, bf16 falls back to slower kernels. CPUs without AMX
+    # or AVX512-BF16 emulate bf16, so fp32 stays their default. The scaler costs no host sync: LARS and fused AdamW
+    # take its overflow flag as a tensor.
+    precision = cfg.precision or ("fp16" if device.type == "cuda" else "bf16" if native_bf16_cpu() else "fp32")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else nullcontext())
     return precision, autocast, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -1440,6 +1371,13 @@ def make_optimizer(cfg, online):
         return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
+def gather_to_0(t):  # every process's t stacked on rank 0, (processes, *t.shape); None on the others
+    if not distributed():
+        return t[None]
+    out = [torch.empty_like(t) for _ in range(world_size())] if rank() == 0 else None
+    dist.gather(t, out, dst=0)
+    return torch.stack(out) if out else None
+
 class RunState:
     """What a run continues from: nets, groups, optimiser, scaler, this process's bank, epoch, step."""
     def __init__(self, cfg, device, bank_rows=0, scaler=None):
@@ -1447,48 +1385,46 @@ class RunState:
         online = make_online(cfg).to(device)
         if world_size() > 1 and device.type == "cuda":
             online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
-        if cfg.channels_last:
-            online = online.to(memory_format=torch.channels_last)
-        self.online = online  # the plain module, what checkpoints hold
-        self.target = target_of(online)
+        self.online = online.to(memory_format=torch.channels_last) if cfg.channels_last else online  # the module
+        self.target = target_of(self.online)
         for m in stochastic_depth(self.target):  # the authors' target has no drop-path
             m.p = 0.0
-        self.group_z = without_stochastic_depth(online.encoder)  # what the groups and bank see (Swin), or None
-        for net in (online, self.target) if cfg.compile else []:  # in place: no "_orig_mod." prefixes in state_dict
+        self.group_z = without_stochastic_depth(self.online.encoder)  # what the groups and bank see (Swin), or None
+        for net in (self.online, self.target) if cfg.compile else []:  # in place: no "_orig_mod." prefixes in keys
             net.compile(dynamic=False)
         self.grouping = MomentumGrouping(cfg.num_groups, cfg.feat_dim, cfg.num_heads).to(device)
-        self.opt = make_optimizer(cfg, online)
+        self.opt = make_optimizer(cfg, self.online)
         self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
         self.bank = MemoryBank(bank_rows, cfg.feat_dim, device)
         # online wrapped in DistributedDataParallel under torchrun: what train_step trains
-        self.online_ddp = (nn.parallel.DistributedDataParallel(online, device_ids=[device] if device.type == "cuda"
-                                                               else None) if world_size() > 1 else online)
+        self.online_ddp = (nn.parallel.DistributedDataParallel(self.online, device_ids=[device] if device.type ==
+                                                               "cuda" else None) if world_size() > 1 else self.online)
         self.epoch = self.step = self.epoch_step = 0
-        self.started = time.time()  # when this job built the run; elapsed_s() adds the jobs before (checkpointed)
-        self.seconds_before = 0.0
-        self.reset_pending = False  # after the last epoch: the groups are not reset (the authors reset at epoch starts)
+        self.started, self.seconds_before = time.time(), 0.0  # elapsed_s() adds the jobs before (checkpointed)
         self.last_good = "none"  # the newest checkpoint this run wrote or resumed from, as the divergence message says
 
+    def elapsed_s(self):  # wall-clock seconds of the run so far, over all its jobs: what log.jsonl's curves plot
+        return self.seconds_before + time.time() - self.started
+
     def save(self, path, cfg, data):
-        """Writes the run as a checkpoint (rank 0; a collective), keeping the one before as previous_of(path)."""
-        keep_banks = self.epoch_step or self.reset_pending  # mid-epoch, or the last epoch's for a longer run
-        banks = all_gather(self.bank.feats).cpu() if keep_banks else None  # every process's bank
+        """Writes the run to path (a collective: every process's bank is gathered to rank 0 alone), keeping the one
+        before as previous_of(path). Written aside and read back before it replaces the old one: no kill at any
+        moment, full disk or damaged copy leaves the run without a checkpoint that loads."""
+        banks = gather_to_0(self.bank.feats)  # (processes, 2, M, D) on rank 0
         if rank() != 0:
             return
-        carried = self.carried_gradients()
-        # Written aside and read back before it replaces the old one: no kill at any moment, full disk or damaged
-        # copy leaves the run without a checkpoint that loads. A write that fails ends the run in one line.
         tmp = path + ".tmp"
         try:
-            torch.save(dict(config=dataclasses.asdict(cfg), epoch=self.epoch, step=self.step, processes=world_size(),
-                            epoch_step=self.epoch_step, num_images=len(data.labels), data_fingerprint=data.fingerprint,
-                            online=self.online.state_dict(), target=self.target.state_dict(), banks=banks,
-                            grouping=self.grouping.state_dict(), optimizer=self.opt.state_dict(),
-                            scaler=self.scaler.state_dict(), bank_filled=self.bank.filled,
-                            reset_pending=self.reset_pending, carried=carried, elapsed_s=self.elapsed_s()), tmp)
+            with open_in_out_dir(tmp, "wb") as f:
+                torch.save(dict(config=dataclasses.asdict(cfg), epoch=self.epoch, step=self.step,
+                                epoch_step=self.epoch_step, processes=world_size(), num_images=len(data.labels),
+                                data_fingerprint=data.fingerprint, online=self.online.state_dict(),
+                                target=self.target.state_dict(), grouping=self.grouping.state_dict(),
+                                optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(), banks=banks.cpu(),
+                                bank_filled=self.bank.filled, elapsed_s=self.elapsed_s()), f)
             read_checkpoint(tmp)
-            if os.path.exists(path):
-                os.replace(path, previous_of(path))
+            if os.path.lexists(path):
+                os.replace(path, previous_of(path))  # renames whatever is there, a link too: nothing written through
             os.replace(tmp, path)
             self.last_good = f"{path} (after {self.epoch} epochs)"
         except (OSError, RuntimeError, ValueError) as e:  # torch.save says RuntimeError for a full disk
@@ -1498,15 +1434,7 @@ class RunState:
             with suppress(OSError):
                 os.remove(tmp)
 
-    def elapsed_s(self):  # wall-clock seconds of the run so far, over all its jobs: what log.jsonl's curves plot
-        return self.seconds_before + time.time() - self.started
-
-    def carried_gradients(self):  # the gradients passes without a step left for the next (by name, unscaled), or None
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        grads = {name: p.grad / scale for name, p in self.online.named_parameters() if p.grad is not None}
-        return grads or None
-
-    def load(self, state):  # copies a checkpoint into the run (and this process's bank, mid-epoch)
+    def load(self, state):  # copies a checkpoint into the run, this process's bank included
         for name, part in dict(online=self.online, target=self.target, grouping=self.grouping,
                                optimizer=self.opt).items():
             part.load_state_dict(state[name])
@@ -1515,21 +1443,17 @@ class RunState:
         else:
             log(f"--precision: the checkpoint was written {'with' if state['scaler'] else 'without'} fp16's "
                 f"GradScaler, this run is {'' if self.scaler.is_enabled() else 'not '}fp16: a fresh scaler")
-        self.epoch = state["epoch"]
-        self.step = state["step"]
-        self.epoch_step = state.get("epoch_step", 0)
-        self.reset_pending = state.get("reset_pending", False)
-        self.seconds_before = state.get("elapsed_s", 0.0)
-        carried = state.get("carried") or {}
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        for name, p in self.online.named_parameters():
-            p.grad = torch.empty_like(p).copy_(carried[name] * scale) if name in carried else None
-        if self.epoch_step or self.reset_pending:
-            if state["banks"][rank()].shape != self.bank.feats.shape:
-                raise ValueError(f"memory bank of shape {tuple(state['banks'][rank()].shape)}, this run's is "
-                                 f"{tuple(self.bank.feats.shape)}")
-            self.bank.feats.copy_(state["banks"][rank()])
-            self.bank.filled = state["bank_filled"]
+        self.epoch, self.step, self.epoch_step = state["epoch"], state["step"], state["epoch_step"]
+        self.seconds_before = state["elapsed_s"]
+        banks, rows = state["banks"], self.bank.feats.shape[1]  # (processes, 2, M, D)
+        bank = banks[rank()] if len(banks) == world_size() else None
+        if bank is None:  # another process count, at an epoch's end: every image's z, shared out anew
+            union = banks.transpose(0, 1).flatten(1, 2)  # (2, processes·M, D)
+            bank = union[:, torch.arange(rank() * rows, (rank() + 1) * rows) % union.shape[1]]
+        if bank.shape != self.bank.feats.shape:
+            raise ValueError(f"memory bank of shape {tuple(bank.shape)}, this run's is {tuple(self.bank.feats.shape)}")
+        self.bank.feats.copy_(bank)
+        self.bank.filled = state["bank_filled"]
 
     def resume(self, paths, cfg, data):
         """Restores the run from the first of `paths` that loads and fits, or ends in one line."""
@@ -1541,7 +1465,7 @@ class RunState:
                 self.load(state)
                 break
             except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:  # damaged, foreign, cut short
-                why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                why = " ".join(str(e).split())[:300] or type(e).__name__  # every line of it: keys are named there
                 errors.append(f"{path} ({why})")
                 log(f"checkpoint {path} does not load ({why})" + ("; trying the one before it" if path != paths[-1]
                                                                   else ""))
@@ -1564,35 +1488,25 @@ def resolve_resume(cfg):  # checkpoints to try, newest first ([]: a fresh start)
         if os.path.exists(p) and not os.path.isfile(p):
             fail(f"--out-dir {cfg.out_dir}: {p} is not a file (a folder of that name?); move it away")
     if cfg.resume == "none":
-        if rank() == 0:
-            move_aside([path, previous_of(path), os.path.join(cfg.out_dir, "log.jsonl")], cfg.out_dir)
+        old = [p for p in (path, previous_of(path), os.path.join(cfg.out_dir, "log.jsonl")) if os.path.lexists(p)]
+        if old and rank() == 0:  # into a new folder of its own: two runs in one second get two
+            aside = tempfile.mkdtemp(prefix=time.strftime("earlier-%Y%m%d-%H%M%S-"), dir=cfg.out_dir)
+            for p in old:
+                os.replace(p, os.path.join(aside, os.path.basename(p)))
+            log(f"--resume none: the earlier run's {', '.join(map(os.path.basename, old))} moved to {aside}")
         return []
     if cfg.resume is not None and not os.path.isfile(path):
         fail(f"--resume {path}: no such checkpoint")
     return [p for p in (path, previous_of(path)) if os.path.isfile(p)]
 
-def move_aside(paths, out_dir):  # an earlier run's files into a new folder out_dir/earlier-<time>[-n]: none overwritten
-    old = [p for p in paths if os.path.isfile(p)]
-    if not old:
-        return
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for n in itertools.count():
-        aside = os.path.join(out_dir, f"earlier-{stamp}" + (f"-{n}" if n else ""))
-        try:
-            os.mkdir(aside)  # atomic: two runs in the same second get two folders
-            break
-        except FileExistsError:
-            continue
-    for p in old:
-        os.replace(p, os.path.join(aside, os.path.basename(p)))
-    log(f"--resume none: the earlier run's {', '.join(os.path.basename(p) for p in old)} moved to {aside}")
-
-def read_checkpoint(path, needs=("online", "target", "grouping", "optimizer", "scaler", "epoch", "step")):
+def read_checkpoint(path, needs=("online", "target", "grouping", "optimizer", "scaler", "banks", "epoch", "step")):
     """A checkpoint's contents (weights_only: tensors and plain data); ValueError saying why it is refused."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError("not a checkpoint (torch.save writes zip archives)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means a damaged or foreign file
-        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+        if "Weights only load failed" in str(e):
             raise ValueError("refused: it holds objects other than tensors and plain data, and unpickling those "
                              "could run code") from None
         raise ValueError(f"not a readable checkpoint ({type(e).__name__})") from None
@@ -1600,19 +1514,14 @@ def read_checkpoint(path, needs=("online", "target", "grouping", "optimizer", "s
         raise ValueError("not a smog.py checkpoint")
     if missing := set(needs) - state.keys():
         raise ValueError(f"incomplete: no {', '.join(sorted(missing))}")
-    for part in (*needs, "banks", "carried"):
-        if not all_finite(state.get(part)):
-            raise ValueError(f"damaged: its {part} holds NaN or inf")
+    for part in (part for part in needs if not all_finite(state[part])):
+        raise ValueError(f"damaged: its {part} holds NaN or inf")
     return state
 
 def all_finite(tree):  # whether every floating-point tensor in a nest of dicts and lists is finite
-    if isinstance(tree, torch.Tensor):
-        return not tree.is_floating_point() or bool(torch.isfinite(tree).all())
-    if isinstance(tree, dict):
-        return all(all_finite(v) for v in tree.values())
-    if isinstance(tree, (list, tuple)):
-        return all(all_finite(v) for v in tree)
-    return True
+    if isinstance(tree, (dict, list, tuple)):
+        return all(map(all_finite, tree.values() if isinstance(tree, dict) else tree))
+    return not isinstance(tree, torch.Tensor) or not tree.is_floating_point() or bool(torch.isfinite(tree).all())
 
 # What a checkpoint's config must share with the run resuming it: the shapes of networks, groups and optimiser state
 # (arch .. exclude_1d), and the seed of the data order and the crops.
@@ -1625,32 +1534,23 @@ def check_resumable(path, state, cfg, data):
     for name in (name for name in RESUME_MUST_MATCH if saved.get(name) != getattr(cfg, name)):
         fail(f"--resume {path}: checkpoint has {_flag(name)} {saved.get(name)!r}, the config asks for "
              f"{getattr(cfg, name)!r}; keep the checkpoint's value, or start a new run (--resume none)")
-    batch = saved.get("batch_size")
-    processes = state.get("processes", world_size())
-    passes = saved.get("accumulate", 1)
-    if batch * processes * passes != cfg.batch_size * world_size() * cfg.accumulate:  # steps, schedules would differ
+    processes, batch, passes = state.get("processes"), saved.get("batch_size"), saved.get("accumulate")
+    if batch * processes * passes != cfg.batch_size * world_size() * cfg.accumulate:  # other steps and schedules
         fail(f"--resume {path}: written with a global batch of {batch * processes * passes} ({batch} × {processes} "
              f"process(es) × {passes} passes), this run has {cfg.batch_size * world_size() * cfg.accumulate}; keep "
              f"--batch-size × processes × --accumulate, or start a new run")
-    written_for = state.get("data_fingerprint", f"{state.get('num_images')} images")
-    other_paths = "data_fingerprint" in state and written_for != data.fingerprint
-    if other_paths or state.get("num_images") != len(data.labels):
-        fail(f"--resume {path}: written for another data set ({written_for}); --data {printable(cfg.data)} is "
-             f"{data.fingerprint}: restore that data set, or start a new run (--resume none)")
+    if state.get("data_fingerprint") != data.fingerprint or state.get("num_images") != len(data.labels):
+        fail(f"--resume {path}: written for another data set ({state.get('data_fingerprint')}); --data {cfg.data} "
+             f"is {data.fingerprint}: restore that data set, or start a new run (--resume none)")
     if (processes, passes) != (world_size(), cfg.accumulate):
-        if state.get("epoch_step", 0) or state.get("reset_pending", False):  # the banks are per process
-            fail(f"--resume {path}: written with each process's bank (mid-epoch, or at the end) by {processes} "
-                 f"process(es) × {passes} passes; resume it with "
+        if state["epoch_step"]:  # the banks and the data order are per process
+            fail(f"--resume {path}: written mid-epoch by {processes} process(es) × {passes} passes; resume it with "
                  f"as many (this run has {world_size()} × {cfg.accumulate}), or from the end of an epoch")
-        if state.get("carried"):  # a gradient summed over `passes` passes' shares
-            fail(f"--resume {path}: it holds the gradients of the passes that ended its epoch without a step, for "
-                 f"{processes} process(es) × {passes} passes; resume it with as many (this run has "
-                 f"{world_size()} × {cfg.accumulate})")
         log(f"resuming {processes} process(es) × {batch} images × {passes} passes as {world_size()} × "
             f"{cfg.batch_size} × {cfg.accumulate}: the same global batch and schedules; BN statistics now over "
             f"{cfg.batch_size} images per pass (SyncBN: all processes'), the data order unlike an uninterrupted run's")
 
-# ----- processes and faults: preemption, the out-dir lock, divergence, failed collectives --------------------------
+# ----- processes and faults: preemption, the out-dir lock, links, divergence, failed collectives -------------------
 def setup_device(timeout=300):
     """Starts the process group under torchrun (NCCL on GPU, gloo on CPU) and picks this process's device (on the
     CPU, with freed memory kept for reuse)."""
@@ -1673,13 +1573,13 @@ def setup_device(timeout=300):
 def keep_freed_memory(pad=1 << 30):
     """CPU runs: lets glibc's malloc keep up to `pad` bytes of freed memory for reuse, instead of returning it to the
     OS at every free. Each CPU step frees and allocates its activations anew; memory returned comes back as page
-    faults that the kernel zeroes (up to two million in 240 steps of the tiny preset: about a tenth of its time, the
-    README's What to expect). Nothing is computed differently. Returns whether it applied (glibc only)."""
+    faults that the kernel zeroes (a tenth of the tiny preset's time). Returns whether it applied (glibc only)."""
     libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
-    if libc is None or not hasattr(libc, "mallopt"):
-        return False
     m_top_pad = -2  # glibc's malloc.h: the free space kept at the heap's top when it grows or shrinks
-    return libc.mallopt(m_top_pad, pad) == 1
+    return libc is not None and hasattr(libc, "mallopt") and libc.mallopt(m_top_pad, pad) == 1
+
+def interrupted(signum, frame):  # SIGINT or SIGTERM outside the training loop: main() stops with one line
+    raise KeyboardInterrupt(signum)
 
 @contextmanager
 def catch_preemption():
@@ -1700,96 +1600,100 @@ def catch_preemption():
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
-@contextmanager
-def holding_out_dir(out_dir, device):
-    """Creates out_dir and holds its lock for the run (rank 0, a collective): one run per out-dir."""
-    error, lock = None, None
-    if rank() == 0:
-        error, lock = _take_lock(out_dir)
-    if all_reduce_(torch.tensor(float(error is not None), device=device), op="max").item() > 0:
-        fail(error or f"process {rank()}: process 0 could not take --out-dir {out_dir} (see its message)")
-    try:
-        yield
-    finally:
-        if lock is not None:
-            with suppress(OSError):
-                os.remove(lock.name)  # still holding it: a run starting now locks the next file, not this one
-            lock.close()
-
-def _take_lock(out_dir):
-    """(why not, None) or (None, the open lock file): an flock on out_dir/lock, which the kernel (and an NFS server,
-    when its client's lease runs out) releases when the holder dies, so a dead run's lock needs no taking over."""
-    path = os.path.join(out_dir, "lock")
-    me = f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        return f"--out-dir {out_dir}: cannot be created ({e.strerror}: {e.filename})", None
-    try:
-        while True:
-            lock = open(path, "a+")
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock.seek(0)
-                holder = printable(lock.read().strip()) or "another run"
-                lock.close()
-                return (f"--out-dir {out_dir}: in use by {holder} ({path}); wait for it, or give another "
-                        f"--out-dir"), None
-            if os.path.exists(path) and os.path.samefile(path, lock.fileno()):
-                break
-            lock.close()  # its holder removed the file as we locked it: lock the one now at path
-        lock.seek(0)
-        if earlier := printable(lock.read().strip()):  # a holder that died left its line
-            log(f"--out-dir {out_dir}: taking over the lock of {earlier}, which is gone")
-        lock.truncate(0)
-        lock.write(me)
-        lock.flush()
-        return None, lock
-    except OSError as e:
-        if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
-            return (f"--out-dir {out_dir}: its file system does not lock files ({e.strerror}), so two runs on it "
-                    f"could not be told apart; give an --out-dir on a file system that does"), None
-        return f"--out-dir {out_dir}: not writable ({e.strerror}: {e.filename or path})", None
-
 def caught_by_any(caught, device):
     """Whether any process caught a preemption signal (all-reduced: all stop at one step; alone: no device sync)."""
     if not distributed():
         return bool(caught)
     return all_reduce_(torch.tensor(float(bool(caught)), device=device), op="max").item() > 0
 
-DIVERGED = 1000.0  # the online weights' norm grown this many times over its value at the job's start: diverged
+def open_in_out_dir(path, mode):
+    """path opened to write ("a+": kept, created if missing; "wb": our own temporary file, made anew), never through
+    a link: one planted at path is removed first for "wb", refused otherwise, as is anything but a regular file."""
+    if mode == "wb":
+        with suppress(FileNotFoundError):
+            os.unlink(path)  # the link itself, not what it points to
+    flags = os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_RDWR | os.O_APPEND if mode == "a+" else
+                                                         os.O_WRONLY | os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(e.errno, "a link, which smog.py never writes through; remove it", path) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file; remove it", path)
+    return os.fdopen(fd, mode)
 
-def weight_norm(module):  # the L2 norm of all of a module's parameters together, as a device tensor
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach() for p in module.parameters()])))
+def take_lock(out_dir):
+    """(why not, None) or (None, the open lock file): an flock on out_dir/lock, which the kernel (and an NFS server,
+    when its client's lease runs out) releases when the holder dies; the file stays, with its holder's line."""
+    path, lock = os.path.join(out_dir, "lock"), None
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open_in_out_dir(path, "a+")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another run"
+        lock.close()
+        return f"--out-dir {out_dir}: in use by {holder} ({path}); wait for it, or give another --out-dir", None
+    except OSError as e:
+        if lock is not None:
+            lock.close()
+        if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            return (f"--out-dir {out_dir}: its file system does not lock files ({e.strerror}), so two runs on it "
+                    f"could not be told apart; give an --out-dir on a file system that does"), None
+        return f"--out-dir {out_dir}: cannot write {e.filename or out_dir} ({e.strerror})", None
+    lock.seek(0)
+    if earlier := lock.read().strip():  # a holder that died left its line
+        log(f"--out-dir {out_dir}: taking over the lock of {earlier}, which is gone")
+    lock.truncate(0)
+    lock.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    lock.flush()
+    return None, lock
+
+@contextmanager
+def holding_out_dir(out_dir, device):
+    """Creates out_dir and holds its lock for the run (rank 0, a collective): one run per out-dir."""
+    error, lock = take_lock(out_dir) if rank() == 0 else (None, None)
+    if all_reduce_(torch.tensor(float(error is not None), device=device), op="max").item() > 0:
+        fail(error or f"process {rank()}: process 0 could not take --out-dir {out_dir} (see its message)")
+    try:
+        yield
+    finally:
+        if lock is not None:  # the file stays (a run starting now locks this very file), empty: no holder
+            with suppress(OSError):
+                lock.truncate(0)
+            lock.close()
+
+def weight_norm(module):  # the L2 norm of all of a module's parameters together
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach() for p in module.parameters()]))).item()
 
 def stop_if_diverged(bad_step, run, start_norm):
-    """Ends every process together after a non-finite loss, or non-finite or exploded online weights."""
+    """Ends every process together after a non-finite loss, or online weights grown 1000 times or non-finite."""
     # bad_step: this process's first step with a non-finite loss, or −1, kept on the device (no host sync per step);
-    # checked before every report and checkpoint, so no checkpoint holds such weights.
-    first = all_reduce_(bad_step.clone(), op="max").item()
-    norm = weight_norm(run.online).item()  # the same on every process: DDP keeps the weights identical
+    # checked before every report and checkpoint, so no checkpoint holds such weights. The loss, of normalised
+    # features, stays finite while BatchNorm hides weights that grow without bound (too large an --lr).
+    first, norm = all_reduce_(bad_step.clone(), op="max").item(), weight_norm(run.online)
     if first >= 0:
         fail(f"the loss became NaN/inf at step {first}; every process stopped. Last good checkpoint: "
              f"{run.last_good}. Lower --lr or raise --warmup-epochs")
-    if not math.isfinite(norm) or norm > DIVERGED * start_norm:
+    if not math.isfinite(norm) or norm > 1000 * start_norm:
         fail(f"the online weights diverged by step {run.step}: their norm grew from {start_norm:.3g} to {norm:.3g} "
              f"while the loss stayed finite; every process stopped. Last good checkpoint: {run.last_good}. "
              f"Lower --lr")
-
-# What gloo and NCCL say when a peer died or a collective timed out (not all of them raise dist.DistError).
-COLLECTIVE_FAILURE = re.compile("gloo|nccl|timed out|timeout|connection (reset|closed|refused)|closed by peer", re.I)
 
 @contextmanager
 def collective_failures_in_one_line(run, timeout):
     """A failed collective as one line naming this process and step, not a backend trace."""
     try:
         yield
-    except RuntimeError as error:
-        if distributed() and (isinstance(error, dist.DistError) or COLLECTIVE_FAILURE.search(str(error))):
-            why = str(error).strip().splitlines()[0][:240]
+    except RuntimeError as error:  # what gloo and NCCL raise when a peer died or a collective timed out
+        if distributed() and (isinstance(error, dist.DistError) or re.search(
+                "gloo|nccl|timed out|timeout|connection (reset|closed|refused)|closed by peer", str(error), re.I)):
             fail(f"process {rank()} of {world_size()} stopped at step {run.step}: a collective failed, so another "
-                 f"process died or did not answer within --dist-timeout {timeout} s ({why})")
+                 f"process died or did not answer within --dist-timeout {timeout} s ({str(error).strip()[:240]})")
         raise
 
 # ----- reports: the log line, group health, kNN on the held-out split, the plot ------------------------------------
@@ -1799,24 +1703,23 @@ def group_health(counts):
     entropy = -(prob * prob.clamp(min=1e-12).log()).sum(1).mean()
     return used.item(), entropy.item()
 
-def eval_batches(data, cfg, batch=256, indices=None):
-    """Normalised centre views (n, 3, S, S) of a Split's source: uint8 images (N, 3, H, W), or an ImageFolderData."""
-    if isinstance(data, torch.Tensor):
-        data = data if indices is None else data[indices.to(data.device)]
-        for i in range(0, len(data), batch):
-            x = data[i:i + batch].float().cpu() / 255
+def eval_batches(source, cfg, batch=256, indices=None):
+    """Normalised centre views (n, 3, S, S) of a split's images: uint8 (N, 3, H, W) in memory, resized to S; or an
+    ImageFolderData, resized to S·8/7 and centre-cropped (the authors' validation view)."""
+    if isinstance(source, torch.Tensor):
+        source = source if indices is None else source[indices.to(source.device)]
+        for i in range(0, len(source), batch):
+            x = source[i:i + batch].float().cpu() / 255
             if x.shape[-1] != cfg.global_size:
                 x = F.interpolate(x, size=cfg.global_size, mode="bilinear", antialias=True, align_corners=False)
             yield imagenet_normalize(x)
         return
     T = torchvision.transforms
-    view = T.Compose([T.Resize(round(cfg.global_size * 8 / 7)), T.CenterCrop(cfg.global_size), T.ToTensor(),
-                      T.Normalize(MEAN, STD)])
-    folder = copy.copy(data)
-    folder.transform = lambda image, parity: view(image.convert("RGB"))
+    folder = copy.copy(source)
+    folder.view = T.Compose([T.Resize(round(cfg.global_size * 8 / 7), antialias=True), T.CenterCrop(cfg.global_size)])
     part = folder if indices is None else torch.utils.data.Subset(folder, indices.tolist())
-    for x, _, _ in torch.utils.data.DataLoader(part, batch_size=batch, num_workers=cfg.workers, collate_fn=collate):
-        yield x
+    for x, _, _, _ in torch.utils.data.DataLoader(part, batch_size=batch, num_workers=cfg.workers, collate_fn=collate):
+        yield imagenet_normalize(x.float() / 255)
 
 @torch.no_grad()
 def extract_features(backbone, data, cfg, device, normalize=True, indices=None):
@@ -1853,44 +1756,41 @@ def knn_report(run, cfg, device, data, held_out, progress, epoch, final=False):
                      BACKBONES[cfg.arch](0.0)[0].to(device)))
     result = {key: knn_top1(extract_features(net, data.source, cfg, device), train_labels,
                             extract_features(net, held_out.source, cfg, device), test_labels) for key, _, net in nets}
-    if final and held_out.in_memory and data.path == "device":
+    if final and data.in_memory and isinstance(held_out.source, torch.Tensor):  # centred per image: invariant to
         pixels = [F.normalize(x.flatten(1).float() - x.flatten(1).float().mean(1, keepdim=True), dim=1).to(device)
-                  for x in (data.source, held_out.source)]  # centred per image: invariant to brightness and contrast
+                  for x in (data.source, held_out.source)]  # brightness and contrast
         result["knn_top1_raw_pixels"] = knn_top1(pixels[0], train_labels, pixels[1], test_labels)
         nets.append(("knn_top1_raw_pixels", "raw pixels", None))
     log(f"kNN top-1 on the held-out split{'' if final else f' after epoch {epoch}'}: " + " | ".join(
         f"{name} {result[key]:.1f}%" for key, name, _ in nets))
     progress.write(dict(step=run.step, epoch=epoch, **result))
 
+def open_log(cfg):
+    """out_dir/log.jsonl, appended to by rank 0 (the others get None), a last line that a kill cut short ended first."""
+    if rank() != 0:
+        return nullcontext()
+    jsonl = open_in_out_dir(os.path.join(cfg.out_dir, "log.jsonl"), "a+")
+    size = os.fstat(jsonl.fileno()).st_size
+    if size and os.pread(jsonl.fileno(), 1, size - 1) != b"\n":
+        jsonl.write("\n")
+    return jsonl
+
 class Progress:
     """The log line every cfg.log_every steps, on the console and in log.jsonl."""
-    def __init__(self, cfg, total_steps, jsonl, first_step, scaler, clock=None):
-        self.cfg = cfg
-        self.total_steps = total_steps
-        self.jsonl = jsonl
-        self.scaler = scaler
-        self.first_step = first_step
-        self.t_start = time.time()
-        # the run's elapsed seconds, which every record carries as elapsed_s (by default: since this Progress began)
-        self.clock = clock or (lambda: time.time() - self.t_start)
-        self.counts = 0  # group counts (H, K), summed on the device over each interval
-        self.skipped = 0  # steps GradScaler skipped, likewise
-        self.restart()
+    def __init__(self, cfg, total_steps, jsonl, first_step, scaler, clock):
+        self.cfg, self.total_steps, self.jsonl, self.first_step, self.scaler = cfg, total_steps, jsonl, first_step, scaler
+        self.clock = clock  # the run's elapsed seconds, which every record carries as elapsed_s
+        self.t_start = self.t_log = time.time()
+        self.data_time = self.images = self.bad_images = self.skipped = self.counts = 0  # this interval's
 
-    def restart(self):  # at each epoch start: the k-means reset does not count as waiting for data
-        self.t_log = time.time()
-        self.data_time = 0.0
-        self.images = 0
-        self.bad_images = 0
-
-    def timed(self, steps):  # TrainData.steps' batches, timing each wait for them and counting unreadable images
+    def timed(self, batches):  # TrainData.batches, timing each wait for them and counting images
         t0 = time.time()
-        for batches, carried, failed in steps:
+        for batch in batches:
             self.data_time += time.time() - t0
-            self.bad_images += len(failed)
-            self.images += self.cfg.batch_size * world_size() * (len(batches) + len(carried))
-            yield batches, carried
-            t0 = time.time()  # the loop asks for the next step's batches
+            self.bad_images += len(batch[2])
+            self.images += self.cfg.batch_size * world_size()
+            yield batch
+            t0 = time.time()  # the loop asks for the next batch
 
     def add(self, counts, skipped):  # one step's group counts (H, K) and skip flag, summed on the device
         self.counts = self.counts + counts
@@ -1898,14 +1798,13 @@ class Progress:
 
     def report(self, step, epoch, loss, lr, beta):  # prints and records one interval's figures (one wait for the GPU)
         used, entropy = group_health(self.counts)
-        elapsed = time.time() - self.t_log
-        fp16 = self.scaler.is_enabled()
+        elapsed, fp16 = time.time() - self.t_log, self.scaler.is_enabled()
         eta = (time.time() - self.t_start) / max(1, step - self.first_step) * (self.total_steps - step)
-        skipped = int(self.skipped) if fp16 else 0
         record = dict(step=step, epoch=epoch, loss=loss.item(), lr=lr, beta=beta, img_per_s=self.images / elapsed,
                       data_time=self.data_time / elapsed, groups_used=used, assign_entropy=entropy,
                       assign_entropy_max=math.log(self.cfg.num_groups), eta_s=eta, bad_images=self.bad_images,
-                      skipped_steps=skipped, grad_scale=self.scaler.get_scale() if fp16 else None)
+                      skipped_steps=int(self.skipped) if fp16 else 0, grad_scale=self.scaler.get_scale() if fp16
+                      else None)
         if torch.cuda.is_available():
             record["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30  # peak so far, this process
         parts = [f"step {step}/{self.total_steps}", f"epoch {epoch}", f"loss {record['loss']:.4f}", f"lr {lr:.4f}",
@@ -1913,17 +1812,15 @@ class Progress:
                  f"groups used {used:.0f}/{self.cfg.num_groups}, entropy {entropy:.2f}/"
                  f"{record['assign_entropy_max']:.2f}"]
         if fp16:  # a scale that keeps falling, with many skips, means gradients that keep overflowing
-            parts.append(f"fp16 steps skipped {skipped}, scale {record['grad_scale']:g}")
+            parts.append(f"fp16 steps skipped {record['skipped_steps']}, scale {record['grad_scale']:g}")
         if self.bad_images:
             parts.append(f"unreadable images {self.bad_images} (replaced)")
-        parts.append(f"ETA {datetime.timedelta(seconds=round(eta))}")
-        log(" | ".join(parts))
+        log(" | ".join(parts + [f"ETA {datetime.timedelta(seconds=round(eta))}"]))
         self.write(record)
-        self.restart()  # each log line counts its own interval
-        self.counts = 0
-        self.skipped = 0
+        self.t_log = time.time()  # each log line counts its own interval
+        self.data_time = self.images = self.bad_images = self.skipped = self.counts = 0
 
-    def write(self, record):  # one line of log.jsonl, which rank 0 holds (the others have None)
+    def write(self, record):  # one line of log.jsonl (rank 0's)
         if self.jsonl:
             self.jsonl.write(json.dumps({**record, "elapsed_s": round(self.clock(), 1)}) + "\n")
             self.jsonl.flush()
@@ -1932,250 +1829,185 @@ def parameter_counts(cfg):
     """Millions of parameters of the networks a config builds (made on the meta device: nothing is allocated)."""
     with torch.device("meta"):
         online = make_online(cfg)
-    millions = lambda module: sum(p.numel() for p in module.parameters()) / 1e6  # noqa: E731
-    backbone = millions(online.encoder.backbone)
+    millions = lambda module: round(sum(p.numel() for p in module.parameters()) / 1e6, 2)  # noqa: E731
     classifier = (online.encoder.projector[0].in_features + 1) * 1000 / 1e6  # papers count it (ResNet-50: 25.6M)
-    return dict(backbone=round(backbone, 2), backbone_with_1000_class_classifier=round(backbone + classifier, 2),
-                projector=round(millions(online.encoder.projector), 2),
-                predictor=round(millions(online.predictor), 2), online=round(millions(online), 2))
-
-def _ticks(lo, hi, most=5):  # round tick values from lo to hi, at most `most` of them (steps of 1, 2 or 5 × 10^n)
-    raw = (hi - lo) / most
-    unit = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
-    step = next(unit * m for m in (1, 2, 5, 10) if unit * m >= raw)
-    return [i * step for i in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+    return dict(backbone=millions(online.encoder.backbone),
+                backbone_with_1000_class_classifier=round(millions(online.encoder.backbone) + classifier, 2),
+                projector=millions(online.encoder.projector), predictor=millions(online.predictor),
+                online=millions(online))
 
 def plot_curves(out_dir):
-    """Writes out_dir/curves.svg from its log.jsonl (plain SVG, no plotting package); returns its path."""
+    """Writes out_dir/curves.svg from its log.jsonl, a panel per figure (plain SVG, no plotting package); returns its
+    path and how many damaged lines it skipped."""
     try:
-        records = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl")) if line.strip()]
-    except (OSError, ValueError) as e:
-        fail(f"--plot {out_dir}: no readable log.jsonl ({type(e).__name__}: {e})")
+        with open(os.path.join(out_dir, "log.jsonl")) as f:
+            lines = [line for line in f if line.strip()]
+    except OSError as e:
+        fail(f"--plot {out_dir}: no readable log.jsonl ({e.strerror})")
+    records = []
+    for line in lines:
+        with suppress(ValueError):
+            records += [r for r in [json.loads(line)] if isinstance(r, dict)]
     log_k = max([r.get("assign_entropy_max", 0) for r in records] + [0])
-    k = round(math.exp(log_k)) if log_k else None
-    # (key, title, range: fixed, or the data's from "zero" or None: their own; reference line and its label or None;
-    # x: "step", or "elapsed_s" for the time-to-accuracy panel, in minutes of the run's wall-clock)
-    panels = [("loss", "loss", None, None, "step"), ("lr", "learning rate", "zero", None, "step"),
-              ("beta", "β (centroid momentum)", None, (1.0, "1"), "step"),
-              ("groups_used", "groups used", (0, 1.05 * k) if k else "zero", (k, f"K = {k}") if k else None, "step"),
-              ("assign_entropy", "assignment entropy (nats)", (0, 1.05 * log_k) if k else "zero",
-               (log_k, f"log K = {log_k:.2f}") if k else None, "step"),
-              ("img_per_s", "throughput (img/s)", "zero", None, "step"),
-              ("knn_top1", "kNN top-1 (%)", (0, 100), None, "step"),
-              ("knn_top1", "kNN top-1 (%) against wall-clock", (0, 100), None, "elapsed_s")]
-    x_hi = dict(step=max([r["step"] for r in records if "step" in r] + [1]),
-                elapsed_s=max([r["elapsed_s"] for r in records if "elapsed_s" in r] + [60]))
-    epoch_at = sorted((r["step"], r["epoch"]) for r in records if "step" in r and "epoch" in r)
-    w, h = 380, 240  # one panel, in pixels
-    left = 52  # the panel's margins
-    top = 30
-    bottom = 46
-    pw, ph = w - left - 16, h - top - bottom
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{4 * w}" height="{2 * h}" font-family="sans-serif" '
-           f'font-size="11"><rect width="100%" height="100%" fill="white"/>']
-    for i, (key, title, fixed, ref, x) in enumerate(panels):
-        x0, y0 = (i % 4) * w + left, (i // 4) * h + top
-        points = [(r[x], r[key]) for r in records if r.get(key) is not None and x in r]
-        values = [v for _, v in points] + ([ref[0]] if ref else [])
-        lo, hi = fixed if isinstance(fixed, tuple) else (min(values, default=0), max(values, default=1))
-        lo = min(lo, 0) if fixed == "zero" else lo
-        if hi - lo < 1e-9 * max(1.0, abs(hi)):  # a constant series: a small band around it, not a jumping line
-            lo, hi = lo - max(abs(lo) * 0.05, 1e-3), hi + max(abs(hi) * 0.05, 1e-3)
-        pad = 0 if isinstance(fixed, tuple) else 0.05 * (hi - lo)
-        lo, hi = lo - (pad if lo != 0 else 0), hi + pad
-        sx = lambda s: x0 + pw * s / x_hi[x]  # noqa: E731
-        sy = lambda v: y0 + ph - ph * (v - lo) / (hi - lo)  # noqa: E731
-        svg.append(f'<text x="{x0}" y="{y0 - 10}" font-weight="bold">{title}</text><rect x="{x0}" y="{y0}" '
-                   f'width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
-        svg += [f'<text x="{x0 - 4}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:.4g}</text><line x1="{x0}" '
-                f'x2="{x0 + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>' for t in _ticks(lo, hi)]
-        if x == "elapsed_s":  # ticks in minutes
-            svg += [f'<text x="{sx(60 * t):.1f}" y="{y0 + ph + 14}" text-anchor="middle">{t:g} min</text>'
-                    for t in _ticks(0, x_hi[x] / 60, 4)]
-        else:  # ticks in steps, with the epoch under each
-            for t in _ticks(0, x_hi[x], 4):
-                epoch = max([e for s, e in epoch_at if s <= t], default=0 if epoch_at else None)
-                svg.append(f'<text x="{sx(t):.1f}" y="{y0 + ph + 14}" text-anchor="middle">{t}</text>'
-                           + (f'<text x="{sx(t):.1f}" y="{y0 + ph + 26}" text-anchor="middle" fill="#777">epoch '
-                              f'{epoch}</text>' if epoch is not None else ""))
-        if ref:
-            svg.append(f'<line x1="{x0}" x2="{x0 + pw}" y1="{sy(ref[0]):.1f}" y2="{sy(ref[0]):.1f}" stroke="#c33" '
-                       f'stroke-dasharray="4 3"/><text x="{x0 + pw - 4}" y="{sy(ref[0]) - 4:.1f}" text-anchor="end" '
-                       f'fill="#c33">{ref[1]}</text>')
-        marked = key == "knn_top1" or len(points) == 1  # reports: marked points, labelled; series: a line
-        if not marked and points:
-            line = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in points)
-            svg.append(f'<polyline points="{line}" fill="none" stroke="#1f5fa8" stroke-width="1.5"/>')
-        svg += [f'<circle cx="{sx(a):.1f}" cy="{sy(b):.1f}" r="3" fill="#1f5fa8"/><text x="{sx(a):.1f}" '
-                f'y="{sy(b) - 6:.1f}" text-anchor="middle">{b:.1f}</text>' for a, b in points if marked]
+    refs = dict(groups_used=round(math.exp(log_k)), assign_entropy=log_k) if log_k else {}  # K and log K, dashed
+    panels = [("loss", "step"), ("lr", "step"), ("beta", "step"), ("groups_used", "step"), ("assign_entropy", "step"),
+              ("img_per_s", "step"), ("knn_top1", "step"), ("knn_top1", "elapsed_s")]
+    w, h, svg = 300, 200, []
+    for i, (key, x) in enumerate(panels):
+        points = [(r[x] / (60 if x == "elapsed_s" else 1), r[key]) for r in records
+                  if isinstance(r.get(key), (int, float)) and isinstance(r.get(x), (int, float))]
+        xs, ys = [a for a, _ in points], [b for _, b in points] + ([refs[key]] if key in refs else [])
+        lo, hi = (0, 100) if key == "knn_top1" else (min(ys, default=0), max(ys, default=1))
+        if hi <= lo:  # a constant series: a band around it
+            lo, hi = lo - abs(lo) / 20 - 1e-3, hi + abs(hi) / 20 + 1e-3
+        x_max = max(xs, default=0) or 1
+        left, top = 50 + (i % 4) * w, 30 + (i // 4) * h
+        px = lambda v: left + (w - 70) * v / x_max  # noqa: E731
+        py = lambda v: top + (h - 70) * (hi - v) / (hi - lo)  # noqa: E731
+        name = f"{key} against {'minutes' if x == 'elapsed_s' else 'step'}"
+        svg += [f'<text x="{left}" y="{top - 8}">{name}</text><rect x="{left}" y="{top}" width="{w - 70}" '
+                f'height="{h - 70}" fill="none" stroke="#999"/>',
+                f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{hi:.4g}</text><text x="{left - 4}" '
+                f'y="{top + h - 70}" text-anchor="end">{lo:.4g}</text><text x="{left + w - 70}" y="{top + h - 55}" '
+                f'text-anchor="end">{x_max:.4g}</text>']
+        if key in refs:
+            svg.append(f'<line x1="{left}" x2="{left + w - 70}" y1="{py(refs[key]):.1f}" y2="{py(refs[key]):.1f}" '
+                       f'stroke="#c33" stroke-dasharray="4 3"/>')
+        if key == "knn_top1":  # reports: marked points, labelled
+            svg += [f'<circle cx="{px(a):.1f}" cy="{py(b):.1f}" r="3" fill="#1f5fa8"/><text x="{px(a):.1f}" '
+                    f'y="{py(b) - 6:.1f}" text-anchor="middle">{b:.1f}</text>' for a, b in points]
+        elif points:
+            svg.append('<polyline fill="none" stroke="#1f5fa8" points="'
+                       + " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in points) + '"/>')
     path = os.path.join(out_dir, "curves.svg")
-    with open(path, "w") as f:
-        f.write("\n".join(svg + ["</svg>"]) + "\n")
-    return path
+    with open_in_out_dir(path + ".tmp", "wb") as f:
+        f.write(("\n".join([f'<svg xmlns="http://www.w3.org/2000/svg" width="{4 * w + 40}" height="{2 * h + 20}" '
+                            'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>',
+                            *svg, "</svg>"]) + "\n").encode())
+    os.replace(path + ".tmp", path)
+    return path, len(lines) - len(records)
 
 # ----- training: train() and the command line ----------------------------------------------------------------------
-def train(cfg):  # the whole run, holding its out-dir; returns the RunState
+def train(cfg):
+    """The whole run, holding its out-dir: setup, then the paper's Algorithm 1 epoch by epoch; returns the RunState."""
     device = setup_device(cfg.dist_timeout)
     with holding_out_dir(cfg.out_dir, device):
-        return _train(cfg, device)
-
-def reset_groups(run, cfg, epoch):  # the epoch start after `epoch`: k-means on its bank, BN buffers, target ← online
-    start_epoch(run.grouping, run.bank, run.online, run.target, cfg.kmeans_iters,
-                torch.Generator().manual_seed(seed_for(cfg.seed, epoch)))
-    run.reset_pending = False
-
-def open_log(cfg):  # out_dir/log.jsonl, appended to by rank 0; the other processes get None
-    return open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank() == 0 else nullcontext()
-
-def remaining_steps(data, run, cfg, progress):
-    """(epoch, batches, carried) for every step from the run's current one to the end, epoch by epoch (TrainData.steps)."""
-    for epoch in range(run.epoch, cfg.epochs):
-        # Data order is a function of (seed, epoch), each pass's crops of (seed, process, pass): resuming at any
-        # step is exact with batched augmentation (CPU workers draw from their own per-epoch seeds).
-        data.sampler.set_epoch(epoch)
-        torch.manual_seed(seed_for(cfg.seed, epoch, rank()))  # the loader's worker seeds
-        progress.restart()
-        for batches, carried in progress.timed(data.steps(run.epoch_step)):
-            yield epoch, batches, carried
-
-def _train(cfg, device):
-    # ----- setup: precision, data, the run state (resumed, or a bank from the initial network and k-means) -----
-    precision, autocast, scaler = resolve_precision(cfg, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    log(f"config: {config_text(cfg)}")
-    why = ""
-    if cfg.precision is None and device.type == "cpu":
-        why = " (auto: this CPU computes bf16 natively)" if precision == "bf16" else " (auto: no native bf16 on this CPU)"
-    log(f"device: {device}, processes: {world_size()}, precision: {precision}{why}")
-    resume = resolve_resume(cfg)
-    data = TrainData(cfg, device)
-    passes_per_step = cfg.accumulate
-    steps_per_epoch = data.steps_per_epoch
-    total_steps = cfg.epochs * steps_per_epoch
-    # The schedules run over forward passes, set at each step's last, as main_SMoG.py's (per pass, over len(loader))
-    passes_per_epoch = data.passes_per_epoch
-    total_passes = cfg.epochs * passes_per_epoch
-    warmup_passes = cfg.warmup_epochs * passes_per_epoch
-    global_batch = cfg.batch_size * world_size() * passes_per_step
-    batch_parts = f"{cfg.batch_size} × {world_size()} process(es)"
-    if passes_per_step > 1:
-        batch_parts += f" × {passes_per_step} passes"
-    log(f"data: {len(data.labels)} images, {steps_per_epoch} steps per epoch, global batch {global_batch} "
-        f"({batch_parts}), crops: {CROP_PATHS[data.path]}")
-    if data.left_over:
-        log(f"--accumulate {passes_per_step}: the last {data.left_over} of the {passes_per_epoch} passes of each "
-            f"epoch fill no step; their gradients carry into the next epoch's first step, as the authors'")
-    run = RunState(cfg, device, data.epoch_images, scaler)
-    if resume:
-        run.resume(resume, cfg, data)
-        if run.reset_pending and run.epoch < cfg.epochs:  # a finished run resumed for more epochs
-            reset_groups(run, cfg, run.epoch - 1)
-    else:
-        t0 = time.time()
-        with autocast:
-            fill_bank(run.group_z or run.online.encoder, run.bank, data.global_crops())
-        start_epoch(run.grouping, run.bank, run.online, run.target, cfg.kmeans_iters,
-                    torch.Generator().manual_seed(seed_for(cfg.seed, -1)))
-        log(f"bank filled by the initial network, groups set by k-means ({time.time() - t0:.1f}s)")
-    peak_lr = cfg.lr * global_batch / 256
-    first_epoch = run.epoch
-    hyper = step_hyperparameters(cfg)
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
-    start_norm = weight_norm(run.online).item()
-    held_out = load_dataset(cfg, "val") if rank() == 0 and (cfg.knn or cfg.eval_every) else None
-    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
-    stop = None  # why the run leaves before its last step: "signal" or "stop-after"
-
-    with open_log(cfg) as jsonl, catch_preemption() as caught, collective_failures_in_one_line(run, cfg.dist_timeout):
-        progress = Progress(cfg, total_steps, jsonl, run.step, scaler, clock=run.elapsed_s)
-        for epoch, batches, carried in remaining_steps(data, run, cfg, progress):
-            # ----- one step: the schedules at this step, train_step, the bank, the interval's sums -----
-            first_pass = epoch * passes_per_epoch + run.epoch_step * passes_per_step  # counted over the run
-            last_pass = first_pass + passes_per_step - 1
-            lr = lr_at(last_pass, total_passes, warmup_passes, peak_lr, cfg.start_lr, cfg.final_lr)
-            beta = beta_at(last_pass, total_passes, cfg.beta_start, cfg.beta_end)
-            for group in run.opt.param_groups:
-                group["lr"] = lr
-            passes = (data.crops(batch, first_pass + i) for i, batch in enumerate(batches))
-            loss, counts, z_global, skipped = train_step(run.online_ddp, run.target, run.grouping, passes, run.opt,
-                                                         run.scaler, beta=beta, autocast=autocast,
-                                                         group_z=run.group_z, **hyper)
-            run.bank.add(z_global)
-            progress.add(counts, skipped)
-            if carried:  # the epoch's last passes, too few for a step: gradients for the next step, z for the bank
-                passes = (data.crops(batch, last_pass + 1 + i) for i, batch in enumerate(carried))
-                _, _, z_carried, _ = train_step(run.online_ddp, run.target, run.grouping, passes, run.opt, run.scaler,
-                                                beta=beta, autocast=autocast, group_z=run.group_z, step=False,
-                                                **hyper)
-                run.bank.add(z_carried)
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), run.step, bad_step)
-            run.step += 1
-            run.epoch_step += 1
-            epoch_done = run.epoch_step == steps_per_epoch
-            # ----- stop here? A signal (checked every step alone, every 10 steps and at epoch ends under torchrun,
-            # one host sync each), or --stop-after at an epoch end -----
-            if (epoch_done or run.step % 10 == 0 or not distributed()) and caught_by_any(caught, device):
-                stop = "signal"
-            elif epoch_done and cfg.stop_after and epoch + 1 - first_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:
-                stop = "stop-after"
-            # ----- report and checkpoint, each after the one divergence check -----
-            report = run.step % cfg.log_every == 0 or run.step == total_steps
-            save = epoch_done or stop or (cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0)
-            if report or save:
-                stop_if_diverged(bad_step, run, start_norm)
-            if report:
-                progress.report(run.step, epoch, loss, lr, beta)
-            if epoch_done:  # the next epoch's start: k-means on this epoch's bank, target ← online
-                t0 = time.time()
+        # ----- setup: precision, data, the run state (resumed, or a bank filled by the initial network) -----
+        precision, autocast, scaler = resolve_precision(cfg, device)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        log(f"config: {config_text(cfg)}")
+        log(f"device: {device}, processes: {world_size()}, precision: {precision}" + (
+            f" (auto: {'this CPU computes bf16 natively' if precision == 'bf16' else 'no native bf16 on this CPU'})"
+            if cfg.precision is None and device.type == "cpu" else ""))
+        resume = resolve_resume(cfg)
+        data = TrainData(cfg, device)
+        where = "held in memory" if data.in_memory else f"streamed by {cfg.workers} loader workers"
+        log(f"data: {len(data.labels)} images ({where}; every crop cut on the {device.type}), "
+            f"{data.steps_per_epoch} steps per epoch, global batch {data.global_batch} ({cfg.batch_size} × "
+            f"{world_size()} process(es) × {cfg.accumulate} passes)")
+        run = RunState(cfg, device, data.epoch_images, scaler)
+        if resume:
+            run.resume(resume, cfg, data)
+        else:
+            t0 = time.time()
+            with autocast:
+                fill_bank(run.online, run.bank, data.global_crops(), run.group_z)
+            log(f"bank filled by the initial network ({time.time() - t0:.1f}s)")
+        passes_per_epoch, total_steps = data.passes_per_epoch, cfg.epochs * data.steps_per_epoch
+        peak_lr = cfg.lr * data.global_batch / 256
+        hyper = dict(tau=cfg.tau, ema=cfg.ema, accumulate=cfg.accumulate, clip_grad=cfg.clip_grad, autocast=autocast,
+                     group_z=run.group_z)
+        held_out = load_dataset(cfg, "val") if rank() == 0 and (cfg.knn or cfg.eval_every) else None
+        checkpoint = os.path.join(cfg.out_dir, "checkpoint.pt")
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)  # the first step with a non-finite loss
+        start_norm, first_epoch, stop = weight_norm(run.online), run.epoch, None  # stop: "signal" or "stop-after"
+        with open_log(cfg) as jsonl, catch_preemption() as caught, collective_failures_in_one_line(run, cfg.dist_timeout):
+            progress = Progress(cfg, total_steps, jsonl, run.step, scaler, run.elapsed_s)
+            batches = progress.timed(data.batches(range(run.epoch, cfg.epochs), run.epoch_step * cfg.accumulate))
+            for epoch in range(run.epoch, cfg.epochs):
+                # ----- the epoch start: c_k ← k-means of last epoch's bank, target ← online -----
+                if run.epoch_step == 0:
+                    start_epoch(run.grouping, run.bank, run.online, run.target, cfg.kmeans_iters,
+                                torch.Generator().manual_seed(seed_for(cfg.seed, epoch - 1)))
+                while run.epoch_step < data.steps_per_epoch and not stop:
+                    # ----- one step: the schedules over forward passes (main_SMoG.py's), train_step, the bank -----
+                    first_pass = epoch * passes_per_epoch + run.epoch_step * cfg.accumulate  # counted over the run
+                    last_pass = first_pass + cfg.accumulate - 1  # a step takes its last pass's lr and β
+                    lr = lr_at(last_pass, cfg.epochs * passes_per_epoch, cfg.warmup_epochs * passes_per_epoch,
+                               peak_lr, cfg.start_lr, cfg.final_lr)
+                    beta = beta_at(last_pass, cfg.epochs * passes_per_epoch, cfg.beta_start, cfg.beta_end)
+                    for group in run.opt.param_groups:
+                        group["lr"] = lr
+                    passes = (data.crops(next(batches), first_pass + i) for i in range(cfg.accumulate))
+                    loss, counts, z, skipped = train_step(run.online_ddp, run.target, run.grouping, passes, run.opt,
+                                                          run.scaler, beta=beta, **hyper)
+                    run.bank.add(z)
+                    progress.add(counts, skipped)
+                    bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), run.step, bad_step)
+                    run.step, run.epoch_step = run.step + 1, run.epoch_step + 1
+                    # ----- a signal? (checked every step alone; under torchrun every 10 steps, one host sync) -----
+                    if (run.step % 10 == 0 or not distributed()) and caught_by_any(caught, device):
+                        stop = "signal"
+                    # ----- the log line and a mid-epoch checkpoint, each after the divergence check -----
+                    report = run.step % cfg.log_every == 0 or run.step == total_steps
+                    save = run.epoch_step < data.steps_per_epoch and (
+                        stop or cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0)
+                    if report or save:
+                        stop_if_diverged(bad_step, run, start_norm)
+                    if report:
+                        progress.report(run.step, epoch, loss, lr, beta)
+                    if save:
+                        run.save(checkpoint, cfg, data)
+                if run.epoch_step < data.steps_per_epoch:  # stopped mid-epoch, with its checkpoint
+                    break
+                # ----- the epoch end: a checkpoint holding this epoch's bank, a kNN report -----
                 run.epoch, run.epoch_step = epoch + 1, 0
-                if run.epoch < cfg.epochs:
-                    reset_groups(run, cfg, epoch)
-                else:  # none after the last epoch: its target stays the EMA's, as the authors' (they reset at starts)
-                    run.reset_pending = True
-                    for buffer in (*run.online.buffers(), *run.target.buffers()):  # BN statistics: every process's
-                        broadcast_(buffer)  # the same, as at every epoch start (no SyncBN on CPUs)
-                reset_seconds = time.time() - t0
-            if save:
-                run.save(ckpt_path, cfg, data)
-            if epoch_done and ((epoch + 1) % max(1, cfg.epochs // 20) == 0 or epoch + 1 == cfg.epochs):
-                reset = "the last" if run.reset_pending else f"groups reset by k-means ({reset_seconds:.1f}s)"
-                log(f"epoch {epoch} done ({reset}), checkpoint {ckpt_path}")
-            if epoch_done and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and rank() == 0:
-                knn_report(run, cfg, device, data, held_out, progress, epoch)
-            if stop:
-                break
-        # ----- the end: the final kNN report, or how to continue -----
-        if stop == "signal":
-            log(f"caught {'Ctrl-C' if signal.SIGINT in caught else 'a preemption signal'}: checkpoint "
-                f"{ckpt_path} at epoch {run.epoch}, step {run.step}; run again to resume from there")
-        elif stop == "stop-after":
-            log(f"stopping after {cfg.stop_after} epoch(s) as asked; run again to resume from epoch {run.epoch}")
-        elif cfg.knn and rank() == 0 and run.step == total_steps:  # the other processes need not wait for it
-            knn_report(run, cfg, device, data, held_out, progress, cfg.epochs - 1, final=True)
+                if caught_by_any(caught, device):
+                    stop = "signal"
+                elif cfg.stop_after and run.epoch - first_epoch >= cfg.stop_after and run.epoch < cfg.epochs:
+                    stop = "stop-after"
+                stop_if_diverged(bad_step, run, start_norm)
+                run.save(checkpoint, cfg, data)
+                if run.epoch % max(1, cfg.epochs // 20) == 0 or run.epoch == cfg.epochs:
+                    log(f"epoch {epoch} done, checkpoint {checkpoint}")
+                if cfg.eval_every and run.epoch % cfg.eval_every == 0 and rank() == 0:
+                    knn_report(run, cfg, device, data, held_out, progress, epoch)
+                if stop:
+                    break
+            # ----- the end: the final kNN report, or how to continue -----
+            if stop == "signal":
+                log(f"caught {'Ctrl-C' if signal.SIGINT in caught else 'a preemption signal'}: checkpoint "
+                    f"{checkpoint} at epoch {run.epoch}, step {run.step}; run again to resume from there")
+            elif stop == "stop-after":
+                log(f"stopping after {cfg.stop_after} epoch(s) as asked; run again to resume from epoch {run.epoch}")
+            elif cfg.knn and rank() == 0:  # the other processes need not wait for it
+                knn_report(run, cfg, device, data, held_out, progress, cfg.epochs - 1, final=True)
     if signal.SIGINT in caught:
         raise SystemExit(130)  # the shell's status for a program stopped by Ctrl-C
     return run
 
 def main(argv=None):
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt again, now torch is loaded
     cfg, args = parse_command(argv)
     if args.plot:
-        print(f"wrote {plot_curves(args.plot)}")
-        return
-    if args.print_config:
+        path, damaged = plot_curves(args.plot)
+        print(printable(f"wrote {path}" + (f" ({damaged} damaged lines of log.jsonl skipped)" if damaged else "")))
+    elif args.print_config:
         print(config_text(cfg, indent=2))
         print(f"parameters (millions): {json.dumps(parameter_counts(cfg))}")
-        return
-    try:
-        train(cfg)
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading data, filling the bank, the kNN report)
-        print("smog.py: stopped by Ctrl-C; the run resumes from its last checkpoint", file=sys.stderr)
-        raise SystemExit(130) from None
-    if distributed():
-        dist.destroy_process_group()
+    else:
+        signal.signal(signal.SIGTERM, interrupted)  # outside the training loop (data, the bank, kNN): one line
+        signal.signal(signal.SIGINT, interrupted)
+        try:
+            train(cfg)
+        except KeyboardInterrupt as e:
+            signum = e.args[0] if e.args else signal.SIGINT
+            print(f"smog.py: stopped by {signal.Signals(signum).name} before or after the training loop; the run "
+                  f"resumes from its last checkpoint", file=sys.stderr)
+            raise SystemExit(128 + signum) from None
+        if distributed():
+            dist.destroy_process_group()
 
 if __name__ == "__main__":
     main()
