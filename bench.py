@@ -145,7 +145,7 @@ def bench_loader_cost(root, seconds=5.0):
     import PIL.Image
     import torchvision
     cfg = smog.parse_command(["--preset", "imagenet-r50", "--data", root, "--memory-budget", "0"])[0]
-    folder = smog.load_dataset(cfg, "train").source
+    folder = smog.load_dataset(cfg, "train")[0]
     rrc = torchvision.transforms.RandomResizedCrop.get_params
 
     def decode_and_cut(path):  # the six crops (and the target's local ones) of one image, as uint8 arrays

@@ -41,7 +41,7 @@ if __name__ == "__main__":  # torch is loaded: Ctrl-C raises KeyboardInterrupt a
 __all__ = ["distributed", "rank", "world_size", "all_reduce_", "broadcast_", "CropRecipe", "Crops", "MultiCrop",
            "stack_crops", "pipelines_for_step", "mlp", "projector_and_predictor", "Encoder", "OnlineNet", "target_of",
            "MomentumGrouping", "MemoryBank", "fill_bank", "start_epoch", "smog_loss", "LARS", "parameter_groups",
-           "lr_at", "beta_at", "ema_", "train_step", "torch", "torchvision"]
+           "lr_at", "beta_at", "ema_", "train_step"]
 
 # ===================================================================================================================
 # Part 1 — SMoG: the method
@@ -124,8 +124,8 @@ def pil_blur(image, sigma):
 
 class MultiCrop:
     """(PIL image, pass of the epoch) → Crops of that image, by per-image torchvision pipelines: the definition of
-    the recipe. extra: transforms of PIL images applied after solarize."""
-    def __init__(self, recipe=CropRecipe(), extra=()):
+    the recipe."""
+    def __init__(self, recipe=CropRecipe()):
         self.recipe = recipe
         T = torchvision.transforms
 
@@ -138,22 +138,19 @@ class MultiCrop:
                               T.RandomGrayscale(p=GRAYSCALE_P),
                               T.RandomApply([blur], p=blur_p),
                               T.RandomSolarize(128, p=solarize_p),
-                              *extra,
                               T.ToTensor(),
                               T.Normalize(MEAN, STD)])
         self.global_pipelines = {name: pipeline(recipe.global_size, recipe.global_scale, name) for name in PIPELINES}
         self.local_pipelines = {name: pipeline(recipe.local_size, recipe.local_scale, name) for name in PIPELINES}
 
     def __call__(self, image, step):
-        online_aug, target_aug = pipelines_for_step(step)
-        n_local = self.recipe.num_local
-        n_target_local = n_local if self.recipe.target_local else 0
+        (online_aug, target_aug), n_local = pipelines_for_step(step), self.recipe.num_local
 
         def crops(pipelines, name, n):  # (n, 3, s, s), or None
             return torch.stack([pipelines[name](image) for _ in range(n)]) if n else None
         return Crops(crops(self.global_pipelines, online_aug, 2), crops(self.local_pipelines, online_aug, n_local),
                      crops(self.global_pipelines, target_aug, 2),
-                     crops(self.local_pipelines, target_aug, n_target_local))
+                     crops(self.local_pipelines, target_aug, n_local * self.recipe.target_local))
 
 def stack_crops(per_image):
     """One batch's Crops from MultiCrop's per-image Crops, crop-major (every image's first crop, then every second)."""
@@ -181,10 +178,8 @@ class Encoder(nn.Module):
     features in one go (None: the backbone once per size); mlp_over_sizes(mlp, feats) → (Σ n_i, D)."""
     def __init__(self, backbone, projector, backbone_over_sizes=None, mlp_over_sizes=one_pass):
         super().__init__()
-        self.backbone = backbone
-        self.projector = projector
-        self.backbone_over_sizes = backbone_over_sizes
-        self.mlp_over_sizes = mlp_over_sizes
+        self.backbone, self.projector = backbone, projector
+        self.backbone_over_sizes, self.mlp_over_sizes = backbone_over_sizes, mlp_over_sizes
 
     def forward(self, crops):  # list of (n_i, 3, s_i, s_i) -> (Σ n_i, D)
         if self.backbone_over_sizes is not None and len(crops) > 1:
@@ -437,20 +432,7 @@ def overflowed(parameters):
 # ===================================================================================================================
 # Part 2 — Trainer: config, backbones, data, batched augmentation, feeding the device, run state, faults, reports
 # ===================================================================================================================
-import argparse
-import ctypes
-import dataclasses
-import datetime
-import errno
-import fcntl
-import hashlib
-import json
-import re
-import socket
-import stat
-import tempfile
-import time
-import types
+import argparse, ctypes, dataclasses, datetime, errno, fcntl, hashlib, json, re, socket, stat, tempfile, time, types
 import zipfile
 from contextlib import contextmanager, suppress
 
@@ -466,26 +448,20 @@ def option(default, help, section=None, auto=None):
 @dataclasses.dataclass
 class Config:
     """Every setting of a run. None means automatic (`auto` on the command line), 0 means off where a field says so."""
-    preset: str = option("tiny", "the recipe to start from (listed below); flags given explicitly override it",
-                         section="run")
-    data: str = option("synthetic", "synthetic (the embedded set, no files) | cifar10 (downloaded by torchvision) | "
-                       "PATH to class folders, or to train/ and val/")
+    preset: str = option("tiny", "the recipe to start from (listed below); flags given override it", section="run")
+    data: str = option("synthetic", "synthetic (embedded) | cifar10 (downloaded) | PATH to class folders, or to "
+                       "train/ and val/")
     out_dir: str = option("out", "where checkpoint.pt, log.jsonl and the lock go")
     epochs: int = option(400, "passes over the training split")
-    batch_size: int = option(64, "images per process and forward pass: the global batch is batch_size × "
-                             "processes × accumulate")
-    accumulate: int = option(1, "forward passes per optimiser step (the authors' --multi_forward): the paper's batch "
-                             "on fewer GPUs")
-    workers: int | None = option(None, "loader processes per training process (streamed folders)",
-                                 auto="the cores / processes")
-    memory_budget: float = option(2.0, "GiB: a folder of one image size that fits is decoded once and held on the "
-                                  "device; 0: always stream")
-    seed: int = option(0, "the seed of weights, groups, data order and crops (and of the embedded data set)")
-    resume: str | None = option(None, "none (a new run; earlier checkpoints are moved aside) | PATH",
+    batch_size: int = option(64, "images per process and pass; the global batch: batch_size × processes × accumulate")
+    accumulate: int = option(1, "forward passes per optimiser step (the authors' --multi_forward): fewer GPUs")
+    workers: int | None = option(None, "loader processes per training process", auto="the cores / processes")
+    memory_budget: float = option(2.0, "GiB: a folder of one image size that fits is held in memory; 0: stream it")
+    seed: int = option(0, "the seed of weights, groups, data order, crops and the embedded data set")
+    resume: str | None = option(None, "none (a new run; earlier checkpoints moved aside) | PATH",
                                 auto="out_dir/checkpoint.pt if it exists")
     stop_after: int = option(0, "leave after this many epochs of this job, resumable (time-limited jobs); 0: off")
-    checkpoint_every: int = option(0, "also checkpoint every N steps: bounds what a killed process loses; "
-                                   "0: at epoch ends only")
+    checkpoint_every: int = option(0, "also checkpoint every N steps (what a killed process loses); 0: epoch ends")
     dist_timeout: int = option(300, "seconds a process waits for the others in a collective before it fails")
     synthetic_size: int = option(8000, "training images of the embedded data set (its held-out split has 2000)")
     # The multi-crop fields are Part 1's CropRecipe, with its defaults (the paper's ResNet-50 recipe).
@@ -499,23 +475,19 @@ class Config:
     invert: float | None = option(0.0, "not in the paper: the probability of a crop's negative 1 − x",
                                   auto="0.5 for --data synthetic (shapes of both polarities), else 0")
     arch: str = option("resnet50", "the backbone (listed below)", section="networks")
-    bn_over_sizes: bool = option(True, "ResNets: one set of BN statistics for all crop sizes of a branch (the "
-                                 "authors')")
+    bn_over_sizes: bool = option(True, "ResNets: one set of BN statistics for all crop sizes (the authors')")
     feat_dim: int = option(128, "dimension D of z, p and the centroids")
     hidden_dim: int = option(2048, "hidden width of the projector and the predictor")
-    drop_path: float = option(0.0, "stochastic depth of the online backbone (Swin: 0.2); never in the target, the "
-                              "group update or the bank")
-    swin_mlps: bool = option(False, "the authors' Swin projector and predictor: GELU in the projector, trunc-normal "
-                             "init, run per crop size")
-    ema: float = option(0.999, "the target's momentum m: target ← m·target + (1−m)·online at the start of every "
-                        "step; lower it (0.99) for short runs")
-    num_groups: int = option(3000, "K, centroids per group set (the paper's 3000 for ImageNet)",
-                             section="momentum grouping and loss")
+    drop_path: float = option(0.0, "stochastic depth of the online backbone (Swin: 0.2), not of the target's")
+    swin_mlps: bool = option(False, "the authors' Swin MLPs: GELU in the projector, trunc-normal init, per crop size")
+    ema: float = option(0.999, "the target's momentum m: target ← m·target + (1−m)·online at each step's start; "
+                        "lower it (0.99) for short runs")
+    num_groups: int = option(3000, "K, centroids per group set", section="momentum grouping and loss")
     num_heads: int = option(3, "H, independent group sets (the paper's heads)")
     tau: float = option(0.1, "τ, the temperature of the group logits")
     beta_start: float = option(1.0, "β at the first step: the centroid momentum, linear per step to --beta-end")
     beta_end: float = option(0.99, "β at the last step")
-    kmeans_iters: int = option(10, "spherical k-means iterations of the reset at every epoch start")
+    kmeans_iters: int = option(10, "spherical k-means iterations at every epoch start")
     optimizer: str = option("lars", "lars (ResNets) | adamw (Transformers)", section="optimisation")
     lr: float = option(0.3, "peak learning rate per 256 images of global batch (the paper's 4.8 at 4096); lower it "
                        "if the loss does not decrease")
@@ -524,20 +496,16 @@ class Config:
     warmup_epochs: int = option(10, "epochs of linear warm-up; raise it if the loss becomes NaN early")
     weight_decay: float = option(1e-6, "weight decay (inside LARS's trust ratio)")
     momentum: float = option(0.9, "SGD momentum of LARS")
-    lars_eta: float = option(0.001, "LARS trust coefficient; lower it if the loss does not decrease with large "
-                             "batches")
+    lars_eta: float = option(0.001, "LARS trust coefficient; lower it if the loss does not decrease at large batch")
     clip_grad: float = option(0.0, "max gradient norm; 0: off")
-    exclude_1d: bool = option(False, "no weight decay or LARS on biases, norms and position tables (the authors: "
-                              "Swin only)")
-    precision: str | None = option(None, "fp16 | bf16 | fp32: autocast dtype of the networks; grouping and loss are "
-                                   "fp32", section="system",
-                                   auto="fp16 on CUDA, bf16 on CPUs with AMX or AVX512-BF16, else fp32")
+    exclude_1d: bool = option(False, "no decay or LARS on biases, norms, position tables (the authors' Swin only)")
+    precision: str | None = option(None, "fp16 | bf16 | fp32: autocast of the networks; grouping and loss in fp32",
+                                   section="system", auto="fp16 on CUDA, bf16 on CPUs with native bf16, else fp32")
     channels_last: bool = option(True, "NHWC memory layout: the one tensor cores and oneDNN's convolutions prefer")
     compile: bool = option(False, "torch.compile the online and target networks (minutes of compilation)")
     log_every: int = option(20, "steps between log lines")
     knn: bool = option(True, "kNN top-1 on the held-out split at the end (labels are used only for these reports)")
-    eval_every: int | None = option(0, "also a kNN report every N epochs (rank 0); 0: off",
-                                    auto="about ten per run")
+    eval_every: int | None = option(0, "also a kNN report every N epochs; 0: off", auto="about ten per run")
 
 TRANSFORMER_RECIPE = dict(optimizer="adamw", feat_dim=256, lr=1e-3 * 256 / 4096, start_lr=4e-5, final_lr=4e-5,
                           warmup_epochs=10, weight_decay=0.05, clip_grad=3.0, exclude_1d=True, target_local=False)
@@ -550,7 +518,7 @@ PRESETS = {
     "tiny": Preset("the default: the embedded 32-px data set, a 0.3M-parameter ResNet, minutes on 2 CPU cores",
                    dict(data="synthetic", synthetic_size=2000, arch="resnet_tiny", epochs=160, batch_size=128,
                         global_size=32, global_scale=(0.5, 1.0), num_local=0, local_size=16, local_scale=(0.1, 0.4),
-                        blur_sigma=(0.1, 0.6), hidden_dim=512, exclude_1d=True, num_groups=200, tau=0.05, lr=6.0,
+                        blur_sigma=(0.01, 0.6), hidden_dim=512, exclude_1d=True, num_groups=200, tau=0.05, lr=6.0,
                         start_lr=0.05, final_lr=0.01, warmup_epochs=2, ema=0.996, log_every=100, invert=None,
                         eval_every=None)),
     "cifar10-r18": Preset("CIFAR-10 (downloaded), ResNet-18 with a 3x3 stem on 32-px images, one GPU",
@@ -980,18 +948,15 @@ def scan_folder(root, classes=None):
 
     def first_time(path):  # whether the real file or folder behind path is new; it is marked as read
         real = os.path.realpath(path)
-        new = real not in seen
-        seen.add(real)
-        return new
+        return real not in seen and seen.add(real) is None
     for name in names:
         found, top = len(samples), os.path.join(root, name)
         if not first_time(top):
-            fail(f"--data {top!r}: a link to another class folder, whose images count once, as that class's; "
-                 f"remove the link or copy the images")
+            fail(f"--data {top!r}: a link to another class folder, whose images count once; remove the link")
         for folder, subfolders, files in os.walk(top, followlinks=True):
             subfolders[:] = [s for s in sorted(subfolders) if first_time(os.path.join(folder, s))]
-            samples += [(path, classes.index(name)) for path in (os.path.join(folder, f) for f in sorted(files)
-                        if f.lower().endswith(EXTENSIONS)) if first_time(path)]
+            paths = [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(EXTENSIONS)]
+            samples += [(path, classes.index(name)) for path in paths if first_time(path)]
         if len(samples) == found:
             fail(f"--data {top!r}: a class folder without images ({', '.join(EXTENSIONS)})")
     return classes, samples
@@ -1007,11 +972,8 @@ class ImageFolderData(torch.utils.data.Dataset):
     def fingerprint(self):
         """What identifies the data set in a checkpoint: image count, a hash of each relative path and file size (a
         copy of the folder elsewhere has the same; another folder with the same names has not)."""
-        def size(path):  # -1 for a file that cannot be read (it is replaced when training reads it)
-            with suppress(OSError):
-                return os.path.getsize(path)
-            return -1
-        files = (f"{os.path.relpath(p, self.root)} {size(p)}" for p, _ in self.samples)
+        files = (f"{os.path.relpath(p, self.root)} {os.path.getsize(p) if os.path.isfile(p) else -1}"
+                 for p, _ in self.samples)
         digest = hashlib.sha1("\n".join(files).encode()).hexdigest()[:12]
         return f"{len(self.samples)} images in {len(self.classes)} classes, paths and sizes sha1 {digest}"
 
@@ -1029,18 +991,13 @@ class ImageFolderData(torch.utils.data.Dataset):
                 failed = failed or printable(f"{path} ({type(e).__name__}: {e})")
         fail(f"--data {self.root}: no readable image")
 
-class Split(NamedTuple):  # one split of a data set, as load_dataset returns it
-    source: "torch.Tensor | ImageFolderData | None"  # uint8 images (N, 3, H, W) in memory, or a folder that loader
-    # workers read; None: there is no such split
-    labels: torch.Tensor | None  # (N,)
-    fingerprint: str  # what identifies the data set in a checkpoint (resume refuses another one)
-
 def load_dataset(cfg, split):
-    """The split train|val of cfg.data: uint8 images in memory (with labels), or a folder for loader workers."""
+    """(images, labels, fingerprint) of the split train|val of cfg.data. images: uint8 (N, 3, H, W) in memory, an
+    ImageFolderData for loader workers, or None (no such split); the fingerprint identifies it in a checkpoint."""
     if cfg.data == "synthetic":
         n = cfg.synthetic_size if split == "train" else 2000
-        images, labels = synthetic_shapes(n, seed=cfg.seed * 2 + (split != "train"))
-        return Split(images, labels, f"the embedded data set, {n} images, --seed {cfg.seed}")
+        return (*synthetic_shapes(n, seed=cfg.seed * 2 + (split != "train")),
+                f"the embedded data set, {n} images, --seed {cfg.seed}")
     if cfg.data == "cifar10":
         root = os.path.join(cfg.out_dir, "cifar10")
         try:
@@ -1048,20 +1005,18 @@ def load_dataset(cfg, split):
         except Exception as e:  # noqa: BLE001 - no network, a proxy, a damaged archive: all say the same
             fail(f"--data cifar10: could not download CIFAR-10 to {root} ({type(e).__name__}: {e}); put "
                  f"cifar-10-batches-py there by hand, or train on --data PATH")
-        return Split(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets),
-                     f"CIFAR-10 {split}, {len(ds)} images")
+        return (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets),
+                f"CIFAR-10 {split}, {len(ds)} images")
     if not os.path.isdir(cfg.data):
         fail(f"--data {cfg.data}: no such directory (or use synthetic | cifar10)")
-    train_root, val_root = os.path.join(cfg.data, "train"), os.path.join(cfg.data, "val")
-    if not os.path.isdir(train_root) and os.path.isdir(val_root):
+    if not os.path.isdir(os.path.join(cfg.data, "train")) and os.path.isdir(os.path.join(cfg.data, "val")):
         fail(f"--data {cfg.data}: has val/ but no train/ (a folder with val/ needs its training images in train/)")
-    train_root = train_root if os.path.isdir(train_root) else cfg.data  # or a plain class-per-folder tree is it
-    if split == "val" and not os.path.isdir(val_root):
-        return Split(None, None, "")
-    classes = None if split == "train" else scan_folder(train_root)[0]  # val/ labels follow train/'s class names
-    ds = ImageFolderData(train_root if split == "train" else val_root, classes, decode_cap(cfg))
-    decoded = decode_into_memory(ds, cfg.memory_budget, split)
-    return Split(*(decoded or (ds, torch.tensor(ds.targets))), ds.fingerprint())
+    roots = class_roots(cfg.data)  # train/ and val/, or PATH alone
+    if split == "val" and (len(roots) == 1 or not os.path.isdir(roots[1])):
+        return None, None, ""
+    classes = None if split == "train" else scan_folder(roots[0])[0]  # val/ labels follow train/'s class names
+    ds = ImageFolderData(roots[split == "val"], classes, decode_cap(cfg))
+    return (*(decode_into_memory(ds, cfg.memory_budget, split) or (ds, torch.tensor(ds.targets))), ds.fingerprint())
 
 def check_unreadable(unreadable, images, examples):
     """The one rule for unreadable images, decoded into memory or streamed: more than 1% of the data set's stops the
@@ -1084,21 +1039,18 @@ def decode_into_memory(ds, budget_gib, split):
                 f"{budget_gib:g}: streamed through loader workers")
         return None
     t0, images, labels, failed = time.time(), [], [], []
-    for path, label in ds.samples:
-        pixels = read(path)
-        if isinstance(pixels, str):
-            failed.append(pixels)
-        elif pixels.shape != first.shape:
+    for (path, label), pixels in ((sample, read(sample[0])) for sample in ds.samples):
+        if not isinstance(pixels, str) and pixels.shape != first.shape:
             log(f"data ({split}): images of several sizes ({path}: {pixels.shape[2]}x{pixels.shape[1]}, others "
                 f"{first.shape[2]}x{first.shape[1]}): streamed through loader workers")
             return None
-        else:
-            images.append(pixels)
-            labels.append(label)
+        failed += [pixels] if isinstance(pixels, str) else []
+        images += [] if isinstance(pixels, str) else [pixels]
+        labels += [] if isinstance(pixels, str) else [label]
     check_unreadable(len(failed), len(ds), failed)
     log(f"data ({split}): {len(images)} images of {first.shape[2]}x{first.shape[1]} decoded into memory "
-        f"({len(images) * first.numel() / 2**20:.0f} MiB, {time.time() - t0:.1f}s; --memory-budget {budget_gib:g} "
-        f"GiB)" + (f"; {len(failed)} unreadable left out, e.g. {failed[0]}" if failed else ""))
+        f"({gib * 1024:.0f} MiB, {time.time() - t0:.1f}s; --memory-budget {budget_gib:g} GiB)"
+        + (f"; {len(failed)} unreadable left out, e.g. {failed[0]}" if failed else ""))
     return torch.stack(images), torch.tensor(labels)
 
 # ----- batched augmentation: the multi-crop recipe on whole batches, on the training device ------------------------
@@ -1607,19 +1559,17 @@ def caught_by_any(caught, device):
     return all_reduce_(torch.tensor(float(bool(caught)), device=device), op="max").item() > 0
 
 def open_in_out_dir(path, mode):
-    """path opened to write ("a+": kept, created if missing; "wb": our own temporary file, made anew), never through
-    a link: one planted at path is removed first for "wb", refused otherwise, as is anything but a regular file."""
+    """path opened to write, never through a link: "a+" keeps the file (created if missing) and refuses a link, or
+    anything but a regular file, planted there; "wb" makes our own temporary file anew, a link there removed first."""
     if mode == "wb":
         with suppress(FileNotFoundError):
             os.unlink(path)  # the link itself, not what it points to
-    flags = os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_RDWR | os.O_APPEND if mode == "a+" else
-                                                         os.O_WRONLY | os.O_EXCL)
-    try:
-        fd = os.open(path, flags, 0o644)
+    try:  # O_NONBLOCK: a FIFO planted there cannot block the open
+        fd = os.open(path, os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | (
+            os.O_RDWR | os.O_APPEND if mode == "a+" else os.O_WRONLY | os.O_EXCL), 0o644)
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise OSError(e.errno, "a link, which smog.py never writes through; remove it", path) from None
-        raise
+        raise OSError(e.errno, "a link, which smog.py never writes through; remove it" if e.errno == errno.ELOOP
+                      else e.strerror, path) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise OSError(errno.EINVAL, "not a regular file; remove it", path)
@@ -1627,7 +1577,7 @@ def open_in_out_dir(path, mode):
 
 def take_lock(out_dir):
     """(why not, None) or (None, the open lock file): an flock on out_dir/lock, which the kernel (and an NFS server,
-    when its client's lease runs out) releases when the holder dies; the file stays, with its holder's line."""
+    when its client's lease runs out) releases when the holder dies; the file stays, holding its holder's line."""
     path, lock = os.path.join(out_dir, "lock"), None
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -1662,9 +1612,8 @@ def holding_out_dir(out_dir, device):
     try:
         yield
     finally:
-        if lock is not None:  # the file stays (a run starting now locks this very file), empty: no holder
-            with suppress(OSError):
-                lock.truncate(0)
+        if lock is not None:  # the file stays, without a holder: a run starting now locks this very file
+            lock.truncate(0)
             lock.close()
 
 def weight_norm(module):  # the L2 norm of all of a module's parameters together
@@ -1685,7 +1634,7 @@ def stop_if_diverged(bad_step, run, start_norm):
              f"Lower --lr")
 
 @contextmanager
-def collective_failures_in_one_line(run, timeout):
+def collective_failures_in_one_line(run, cfg):
     """A failed collective as one line naming this process and step, not a backend trace."""
     try:
         yield
@@ -1693,7 +1642,7 @@ def collective_failures_in_one_line(run, timeout):
         if distributed() and (isinstance(error, dist.DistError) or re.search(
                 "gloo|nccl|timed out|timeout|connection (reset|closed|refused)|closed by peer", str(error), re.I)):
             fail(f"process {rank()} of {world_size()} stopped at step {run.step}: a collective failed, so another "
-                 f"process died or did not answer within --dist-timeout {timeout} s ({str(error).strip()[:240]})")
+                 f"process died or did not answer within --dist-timeout {cfg.dist_timeout} s ({str(error)[:240]})")
         raise
 
 # ----- reports: the log line, group health, kNN on the held-out split, the plot ------------------------------------
@@ -1744,21 +1693,22 @@ def knn_top1(train_feats, train_labels, test_feats, test_labels, k=20, t=0.07, n
 def knn_report(run, cfg, device, data, held_out, progress, epoch, final=False):
     """kNN top-1 of the online backbone on the held-out split, printed and logged; at the end with baselines."""
     # Labels are used only here. Rank 0 alone: the others wait at their next collective (within --dist-timeout).
-    if held_out.labels is None:
+    held_images, held_labels, _ = held_out
+    if held_labels is None:
         if final:
             log("kNN report skipped: the data set has no held-out split (PATH/val)")
         return
-    train_labels, test_labels = data.labels.to(device), held_out.labels.to(device)
+    train_labels, test_labels = data.labels.to(device), held_labels.to(device)
     nets = [("knn_top1", "trained", run.online.encoder.backbone)]
     if final:
         torch.manual_seed(cfg.seed)
         nets.append(("knn_top1_random_init", "same architecture at random init",
                      BACKBONES[cfg.arch](0.0)[0].to(device)))
     result = {key: knn_top1(extract_features(net, data.source, cfg, device), train_labels,
-                            extract_features(net, held_out.source, cfg, device), test_labels) for key, _, net in nets}
-    if final and data.in_memory and isinstance(held_out.source, torch.Tensor):  # centred per image: invariant to
+                            extract_features(net, held_images, cfg, device), test_labels) for key, _, net in nets}
+    if final and data.in_memory and isinstance(held_images, torch.Tensor):  # centred per image: invariant to
         pixels = [F.normalize(x.flatten(1).float() - x.flatten(1).float().mean(1, keepdim=True), dim=1).to(device)
-                  for x in (data.source, held_out.source)]  # brightness and contrast
+                  for x in (data.source, held_images)]  # brightness and contrast
         result["knn_top1_raw_pixels"] = knn_top1(pixels[0], train_labels, pixels[1], test_labels)
         nets.append(("knn_top1_raw_pixels", "raw pixels", None))
     log(f"kNN top-1 on the held-out split{'' if final else f' after epoch {epoch}'}: " + " | ".join(
@@ -1769,17 +1719,20 @@ def open_log(cfg):
     """out_dir/log.jsonl, appended to by rank 0 (the others get None), a last line that a kill cut short ended first."""
     if rank() != 0:
         return nullcontext()
-    jsonl = open_in_out_dir(os.path.join(cfg.out_dir, "log.jsonl"), "a+")
+    try:
+        jsonl = open_in_out_dir(os.path.join(cfg.out_dir, "log.jsonl"), "a+")
+    except OSError as e:
+        fail(f"--out-dir {cfg.out_dir}: cannot write {e.filename} ({e.strerror})")
     size = os.fstat(jsonl.fileno()).st_size
     if size and os.pread(jsonl.fileno(), 1, size - 1) != b"\n":
         jsonl.write("\n")
     return jsonl
 
 class Progress:
-    """The log line every cfg.log_every steps, on the console and in log.jsonl."""
+    """The log line every cfg.log_every steps, on the console and in log.jsonl; clock: the run's elapsed seconds."""
     def __init__(self, cfg, total_steps, jsonl, first_step, scaler, clock):
-        self.cfg, self.total_steps, self.jsonl, self.first_step, self.scaler = cfg, total_steps, jsonl, first_step, scaler
-        self.clock = clock  # the run's elapsed seconds, which every record carries as elapsed_s
+        self.cfg, self.total_steps, self.jsonl, self.first_step, self.scaler, self.clock = (cfg, total_steps, jsonl,
+                                                                                           first_step, scaler, clock)
         self.t_start = self.t_log = time.time()
         self.data_time = self.images = self.bad_images = self.skipped = self.counts = 0  # this interval's
 
@@ -1793,30 +1746,24 @@ class Progress:
             t0 = time.time()  # the loop asks for the next batch
 
     def add(self, counts, skipped):  # one step's group counts (H, K) and skip flag, summed on the device
-        self.counts = self.counts + counts
-        self.skipped = self.skipped + skipped
+        self.counts, self.skipped = self.counts + counts, self.skipped + skipped
 
     def report(self, step, epoch, loss, lr, beta):  # prints and records one interval's figures (one wait for the GPU)
-        used, entropy = group_health(self.counts)
-        elapsed, fp16 = time.time() - self.t_log, self.scaler.is_enabled()
+        (used, entropy), elapsed, fp16 = group_health(self.counts), time.time() - self.t_log, self.scaler.is_enabled()
         eta = (time.time() - self.t_start) / max(1, step - self.first_step) * (self.total_steps - step)
-        record = dict(step=step, epoch=epoch, loss=loss.item(), lr=lr, beta=beta, img_per_s=self.images / elapsed,
-                      data_time=self.data_time / elapsed, groups_used=used, assign_entropy=entropy,
-                      assign_entropy_max=math.log(self.cfg.num_groups), eta_s=eta, bad_images=self.bad_images,
-                      skipped_steps=int(self.skipped) if fp16 else 0, grad_scale=self.scaler.get_scale() if fp16
-                      else None)
-        if torch.cuda.is_available():
-            record["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30  # peak so far, this process
-        parts = [f"step {step}/{self.total_steps}", f"epoch {epoch}", f"loss {record['loss']:.4f}", f"lr {lr:.4f}",
-                 f"β {beta:.4f}", f"{record['img_per_s']:.0f} img/s", f"data {100 * record['data_time']:.0f}%",
-                 f"groups used {used:.0f}/{self.cfg.num_groups}, entropy {entropy:.2f}/"
-                 f"{record['assign_entropy_max']:.2f}"]
-        if fp16:  # a scale that keeps falling, with many skips, means gradients that keep overflowing
-            parts.append(f"fp16 steps skipped {record['skipped_steps']}, scale {record['grad_scale']:g}")
-        if self.bad_images:
-            parts.append(f"unreadable images {self.bad_images} (replaced)")
-        log(" | ".join(parts + [f"ETA {datetime.timedelta(seconds=round(eta))}"]))
-        self.write(record)
+        r = dict(step=step, epoch=epoch, loss=loss.item(), lr=lr, beta=beta, img_per_s=self.images / elapsed,
+                 data_time=self.data_time / elapsed, groups_used=used, assign_entropy=entropy,
+                 assign_entropy_max=math.log(self.cfg.num_groups), eta_s=eta, bad_images=self.bad_images,
+                 skipped_steps=int(self.skipped) if fp16 else 0, grad_scale=self.scaler.get_scale() if fp16 else None,
+                 **(dict(gpu_mem_gib=torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else {}))
+        log(f"step {step}/{self.total_steps} | epoch {epoch} | loss {r['loss']:.4f} | lr {lr:.4f} | β {beta:.4f} | "
+            f"{r['img_per_s']:.0f} img/s | data {100 * r['data_time']:.0f}% | groups used {used:.0f}/"
+            f"{self.cfg.num_groups}, entropy {entropy:.2f}/{r['assign_entropy_max']:.2f} | "
+            # under fp16, a scale that keeps falling with many skips means gradients that keep overflowing
+            + (f"fp16 steps skipped {r['skipped_steps']}, scale {r['grad_scale']:g} | " if fp16 else "")
+            + (f"unreadable images {self.bad_images} (replaced) | " if self.bad_images else "")
+            + f"ETA {datetime.timedelta(seconds=round(eta))}")
+        self.write(r)
         self.t_log = time.time()  # each log line counts its own interval
         self.data_time = self.images = self.bad_images = self.skipped = self.counts = 0
 
@@ -1837,8 +1784,8 @@ def parameter_counts(cfg):
                 online=millions(online))
 
 def plot_curves(out_dir):
-    """Writes out_dir/curves.svg from its log.jsonl, a panel per figure (plain SVG, no plotting package); returns its
-    path and how many damaged lines it skipped."""
+    """Writes out_dir/curves.svg from its log.jsonl, a panel per figure against the step and kNN against minutes too
+    (plain SVG, no plotting package); returns its path and how many damaged lines it skipped."""
     try:
         with open(os.path.join(out_dir, "log.jsonl")) as f:
             lines = [line for line in f if line.strip()]
@@ -1850,28 +1797,24 @@ def plot_curves(out_dir):
             records += [r for r in [json.loads(line)] if isinstance(r, dict)]
     log_k = max([r.get("assign_entropy_max", 0) for r in records] + [0])
     refs = dict(groups_used=round(math.exp(log_k)), assign_entropy=log_k) if log_k else {}  # K and log K, dashed
-    panels = [("loss", "step"), ("lr", "step"), ("beta", "step"), ("groups_used", "step"), ("assign_entropy", "step"),
-              ("img_per_s", "step"), ("knn_top1", "step"), ("knn_top1", "elapsed_s")]
-    w, h, svg = 300, 200, []
-    for i, (key, x) in enumerate(panels):
-        points = [(r[x] / (60 if x == "elapsed_s" else 1), r[key]) for r in records
-                  if isinstance(r.get(key), (int, float)) and isinstance(r.get(x), (int, float))]
-        xs, ys = [a for a, _ in points], [b for _, b in points] + ([refs[key]] if key in refs else [])
+    svg, w, h = [], 230, 130  # each panel's plot area
+    for i, (key, x) in enumerate([(key, "step") for key in ("loss", "lr", "beta", "groups_used", "assign_entropy",
+                                                              "img_per_s", "knn_top1")] + [("knn_top1", "minutes")]):
+        points = [(r["elapsed_s"] / 60 if x == "minutes" else r["step"], r[key]) for r in records
+                  if isinstance(r.get(key), (int, float)) and isinstance(r.get("elapsed_s" if x == "minutes" else x),
+                                                                         (int, float))]
+        ys = [b for _, b in points] + ([refs[key]] if key in refs else [])
         lo, hi = (0, 100) if key == "knn_top1" else (min(ys, default=0), max(ys, default=1))
-        if hi <= lo:  # a constant series: a band around it
-            lo, hi = lo - abs(lo) / 20 - 1e-3, hi + abs(hi) / 20 + 1e-3
-        x_max = max(xs, default=0) or 1
-        left, top = 50 + (i % 4) * w, 30 + (i // 4) * h
-        px = lambda v: left + (w - 70) * v / x_max  # noqa: E731
-        py = lambda v: top + (h - 70) * (hi - v) / (hi - lo)  # noqa: E731
-        name = f"{key} against {'minutes' if x == 'elapsed_s' else 'step'}"
-        svg += [f'<text x="{left}" y="{top - 8}">{name}</text><rect x="{left}" y="{top}" width="{w - 70}" '
-                f'height="{h - 70}" fill="none" stroke="#999"/>',
-                f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{hi:.4g}</text><text x="{left - 4}" '
-                f'y="{top + h - 70}" text-anchor="end">{lo:.4g}</text><text x="{left + w - 70}" y="{top + h - 55}" '
-                f'text-anchor="end">{x_max:.4g}</text>']
+        lo, hi = (lo, hi) if hi > lo else (lo - abs(lo) / 20 - 1e-3, hi + abs(hi) / 20 + 1e-3)  # a constant: a band
+        x_max, left, top = max([a for a, _ in points], default=0) or 1, 50 + i % 4 * 300, 30 + i // 4 * 200
+        px = lambda v: left + w * v / x_max  # noqa: E731
+        py = lambda v: top + h * (hi - v) / (hi - lo)  # noqa: E731
+        svg += [f'<text x="{left}" y="{top - 8}">{key} against {x}</text><rect x="{left}" y="{top}" width="{w}" '
+                f'height="{h}" fill="none" stroke="#999"/><text x="{left - 4}" y="{top + 4}" text-anchor="end">'
+                f'{hi:.4g}</text><text x="{left - 4}" y="{top + h}" text-anchor="end">{lo:.4g}</text><text '
+                f'x="{left + w}" y="{top + h + 15}" text-anchor="end">{x_max:.4g}</text>']
         if key in refs:
-            svg.append(f'<line x1="{left}" x2="{left + w - 70}" y1="{py(refs[key]):.1f}" y2="{py(refs[key]):.1f}" '
+            svg.append(f'<line x1="{left}" x2="{left + w}" y1="{py(refs[key]):.1f}" y2="{py(refs[key]):.1f}" '
                        f'stroke="#c33" stroke-dasharray="4 3"/>')
         if key == "knn_top1":  # reports: marked points, labelled
             svg += [f'<circle cx="{px(a):.1f}" cy="{py(b):.1f}" r="3" fill="#1f5fa8"/><text x="{px(a):.1f}" '
@@ -1881,9 +1824,9 @@ def plot_curves(out_dir):
                        + " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in points) + '"/>')
     path = os.path.join(out_dir, "curves.svg")
     with open_in_out_dir(path + ".tmp", "wb") as f:
-        f.write(("\n".join([f'<svg xmlns="http://www.w3.org/2000/svg" width="{4 * w + 40}" height="{2 * h + 20}" '
-                            'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>',
-                            *svg, "</svg>"]) + "\n").encode())
+        f.write("\n".join(['<svg xmlns="http://www.w3.org/2000/svg" width="1240" height="420" font-size="11" '
+                           'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>', *svg,
+                           "</svg>\n"]).encode())
     os.replace(path + ".tmp", path)
     return path, len(lines) - len(records)
 
@@ -1923,7 +1866,7 @@ def train(cfg):
         checkpoint = os.path.join(cfg.out_dir, "checkpoint.pt")
         bad_step = torch.full((), -1, dtype=torch.long, device=device)  # the first step with a non-finite loss
         start_norm, first_epoch, stop = weight_norm(run.online), run.epoch, None  # stop: "signal" or "stop-after"
-        with open_log(cfg) as jsonl, catch_preemption() as caught, collective_failures_in_one_line(run, cfg.dist_timeout):
+        with open_log(cfg) as jsonl, catch_preemption() as caught, collective_failures_in_one_line(run, cfg):
             progress = Progress(cfg, total_steps, jsonl, run.step, scaler, run.elapsed_s)
             batches = progress.timed(data.batches(range(run.epoch, cfg.epochs), run.epoch_step * cfg.accumulate))
             for epoch in range(run.epoch, cfg.epochs):

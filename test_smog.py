@@ -8,6 +8,7 @@ Run: python -m pytest -q   (under 10 minutes on 2 CPU cores)
 """
 import copy
 import dataclasses
+import errno
 import functools
 import json
 import math
@@ -955,7 +956,7 @@ def test_folders_are_read_as_a_user_expects(tmp_path):
     for c in ("c", "b"):
         shapes_png(tmp_path / "val" / c / "0.png")
     val = smog.load_dataset(config_of(["--data", str(tmp_path)]), "val")
-    assert val.labels.tolist() == [1, 2]
+    assert val[1].tolist() == [1, 2]
     shapes_png(tmp_path / "val" / "d" / "0.png")
     with pytest.raises(SystemExit, match="val/d.* a class the training split .*train does not have"):
         smog.load_dataset(config_of(["--data", str(tmp_path)]), "val")
@@ -1111,11 +1112,11 @@ def test_folder_over_the_memory_budget_or_of_mixed_sizes_streams(tmp_path, capsy
     png_folder(tmp_path / "a", n=24)
     cfg = config_of(["--data", str(tmp_path / "a"), "--memory-budget", "0.00001"])
     split = smog.load_dataset(cfg, "train")
-    assert isinstance(split.source, smog.ImageFolderData) and len(split.source) == 24
+    assert isinstance(split[0], smog.ImageFolderData) and len(split[0]) == 24
     assert "over --memory-budget" in capsys.readouterr().out
     png_folder(tmp_path / "b", n=24, sizes={5: (48, 40)})
     split = smog.load_dataset(config_of(["--data", str(tmp_path / "b")]), "train")
-    assert isinstance(split.source, smog.ImageFolderData) and len(split.source) == 24
+    assert isinstance(split[0], smog.ImageFolderData) and len(split[0]) == 24
     assert "images of several sizes" in capsys.readouterr().out
 
 
@@ -1621,6 +1622,7 @@ print(libc.mallinfo2().arena)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.slow
 def test_cpu_runs_keep_freed_memory_for_reuse():
     # CPU training frees and allocates its activations every step: the heap keeps 1 GiB for them instead of
     # returning it to the OS (page faults at the next step). Without the setting, 64 MiB freed leaves a heap under it.
@@ -1876,7 +1878,6 @@ def test_four_processes_taking_over_one_stale_lock_at_once_give_one_holder(tmp_p
 
 
 def test_a_read_only_out_dir_is_one_line_before_any_data_is_read(tmp_path, monkeypatch):
-    import errno
     def read_only(path, *args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
@@ -1955,7 +1956,7 @@ def test_killed_process_restarts_the_group_which_resumes_and_matches_an_uninterr
         if line.startswith("step 5/") and not any(seen.startswith("resumed from") for seen in lines):
             os.kill(workers_of(proc.pid)[1], signal.SIGKILL)  # checkpoints were written at steps 2, 3 and 4
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
-    assert any(line.startswith("resumed from") for line in lines), lines
+    assert any(line.startswith("resumed from") and "(mid-epoch, after 1 steps)" in line for line in lines), lines
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "killed")
     assert a["step"] == b["step"] == 9
     for key in ("online", "target", "grouping"):
@@ -2187,6 +2188,124 @@ def test_bad_input_gives_one_line_errors(tmp_path):
             config_of(["--memory-budget", budget])
 
 
+# ----- misuse: links planted in the out-dir, text from checkpoints, cut logs, odd files and flags -------------------
+
+@pytest.mark.slow
+def test_nothing_is_written_through_a_link_planted_in_the_out_dir(tmp_path, capsys):
+    victim, elsewhere = tmp_path / "victim", tmp_path / "elsewhere"  # a file to protect; where a dangling link points
+    victim.write_text("IMPORTANT")
+    flags = [*SMALL, "--epochs", "1", "--no-knn"]
+    for name, target in (("lock", victim), ("lock", elsewhere), ("log.jsonl", victim)):  # refused in one line
+        out = tmp_path / f"refused-{name}-{target.name}"
+        out.mkdir()
+        (out / name).symlink_to(target)
+        with pytest.raises(SystemExit, match=f"--out-dir .*: cannot write .*{name} .a link, which smog.py never "
+                                             f"writes through; remove it."):
+            smog.main([*flags, "--out-dir", str(out)])
+    for name, target in (("checkpoint.pt.tmp", victim), ("checkpoint.pt", elsewhere), ("curves.svg.tmp", victim)):
+        out = tmp_path / f"replaced-{name}"  # our own files: the link replaced, never written through
+        out.mkdir()
+        (out / name).symlink_to(target)
+        smog.main([*flags, "--out-dir", str(out)])
+        smog.main(["--plot", str(out)])
+        assert final_state(out)["epoch"] == 1 and not (out / "checkpoint.pt").is_symlink()
+        assert not (out / "checkpoint.pt.tmp").exists() and not (out / "curves.svg").is_symlink()
+    (tmp_path / "backbone.pt.tmp").symlink_to(victim)  # eval_linear.py --export's temporary file
+    export_in_process(capsys, tmp_path / "replaced-checkpoint.pt" / "checkpoint.pt", tmp_path / "backbone.pt")
+    assert torch.load(tmp_path / "backbone.pt", weights_only=True) and not (tmp_path / "backbone.pt.tmp").exists()
+    assert victim.read_text() == "IMPORTANT" and not elsewhere.exists()
+
+
+def test_text_from_a_checkpoint_is_escaped_and_a_checkpoint_that_does_not_fit_says_why(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path)
+    run = build_nets(cfg)
+    run.save(str(tmp_path / "good.pt"), cfg, types.SimpleNamespace(labels=torch.zeros(256), fingerprint="A\x1b[2J"))
+    state = torch.load(tmp_path / "good.pt", weights_only=True)
+    monkeypatch.setattr(smog, "log", lambda *args: None)
+    data = types.SimpleNamespace(labels=torch.zeros(256), fingerprint="the embedded data set")
+    with pytest.raises(SystemExit) as e:  # a shared checkpoint's text clears no screen
+        smog.check_resumable("good.pt", state, cfg, data)
+    assert "another data set (A\\x1b[2J)" in str(e.value) and "\x1b" not in str(e.value)
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    state["online"]["extra.weight"] = torch.zeros(2)
+    torch.save(state, tmp_path / "extra.pt")
+    for name, why in (("notes.pt", "not a checkpoint .torch.save writes zip archives."),
+                      ("extra.pt", 'Unexpected key.s. in state_dict: "extra.weight"')):
+        with pytest.raises(SystemExit, match=f"--resume: no checkpoint loads: .*{name} .*{why}"):
+            build_nets(cfg).resume([str(tmp_path / name)], cfg, types.SimpleNamespace(
+                labels=torch.zeros(256), fingerprint="A\x1b[2J"))
+
+
+@pytest.mark.slow
+def test_a_resumed_run_ends_a_log_line_that_a_kill_cut_short(two_epochs, tmp_path):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(two_epochs, out)
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 12, "epoch": 1, "lo')  # a record cut by a kill or a full disk
+    smog.train(config_of([*SMALL, "--epochs", "3", "--no-knn", "--out-dir", str(out)]))
+    lines = (out / "log.jsonl").read_text().splitlines()
+    damaged = [line for line in lines if not line.startswith("{") or not line.endswith("}")]
+    assert damaged == ['{"step": 12, "epoch": 1, "lo'] and json.loads(lines[-1])["step"] == 18
+
+
+def test_odd_flags_and_lock_files_get_one_line(tmp_path, monkeypatch):
+    for argv, message in ((["--batch-size", "1"], "--batch-size 1: must be at least 2 .BatchNorm"),
+                          (["--workers", "100000"], "--workers 100000: must lie in .0, 256."),
+                          (["--epochs", "2", "--epochs", "3"], "--epochs is given 2 times; give it once"),
+                          (["--no-knn", "--knn"], "--knn is given 2 times"),
+                          (["--batched-aug", "on"], "--batched-aug was removed: every crop is now cut on the")):
+        with pytest.raises(SystemExit, match=f"^smog.py: error: {message}"):
+            config_of(argv)
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="--out-dir .*/data/out: lies in --data .*, where it would be read as a class"):
+        smog.main(["--data", str(tmp_path / "data"), "--out-dir", str(tmp_path / "data" / "out")])
+    assert not (tmp_path / "data" / "out").exists()  # refused before anything was made
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "lock")
+    (tmp_path / "dir" / "lock").mkdir(parents=True)
+    for name, why in (("fifo", "not a regular file; remove it"), ("dir", "Is a directory")):
+        error, lock = smog.take_lock(str(tmp_path / name))
+        assert lock is None and error == f"--out-dir {tmp_path / name}: cannot write {tmp_path / name / 'lock'} ({why})"
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(smog.fcntl, "flock", no_locks)  # a file system without locks: two runs could not be told apart
+    error, lock = smog.take_lock(str(tmp_path / "nolocks"))
+    assert lock is None and "its file system does not lock files (No locks available)" in error
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_bank_fills_ends_in_one_line(tmp_path):
+    status, _, stderr = run_signalled(signal.SIGTERM, tmp_path / "out", *merged(SMALL, ["--synthetic-size", "20000"]),
+                                      at="data:")
+    assert status == 128 + signal.SIGTERM and len(stderr.strip().splitlines()) == 1, stderr
+    assert "smog.py: stopped by SIGTERM" in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_a_streamed_folder_of_mixed_sizes_and_modes_trains(tmp_path):
+    import PIL.Image
+    images, _ = smog.synthetic_shapes(40, seed=0)
+    modes = ["RGB", "L", "CMYK", "P", "RGB"]  # JPEGs of every size, grey and CMYK ones, palette PNGs, a GIF
+    for i, image in enumerate(images):
+        pil = PIL.Image.fromarray(image.permute(1, 2, 0).numpy()).resize((32 + 7 * (i % 5), 32 + 5 * (i % 3)))
+        folder = tmp_path / "train" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pil = pil.convert(modes[i % 5])
+        if i == 39:  # an animated GIF: its first frame
+            pil.save(folder / "anim.gif", save_all=True, append_images=[pil.rotate(90)], duration=100)
+        else:
+            pil.save(folder / f"{i}.{'png' if pil.mode == 'P' else 'jpg'}")
+    assert len(smog.ImageFolderData(str(tmp_path / "train"))) == 40
+    out = tmp_path / "out"
+    smog.main(["--data", str(tmp_path), "--memory-budget", "0", "--batch-size", "8", "--epochs", "2", "--num-groups",
+               "8", "--hidden-dim", "16", "--feat-dim", "8", "--log-every", "1", "--workers", "2", "--out-dir", str(out)])
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in records] == list(range(1, 11)) and all(math.isfinite(r["loss"]) for r in records)
+    assert sum(r["bad_images"] for r in records) == 0
+
+
 # ----- eval_linear.py ----------------------------------------------------------------------------------------------
 
 def fake_checkpoint(path, *flags):
@@ -2304,6 +2423,7 @@ def test_eval_linear_export_never_overwrites_a_checkpoint_and_checks_its_flags(t
                           ([ck, "--export", str(tmp_path / "other.pt"), "--force"], "is a smog.py checkpoint"),
                           ([ck, "--export", str(tmp_path / "old.pt")], "exists; add --force"),
                           ([ck, "--export", str(tmp_path / "nope" / "b.pt")], "does not exist; create it"),
+                          ([ck, "--export", str(tmp_path)], "a folder; give the path of the file to write"),
                           ([ck, "--arch", "resnet50"], "--arch resnet50: the checkpoint"),
                           ([ck, "--lr", "-1"], "--lr -1.0: must be a finite positive number"),
                           ([ck, "--weight-decay", "nan"], "--weight-decay nan")):
