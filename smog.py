@@ -432,8 +432,8 @@ def overflowed(parameters):
 # ===================================================================================================================
 # Part 2 — Trainer: config, backbones, data, batched augmentation, feeding the device, run state, faults, reports
 # ===================================================================================================================
-import argparse, ctypes, dataclasses, datetime, errno, fcntl, hashlib, json, re, socket, stat, tempfile, time, types
-import zipfile
+import argparse, ctypes, dataclasses, datetime, errno, fcntl, hashlib, itertools, json, re, socket, stat, tempfile
+import time, types, zipfile
 from contextlib import contextmanager, suppress
 
 import numpy as np
@@ -1026,31 +1026,28 @@ def check_unreadable(unreadable, images, examples):
 
 def decode_into_memory(ds, budget_gib, split):
     """(images (N, 3, H, W) uint8, labels) of a folder whose images share a size and fit in budget_gib, or None."""
-    def read(path):  # (3, h, w) uint8, or why it is unreadable
+    images, labels, failed, t0 = [], [], [], time.time()
+    for path, label in ds.samples:
         try:
-            return decode(path, ds.cap)
+            pixels = decode(path, ds.cap)
         except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable image"
-            return printable(f"{path} ({type(e).__name__}: {e})")
-    first = next((x for x in (read(path) for path, _ in ds.samples[:20]) if not isinstance(x, str)), None)
-    gib = 0 if first is None else len(ds) * first.numel() / 2**30
-    if first is None or gib > budget_gib:
-        if first is not None and budget_gib > 0:
-            log(f"data ({split}): {len(ds)} images would take {gib:.1f} GiB decoded, over --memory-budget "
-                f"{budget_gib:g}: streamed through loader workers")
-        return None
-    t0, images, labels, failed = time.time(), [], [], []
-    for (path, label), pixels in ((sample, read(sample[0])) for sample in ds.samples):
-        if not isinstance(pixels, str) and pixels.shape != first.shape:
-            log(f"data ({split}): images of several sizes ({path}: {pixels.shape[2]}x{pixels.shape[1]}, others "
-                f"{first.shape[2]}x{first.shape[1]}): streamed through loader workers")
+            failed.append(printable(f"{path} ({type(e).__name__}: {e})"))
+            continue
+        if len(ds) * pixels.numel() > budget_gib * 2**30:  # known from the first image that decodes
+            if budget_gib > 0:
+                log(f"data ({split}): {len(ds)} images would take {len(ds) * pixels.numel() / 2**30:.1f} GiB decoded, "
+                    f"over --memory-budget {budget_gib:g}: streamed through loader workers")
             return None
-        failed += [pixels] if isinstance(pixels, str) else []
-        images += [] if isinstance(pixels, str) else [pixels]
-        labels += [] if isinstance(pixels, str) else [label]
+        if images and pixels.shape != images[0].shape:
+            log(f"data ({split}): images of several sizes ({path}: {pixels.shape[2]}x{pixels.shape[1]}, others "
+                f"{images[0].shape[2]}x{images[0].shape[1]}): streamed through loader workers")
+            return None
+        images.append(pixels)
+        labels.append(label)
     check_unreadable(len(failed), len(ds), failed)
-    log(f"data ({split}): {len(images)} images of {first.shape[2]}x{first.shape[1]} decoded into memory "
-        f"({gib * 1024:.0f} MiB, {time.time() - t0:.1f}s; --memory-budget {budget_gib:g} GiB)"
-        + (f"; {len(failed)} unreadable left out, e.g. {failed[0]}" if failed else ""))
+    log(f"data ({split}): {len(images)} images of {images[0].shape[2]}x{images[0].shape[1]} decoded into memory "
+        f"({sum(x.numel() for x in images) / 2**20:.0f} MiB, {time.time() - t0:.1f}s; --memory-budget "
+        f"{budget_gib:g} GiB)" + (f"; {len(failed)} unreadable left out, e.g. {failed[0]}" if failed else ""))
     return torch.stack(images), torch.tensor(labels)
 
 # ----- batched augmentation: the multi-crop recipe on whole batches, on the training device ------------------------
@@ -1281,26 +1278,17 @@ def channels_last(x, cfg):  # x in the NHWC memory layout when cfg.channels_last
 
 def copied_ahead(batches, device):
     """A loader's batches (tuples of tensors and lists), batch i+1 copied to the GPU on a side stream while step i
-    runs."""
-    side, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
-
-    def handed_over(batch, ready):  # the step waits for the copy (the host does not) and keeps its memory
-        compute.wait_event(ready)
-        for x in batch:
-            if isinstance(x, torch.Tensor):
-                x.record_stream(compute)
-        return batch
-    ahead = None  # (the batch on the GPU, the event its copy records)
-    for batch in batches:
-        with torch.cuda.stream(side):
-            moved, ready = tuple(x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
-                                 for x in batch), torch.cuda.Event()
-            ready.record(side)
+    runs: its copy is queued when step i has been, and the step after it waits for the copy (the host does not)."""
+    side, compute, ahead = torch.cuda.Stream(device), torch.cuda.current_stream(device), None
+    for batch in itertools.chain(batches, [None]):
         if ahead is not None:
-            yield handed_over(*ahead)
-        ahead = (moved, ready)
-    if ahead is not None:
-        yield handed_over(*ahead)
+            compute.wait_stream(side)
+            for x in (x for x in ahead if isinstance(x, torch.Tensor)):
+                x.record_stream(compute)  # its memory is the compute stream's to free
+            yield ahead
+        with torch.cuda.stream(side):
+            ahead = None if batch is None else tuple(x.to(device, non_blocking=True) if isinstance(x, torch.Tensor)
+                                                     else x for x in batch)
 
 # ----- the run state and its checkpoints ---------------------------------------------------------------------------
 def native_bf16_cpu():  # whether this CPU computes bf16 natively (AMX or AVX512-BF16): bf16 autocast beats fp32
