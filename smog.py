@@ -62,7 +62,7 @@ __all__ = ["distributed", "rank", "world_size", "all_reduce_", "broadcast_", "Cr
 #               # 2. c_k ← normalize(β·c_k + (1−β)·mean of the z in group k)   3. CE(p · Cᵀ / τ, y) → LARS step
 #           bank.add(z)                                      # what the next epoch's k-means clusters
 
-# ----- collectives: every one is a no-op in a single process, so the same code runs with and without torchrun ---------
+# ----- collectives: every one is a no-op in a single process, so the same code runs with and without torchrun ------
 def distributed():  # whether a process group is running (torchrun)
     return dist.is_available() and dist.is_initialized()
 
@@ -82,7 +82,7 @@ def broadcast_(t, src=0):  # copies rank src's t to every process, in place
         dist.broadcast(t, src)
     return t
 
-# ----- the multi-crop recipe (the authors' src/multicropdataset.py, MultiCropDataset) ---------------------------------
+# ----- the multi-crop recipe (the authors' src/multicropdataset.py, MultiCropDataset) ------------------------------
 # Every crop: RandomResizedCrop, flip, colour jitter, grayscale, then blur and solarize with its pipeline's
 # probabilities. The pipelines "q" and "k" (query and key, MoCo's words for the online and target views) swap
 # branches at every pass. These constants serve MultiCrop and Part 2's batched augmentation alike.
@@ -156,7 +156,7 @@ def stack_crops(per_image):
     """One batch's Crops from MultiCrop's per-image Crops, crop-major (every image's first crop, then every second)."""
     return Crops(*(None if parts[0] is None else torch.stack(parts, 1).flatten(0, 1) for parts in zip(*per_image)))
 
-# ----- networks: backbone f → projector g → predictor q online; a copy of f and g as the target branch ----------------
+# ----- networks: backbone f → projector g → predictor q online; a copy of f and g as the target branch -------------
 def mlp(dim_in, hidden, dim_out, last_bn, activation=nn.ReLU):
     """Linear → BN → activation → Linear (→ affine-free BN, the projector's), as the authors' src/resnet50.py."""
     layers = [nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), activation(), nn.Linear(hidden, dim_out)]
@@ -204,7 +204,7 @@ def target_of(online):
     """The target branch: a copy of the online encoder, without gradients (trained by EMA alone)."""
     return copy.deepcopy(online.encoder).requires_grad_(False)
 
-# ----- momentum grouping: c_k moved every step by an all-reduced mean (main_SMoG.py, M_step), reset by k-means --------
+# ----- momentum grouping: c_k moved every step by an all-reduced mean (main_SMoG.py, M_step), reset by k-means -----
 class MomentumGrouping(nn.Module):
     """H independent sets of K unit-norm group centroids c_k, updated by momentum in the same step as the network.
     A buffer, not parameters: the authors detach them (main_SMoG.py, train), so the optimiser never moves them."""
@@ -279,7 +279,7 @@ class MemoryBank:
     def for_heads(self, num_heads):  # (H, M, D)
         return self.feats.repeat((num_heads + 1) // 2, 1, 1)[:num_heads]  # head h clusters crop h mod 2
 
-# ----- the epoch start (main_SMoG.py, train: init_memory before the first epoch, then cluster_memory) -----------------
+# ----- the epoch start (main_SMoG.py, train: init_memory before the first epoch, then cluster_memory) --------------
 @torch.no_grad()
 def fill_bank(online, bank, global_crops, group_z=None):
     """Fills the bank with the initial network's z for the first k-means (the authors' init_memory): global_crops
@@ -300,7 +300,7 @@ def start_epoch(grouping, bank, online, target, kmeans_iters=10, generator=None)
         broadcast_(buffer)
     torch._foreach_copy_(list(target.parameters()), list(online.encoder.parameters()))
 
-# ----- the loss (main_SMoG.py, train) ---------------------------------------------------------------------------------
+# ----- the loss (main_SMoG.py, train) ------------------------------------------------------------------------------
 def smog_loss(logits, labels):
     """Mean over heads h and target crops i of CE(p · C_hᵀ / τ, y_h,i), every online crop against each target crop's
     label, as the authors average their cross-entropies. logits: (H, C_online, B, K) against the updated centroids;
@@ -310,7 +310,7 @@ def smog_loss(logits, labels):
     return torch.stack([F.cross_entropy(scores, y[:, None].expand(h, c_online, b).reshape(-1))  # y: (H, B)
                         for y in labels.unbind(1)]).mean()
 
-# ----- optimisation: LARS, parameter groups, schedules as pure functions of the step, EMA -----------------------------
+# ----- optimisation: LARS, parameter groups, schedules as pure functions of the step, EMA --------------------------
 class LARS(torch.optim.SGD):
     """Momentum SGD on gradients scaled by a layer-wise trust ratio (You et al., 2017), as apex's LARC(clip=False)
     around SGD in main_SMoG.py: g ← (g + wd·w) · η‖w‖ / (‖g‖ + wd·‖w‖ + ε), g as it is where ‖w‖ or ‖g‖ is 0.
@@ -370,7 +370,7 @@ def beta_at(step, total_steps, start=1.0, end=0.99):
 def ema_(target, online, m):  # target ← m·target + (1−m)·online for every parameter, in one fused op
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - m)
 
-# ----- one training step ----------------------------------------------------------------------------------------------
+# ----- one training step -------------------------------------------------------------------------------------------
 def train_step(online, target, grouping, passes, opt, scaler, *, beta, tau, ema, accumulate=1, clip_grad=0.0,
                autocast=nullcontext(), group_z=None):
     """One SMoG step: EMA, label with the target, update the groups with online z, contrast online p with them, step.
@@ -440,7 +440,7 @@ import numpy as np
 import PIL.Image
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-# ----- config: one dataclass, presets on top of it, explicit flags on top of the preset; one-line messages ------------
+# ----- config: one dataclass, presets on top of it, explicit flags on top of the preset; one-line messages ---------
 def option(default, help, section=None, auto=None):
     """A Config field: its default, its --help line, the --help section it opens, and what `auto` (None) means."""
     return dataclasses.field(default=default, metadata=dict(help=help, section=section, auto=auto))
@@ -665,7 +665,7 @@ def check_config(cfg):  # rejects values the run cannot use, naming the flag
         for name in (name for name in names.split() if not ok(getattr(cfg, name))):
             fail(f"{_flag(name)} {_shown(getattr(cfg, name))}: {why}")
 
-# ----- backbones, and the authors' machinery that some of them need ---------------------------------------------------
+# ----- backbones, and the authors' machinery that some of them need ------------------------------------------------
 def bn_over_sizes(bn, xs, relu=False):
     """One BN (and ReLU) over crops of several sizes, xs (N_i, C, H_i, W_i), as the authors' list_bn_forward."""
     if len(xs) == 1:
@@ -860,7 +860,7 @@ def without_stochastic_depth(encoder):
 # The authors' Swin keeps these out of weight decay with the biases and norms (src/optimizer.py)
 NO_DECAY = ("relative_position_bias_table", "absolute_pos_embed")
 
-# ----- data: the embedded synthetic data set, ImageFolder, CIFAR-10 ---------------------------------------------------
+# ----- data: the embedded synthetic data set, ImageFolder, CIFAR-10 ------------------------------------------------
 SHAPES = ("disk", "square", "triangle", "plus", "ring", "star", "frame", "crescent", "bar", "half-disk")
 
 def _shape_masks(kind, u, v):  # inside-masks of one shape class at rotated, unit-scaled coordinates u, v
@@ -1050,7 +1050,7 @@ def decode_into_memory(ds, budget_gib, split):
         f"{budget_gib:g} GiB)" + (f"; {len(failed)} unreadable left out, e.g. {failed[0]}" if failed else ""))
     return torch.stack(images), torch.tensor(labels)
 
-# ----- batched augmentation: the multi-crop recipe on whole batches, on the training device ---------------------------
+# ----- batched augmentation: the multi-crop recipe on whole batches, on the training device ------------------------
 # The fast equivalent of Part 1's MultiCrop, from its constants and CropRecipe, with independent random parameters
 # for every crop, as tensor work on the device (no per-image Python). Every crop of every source is cut here, from
 # uint8 images that may be padded into one canvas: each box is drawn from its own image's size and resampled from
@@ -1197,7 +1197,7 @@ def batch_multicrop(images, sizes, step, recipe, invert=0.0):
                  crops(r.global_size, r.global_scale, target_aug, 2),
                  crops(r.local_size, r.local_scale, target_aug, r.num_local * r.target_local))
 
-# ----- feeding the device: one crop path for every source -------------------------------------------------------------
+# ----- feeding the device: one crop path for every source ----------------------------------------------------------
 class TrainData:
     """The training split as batches of uint8 images on the device, and their Crops cut there. Images held in memory
     are indexed on the device; a streamed folder's loader workers only decode, and hand over a batch as one canvas."""
@@ -1290,7 +1290,7 @@ def copied_ahead(batches, device):
             ahead = None if batch is None else tuple(x.to(device, non_blocking=True) if isinstance(x, torch.Tensor)
                                                      else x for x in batch)
 
-# ----- the run state and its checkpoints ------------------------------------------------------------------------------
+# ----- the run state and its checkpoints ---------------------------------------------------------------------------
 def native_bf16_cpu():  # whether this CPU computes bf16 natively (AMX or AVX512-BF16): bf16 autocast beats fp32
     return any(torch.cpu.get_capabilities().get(name) for name in ("amx_bf16", "avx512_bf16"))
 
@@ -1490,7 +1490,7 @@ def check_resumable(path, state, cfg, data):
             f"{cfg.batch_size} × {cfg.accumulate}: the same global batch and schedules; BN statistics now over "
             f"{cfg.batch_size} images per pass (SyncBN: all processes'), the data order unlike an uninterrupted run's")
 
-# ----- processes and faults: preemption, the out-dir lock, links, divergence, failed collectives ----------------------
+# ----- processes and faults: preemption, the out-dir lock, links, divergence, failed collectives -------------------
 def setup_device(timeout=300):
     """Starts the process group under torchrun (NCCL on GPU, gloo on CPU) and picks this process's device (on the
     CPU, with freed memory kept for reuse)."""
@@ -1633,7 +1633,7 @@ def collective_failures_in_one_line(run, cfg):
                  f"process died or did not answer within --dist-timeout {cfg.dist_timeout} s ({str(error)[:240]})")
         raise
 
-# ----- reports: the log line, group health, kNN on the held-out split, the plot ---------------------------------------
+# ----- reports: the log line, group health, kNN on the held-out split, the plot ------------------------------------
 def group_health(counts):
     """(mean groups used per head, mean assignment entropy in nats, at most log K) of counts (H, K) over steps."""
     used, prob = (counts > 0).sum(1).float().mean(), counts / counts.sum(1, keepdim=True).clamp(min=1)
@@ -1818,7 +1818,7 @@ def plot_curves(out_dir):
     os.replace(path + ".tmp", path)
     return path, len(lines) - len(records)
 
-# ----- training: train() and the command line -------------------------------------------------------------------------
+# ----- training: train() and the command line ----------------------------------------------------------------------
 def train(cfg):
     """The whole run, holding its out-dir: setup, then the paper's Algorithm 1 epoch by epoch; returns the RunState."""
     device = setup_device(cfg.dist_timeout)
