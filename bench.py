@@ -124,10 +124,12 @@ def recipe_of(cfg):
 
 def bench_augment(cfg, device, steps, warmup, profile=""):
     """The device's whole augmentation of one streamed step: every crop cut from a canvas of 500x375 and 375x500
-    uint8 images, then flips and photometric work (smog.batch_multicrop)."""
-    b = cfg.batch_size
-    canvas = torch.randint(0, 256, (b, 3, 500, 500), dtype=torch.uint8, device=device)
-    sizes = torch.tensor([[375, 500], [500, 375]], device=device).repeat(b // 2 + 1, 1)[:b]
+    uint8 images (as the workers decode them for the recipe: smaller where it needs less), then flips and
+    photometric work (smog.batch_multicrop)."""
+    b, cap = cfg.batch_size, smog.decode_cap(cfg)
+    h, w = (max(1, round(side * min(1, cap / 375, 2 * cap / 500))) for side in (375, 500))
+    canvas = torch.randint(0, 256, (b, 3, w, w), dtype=torch.uint8, device=device)
+    sizes = torch.tensor([[h, w], [w, h]], device=device).repeat(b // 2 + 1, 1)[:b]
     recipe = recipe_of(cfg)
 
     def augment():
