@@ -1141,15 +1141,17 @@ def _color_jitter(x, p=JITTER_P, strengths=JITTER):
     matrix = basis[0] + torch.cos(theta) * basis[1] + torch.sin(theta) * basis[2]  # (n, 3, 3)
     return torch.einsum("nij,njhw->nihw", matrix.to(x.dtype), x).clamp_(0, 1)
 
-def blur_matrices(sigma, length):
-    """(n, length, length) matrices B of PIL's GaussianBlur(σ) along an axis of that length, σ (n,) (0: identity):
-    three passes of a box of fractional radius whose variance is σ²/3 each, with the edge pixels repeated (Pillow's
-    BoxBlur.c), so B = P³ for the one-pass matrix P. At any σ, as the authors' blur, where a sampled Gaussian
-    kernel barely blurs below σ ≈ 0.45 px."""
+def blur_matrices(sigma, length, sigma_max):
+    """(n, length, length) matrices B of PIL's GaussianBlur(σ) along an axis of that length, σ (n,) (0: identity) up
+    to sigma_max: three passes of a box of fractional radius whose variance is σ²/3 each, with the edge pixels
+    repeated (Pillow's BoxBlur.c), so B = P³ for the one-pass matrix P. At any σ, as the authors' blur, where a
+    sampled Gaussian kernel barely blurs below σ ≈ 0.45 px."""
     var, dev = (sigma.float() ** 2 / 3)[:, None], sigma.device  # (n, 1): each pass's variance
     whole = ((torch.sqrt(12 * var + 1) - 1) / 2).floor()  # the box's radius: whole pixels, then a fraction
     radius = whole + (2 * whole + 1) * (whole * (whole + 1) - 3 * var) / (6 * (var - (whole + 1) ** 2))
-    taps = torch.arange(-int(whole.max()) - 1, int(whole.max()) + 2, device=dev)  # (t,)
+    reach = math.floor((math.sqrt(4 * sigma_max ** 2 + 1) - 1) / 2) + 2  # known on the host (no wait for the
+    # device): the box reaches whole + 1 pixels, and one spare tap (of weight 0) covers float32's rounding
+    taps = torch.arange(-reach, reach + 1, device=dev)  # (t,)
     edge = (radius - whole) * (taps.abs() == whole + 1)  # the fraction of a pixel at whole + 1
     weight = torch.where(taps.abs() <= whole, 1.0, edge) / (2 * radius + 1)  # (n, t)
     source = (torch.arange(length, device=dev)[:, None] + taps).clamp(0, length - 1)  # (length, t): edges repeated
@@ -1160,7 +1162,7 @@ def _gaussian_blur(x, p, sigma):
     """Gaussian blur as PIL's with probability p and σ ~ U(sigma) per image: x (n, 3, h, w)."""
     n, _, h, w = x.shape
     s = torch.where(torch.rand(n, device=x.device) < p, _uniform(n, *sigma, x.device), 0.0)
-    rows, cols = blur_matrices(s, h).to(x.dtype), blur_matrices(s, w).to(x.dtype)
+    rows, cols = blur_matrices(s, h, sigma[1]).to(x.dtype), blur_matrices(s, w, sigma[1]).to(x.dtype)
     return rows[:, None] @ x @ cols[:, None].mT  # separable B_h · x · B_wᵀ: no per-image convolution kernels
 
 def imagenet_normalize(x):  # (n, 3, h, w) in [0, 1] -> (x − mean) / std in float32
