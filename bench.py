@@ -87,7 +87,7 @@ def bench_ceiling(cfg, device, autocast, steps, warmup):
 
 def bench_step(cfg, device, autocast, scaler, steps, warmup, profile=""):
     """(b) the full training step of smog.py on fixed device tensors; profile: write its top operators there."""
-    run, hyper = smog.RunState(cfg, device, scaler=scaler), step_hyperparameters(cfg)
+    run, hyper = smog.RunState(cfg, device, scaler=scaler), smog.step_hyperparameters(cfg)
     crops = smog.Crops(*(None if x is None else smog.channels_last(x, cfg) for x in fake_crops(cfg, device)))
 
     def step():
@@ -114,14 +114,6 @@ def write_profile(fn, device, path, title):
         f.write(f"{title}, 3 calls\n{prof.key_averages().table(sort_by=sort, row_limit=40)}\n")
 
 
-def step_hyperparameters(cfg):  # train_step's hyperparameters of a config, all but β
-    return dict(tau=cfg.tau, ema=cfg.ema, accumulate=cfg.accumulate, clip_grad=cfg.clip_grad)
-
-
-def recipe_of(cfg):
-    return smog.CropRecipe(**{name: getattr(cfg, name) for name in smog.CropRecipe._fields})
-
-
 def bench_augment(cfg, device, steps, warmup, profile=""):
     """The device's whole augmentation of one streamed step: every crop cut from a canvas of 500x375 and 375x500
     uint8 images (as the workers decode them for the recipe: smaller where it needs less), then flips and
@@ -130,7 +122,7 @@ def bench_augment(cfg, device, steps, warmup, profile=""):
     h, w = (max(1, round(side * min(1, cap / 375, 2 * cap / 500))) for side in (375, 500))
     canvas = torch.randint(0, 256, (b, 3, w, w), dtype=torch.uint8, device=device)
     sizes = torch.tensor([[h, w], [w, h]], device=device).repeat(b // 2 + 1, 1)[:b]
-    recipe = recipe_of(cfg)
+    recipe = smog.crop_recipe(cfg)
 
     def augment():
         smog.batch_multicrop(canvas, sizes, 0, recipe)
@@ -229,7 +221,7 @@ def bench_e2e(cfg, device, autocast, scaler, steps, warmup, root):
     warmup, steps = max(warmup, cfg.workers), max(steps, 3 * cfg.workers)
     cfg = dataclasses.replace(cfg, data=root, memory_budget=0, accumulate=1, epochs=10**6)  # streamed
     data = smog.TrainData(cfg, device)
-    run, hyper = smog.RunState(cfg, device, scaler=scaler), step_hyperparameters(cfg)
+    run, hyper = smog.RunState(cfg, device, scaler=scaler), smog.step_hyperparameters(cfg)
     for step, batch in zip(range(warmup + steps), data.batches(range(cfg.epochs))):
         if step == warmup:
             if device.type == "cuda":

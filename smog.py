@@ -621,6 +621,12 @@ def parse_command(argv=None):
                      workers=max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     return dataclasses.replace(cfg, **{k: v for k, v in automatic.items() if getattr(cfg, k) is None}), args
 
+def crop_recipe(cfg):  # Part 1's CropRecipe of a config
+    return CropRecipe(**{name: getattr(cfg, name) for name in CropRecipe._fields})
+
+def step_hyperparameters(cfg):  # train_step's hyperparameters of a config, but β (which follows its schedule)
+    return dict(tau=cfg.tau, ema=cfg.ema, accumulate=cfg.accumulate, clip_grad=cfg.clip_grad)
+
 def config_text(cfg, indent=None):  # the config as JSON, automatic values shown as "auto" (as --help does)
     return json.dumps({k: "auto" if v is None else v for k, v in dataclasses.asdict(cfg).items()}, indent=indent)
 
@@ -965,7 +971,9 @@ class ImageFolderData(torch.utils.data.Dataset):
     """A class-per-folder tree. Item i: (uint8 image (3, h, w) by decode, label, why an image was unreadable or "");
     an unreadable image is replaced by the next readable one. view: a transform of the image (evaluation's)."""
     def __init__(self, root, classes=None, cap=2**31, view=None):
-        self.root, self.cap, self.view = root, cap, view
+        self.root = root
+        self.cap = cap  # the shorter side larger images are decoded to
+        self.view = view
         self.classes, self.samples = scan_folder(root, classes)
         self.targets = [label for _, label in self.samples]
 
@@ -1026,7 +1034,9 @@ def check_unreadable(unreadable, images, examples):
 
 def decode_into_memory(ds, budget_gib, split):
     """(images (N, 3, H, W) uint8, labels) of a folder whose images share a size and fit in budget_gib, or None."""
-    images, labels, failed, t0 = [], [], [], time.time()
+    t0 = time.time()
+    images, labels = [], []
+    failed = []  # why each unreadable image is
     for path, label in ds.samples:
         try:
             pixels = decode(path, ds.cap)
@@ -1186,12 +1196,16 @@ def batch_augment(x, sizes, size, scale, pipeline, blur_sigma, crops_per_image=1
     """(crops_per_image·B, 3, size, size) normalised crops of [0, 1] images x (B, 3, H, W) of sizes (B, 2)."""
     return photometric(random_resized_crops(x, sizes, size, scale, crops_per_image), pipeline, blur_sigma, invert)
 
+def unit_pixels(images):
+    """uint8 images as floats in [0, 1]: float16 on GPUs, which halves the memory traffic (8-bit pixels are exact),
+    float32 on CPUs, which compute float16 slowly."""
+    return images.to(torch.float16 if images.is_cuda else torch.float32) / 255
+
 def batch_multicrop(images, sizes, step, recipe, invert=0.0):
     """All Crops of one step from uint8 images (B, 3, H, W) of sizes (B, 2), as MultiCrop(recipe)'s, on their
     device; step: the pass of the epoch, which picks the pipelines."""
     r, (online_aug, target_aug) = recipe, pipelines_for_step(step)
-    # float16 on GPUs halves the memory traffic (8-bit pixels are exact); CPUs compute float16 slowly
-    x = images.to(torch.float16 if images.is_cuda else torch.float32) / 255  # converted once for the four calls
+    x = unit_pixels(images)  # converted once for the four calls
     def crops(size, scale, pipeline, n):  # (n·B, 3, size, size), or None
         return batch_augment(x, sizes, size, scale, pipeline, r.blur_sigma, n, invert) if n else None
     return Crops(crops(r.global_size, r.global_scale, online_aug, 2),
@@ -1205,7 +1219,7 @@ class TrainData:
     are indexed on the device; a streamed folder's loader workers only decode, and hand over a batch as one canvas."""
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, device
-        self.recipe = CropRecipe(**{name: getattr(cfg, name) for name in CropRecipe._fields})
+        self.recipe = crop_recipe(cfg)
         self.source, self.labels, self.fingerprint = load_dataset(cfg, "train")
         self.in_memory = isinstance(self.source, torch.Tensor)
         if self.in_memory:
@@ -1261,8 +1275,7 @@ class TrainData:
         torch.manual_seed(seed_for(self.cfg.seed, -1, rank()))
         r = self.recipe
         for images, sizes, _ in self.batches([-1]):
-            x = images.to(torch.float16 if images.is_cuda else torch.float32) / 255
-            yield channels_last(batch_augment(x, sizes, r.global_size, r.global_scale, "q", r.blur_sigma, 2,
+            yield channels_last(batch_augment(unit_pixels(images), sizes, r.global_size, r.global_scale, "q", r.blur_sigma, 2,
                                               self.cfg.invert), self.cfg)
 
 def collate(batch):
@@ -1281,7 +1294,8 @@ def channels_last(x, cfg):  # x in the NHWC memory layout when cfg.channels_last
 def copied_ahead(batches, device):
     """A loader's batches (tuples of tensors and lists), batch i+1 copied to the GPU on a side stream while step i
     runs: its copy is queued when step i has been, and the step after it waits for the copy (the host does not)."""
-    side, compute, ahead = torch.cuda.Stream(device), torch.cuda.current_stream(device), None
+    side, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    ahead = None  # the batch on the GPU, or on its way there
     for batch in itertools.chain(batches, [None]):
         if ahead is not None:
             compute.wait_stream(side)
@@ -1385,7 +1399,9 @@ class RunState:
         else:
             log(f"--precision: the checkpoint was written {'with' if state['scaler'] else 'without'} fp16's "
                 f"GradScaler, this run is {'' if self.scaler.is_enabled() else 'not '}fp16: a fresh scaler")
-        self.epoch, self.step, self.epoch_step = state["epoch"], state["step"], state["epoch_step"]
+        self.epoch = state["epoch"]
+        self.step = state["step"]
+        self.epoch_step = state["epoch_step"]
         self.seconds_before = state["elapsed_s"]
         banks, rows = state["banks"], self.bank.feats.shape[1]  # (processes, 2, M, D)
         bank = banks[rank()] if len(banks) == world_size() else None
@@ -1476,7 +1492,9 @@ def check_resumable(path, state, cfg, data):
     for name in (name for name in RESUME_MUST_MATCH if saved.get(name) != getattr(cfg, name)):
         fail(f"--resume {path}: checkpoint has {_flag(name)} {saved.get(name)!r}, the config asks for "
              f"{getattr(cfg, name)!r}; keep the checkpoint's value, or start a new run (--resume none)")
-    processes, batch, passes = state.get("processes"), saved.get("batch_size"), saved.get("accumulate")
+    processes = state.get("processes")
+    batch = saved.get("batch_size")
+    passes = saved.get("accumulate")
     if batch * processes * passes != cfg.batch_size * world_size() * cfg.accumulate:  # other steps and schedules
         fail(f"--resume {path}: written with a global batch of {batch * processes * passes} ({batch} × {processes} "
              f"process(es) × {passes} passes), this run has {cfg.batch_size * world_size() * cfg.accumulate}; keep "
@@ -1721,8 +1739,12 @@ def open_log(cfg):
 class Progress:
     """The log line every cfg.log_every steps, on the console and in log.jsonl; clock: the run's elapsed seconds."""
     def __init__(self, cfg, total_steps, jsonl, first_step, scaler, clock):
-        self.cfg, self.total_steps, self.jsonl, self.first_step, self.scaler, self.clock = (cfg, total_steps, jsonl,
-                                                                                           first_step, scaler, clock)
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.jsonl = jsonl  # rank 0's log.jsonl, None on the other processes
+        self.first_step = first_step  # this job's first step, for the ETA
+        self.scaler = scaler
+        self.clock = clock
         self.t_start = self.t_log = time.time()
         self.data_time = self.images = self.bad_images = self.skipped = self.counts = 0  # this interval's
 
@@ -1739,7 +1761,8 @@ class Progress:
         self.counts, self.skipped = self.counts + counts, self.skipped + skipped
 
     def report(self, step, epoch, loss, lr, beta):  # prints and records one interval's figures (one wait for the GPU)
-        (used, entropy), elapsed, fp16 = group_health(self.counts), time.time() - self.t_log, self.scaler.is_enabled()
+        used, entropy = group_health(self.counts)
+        elapsed, fp16 = time.time() - self.t_log, self.scaler.is_enabled()
         eta = (time.time() - self.t_start) / max(1, step - self.first_step) * (self.total_steps - step)
         r = dict(step=step, epoch=epoch, loss=loss.item(), lr=lr, beta=beta, img_per_s=self.images / elapsed,
                  data_time=self.data_time / elapsed, groups_used=used, assign_entropy=entropy,
@@ -1787,7 +1810,8 @@ def plot_curves(out_dir):
             records += [r for r in [json.loads(line)] if isinstance(r, dict)]
     log_k = max([r.get("assign_entropy_max", 0) for r in records] + [0])
     refs = dict(groups_used=round(math.exp(log_k)), assign_entropy=log_k) if log_k else {}  # K and log K, dashed
-    svg, w, h = [], 230, 130  # each panel's plot area
+    svg = []
+    w, h = 230, 130  # each panel's plot area
     for i, (key, x) in enumerate([(key, "step") for key in ("loss", "lr", "beta", "groups_used", "assign_entropy",
                                                               "img_per_s", "knn_top1")] + [("knn_top1", "minutes")]):
         points = [(r["elapsed_s"] / 60 if x == "minutes" else r["step"], r[key]) for r in records
@@ -1796,7 +1820,8 @@ def plot_curves(out_dir):
         ys = [b for _, b in points] + ([refs[key]] if key in refs else [])
         lo, hi = (0, 100) if key == "knn_top1" else (min(ys, default=0), max(ys, default=1))
         lo, hi = (lo, hi) if hi > lo else (lo - abs(lo) / 20 - 1e-3, hi + abs(hi) / 20 + 1e-3)  # a constant: a band
-        x_max, left, top = max([a for a, _ in points], default=0) or 1, 50 + i % 4 * 300, 30 + i // 4 * 200
+        x_max = max([a for a, _ in points], default=0) or 1
+        left, top = 50 + i % 4 * 300, 30 + i // 4 * 200  # four panels a row
         px = lambda v: left + w * v / x_max  # noqa: E731
         py = lambda v: top + h * (hi - v) / (hi - lo)  # noqa: E731
         svg += [f'<text x="{left}" y="{top - 8}">{key} against {x}</text><rect x="{left}" y="{top}" width="{w}" '
@@ -1850,12 +1875,13 @@ def train(cfg):
             log(f"bank filled by the initial network ({time.time() - t0:.1f}s)")
         passes_per_epoch, total_steps = data.passes_per_epoch, cfg.epochs * data.steps_per_epoch
         peak_lr = cfg.lr * data.global_batch / 256
-        hyper = dict(tau=cfg.tau, ema=cfg.ema, accumulate=cfg.accumulate, clip_grad=cfg.clip_grad, autocast=autocast,
-                     group_z=run.group_z)
+        hyper = dict(step_hyperparameters(cfg), autocast=autocast, group_z=run.group_z)
         held_out = load_dataset(cfg, "val") if rank() == 0 and (cfg.knn or cfg.eval_every) else None
         checkpoint = os.path.join(cfg.out_dir, "checkpoint.pt")
         bad_step = torch.full((), -1, dtype=torch.long, device=device)  # the first step with a non-finite loss
-        start_norm, first_epoch, stop = weight_norm(run.online), run.epoch, None  # stop: "signal" or "stop-after"
+        start_norm = weight_norm(run.online)  # what the divergence check compares with
+        first_epoch = run.epoch  # this job's, for --stop-after
+        stop = None  # why the run leaves before its end: "signal" or "stop-after"
         with open_log(cfg) as jsonl, catch_preemption() as caught, collective_failures_in_one_line(run, cfg):
             progress = Progress(cfg, total_steps, jsonl, run.step, scaler, run.elapsed_s)
             batches = progress.timed(data.batches(range(run.epoch, cfg.epochs), run.epoch_step * cfg.accumulate))

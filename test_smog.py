@@ -65,15 +65,6 @@ def build_nets(cfg):
     return smog.RunState(cfg, torch.device("cpu"))
 
 
-def hyper(cfg):
-    """train_step's hyperparameters of a config, all but β."""
-    return dict(tau=cfg.tau, ema=cfg.ema, accumulate=cfg.accumulate, clip_grad=cfg.clip_grad)
-
-
-def recipe_of(cfg):
-    return smog.CropRecipe(**{name: getattr(cfg, name) for name in smog.CropRecipe._fields})
-
-
 def whole(images):
     """The sizes (B, 2) of images (B, 3, H, W) that fill their tensor: no padding."""
     return torch.tensor(images.shape[2:]).expand(len(images), 2)
@@ -87,12 +78,12 @@ def multicrop(images, step, recipe):
 def step_of(cfg, run, passes, beta=0.9):
     """train_step on `passes` with the config's hyperparameters."""
     return smog.train_step(run.online_ddp, run.target, run.grouping, passes, run.opt, run.scaler, beta=beta,
-                           group_z=run.group_z, **hyper(cfg))
+                           group_z=run.group_z, **smog.step_hyperparameters(cfg))
 
 
 def one_step(cfg, run, step=0):
     images, _ = smog.synthetic_shapes(cfg.batch_size, seed=1)
-    return step_of(cfg, run, [multicrop(images, step, recipe_of(cfg))])
+    return step_of(cfg, run, [multicrop(images, step, smog.crop_recipe(cfg))])
 
 
 SMALL = ["--synthetic-size", "384", "--batch-size", "64", "--num-groups", "12", "--hidden-dim", "64",
@@ -522,7 +513,7 @@ def test_accumulated_passes_equal_a_reference_loop(tmp_path):
     passes = []
     for i in range(2):
         torch.manual_seed(i)
-        passes.append(multicrop(images[32 * i:32 * (i + 1)], i, recipe_of(cfg)))
+        passes.append(multicrop(images[32 * i:32 * (i + 1)], i, smog.crop_recipe(cfg)))
     loss, counts, z_global, _ = step_of(cfg, run, iter(passes))
     h, k, b = cfg.num_heads, cfg.num_groups, 32
     smog.ema_(ref.target, ref.online.encoder, 0.9)
@@ -775,7 +766,7 @@ def test_swin_update_and_bank_see_the_online_z_without_drop_path():
     assert cfg.drop_path == 0.2 and cfg.swin_mlps and cfg.arch == "swin_t_bn"
     run = build_nets(cfg)
     assert smog.stochastic_depth(run.online) and not smog.stochastic_depth(run.target)  # the target has none
-    crops = multicrop(smog.synthetic_shapes(4, seed=1)[0], 0, recipe_of(cfg))
+    crops = multicrop(smog.synthetic_shapes(4, seed=1)[0], 0, smog.crop_recipe(cfg))
     before = copy.deepcopy(run.online)
     expected = smog.without_stochastic_depth(before.encoder)([crops[0]])  # (2B, D), weights before the step
     _, _, z_global, _ = step_of(cfg, run, [crops])
@@ -874,7 +865,7 @@ def test_backbone_trains_a_step_at_both_crop_sizes_reloads_and_exports(arch, tmp
     backbone = run.online.encoder.backbone
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     images, _ = smog.synthetic_shapes(4, seed=1)
-    crops = multicrop(images, 0, recipe_of(cfg))  # online: 64 and 32 px in one forward
+    crops = multicrop(images, 0, smog.crop_recipe(cfg))  # online: 64 and 32 px in one forward
     loss, _, _, _ = step_of(cfg, run, [crops])
     assert torch.isfinite(loss)
     assert any(not torch.equal(before[k], v) for k, v in backbone.state_dict().items())
@@ -1151,10 +1142,10 @@ def augment(images, size, scale, pipeline, blur_sigma, **kwargs):
 def test_batch_multicrop_shapes_and_per_image_randomness(tmp_path):
     cfg = tiny_cfg(tmp_path)
     img = smog.synthetic_shapes(1, seed=0)[0].expand(8, -1, -1, -1)  # eight copies of one image
-    g, loc, t, t_loc = multicrop(img, 0, recipe_of(cfg))
+    g, loc, t, t_loc = multicrop(img, 0, smog.crop_recipe(cfg))
     assert g.shape == (16, 3, 32, 32) and t.shape == (16, 3, 32, 32) and loc.shape == t_loc.shape == (16, 3, 16, 16)
     assert all(x.dtype == torch.float32 and torch.isfinite(x).all() for x in (g, loc, t, t_loc))
-    assert multicrop(img, 0, recipe_of(cfg)._replace(target_local=False))[3] is None
+    assert multicrop(img, 0, smog.crop_recipe(cfg)._replace(target_local=False))[3] is None
     assert len({tuple(x.flatten()[:50].tolist()) for x in g}) == 16  # no two copies get the same crop
 
 
@@ -2058,7 +2049,7 @@ SPLIT_DRIVER = textwrap.dedent("""
     run = smog.RunState(cfg, torch.device("cpu"))
     images = smog.synthetic_shapes(32, seed=5)[0][rank * 16:(rank + 1) * 16]
     sizes = torch.tensor([[32, 32]]).expand(16, 2)
-    recipe = smog.CropRecipe(**{{name: getattr(cfg, name) for name in smog.CropRecipe._fields}})
+    recipe = smog.crop_recipe(cfg)
     losses = []
     for step in range(3):
         torch.manual_seed(smog.seed_for(cfg.seed, step, rank))
