@@ -1976,7 +1976,7 @@ def test_stalled_process_ends_the_others_within_the_timeout(tmp_path):
 
 
 DRIVER = textwrap.dedent("""
-    import os, sys, torch
+    import gc, os, sys, torch
     sys.path.insert(0, {repo!r})
     import smog
     torch.set_num_threads(1)
@@ -1985,6 +1985,10 @@ DRIVER = textwrap.dedent("""
                  online=dict(run.online.named_parameters()), banks_here=smog.gather_to_0(run.bank.feats) is not None)
     # (BN's running statistics are per process without SyncBN, on CPUs, and made equal at every epoch start)
     torch.save(state, os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"]))
+    # The run (its DDP's last gloo work among it) goes before the group, as in main(): left to the interpreter's
+    # exit, gloo's threads can free those tensors after Python is gone, and the process aborts
+    del run, state
+    gc.collect()
     torch.distributed.destroy_process_group()
 """)
 
@@ -2031,7 +2035,7 @@ def test_a_one_process_checkpoint_resumes_on_two_processes_at_an_epoch_end(tmp_p
 
 
 SPLIT_DRIVER = textwrap.dedent("""
-    import os, sys, torch, torch.distributed as dist
+    import gc, os, sys, torch, torch.distributed as dist
     sys.path.insert(0, {repo!r})
     import smog
     dist.init_process_group("gloo")
@@ -2061,6 +2065,8 @@ SPLIT_DRIVER = textwrap.dedent("""
     params.update({{"target." + name: p for name, p in run.target.named_parameters()}})
     torch.save(dict(updated=updated, kmeans=grouping.centroids.clone(), centroids=run.grouping.centroids,
                     params=params, losses=losses), os.path.join({out!r}, "split%d.pt" % rank))
+    del run, params
+    gc.collect()  # the run before the group (the driver above says why)
     dist.destroy_process_group()
 """)
 
