@@ -353,8 +353,9 @@ def measure(args):
             decode, decode_cut = bench_loader_cost(root, seconds=5.0 if cuda else 2.0)
             result.update(c_loader_decode_ms_per_img=decode, c_loader_decode_and_cut_ms_per_img=decode_cut,
                           c_loader_cost_ratio=decode_cut / decode)
-            print(f"(c) loader, one core, the paper's crops of 500x375 JPEGs: decoding {decode:.2f} ms an image ({os.cpu_count()} cores: "
-                  f"{1000 * os.cpu_count() / decode:.0f} img/s); decoding + cutting the crops with PIL, as before, "
+            print(f"(c) loader, one core, the paper's crops of 500x375 JPEGs: decoding {decode:.2f} ms an image "
+                  f"({os.cpu_count()} cores: "
+                  f"{1000 * os.cpu_count() / decode:.0f} img/s); decoding + cutting the crops with PIL in the worker "
                   f"{decode_cut:.2f} ms ({decode_cut / decode:.1f}x)", flush=True)
         aug = bench_augment(cfg, device, args.steps, args.warmup, args.profile)
         result["c_device_aug_ms_per_step"] = 1000 * aug

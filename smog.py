@@ -834,8 +834,7 @@ def per_size(mlp, feats):  # an MLP run on each crop size's features alone (the 
     return torch.cat([mlp(x) for x in feats])
 
 def make_online(cfg):
-    """OnlineNet around a fresh cfg.arch backbone, with Part 1's hooks filled: the ResNets' BN over crop sizes, the
-    Swin MLPs run per size."""
+    """OnlineNet around a new cfg.arch backbone, Part 1's hooks filled (ResNets' BN over sizes, Swin MLPs)."""
     backbone, dim = BACKBONES[cfg.arch](cfg.drop_path)
     if cfg.swin_mlps:
         return OnlineNet(backbone, *swin_mlps(dim, cfg.hidden_dim, cfg.feat_dim), mlp_over_sizes=per_size)
@@ -846,11 +845,9 @@ def stochastic_depth(module):  # the module's stochastic-depth layers that drop 
     return [m for m in module.modules() if isinstance(m, torchvision.ops.StochasticDepth) and m.p > 0]
 
 def without_stochastic_depth(encoder):
-    """encoder's forward without gradients and drop-path, what the authors' Swin groups and bank see
-    (src/two_stream_network.py, TwoStreamNet.forward): train_step's group_z; None for an encoder without it."""
+    """train_step's group_z: the encoder without gradients and drop-path (None: it has none)."""
+    # What the authors' Swin groups and bank see (src/two_stream_network.py, TwoStreamNet.forward).
     dropping = stochastic_depth(encoder)
-    if not dropping:
-        return None
 
     @torch.no_grad()
     def forward(crops):
@@ -861,7 +858,7 @@ def without_stochastic_depth(encoder):
         finally:
             for m in dropping:
                 m.train()
-    return forward
+    return forward if dropping else None
 
 # The authors' Swin keeps these out of weight decay with the biases and norms (src/optimizer.py)
 NO_DECAY = ("relative_position_bias_table", "absolute_pos_embed")
@@ -917,14 +914,12 @@ def rgb8(image):
     return image.convert("RGB")
 
 def decode_cap(cfg):
-    """The shorter side to which larger images are decoded: every crop of the recipe, at its least area and an
-    aspect of 3:4, still has at least its output side in pixels (579 px for the paper's 224-px crops of 0.2)."""
+    """The shorter side larger images decode to: the recipe's least crop (area, aspect 3:4) keeps its size."""
     return math.ceil(max(size / math.sqrt(scale[0] * ASPECT[0]) for size, scale in
                          ((cfg.global_size, cfg.global_scale), (cfg.local_size, cfg.local_scale))))
 
 def decode(path, cap):
-    """The image at path as uint8 RGB (3, h, w), scaled down where its shorter side exceeds cap or its longer side
-    2·cap (JPEGs decoded at reduced size by PIL's draft mode): all that a loader worker does to an image."""
+    """The image at path as uint8 RGB (3, h, w), shorter side ≤ cap, longer ≤ 2·cap (JPEGs by PIL's draft mode)."""
     with PIL.Image.open(path) as image:
         w, h = image.size
         scale = min(1.0, cap / min(w, h), 2 * cap / max(w, h))
@@ -938,8 +933,7 @@ def decode(path, cap):
 EXTENSIONS = (*torchvision.datasets.folder.IMG_EXTENSIONS, ".gif")  # an animated GIF gives its first frame
 
 def scan_folder(root, classes=None):
-    """(class names, [(path, class index)]) of a class-per-folder tree, every real file once (links are followed);
-    classes: the names to index by (train/'s, for val/)."""
+    """(class names, [(path, class index)]) of a class-per-folder tree, each real file once."""
     try:
         names = sorted(e.name for e in os.scandir(root) if e.is_dir())
     except OSError as e:
@@ -968,8 +962,7 @@ def scan_folder(root, classes=None):
     return classes, samples
 
 class ImageFolderData(torch.utils.data.Dataset):
-    """A class-per-folder tree. Item i: (uint8 image (3, h, w) by decode, label, why an image was unreadable or "");
-    an unreadable image is replaced by the next readable one. view: a transform of the image (evaluation's)."""
+    """A class-per-folder tree: item i is (uint8 (3, h, w), label, why an image was unreadable or "")."""
     def __init__(self, root, classes=None, cap=2**31, view=None):
         self.root = root
         self.cap = cap  # the shorter side larger images are decoded to
@@ -978,8 +971,7 @@ class ImageFolderData(torch.utils.data.Dataset):
         self.targets = [label for _, label in self.samples]
 
     def fingerprint(self):
-        """What identifies the data set in a checkpoint: image count, a hash of each relative path and file size (a
-        copy of the folder elsewhere has the same; another folder with the same names has not)."""
+        """What identifies the data set in a checkpoint: its image count and a hash of relative paths and sizes."""
         files = (f"{os.path.relpath(p, self.root)} {os.path.getsize(p) if os.path.isfile(p) else -1}"
                  for p, _ in self.samples)
         digest = hashlib.sha1("\n".join(files).encode()).hexdigest()[:12]
@@ -1000,8 +992,7 @@ class ImageFolderData(torch.utils.data.Dataset):
         fail(f"--data {self.root}: no readable image")
 
 def load_dataset(cfg, split):
-    """(images, labels, fingerprint) of the split train|val of cfg.data. images: uint8 (N, 3, H, W) in memory, an
-    ImageFolderData for loader workers, or None (no such split); the fingerprint identifies it in a checkpoint."""
+    """(images, labels, fingerprint) of split train|val: uint8 (N, 3, H, W), an ImageFolderData, or None."""
     if cfg.data == "synthetic":
         n = cfg.synthetic_size if split == "train" else 2000
         return (*synthetic_shapes(n, seed=cfg.seed * 2 + (split != "train")),
@@ -1027,37 +1018,32 @@ def load_dataset(cfg, split):
     return (*(decode_into_memory(ds, cfg.memory_budget, split) or (ds, torch.tensor(ds.targets))), ds.fingerprint())
 
 def check_unreadable(unreadable, images, examples):
-    """The one rule for unreadable images, decoded into memory or streamed: more than 1% of the data set's stops the
-    run (under 1%, each is replaced by the next readable one and counted in the log)."""
+    """The one rule for unreadable images, in memory or streamed: more than 1% of the data set stops the run."""
     if unreadable > 0.01 * images:
         fail(f"{unreadable} of the {images} images are unreadable, more than 1%; e.g. {examples[0]}")
 
 def decode_into_memory(ds, budget_gib, split):
     """(images (N, 3, H, W) uint8, labels) of a folder whose images share a size and fit in budget_gib, or None."""
     t0 = time.time()
-    images, labels = [], []
-    failed = []  # why each unreadable image is
-    for path, label in ds.samples:
-        try:
-            pixels = decode(path, ds.cap)
-        except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable image"
-            failed.append(printable(f"{path} ({type(e).__name__}: {e})"))
-            continue
-        if len(ds) * pixels.numel() > budget_gib * 2**30:  # known from the first image that decodes
+    images, labels, failed = [], [], []
+    for i in range(len(ds)):
+        pixels, label, why = ds[i]  # an unreadable image is replaced by the next readable one, as when streamed
+        if len(ds) * pixels.numel() > budget_gib * 2**30:  # known from the first image
             if budget_gib > 0:
                 log(f"data ({split}): {len(ds)} images would take {len(ds) * pixels.numel() / 2**30:.1f} GiB decoded, "
                     f"over --memory-budget {budget_gib:g}: streamed through loader workers")
             return None
         if images and pixels.shape != images[0].shape:
-            log(f"data ({split}): images of several sizes ({path}: {pixels.shape[2]}x{pixels.shape[1]}, others "
-                f"{images[0].shape[2]}x{images[0].shape[1]}): streamed through loader workers")
+            log(f"data ({split}): images of several sizes ({ds.samples[i][0]}: {pixels.shape[2]}x{pixels.shape[1]}, "
+                f"others {images[0].shape[2]}x{images[0].shape[1]}): streamed through loader workers")
             return None
         images.append(pixels)
         labels.append(label)
+        failed += [why] if why else []
     check_unreadable(len(failed), len(ds), failed)
     log(f"data ({split}): {len(images)} images of {images[0].shape[2]}x{images[0].shape[1]} decoded into memory "
         f"({sum(x.numel() for x in images) / 2**20:.0f} MiB, {time.time() - t0:.1f}s; --memory-budget "
-        f"{budget_gib:g} GiB)" + (f"; {len(failed)} unreadable left out, e.g. {failed[0]}" if failed else ""))
+        f"{budget_gib:g} GiB)" + (f"; {len(failed)} unreadable replaced, e.g. {failed[0]}" if failed else ""))
     return torch.stack(images), torch.tensor(labels)
 
 # ----- batched augmentation: the multi-crop recipe on whole batches, on the training device ------------------------
@@ -1075,8 +1061,7 @@ def _uniform(n, lo, hi, device):
     return torch.empty(n, device=device).uniform_(lo, hi)
 
 def random_resized_boxes(sizes, scale, ratio=ASPECT, tries=10):
-    """(n, 4) boxes x0, y0, x1, y1 in whole pixels, one in each image of sizes (n, 2) (height, width), drawn as
-    torchvision's RandomResizedCrop.get_params draws them."""
+    """(n, 4) whole-pixel boxes x0, y0, x1, y1 in images of sizes (n, 2), as RandomResizedCrop.get_params."""
     n, device = len(sizes), sizes.device
     height, width = sizes.float().unbind(1)  # (n,) each
     area = _uniform(n * tries, *scale, device).view(n, tries) * (height * width)[:, None]
@@ -1103,8 +1088,7 @@ def _constants(device):
                 luma=torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1).to(device))
 
 def _resampling_matrix(start, stop, size, length):
-    """(n, size, length) rows resampling whole-pixel spans [start, stop) of an axis (stop < start: mirrored):
-    bilinear, antialiased, reading the span's pixels only, as PIL resizes a crop (torchvision's resized_crop)."""
+    """(n, size, length) antialiased bilinear rows over spans [start, stop) of an axis (mirrored if stop < start)."""
     dev = start.device
     step = (stop - start) / size  # (n,) source pixels per output pixel, negative when mirrored
     centre = start[:, None] + (torch.arange(size, device=dev) + 0.5) * step[:, None]  # (n, size)
@@ -1127,8 +1111,7 @@ def cut(x, boxes, size, flip):
     return (rows @ x @ cols.mT).view(k * b, c, size, size)  # (k, B, 1, s, H) @ (B, 3, H, W) @ (k, B, 1, W, s)
 
 def random_resized_crops(x, sizes, size, scale, crops_per_image=1):
-    """RandomResizedCrop + flip, batched: images x (B, 3, H, W) float, each (h, w) of sizes (B, 2) in its top-left
-    corner → (crops_per_image·B, 3, size, size), crop-major."""
+    """RandomResizedCrop + flip of x (B, 3, H, W) at sizes (B, 2) → (crops_per_image·B, 3, size, size)."""
     boxes = random_resized_boxes(sizes.repeat(crops_per_image, 1), scale)
     return cut(x, boxes, size, torch.rand(len(boxes), device=x.device) < FLIP_P)
 
@@ -1152,10 +1135,9 @@ def _color_jitter(x, p=JITTER_P, strengths=JITTER):
     return torch.einsum("nij,njhw->nihw", matrix.to(x.dtype), x).clamp_(0, 1)
 
 def blur_matrices(sigma, length, sigma_max):
-    """(n, length, length) matrices B of PIL's GaussianBlur(σ) along an axis of that length, σ (n,) (0: identity) up
-    to sigma_max: three passes of a box of fractional radius whose variance is σ²/3 each, with the edge pixels
-    repeated (Pillow's BoxBlur.c), so B = P³ for the one-pass matrix P. At any σ, as the authors' blur, where a
-    sampled Gaussian kernel barely blurs below σ ≈ 0.45 px."""
+    """(n, length, length) matrices of PIL's GaussianBlur(σ) along an axis, σ (n,) ≤ sigma_max (0: identity)."""
+    # Pillow's BoxBlur.c: three passes of a box of fractional radius, variance σ²/3 each, edge pixels repeated, so
+    # B = P³. It blurs at any σ, as the authors' blur; a sampled Gaussian kernel barely blurs below σ ≈ 0.45 px.
     var, dev = (sigma.float() ** 2 / 3)[:, None], sigma.device  # (n, 1): each pass's variance
     whole = ((torch.sqrt(12 * var + 1) - 1) / 2).floor()  # the box's radius: whole pixels, then a fraction
     radius = whole + (2 * whole + 1) * (whole * (whole + 1) - 3 * var) / (6 * (var - (whole + 1) ** 2))
@@ -1197,13 +1179,11 @@ def batch_augment(x, sizes, size, scale, pipeline, blur_sigma, crops_per_image=1
     return photometric(random_resized_crops(x, sizes, size, scale, crops_per_image), pipeline, blur_sigma, invert)
 
 def unit_pixels(images):
-    """uint8 images as floats in [0, 1]: float16 on GPUs, which halves the memory traffic (8-bit pixels are exact),
-    float32 on CPUs, which compute float16 slowly."""
+    """uint8 images as floats in [0, 1]: float16 on GPUs (half the memory traffic, 8 bits exact), else float32."""
     return images.to(torch.float16 if images.is_cuda else torch.float32) / 255
 
 def batch_multicrop(images, sizes, step, recipe, invert=0.0):
-    """All Crops of one step from uint8 images (B, 3, H, W) of sizes (B, 2), as MultiCrop(recipe)'s, on their
-    device; step: the pass of the epoch, which picks the pipelines."""
+    """One step's Crops of uint8 images (B, 3, H, W) of sizes (B, 2), as MultiCrop's; step: the pass of the epoch."""
     r, (online_aug, target_aug) = recipe, pipelines_for_step(step)
     x = unit_pixels(images)  # converted once for the four calls
     def crops(size, scale, pipeline, n):  # (n·B, 3, size, size), or None
@@ -1215,8 +1195,7 @@ def batch_multicrop(images, sizes, step, recipe, invert=0.0):
 
 # ----- feeding the device: one crop path for every source ----------------------------------------------------------
 class TrainData:
-    """The training split as batches of uint8 images on the device, and their Crops cut there. Images held in memory
-    are indexed on the device; a streamed folder's loader workers only decode, and hand over a batch as one canvas."""
+    """The training split as batches of uint8 images on the device, and the Crops cut from them there."""
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, device
         self.recipe = crop_recipe(cfg)
@@ -1244,9 +1223,8 @@ class TrainData:
             skip = 0
 
     def batches(self, epochs, skip=0):
-        """(images (B, 3, H, W) uint8, sizes (B, 2), why images were unreadable) on the device, for every pass of
-        `epochs` after the first `skip`: one loader for them all, so its workers start once and decode the next
-        epoch's first batches while this one ends."""
+        """(images uint8 (B, 3, H, W), sizes (B, 2), reasons unreadable) on the device for each pass after `skip`."""
+        # One loader for every epoch: its workers start once and decode the next epoch's first batches meanwhile.
         if self.in_memory:  # an epoch's indices go to the device in one copy, not one copy (and host sync) a step
             sizes = torch.tensor(self.source.shape[2:], device=self.device).expand(self.cfg.batch_size, 2)
             for order in self._passes(epochs, skip):
@@ -1263,24 +1241,22 @@ class TrainData:
             yield images, sizes, failed
 
     def crops(self, batch, index):
-        """The Crops of forward pass `index` (counted over the run) of a batch, from the seed (seed, process, pass):
-        the same after a resume."""
+        """The Crops of forward pass `index` of the run, seeded by (seed, pass, process): a resume cuts the same."""
         torch.manual_seed(seed_for(self.cfg.seed, index, rank()))
         crops = batch_multicrop(*batch[:2], index % self.passes_per_epoch, self.recipe, self.cfg.invert)
         return Crops(*(None if x is None else channels_last(x, self.cfg) for x in crops))
 
     def global_crops(self):
-        """The online global crops (2B, 3, S, S) of one pass over the data by the query pipeline, for fill_bank (the
-        authors' init_memory)."""
+        """The online global crops (2B, 3, S, S) of one pass over the data, for fill_bank (init_memory)."""
         torch.manual_seed(seed_for(self.cfg.seed, -1, rank()))
         r = self.recipe
         for images, sizes, _ in self.batches([-1]):
-            yield channels_last(batch_augment(unit_pixels(images), sizes, r.global_size, r.global_scale, "q", r.blur_sigma, 2,
-                                              self.cfg.invert), self.cfg)
+            crops = batch_augment(unit_pixels(images), sizes, r.global_size, r.global_scale, "q", r.blur_sigma, 2,
+                                  self.cfg.invert)
+            yield channels_last(crops, self.cfg)
 
 def collate(batch):
-    """A loader's (image (3, h, w) uint8, label, why unreadable) triples → (canvas (B, 3, H, W) uint8 holding each
-    image in its top-left corner, zeros around, sizes (B, 2), labels (B,), the reasons of the unreadable ones)."""
+    """(image, label, why unreadable) triples → (uint8 canvas (B, 3, H, W), sizes (B, 2), labels, reasons)."""
     images, labels, failed = zip(*batch)
     sizes = torch.tensor([image.shape[1:] for image in images])
     canvas = torch.zeros(len(images), 3, *sizes.amax(0).tolist(), dtype=torch.uint8)
@@ -1292,8 +1268,7 @@ def channels_last(x, cfg):  # x in the NHWC memory layout when cfg.channels_last
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
 def copied_ahead(batches, device):
-    """A loader's batches (tuples of tensors and lists), batch i+1 copied to the GPU on a side stream while step i
-    runs: its copy is queued when step i has been, and the step after it waits for the copy (the host does not)."""
+    """A loader's batches, each copied to the GPU on a side stream while the step before runs (no host wait)."""
     side, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
     ahead = None  # the batch on the GPU, or on its way there
     for batch in itertools.chain(batches, [None]):
@@ -1363,9 +1338,7 @@ class RunState:
         return self.seconds_before + time.time() - self.started
 
     def save(self, path, cfg, data):
-        """Writes the run to path (a collective: every process's bank is gathered to rank 0 alone), keeping the one
-        before as previous_of(path). Written aside and read back before it replaces the old one: no kill at any
-        moment, full disk or damaged copy leaves the run without a checkpoint that loads."""
+        """Writes the run to path (a collective: banks gathered to rank 0): aside, read back, the old one kept."""
         banks = gather_to_0(self.bank.feats)  # (processes, 2, M, D) on rank 0
         if rank() != 0:
             return
@@ -1512,8 +1485,7 @@ def check_resumable(path, state, cfg, data):
 
 # ----- processes and faults: preemption, the out-dir lock, links, divergence, failed collectives -------------------
 def setup_device(timeout=300):
-    """Starts the process group under torchrun (NCCL on GPU, gloo on CPU) and picks this process's device (on the
-    CPU, with freed memory kept for reuse)."""
+    """Starts the process group under torchrun (NCCL on GPU, gloo on CPU) and returns this process's device."""
     if "RANK" in os.environ and not distributed():  # timeout: a dead peer ends the run (for torchrun to restart)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # NCCL: a timed-out collective ends the process
         wait = datetime.timedelta(seconds=timeout)
@@ -1531,9 +1503,9 @@ def setup_device(timeout=300):
     return device
 
 def keep_freed_memory(pad=1 << 30):
-    """CPU runs: lets glibc's malloc keep up to `pad` bytes of freed memory for reuse, instead of returning it to the
-    OS at every free. Each CPU step frees and allocates its activations anew; memory returned comes back as page
-    faults that the kernel zeroes (a tenth of the tiny preset's time). Returns whether it applied (glibc only)."""
+    """CPU runs: glibc keeps up to `pad` bytes of freed memory for reuse; whether it applied."""
+    # Each CPU step frees and allocates its activations anew: memory returned to the OS comes back as page faults
+    # the kernel zeroes (a tenth of the tiny preset's time).
     libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
     m_top_pad = -2  # glibc's malloc.h: the free space kept at the heap's top when it grows or shrinks
     return libc is not None and hasattr(libc, "mallopt") and libc.mallopt(m_top_pad, pad) == 1
@@ -1567,8 +1539,7 @@ def caught_by_any(caught, device):
     return all_reduce_(torch.tensor(float(bool(caught)), device=device), op="max").item() > 0
 
 def open_in_out_dir(path, mode):
-    """path opened to write, never through a link: "a+" keeps the file (created if missing) and refuses a link, or
-    anything but a regular file, planted there; "wb" makes our own temporary file anew, a link there removed first."""
+    """path opened to write, never through a link: "a+" refuses one (or a non-file), "wb" replaces it."""
     if mode == "wb":
         with suppress(FileNotFoundError):
             os.unlink(path)  # the link itself, not what it points to
@@ -1584,25 +1555,26 @@ def open_in_out_dir(path, mode):
     return os.fdopen(fd, mode)
 
 def take_lock(out_dir):
-    """(why not, None) or (None, the open lock file): an flock on out_dir/lock, which the kernel (and an NFS server,
-    when its client's lease runs out) releases when the holder dies; the file stays, holding its holder's line."""
+    """(why not, None) or (None, the lock file): an flock on out_dir/lock, released when its holder dies."""
+    # The kernel (and an NFS server, when its client's lease runs out) releases it; the file stays, with its
+    # holder's line.
     path, lock = os.path.join(out_dir, "lock"), None
     try:
         os.makedirs(out_dir, exist_ok=True)
         lock = open_in_out_dir(path, "a+")
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another run"
-        lock.close()
-        return f"--out-dir {out_dir}: in use by {holder} ({path}); wait for it, or give another --out-dir", None
     except OSError as e:
+        if isinstance(e, BlockingIOError):
+            lock.seek(0)
+            why = f"in use by {lock.read().strip() or 'another run'} ({path}); wait for it, or give another --out-dir"
+        elif e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            why = (f"its file system does not lock files ({e.strerror}), so two runs on it could not be told apart; "
+                   f"give an --out-dir on a file system that does")
+        else:
+            why = f"cannot write {e.filename or out_dir} ({e.strerror})"
         if lock is not None:
             lock.close()
-        if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
-            return (f"--out-dir {out_dir}: its file system does not lock files ({e.strerror}), so two runs on it "
-                    f"could not be told apart; give an --out-dir on a file system that does"), None
-        return f"--out-dir {out_dir}: cannot write {e.filename or out_dir} ({e.strerror})", None
+        return f"--out-dir {out_dir}: {why}", None
     lock.seek(0)
     if earlier := lock.read().strip():  # a holder that died left its line
         log(f"--out-dir {out_dir}: taking over the lock of {earlier}, which is gone")
@@ -1661,8 +1633,7 @@ def group_health(counts):
     return used.item(), entropy.item()
 
 def eval_batches(source, cfg, batch=256, indices=None):
-    """Normalised centre views (n, 3, S, S) of a split's images: uint8 (N, 3, H, W) in memory, resized to S; or an
-    ImageFolderData, resized to S·8/7 and centre-cropped (the authors' validation view)."""
+    """Normalised centre views (n, 3, S, S) of a split: images in memory resized, folders as the authors'."""
     if isinstance(source, torch.Tensor):
         source = source if indices is None else source[indices.to(source.device)]
         for i in range(0, len(source), batch):
@@ -1797,8 +1768,7 @@ def parameter_counts(cfg):
                 online=millions(online))
 
 def plot_curves(out_dir):
-    """Writes out_dir/curves.svg from its log.jsonl, a panel per figure against the step and kNN against minutes too
-    (plain SVG, no plotting package); returns its path and how many damaged lines it skipped."""
+    """Writes out_dir/curves.svg (plain SVG) from log.jsonl; returns its path and the damaged lines skipped."""
     try:
         with open(os.path.join(out_dir, "log.jsonl")) as f:
             lines = [line for line in f if line.strip()]
@@ -1810,33 +1780,30 @@ def plot_curves(out_dir):
             records += [r for r in [json.loads(line)] if isinstance(r, dict)]
     log_k = max([r.get("assign_entropy_max", 0) for r in records] + [0])
     refs = dict(groups_used=round(math.exp(log_k)), assign_entropy=log_k) if log_k else {}  # K and log K, dashed
-    svg = []
-    w, h = 230, 130  # each panel's plot area
-    for i, (key, x) in enumerate([(key, "step") for key in ("loss", "lr", "beta", "groups_used", "assign_entropy",
-                                                              "img_per_s", "knn_top1")] + [("knn_top1", "minutes")]):
-        points = [(r["elapsed_s"] / 60 if x == "minutes" else r["step"], r[key]) for r in records
-                  if isinstance(r.get(key), (int, float)) and isinstance(r.get("elapsed_s" if x == "minutes" else x),
-                                                                         (int, float))]
+    keys = ("loss", "lr", "beta", "groups_used", "assign_entropy", "img_per_s", "knn_top1")
+    svg, w, h = [], 230, 130  # each panel's plot area, four panels a row
+    for i, (key, x) in enumerate([(key, "step") for key in keys] + [("knn_top1", "minutes")]):
+        points = [(r["elapsed_s"] / 60 if x == "minutes" else r["step"], r[key]) for r in records if all(
+            isinstance(r.get(k), (int, float)) for k in (key, "elapsed_s" if x == "minutes" else "step"))]
         ys = [b for _, b in points] + ([refs[key]] if key in refs else [])
         lo, hi = (0, 100) if key == "knn_top1" else (min(ys, default=0), max(ys, default=1))
         lo, hi = (lo, hi) if hi > lo else (lo - abs(lo) / 20 - 1e-3, hi + abs(hi) / 20 + 1e-3)  # a constant: a band
         x_max = max([a for a, _ in points], default=0) or 1
-        left, top = 50 + i % 4 * 300, 30 + i // 4 * 200  # four panels a row
-        px = lambda v: left + w * v / x_max  # noqa: E731
-        py = lambda v: top + h * (hi - v) / (hi - lo)  # noqa: E731
+        left, top = 50 + i % 4 * 300, 30 + i // 4 * 200
+        xy = [(left + w * a / x_max, top + h * (hi - b) / (hi - lo)) for a, b in points + [(0, refs.get(key, hi))]]
         svg += [f'<text x="{left}" y="{top - 8}">{key} against {x}</text><rect x="{left}" y="{top}" width="{w}" '
                 f'height="{h}" fill="none" stroke="#999"/><text x="{left - 4}" y="{top + 4}" text-anchor="end">'
                 f'{hi:.4g}</text><text x="{left - 4}" y="{top + h}" text-anchor="end">{lo:.4g}</text><text '
                 f'x="{left + w}" y="{top + h + 15}" text-anchor="end">{x_max:.4g}</text>']
         if key in refs:
-            svg.append(f'<line x1="{left}" x2="{left + w}" y1="{py(refs[key]):.1f}" y2="{py(refs[key]):.1f}" '
-                       f'stroke="#c33" stroke-dasharray="4 3"/>')
+            svg.append(f'<line x1="{left}" x2="{left + w}" y1="{xy[-1][1]:.1f}" y2="{xy[-1][1]:.1f}" stroke="#c33" '
+                       f'stroke-dasharray="4 3"/>')
         if key == "knn_top1":  # reports: marked points, labelled
-            svg += [f'<circle cx="{px(a):.1f}" cy="{py(b):.1f}" r="3" fill="#1f5fa8"/><text x="{px(a):.1f}" '
-                    f'y="{py(b) - 6:.1f}" text-anchor="middle">{b:.1f}</text>' for a, b in points]
+            svg += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="#1f5fa8"/><text x="{a:.1f}" y="{b - 6:.1f}" '
+                    f'text-anchor="middle">{v:.1f}</text>' for (a, b), (_, v) in zip(xy, points)]
         elif points:
-            svg.append('<polyline fill="none" stroke="#1f5fa8" points="'
-                       + " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in points) + '"/>')
+            line = " ".join(f"{a:.1f},{b:.1f}" for a, b in xy[:-1])
+            svg.append(f'<polyline fill="none" stroke="#1f5fa8" points="{line}"/>')
     path = os.path.join(out_dir, "curves.svg")
     with open_in_out_dir(path + ".tmp", "wb") as f:
         f.write("\n".join(['<svg xmlns="http://www.w3.org/2000/svg" width="1240" height="420" font-size="11" '

@@ -493,7 +493,8 @@ def test_step_changes_online_and_moves_target_by_ema(tmp_path):
     online_after = list(run.online.encoder.parameters())
     changed = sum(not torch.equal(a, b) for a, b in zip(online_before, online_after))
     assert changed == len(online_before)  # every weight of the encoder receives an update
-    # The EMA runs at the step's start, as in the authors' forward: it blends in the online weights from before the update.
+    # The EMA runs at the step's start, as in the authors' forward: it blends in the online weights from before the
+    # update.
     for t0, o0, t1 in zip(target_before, online_before, run.target.parameters()):
         assert torch.allclose(t1, 0.9 * t0 + 0.1 * o0, atol=1e-6, rtol=0)
     assert not torch.equal(run.grouping.centroids, centroids_before)
@@ -1034,7 +1035,7 @@ def test_unreadable_images_up_to_1_percent_of_the_data_set_are_replaced_on_both_
             assert "streamed by 1 loader workers" in capsys.readouterr().out
             assert 1 <= sum(rec.get("bad_images", 0) for rec in records) <= 4
         else:
-            assert "2 unreadable left out" in capsys.readouterr().out
+            assert "2 unreadable replaced" in capsys.readouterr().out
     (tmp_path / "train" / "c1" / "3.jpg").write_bytes(b"not a jpeg")  # 3 of 200: more than 1%
     for path, extra in (("streamed", ["--memory-budget", "0", "--epochs", "20"]), ("in memory", ["--epochs", "2"])):
         with pytest.raises(SystemExit, match="3 of the 200 images are unreadable, more than 1%"):
@@ -2297,7 +2298,8 @@ def test_a_streamed_folder_of_mixed_sizes_and_modes_trains(tmp_path):
     assert len(smog.ImageFolderData(str(tmp_path / "train"))) == 40
     out = tmp_path / "out"
     smog.main(["--data", str(tmp_path), "--memory-budget", "0", "--batch-size", "8", "--epochs", "2", "--num-groups",
-               "8", "--hidden-dim", "16", "--feat-dim", "8", "--log-every", "1", "--workers", "2", "--out-dir", str(out)])
+               "8", "--hidden-dim", "16", "--feat-dim", "8", "--log-every", "1", "--workers", "2",
+               "--out-dir", str(out)])
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in records] == list(range(1, 11)) and all(math.isfinite(r["loss"]) for r in records)
     assert sum(r["bad_images"] for r in records) == 0
