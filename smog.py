@@ -449,8 +449,7 @@ def option(default, help, section=None, auto=None):
 class Config:
     """Every setting of a run. None means automatic (`auto` on the command line), 0 means off where a field says so."""
     preset: str = option("tiny", "the recipe to start from (listed below); flags given override it", section="run")
-    data: str = option("synthetic", "synthetic (embedded) | cifar10 (downloaded) | PATH to class folders, or to "
-                       "train/ and val/")
+    data: str = option("synthetic", "synthetic (embedded) | cifar10 (downloaded) | PATH (class folders, or train/ + val/)")
     out_dir: str = option("out", "where checkpoint.pt, log.jsonl and the lock go")
     epochs: int = option(400, "passes over the training split")
     batch_size: int = option(64, "images per process and pass; the global batch: batch_size × processes × accumulate")
@@ -458,8 +457,7 @@ class Config:
     workers: int | None = option(None, "loader processes per training process", auto="the cores / processes")
     memory_budget: float = option(2.0, "GiB: a folder of one image size that fits is held in memory; 0: stream it")
     seed: int = option(0, "the seed of weights, groups, data order, crops and the embedded data set")
-    resume: str | None = option(None, "none (a new run; earlier checkpoints moved aside) | PATH",
-                                auto="out_dir/checkpoint.pt if it exists")
+    resume: str | None = option(None, "none (a new run; earlier ones moved aside) | PATH", auto="out_dir/checkpoint.pt")
     stop_after: int = option(0, "leave after this many epochs of this job, resumable (time-limited jobs); 0: off")
     checkpoint_every: int = option(0, "also checkpoint every N steps (what a killed process loses); 0: epoch ends")
     dist_timeout: int = option(300, "seconds a process waits for the others in a collective before it fails")
@@ -472,8 +470,8 @@ class Config:
     num_local: int = option(4, "local crops per image (online; the target forwards as many)")
     target_local: bool = option(True, "the target forwards local crops too; they join only its BN statistics")
     blur_sigma: tuple[float, float] = option((0.1, 2.0), "range of the Gaussian blur's σ, in pixels of the crop")
-    invert: float | None = option(0.0, "not in the paper: the probability of a crop's negative 1 − x",
-                                  auto="0.5 for --data synthetic (shapes of both polarities), else 0")
+    invert: float | None = option(0.0, "not in the paper: the probability of a crop's negative 1 − x", auto="0.5 for "
+                                  "--data synthetic (shapes of both polarities), else 0")
     arch: str = option("resnet50", "the backbone (listed below)", section="networks")
     bn_over_sizes: bool = option(True, "ResNets: one set of BN statistics for all crop sizes (the authors')")
     feat_dim: int = option(128, "dimension D of z, p and the centroids")
@@ -542,9 +540,7 @@ def _flag(name):
     return "--" + name.replace("_", "-")
 
 def _kind(f):  # the type of a field's values: int for `int | None`
-    if isinstance(f.type, types.UnionType):
-        return next(t for t in f.type.__args__ if t is not type(None))
-    return f.type
+    return f.type.__args__[0] if isinstance(f.type, types.UnionType) else f.type
 
 def _shown(value):  # a config value as --help shows it
     if isinstance(value, tuple):
@@ -1372,9 +1368,7 @@ class RunState:
         else:
             log(f"--precision: the checkpoint was written {'with' if state['scaler'] else 'without'} fp16's "
                 f"GradScaler, this run is {'' if self.scaler.is_enabled() else 'not '}fp16: a fresh scaler")
-        self.epoch = state["epoch"]
-        self.step = state["step"]
-        self.epoch_step = state["epoch_step"]
+        self.epoch, self.step, self.epoch_step = state["epoch"], state["step"], state["epoch_step"]
         self.seconds_before = state["elapsed_s"]
         banks, rows = state["banks"], self.bank.feats.shape[1]  # (processes, 2, M, D)
         bank = banks[rank()] if len(banks) == world_size() else None
@@ -1465,9 +1459,7 @@ def check_resumable(path, state, cfg, data):
     for name in (name for name in RESUME_MUST_MATCH if saved.get(name) != getattr(cfg, name)):
         fail(f"--resume {path}: checkpoint has {_flag(name)} {saved.get(name)!r}, the config asks for "
              f"{getattr(cfg, name)!r}; keep the checkpoint's value, or start a new run (--resume none)")
-    processes = state.get("processes")
-    batch = saved.get("batch_size")
-    passes = saved.get("accumulate")
+    processes, batch, passes = state.get("processes"), saved.get("batch_size"), saved.get("accumulate")  # its layout
     if batch * processes * passes != cfg.batch_size * world_size() * cfg.accumulate:  # other steps and schedules
         fail(f"--resume {path}: written with a global batch of {batch * processes * passes} ({batch} × {processes} "
              f"process(es) × {passes} passes), this run has {cfg.batch_size * world_size() * cfg.accumulate}; keep "
@@ -1500,6 +1492,8 @@ def setup_device(timeout=300):
         return torch.device("cpu")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device
 
 def keep_freed_memory(pad=1 << 30):
@@ -1819,9 +1813,6 @@ def train(cfg):
     with holding_out_dir(cfg.out_dir, device):
         # ----- setup: precision, data, the run state (resumed, or a bank filled by the initial network) -----
         precision, autocast, scaler = resolve_precision(cfg, device)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         log(f"config: {config_text(cfg)}")
         log(f"device: {device}, processes: {world_size()}, precision: {precision}" + (
             f" (auto: {'this CPU computes bf16 natively' if precision == 'bf16' else 'no native bf16 on this CPU'})"

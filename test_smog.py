@@ -2007,7 +2007,7 @@ def test_torchrun_two_processes_stay_in_sync(tmp_path, accumulate):
                                                      "64" if accumulate == "1" else "36",
                                                      "--out-dir", str(tmp_path / "out")])],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-3000:]
     assert "processes: 2" in r.stdout
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
     assert torch.equal(r0["centroids"], r1["centroids"])
@@ -2027,7 +2027,7 @@ def test_a_one_process_checkpoint_resumes_on_two_processes_at_an_epoch_end(tmp_p
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(driver), *merged(flags, ["--epochs", "2"])],  # 2 processes × 64 × 1 pass
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-3000:]
     assert "resuming 1 process(es) × 64 images × 2 passes as 2 × 64 × 1" in r.stdout
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
     assert torch.equal(r0["centroids"], r1["centroids"])  # k-means over the one process's bank, shared out
@@ -2079,7 +2079,7 @@ def test_two_processes_split_update_and_kmeans_as_one_and_stay_in_sync_for_three
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(driver)], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-3000:]
     # One process with the whole batch and the whole bank (no process group: nothing is all-reduced).
     torch.manual_seed(0)
     one = smog.MomentumGrouping(20, 8, 3)
@@ -2369,7 +2369,7 @@ def test_eval_linear_augmented_probe_and_torchrun_two_processes(tmp_path):
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                             os.path.join(REPO, "eval_linear.py"), *flags, *filter(None, [mode])], capture_output=True,
                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-3000:]
         assert "processes: 2" in r.stdout
         runs[mode] = probe_result(r)
     # Each process extracts half of the features; gathered in data set order, the cached probe is the same run.
