@@ -717,7 +717,7 @@ def _torchvision_resnet(name, small_stem=False):
 def _tiny_resnet(widths=(16, 32, 64, 128)):
     """A 0.3M-parameter ResNet of four strided BasicBlocks after a 3x3 full-resolution stem, for CPUs."""
     # The last block is 128 wide, not 256: at 2x2 pixels its 3x3 convolutions mostly read padding, and 256 made
-    # it the costliest layer for no better kNN (the README's What to expect has the figures).
+    # it the costliest layer for no better kNN.
     layers, c_in = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(True)], widths[0]
     for c in widths:  # the full-resolution stem sees the corners that tell a 6-px square from a disk
         layers.append(BasicBlock(c_in, c, 2, nn.Sequential(nn.Conv2d(c_in, c, 1, 2, bias=False), nn.BatchNorm2d(c))))
@@ -1043,13 +1043,10 @@ def decode_into_memory(ds, budget_gib, split):
     return torch.stack(images), torch.tensor(labels)
 
 # ----- batched augmentation: the multi-crop recipe on whole batches, on the training device ------------------------
-# The fast equivalent of Part 1's MultiCrop, from its constants and CropRecipe, with independent random parameters
-# for every crop, as tensor work on the device (no per-image Python). Every crop of every source is cut here, from
-# uint8 images that may be padded into one canvas: each box is drawn from its own image's size and resampled from
-# that box's pixels alone. It differs from MultiCrop in the hue jitter (a rotation about the grey axis in YIQ, not an
-# HSV shift), the jitter's fixed order (brightness → contrast → saturation → hue) and in keeping floats where PIL
-# rounds to 8 bits after each operation (the README's fidelity table has their measured size).
-
+# Part 1's MultiCrop as tensor work on the device, each crop with its own random parameters: each box is drawn from
+# its own image's size in a padded uint8 canvas and resampled from that box's pixels alone. It differs from MultiCrop
+# in the hue jitter (a turn about YIQ's grey axis, not an HSV shift), the jitter's fixed order (brightness, contrast,
+# saturation, hue) and floats where PIL rounds to 8 bits (the README's fidelity table has their measured size).
 def _gray(x):  # (n, 3, h, w) -> (n, 1, h, w), ITU-R 601 luma as torchvision
     return (x * _constants(x.device)["luma"].to(x.dtype)).sum(1, keepdim=True)  # (a 1x1 conv is far slower on CPU)
 
