@@ -449,7 +449,8 @@ def option(default, help, section=None, auto=None):
 class Config:
     """Every setting of a run. None means automatic (`auto` on the command line), 0 means off where a field says so."""
     preset: str = option("tiny", "the recipe to start from (listed below); flags given override it", section="run")
-    data: str = option("synthetic", "synthetic (embedded) | cifar10 (downloaded) | PATH (class folders, or train/ + val/)")
+    data: str = option("synthetic", "synthetic (embedded) | cifar10 (downloaded) | PATH to class folders, or to "
+                       "train/ and val/")
     out_dir: str = option("out", "where checkpoint.pt, log.jsonl and the lock go")
     epochs: int = option(400, "passes over the training split")
     batch_size: int = option(64, "images per process and pass; the global batch: batch_size × processes × accumulate")
@@ -1523,11 +1524,10 @@ def catch_preemption():
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
-def caught_by_any(caught, device):
-    """Whether any process caught a preemption signal (all-reduced: all stop at one step; alone: no device sync)."""
+def on_any_process(flag, device):  # whether flag holds on some process (a collective; alone, no device sync)
     if not distributed():
-        return bool(caught)
-    return all_reduce_(torch.tensor(float(bool(caught)), device=device), op="max").item() > 0
+        return bool(flag)
+    return all_reduce_(torch.tensor(float(bool(flag)), device=device), op="max").item() > 0
 
 def open_in_out_dir(path, mode):
     """path opened to write, never through a link: "a+" refuses one (or a non-file), "wb" replaces it."""
@@ -1578,7 +1578,7 @@ def take_lock(out_dir):
 def holding_out_dir(out_dir, device):
     """Creates out_dir and holds its lock for the run (rank 0, a collective): one run per out-dir."""
     error, lock = take_lock(out_dir) if rank() == 0 else (None, None)
-    if all_reduce_(torch.tensor(float(error is not None), device=device), op="max").item() > 0:
+    if on_any_process(error, device):
         fail(error or f"process {rank()}: process 0 could not take --out-dir {out_dir} (see its message)")
     try:
         yield
@@ -1617,12 +1617,6 @@ def collective_failures_in_one_line(run, cfg):
         raise
 
 # ----- reports: the log line, group health, kNN on the held-out split, the plot ------------------------------------
-def group_health(counts):
-    """(mean groups used per head, mean assignment entropy in nats, at most log K) of counts (H, K) over steps."""
-    used, prob = (counts > 0).sum(1).float().mean(), counts / counts.sum(1, keepdim=True).clamp(min=1)
-    entropy = -(prob * prob.clamp(min=1e-12).log()).sum(1).mean()
-    return used.item(), entropy.item()
-
 def eval_batches(source, cfg, batch=256, indices=None):
     """Normalised centre views (n, 3, S, S) of a split: images in memory resized, folders as the authors'."""
     if isinstance(source, torch.Tensor):
@@ -1723,7 +1717,10 @@ class Progress:
         self.counts, self.skipped = self.counts + counts, self.skipped + skipped
 
     def report(self, step, epoch, loss, lr, beta):  # prints and records one interval's figures (one wait for the GPU)
-        used, entropy = group_health(self.counts)
+        # group health: groups used per head, and the assignments' entropy in nats (at most log K), heads averaged
+        prob = self.counts / self.counts.sum(1, keepdim=True).clamp(min=1)  # (H, K)
+        used = (self.counts > 0).sum(1).float().mean().item()
+        entropy = -(prob * prob.clamp(min=1e-12).log()).sum(1).mean().item()
         elapsed, fp16 = time.time() - self.t_log, self.scaler.is_enabled()
         eta = (time.time() - self.t_start) / max(1, step - self.first_step) * (self.total_steps - step)
         r = dict(step=step, epoch=epoch, loss=loss.item(), lr=lr, beta=beta, img_per_s=self.images / elapsed,
@@ -1862,7 +1859,7 @@ def train(cfg):
                     bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), run.step, bad_step)
                     run.step, run.epoch_step = run.step + 1, run.epoch_step + 1
                     # ----- a signal? (checked every step alone; under torchrun every 10 steps, one host sync) -----
-                    if (run.step % 10 == 0 or not distributed()) and caught_by_any(caught, device):
+                    if (run.step % 10 == 0 or not distributed()) and on_any_process(caught, device):
                         stop = "signal"
                     # ----- the log line and a mid-epoch checkpoint, each after the divergence check -----
                     report = run.step % cfg.log_every == 0 or run.step == total_steps
@@ -1878,7 +1875,7 @@ def train(cfg):
                     break
                 # ----- the epoch end: a checkpoint holding this epoch's bank, a kNN report -----
                 run.epoch, run.epoch_step = epoch + 1, 0
-                if caught_by_any(caught, device):
+                if on_any_process(caught, device):
                     stop = "signal"
                 elif cfg.stop_after and run.epoch - first_epoch >= cfg.stop_after and run.epoch < cfg.epochs:
                     stop = "stop-after"
