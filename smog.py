@@ -1022,7 +1022,9 @@ def check_unreadable(unreadable, images, examples):
 def decode_into_memory(ds, budget_gib, split):
     """(images (N, 3, H, W) uint8, labels) of a folder whose images share a size and fit in budget_gib, or None."""
     t0 = time.time()
-    images, labels, failed = [], [], []
+    images = []
+    labels = []
+    failed = []  # why each unreadable image was
     for i in range(len(ds)):
         pixels, label, why = ds[i]  # an unreadable image is replaced by the next readable one, as when streamed
         if len(ds) * pixels.numel() > budget_gib * 2**30:  # known from the first image
@@ -1366,7 +1368,9 @@ class RunState:
         else:
             log(f"--precision: the checkpoint was written {'with' if state['scaler'] else 'without'} fp16's "
                 f"GradScaler, this run is {'' if self.scaler.is_enabled() else 'not '}fp16: a fresh scaler")
-        self.epoch, self.step, self.epoch_step = state["epoch"], state["step"], state["epoch_step"]
+        self.epoch = state["epoch"]
+        self.step = state["step"]
+        self.epoch_step = state["epoch_step"]
         self.seconds_before = state["elapsed_s"]
         banks, rows = state["banks"], self.bank.feats.shape[1]  # (processes, 2, M, D)
         bank = banks[rank()] if len(banks) == world_size() else None
@@ -1457,7 +1461,9 @@ def check_resumable(path, state, cfg, data):
     for name in (name for name in RESUME_MUST_MATCH if saved.get(name) != getattr(cfg, name)):
         fail(f"--resume {path}: checkpoint has {_flag(name)} {saved.get(name)!r}, the config asks for "
              f"{getattr(cfg, name)!r}; keep the checkpoint's value, or start a new run (--resume none)")
-    processes, batch, passes = state.get("processes"), saved.get("batch_size"), saved.get("accumulate")  # its layout
+    processes = state.get("processes")  # the checkpoint's layout
+    batch = saved.get("batch_size")
+    passes = saved.get("accumulate")
     if batch * processes * passes != cfg.batch_size * world_size() * cfg.accumulate:  # other steps and schedules
         fail(f"--resume {path}: written with a global batch of {batch * processes * passes} ({batch} × {processes} "
              f"process(es) × {passes} passes), this run has {cfg.batch_size * world_size() * cfg.accumulate}; keep "
@@ -1769,7 +1775,8 @@ def plot_curves(out_dir):
     log_k = max([r.get("assign_entropy_max", 0) for r in records] + [0])
     refs = dict(groups_used=round(math.exp(log_k)), assign_entropy=log_k) if log_k else {}  # K and log K, dashed
     keys = ("loss", "lr", "beta", "groups_used", "assign_entropy", "img_per_s", "knn_top1")
-    svg, w, h = [], 230, 130  # each panel's plot area, four panels a row
+    svg = []
+    w, h = 230, 130  # each panel's plot area, four panels a row
     for i, (key, x) in enumerate([(key, "step") for key in keys] + [("knn_top1", "minutes")]):
         points = [(r["elapsed_s"] / 60 if x == "minutes" else r["step"], r[key]) for r in records if all(
             isinstance(r.get(k), (int, float)) for k in (key, "elapsed_s" if x == "minutes" else "step"))]
