@@ -138,7 +138,7 @@ def bench_loader_cost(root, seconds=5.0):
     resolution, as they did before the device cut them)."""
     import PIL.Image
     import torchvision
-    cfg = smog.parse_command(["--preset", "imagenet-r50", "--data", root, "--memory-budget", "0"])[0]
+    cfg = smog.parse_command(["--preset", "imagenet-r50", "--data", root])[0]
     folder = smog.load_dataset(cfg, "train")[0]
     rrc = torchvision.transforms.RandomResizedCrop.get_params
 
@@ -219,7 +219,7 @@ def bench_e2e(cfg, device, autocast, scaler, steps, warmup, root):
     after a warm-up long enough for every worker to have delivered once.
     """
     warmup, steps = max(warmup, cfg.workers), max(steps, 3 * cfg.workers)
-    cfg = dataclasses.replace(cfg, data=root, memory_budget=0, accumulate=1, epochs=10**6)  # streamed
+    cfg = dataclasses.replace(cfg, data=root, accumulate=1, epochs=10**6)  # streamed
     data = smog.TrainData(cfg, device)
     run, hyper = smog.RunState(cfg, device, scaler=scaler), smog.step_hyperparameters(cfg)
     for step, batch in zip(range(warmup + steps), data.batches(range(cfg.epochs))):
@@ -405,7 +405,7 @@ def acceptance_runs(cuda, data_root):
     run in fp16, and the paper's ResNet-50 recipe for 300 steps of 128 streamed JPEGs; on a CPU, the same commands
     at sizes that check the plumbing in seconds."""
     tiny = ["--preset", "tiny", "--precision", "fp16"]
-    r50 = ["--preset", "imagenet-r50", "--precision", "fp16", "--data", data_root, "--memory-budget", "0",
+    r50 = ["--preset", "imagenet-r50", "--precision", "fp16", "--data", data_root,
            "--warmup-epochs", "1", "--no-knn", "--eval-every", "0"]
     if cuda:  # 3200 images: 25 steps of 128 per epoch, 12 epochs
         return [("tiny", tiny, 240), ("r50", r50 + ["--batch-size", "128", "--epochs", "12", "--log-every", "10"], 240)]

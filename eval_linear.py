@@ -7,7 +7,7 @@
 Runs in one process or under torchrun (DDP: each process extracts and trains on its share of the data).
 
 Protocol (the authors' eval_linear.py and scripts/linear.sh): the online backbone of a smog.py checkpoint, loaded
-with strict key matching, frozen and in eval mode; global-pooled features (ViT: the class token), raw for the paper's
+with strict key matching, frozen and in eval mode; global-pooled features, raw for the paper's
 ImageNet presets as the authors, standardised with the training split's statistics for the others (ours:
 --standardize); one nn.Linear (weights
 N(0, 0.01), bias 0) trained with SGD, momentum 0.9, lr 0.3 × batch / 256, weight decay 1e-6, cosine schedule,
@@ -41,8 +41,6 @@ EXPORT_INTO = {
                       "m.maxpool = torch.nn.Identity(); m.fc = torch.nn.Identity()",
     "resnet50": "m = torchvision.models.resnet50(); m.fc = torch.nn.Identity()",
     "swin_t": "m = torchvision.models.swin_t(); m.head = torch.nn.Identity()",
-    "vit_s16": "m = torchvision.models.VisionTransformer(224, 16, 12, 6, 384, 1536); m.heads = torch.nn.Identity()",
-    "vit_b16": "m = torchvision.models.vit_b_16(); m.heads = torch.nn.Identity()",
 }
 
 

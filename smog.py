@@ -456,7 +456,6 @@ class Config:
     batch_size: int = option(64, "images per process and pass; the global batch: batch_size × processes × accumulate")
     accumulate: int = option(1, "forward passes per optimiser step (the authors' --multi_forward): fewer GPUs")
     workers: int | None = option(None, "loader processes per training process", auto="the cores / processes")
-    memory_budget: float = option(2.0, "GiB: a folder of one image size that fits is held in memory; 0: stream it")
     seed: int = option(0, "the seed of weights, groups, data order, crops and the embedded data set")
     resume: str | None = option(None, "none (a new run; earlier ones moved aside) | PATH", auto="out_dir/checkpoint.pt")
     stop_after: int = option(0, "leave after this many epochs of this job, resumable (time-limited jobs); 0: off")
@@ -506,9 +505,6 @@ class Config:
     knn: bool = option(True, "kNN top-1 on the held-out split at the end (labels are used only for these reports)")
     eval_every: int | None = option(0, "also a kNN report every N epochs; 0: off", auto="about ten per run")
 
-TRANSFORMER_RECIPE = dict(optimizer="adamw", feat_dim=256, lr=1e-3 * 256 / 4096, start_lr=4e-5, final_lr=4e-5,
-                          warmup_epochs=10, weight_decay=0.05, clip_grad=3.0, exclude_1d=True, target_local=False)
-
 class Preset(NamedTuple):
     about: str  # one line in --help
     values: dict  # only what differs from Config's defaults (the paper's ResNet-50 recipe)
@@ -531,9 +527,9 @@ PRESETS = {
                              dict(arch="resnet50w2")),
     # The authors' Swin-T script and src/optimizer.py: AdamW 1e-3 at batch 4096 (= 6.25e-5 per 256) → 4e-5.
     "imagenet-swin-t": Preset("the paper's Swin-T: the authors' BN blocks and MLPs, AdamW, drop-path 0.2",
-                              dict(arch="swin_t_bn", drop_path=0.2, swin_mlps=True, **TRANSFORMER_RECIPE)),
-    "imagenet-vit-s16": Preset("not in the paper: ViT-S/16 on the Swin-T recipe (no drop-path)",
-                               dict(arch="vit_s16", **TRANSFORMER_RECIPE)),
+                              dict(arch="swin_t_bn", drop_path=0.2, swin_mlps=True, optimizer="adamw", feat_dim=256,
+                                   lr=1e-3 * 256 / 4096, start_lr=4e-5, final_lr=4e-5, weight_decay=0.05,
+                                   clip_grad=3.0, exclude_1d=True, target_local=False)),
 }
 REMOVED_FLAGS = {"--batched-aug": "every crop is now cut on the training device"}
 
@@ -592,7 +588,8 @@ def parse_command(argv=None):
             group.add_argument(_flag(f.name), default=None, metavar=metavar, help=text)
     actions = parser.add_argument_group("one-off actions")
     actions.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    actions.add_argument("--plot", metavar="OUT_DIR", default="", help="draw OUT_DIR/log.jsonl as curves.svg and exit")
+    actions.add_argument("--plot", metavar="OUT_DIR", default="",
+                         help="draw OUT_DIR/log.jsonl as curves.png and exit (needs matplotlib)")
     flags = [a.split("=")[0].replace("--no-", "--") for a in (sys.argv[1:] if argv is None else argv)
              if a.startswith("--")]
     for flag in flags:
@@ -656,11 +653,9 @@ def check_config(cfg):  # rejects values the run cannot use, naming the flag
         (lambda v: v is None or 0 <= v <= 1, "must lie in [0, 1] (or auto)", "invert"),
         (lambda v: 0 <= v <= 1, "must lie in [0, 1]", "ema beta_start beta_end drop_path momentum"),
         (lambda v: v > 0, "must be positive", "tau lr lars_eta"),
-        (lambda v: v >= 0, "must be at least 0", "start_lr final_lr weight_decay clip_grad memory_budget"),
+        (lambda v: v >= 0, "must be at least 0", "start_lr final_lr weight_decay clip_grad"),
         (lambda v: 0 < v[0] <= v[1] <= 1, "needs 0 < low <= high <= 1", "global_scale local_scale"),
         (lambda v: 0 < v[0] <= v[1], "needs 0 < low <= high", "blur_sigma"),
-        (lambda v: not cfg.arch.startswith("vit") or v % 16 == 0,
-         f"--arch {cfg.arch} needs crop sizes that are multiples of its 16-px patches", "global_size local_size"),
         (lambda v: not any(os.path.realpath(v).startswith(os.path.join(os.path.realpath(root), "")) for root in
                            class_roots(cfg.data)), f"lies in --data {cfg.data}, where it would be read as a class "
          f"folder: give an --out-dir outside it", "out_dir")]
@@ -784,36 +779,13 @@ def _swin_t(drop_path, bn_blocks=False):
                     block.attn.shift_size = [0, 0]
     return net, 768
 
-class ViT(torchvision.models.VisionTransformer):
-    """torchvision's ViT returning the class token, its position embedding interpolated to any input size (as DINO)."""
-    def __init__(self, depth, attention_heads, dim):
-        super().__init__(image_size=224, patch_size=16, num_layers=depth, num_heads=attention_heads, hidden_dim=dim,
-                         mlp_dim=4 * dim)
-        self.heads = nn.Identity()  # torchvision's name for its classifier
-
-    def position_embedding(self, rows, cols):  # (1, 1 + rows·cols, dim)
-        pos, side = self.encoder.pos_embedding, self.image_size // self.patch_size
-        if (rows, cols) == (side, side):
-            return pos
-        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False)
-        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)], 1)
-
-    def forward(self, x):  # (N, 3, H, W) -> (N, dim), H and W multiples of 16
-        rows, cols = x.shape[2] // self.patch_size, x.shape[3] // self.patch_size
-        x = self.conv_proj(x).flatten(2).transpose(1, 2)  # (N, rows·cols, dim)
-        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1) + self.position_embedding(rows, cols)
-        return self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))[:, 0]
-
 # name -> (drop_path) -> (backbone module mapping (N, 3, s, s) to (N, dim), dim). drop_path (stochastic depth) is
-# used by Swin only: torchvision's ResNets and ViTs have none.
+# used by Swin only: torchvision's ResNets have none.
 BACKBONES = {
     "resnet_tiny": lambda drop_path: _tiny_resnet(), "resnet18": lambda drop_path: _torchvision_resnet("resnet18"),
     "resnet18_cifar": lambda drop_path: _torchvision_resnet("resnet18", small_stem=True),
     "resnet50": lambda drop_path: _torchvision_resnet("resnet50"), "resnet50w2": lambda drop_path: _resnet50_wide(2),
     "swin_t": _swin_t, "swin_t_bn": lambda drop_path: _swin_t(drop_path, bn_blocks=True),
-    "vit_s16": lambda drop_path: (ViT(depth=12, attention_heads=6, dim=384), 384),
-    "vit_b16": lambda drop_path: (ViT(depth=12, attention_heads=12, dim=768), 768),
 }
 
 def swin_mlps(dim, hidden_dim, feat_dim):
@@ -1012,38 +984,7 @@ def load_dataset(cfg, split):
         return None, None, ""
     classes = None if split == "train" else scan_folder(roots[0])[0]  # val/ labels follow train/'s class names
     ds = ImageFolderData(roots[split == "val"], classes, decode_cap(cfg))
-    return (*(decode_into_memory(ds, cfg.memory_budget, split) or (ds, torch.tensor(ds.targets))), ds.fingerprint())
-
-def check_unreadable(unreadable, images, examples):
-    """The one rule for unreadable images, in memory or streamed: more than 1% of the data set stops the run."""
-    if unreadable > 0.01 * images:
-        fail(f"{unreadable} of the {images} images are unreadable, more than 1%; e.g. {examples[0]}")
-
-def decode_into_memory(ds, budget_gib, split):
-    """(images (N, 3, H, W) uint8, labels) of a folder whose images share a size and fit in budget_gib, or None."""
-    t0 = time.time()
-    images = []
-    labels = []
-    failed = []  # why each unreadable image was
-    for i in range(len(ds)):
-        pixels, label, why = ds[i]  # an unreadable image is replaced by the next readable one, as when streamed
-        if len(ds) * pixels.numel() > budget_gib * 2**30:  # known from the first image
-            if budget_gib > 0:
-                log(f"data ({split}): {len(ds)} images would take {len(ds) * pixels.numel() / 2**30:.1f} GiB decoded, "
-                    f"over --memory-budget {budget_gib:g}: streamed through loader workers")
-            return None
-        if images and pixels.shape != images[0].shape:
-            log(f"data ({split}): images of several sizes ({ds.samples[i][0]}: {pixels.shape[2]}x{pixels.shape[1]}, "
-                f"others {images[0].shape[2]}x{images[0].shape[1]}): streamed through loader workers")
-            return None
-        images.append(pixels)
-        labels.append(label)
-        failed += [why] if why else []
-    check_unreadable(len(failed), len(ds), failed)
-    log(f"data ({split}): {len(images)} images of {images[0].shape[2]}x{images[0].shape[1]} decoded into memory "
-        f"({sum(x.numel() for x in images) / 2**20:.0f} MiB, {time.time() - t0:.1f}s; --memory-budget "
-        f"{budget_gib:g} GiB)" + (f"; {len(failed)} unreadable replaced, e.g. {failed[0]}" if failed else ""))
-    return torch.stack(images), torch.tensor(labels)
+    return ds, torch.tensor(ds.targets), ds.fingerprint()
 
 # ----- batched augmentation: the multi-crop recipe on whole batches, on the training device ------------------------
 # Part 1's MultiCrop as tensor work on the device, each crop with its own random parameters: each box is drawn from
@@ -1233,7 +1174,9 @@ class TrainData:
         batches = ((images, sizes, failed) for images, sizes, _, failed in loader)
         for images, sizes, failed in copied_ahead(batches, self.device) if self.device.type == "cuda" else batches:
             self.unreadable.update(failed)
-            check_unreadable(len(self.unreadable), len(self.labels), failed)
+            if len(self.unreadable) > 0.01 * len(self.labels):  # the data set's 1%: too many to stand in for
+                fail(f"{len(self.unreadable)} of the {len(self.labels)} images are unreadable, more than 1%; e.g. "
+                     f"{failed[0]}")
             yield images, sizes, failed
 
     def crops(self, batch, index):
@@ -1762,48 +1705,40 @@ def parameter_counts(cfg):
                 online=millions(online))
 
 def plot_curves(out_dir):
-    """Writes out_dir/curves.svg (plain SVG) from log.jsonl; returns its path and the damaged lines skipped."""
+    """Draws out_dir/log.jsonl as out_dir/curves.png; returns its path and the damaged lines skipped."""
+    try:  # optional: the only use of matplotlib
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        fail("--plot needs matplotlib, which is not installed (pip install matplotlib)")
     try:
         with open(os.path.join(out_dir, "log.jsonl")) as f:
             lines = [line for line in f if line.strip()]
     except OSError as e:
         fail(f"--plot {out_dir}: no readable log.jsonl ({e.strerror})")
     records = []
-    for line in lines:
+    for line in lines:  # a line cut by a kill is skipped
         with suppress(ValueError):
             records += [r for r in [json.loads(line)] if isinstance(r, dict)]
     log_k = max([r.get("assign_entropy_max", 0) for r in records] + [0])
-    refs = dict(groups_used=round(math.exp(log_k)), assign_entropy=log_k) if log_k else {}  # K and log K, dashed
-    keys = ("loss", "lr", "beta", "groups_used", "assign_entropy", "img_per_s", "knn_top1")
-    svg = []
-    w, h = 230, 130  # each panel's plot area, four panels a row
-    for i, (key, x) in enumerate([(key, "step") for key in keys] + [("knn_top1", "minutes")]):
-        points = [(r["elapsed_s"] / 60 if x == "minutes" else r["step"], r[key]) for r in records if all(
-            isinstance(r.get(k), (int, float)) for k in (key, "elapsed_s" if x == "minutes" else "step"))]
-        ys = [b for _, b in points] + ([refs[key]] if key in refs else [])
-        lo, hi = (0, 100) if key == "knn_top1" else (min(ys, default=0), max(ys, default=1))
-        lo, hi = (lo, hi) if hi > lo else (lo - abs(lo) / 20 - 1e-3, hi + abs(hi) / 20 + 1e-3)  # a constant: a band
-        x_max = max([a for a, _ in points], default=0) or 1
-        left, top = 50 + i % 4 * 300, 30 + i // 4 * 200
-        xy = [(left + w * a / x_max, top + h * (hi - b) / (hi - lo)) for a, b in points + [(0, refs.get(key, hi))]]
-        svg += [f'<text x="{left}" y="{top - 8}">{key} against {x}</text><rect x="{left}" y="{top}" width="{w}" '
-                f'height="{h}" fill="none" stroke="#999"/><text x="{left - 4}" y="{top + 4}" text-anchor="end">'
-                f'{hi:.4g}</text><text x="{left - 4}" y="{top + h}" text-anchor="end">{lo:.4g}</text><text '
-                f'x="{left + w}" y="{top + h + 15}" text-anchor="end">{x_max:.4g}</text>']
-        if key in refs:
-            svg.append(f'<line x1="{left}" x2="{left + w}" y1="{xy[-1][1]:.1f}" y2="{xy[-1][1]:.1f}" stroke="#c33" '
-                       f'stroke-dasharray="4 3"/>')
-        if key == "knn_top1":  # reports: marked points, labelled
-            svg += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="#1f5fa8"/><text x="{a:.1f}" y="{b - 6:.1f}" '
-                    f'text-anchor="middle">{v:.1f}</text>' for (a, b), (_, v) in zip(xy, points)]
-        elif points:
-            line = " ".join(f"{a:.1f},{b:.1f}" for a, b in xy[:-1])
-            svg.append(f'<polyline fill="none" stroke="#1f5fa8" points="{line}"/>')
-    path = os.path.join(out_dir, "curves.svg")
+    dashed = dict(groups_used=round(math.exp(log_k)), assign_entropy=log_k) if log_k else {}  # K and log K
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
+    panels = [(key, "step") for key in ("loss", "lr", "beta", "groups_used", "assign_entropy", "img_per_s",
+                                        "knn_top1")] + [("knn_top1", "elapsed_s")]  # the time-to-accuracy curve
+    for ax, (key, x) in zip(axes.flat, panels):
+        points = [(r[x] / (60 if x == "elapsed_s" else 1), r[key]) for r in records
+                  if isinstance(r.get(key), (int, float)) and isinstance(r.get(x), (int, float))]
+        if points:
+            ax.plot(*zip(*points), "o-" if key == "knn_top1" else "-")
+        if key in dashed:
+            ax.axhline(dashed[key], color="tab:red", linestyle="--")
+        ax.set(title=key, xlabel="minutes" if x == "elapsed_s" else "step")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "curves.png")
     with open_in_out_dir(path + ".tmp", "wb") as f:
-        f.write("\n".join(['<svg xmlns="http://www.w3.org/2000/svg" width="1240" height="420" font-size="11" '
-                           'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>', *svg,
-                           "</svg>\n"]).encode())
+        fig.savefig(f, format="png", dpi=80)
+    plt.close(fig)
     os.replace(path + ".tmp", path)
     return path, len(lines) - len(records)
 

@@ -654,7 +654,6 @@ SWIN_RECIPE = {**R50_RECIPE, **dict(optimizer="adamw", lr=1e-3 / 16, start_lr=4e
     ("imagenet-r50w2", dict(R50_RECIPE, arch="resnet50w2"), 94.0),
     ("imagenet-swin-t", dict(SWIN_RECIPE, arch="swin_t_bn", drop_path=0.2, swin_mlps=True, target_local=False),
      28.0),
-    ("imagenet-vit-s16", dict(SWIN_RECIPE, arch="vit_s16", target_local=False), 22.0),
     ("cifar10-r18", dict(arch="resnet18_cifar", data="cifar10", global_size=32), 11.7),
 ])
 def test_presets_print_the_spec_config_and_published_parameter_counts(preset, expected, published, capsys):
@@ -667,11 +666,6 @@ def test_presets_print_the_spec_config_and_published_parameter_counts(preset, ex
     # ResNet-50w2's 94M (SwAV) counts no classifier; the others are quoted with their 1000-class classifier.
     quoted = counts["backbone"] if preset == "imagenet-r50w2" else counts["backbone_with_1000_class_classifier"]
     assert abs(quoted - published) <= 0.02 * published, counts
-
-
-def test_vit_b16_parameter_count_matches_published():
-    counts = smog.parameter_counts(config_of(["--arch", "vit_b16"]))
-    assert abs(counts["backbone_with_1000_class_classifier"] - 86.0) <= 0.02 * 86.0, counts
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -843,9 +837,6 @@ def test_swin_windows_are_shifted_as_the_authors_on_local_crops():
 TORCHVISION_TWINS = {  # arch -> (torchvision model with the same backbone keys, keys that only it has)
     "resnet50": (lambda tv: tv.models.resnet50(), {"fc.weight", "fc.bias"}),
     "swin_t": (lambda tv: tv.models.swin_t(), {"head.weight", "head.bias"}),
-    "vit_s16": (lambda tv: tv.models.VisionTransformer(224, 16, 12, 6, 384, 1536), {"heads.head.weight",
-                                                                                  "heads.head.bias"}),
-    "vit_b16": (lambda tv: tv.models.vit_b_16(), {"heads.head.weight", "heads.head.bias"}),
     "resnet50w2": (None, set()),  # no torchvision twin: compared with smog.py's own builder
     "swin_t_bn": (None, set()),
 }
@@ -1028,18 +1019,14 @@ def test_unreadable_images_up_to_1_percent_of_the_data_set_are_replaced_on_both_
     (tmp_path / "train" / "c1" / "1.jpg").write_bytes(b"")  # 2 of 200: exactly 1%, still trained
     flags = ["--data", str(tmp_path), "--batch-size", "64", "--num-groups", "8", "--hidden-dim", "16", "--feat-dim",
              "8", "--log-every", "1", "--no-knn", "--workers", "1"]
-    for path, extra in (("streamed", ["--memory-budget", "0", "--epochs", "2"]), ("in memory", ["--epochs", "2"])):
-        smog.main([*flags, *extra, "--out-dir", str(tmp_path / path)])
-        records = [json.loads(line) for line in open(tmp_path / path / "log.jsonl")]
-        if path == "streamed":  # each epoch meets some of the two (a batch's failed image is replaced by the next)
-            assert "streamed by 1 loader workers" in capsys.readouterr().out
-            assert 1 <= sum(rec.get("bad_images", 0) for rec in records) <= 4
-        else:
-            assert "2 unreadable replaced" in capsys.readouterr().out
+    smog.main([*flags, "--epochs", "2", "--out-dir", str(tmp_path / "out")])
+    records = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    assert "streamed by 1 loader workers" in capsys.readouterr().out
+    # each epoch meets some of the two (a batch's failed image is replaced by the next)
+    assert 1 <= sum(rec.get("bad_images", 0) for rec in records) <= 4
     (tmp_path / "train" / "c1" / "3.jpg").write_bytes(b"not a jpeg")  # 3 of 200: more than 1%
-    for path, extra in (("streamed", ["--memory-budget", "0", "--epochs", "20"]), ("in memory", ["--epochs", "2"])):
-        with pytest.raises(SystemExit, match="3 of the 200 images are unreadable, more than 1%"):
-            smog.main([*flags, *extra, "--out-dir", str(tmp_path / (path + "3"))])
+    with pytest.raises(SystemExit, match="3 of the 200 images are unreadable, more than 1%"):
+        smog.main([*flags, "--epochs", "20", "--out-dir", str(tmp_path / "out3")])
 
 
 def png_folder(root, n=96, sizes=None):
@@ -1058,21 +1045,22 @@ def png_folder(root, n=96, sizes=None):
 
 
 @pytest.mark.slow
-def test_small_folder_is_decoded_once_and_trains_from_memory_watched_as_it_goes(tmp_path):
+def test_a_folder_decodes_to_its_exact_pixels_and_trains_watched_as_it_goes(tmp_path):
     images, labels = png_folder(tmp_path / "data")
     cfg = config_of(["--data", str(tmp_path / "data")])
     assert cfg.invert == 0.0 and config_of([]).invert == 0.5  # the embedded set's polarity trick only
-    decoded, decoded_labels, _ = smog.load_dataset(cfg, "train")
+    folder, folder_labels, _ = smog.load_dataset(cfg, "train")
+    decoded = torch.stack([folder[i][0] for i in range(len(folder))])
     assert decoded.dtype == torch.uint8 and decoded.shape == (96, 3, 32, 32)
     order = [int(os.path.basename(p)[:4]) for p, _ in
              __import__("torchvision").datasets.ImageFolder(str(tmp_path / "data" / "train")).samples]
-    assert torch.equal(decoded, images[order]) and torch.equal(decoded_labels, labels[order])  # the exact pixels
+    assert torch.equal(decoded, images[order]) and torch.equal(folder_labels, labels[order])  # the exact pixels
     out = tmp_path / "out"
     r = run_smog("--data", str(tmp_path / "data"), "--batch-size", "32", "--epochs", "2", "--num-groups", "8",
-                 "--hidden-dim", "16", "--feat-dim", "8", "--log-every", "1", "--eval-every", "1",
+                 "--hidden-dim", "16", "--feat-dim", "8", "--log-every", "1", "--eval-every", "1", "--workers", "1",
                  "--out-dir", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "decoded into memory" in r.stdout and "held in memory; every crop cut on the cpu" in r.stdout
+    assert "streamed by 1 loader workers; every crop cut on the cpu" in r.stdout
     steps = [line for line in r.stdout.splitlines() if line.startswith("step ")]
     assert steps and all("ETA " in line and "entropy " in line for line in steps)
     records = [json.loads(line) for line in open(out / "log.jsonl")]
@@ -1082,8 +1070,6 @@ def test_small_folder_is_decoded_once_and_trains_from_memory_watched_as_it_goes(
     final = [rec for rec in records if "knn_top1_random_init" in rec]
     assert [rec["epoch"] for rec in periodic] == [0, 1] and "after epoch 0" in r.stdout
     assert final and final[0]["knn_top1"] == periodic[-1]["knn_top1"]  # the last report is the final number
-    r = run_smog("--plot", str(out))
-    assert r.returncode == 0 and (out / "curves.svg").read_text().count("<polyline") >= 5, r.stderr
 
 
 @pytest.mark.slow
@@ -1091,25 +1077,13 @@ def test_the_initial_bank_takes_the_query_pipeline_in_memory_and_streamed(tmp_pa
     png_folder(tmp_path / "data", n=96)
     pipelines, augment = [], smog.batch_augment
     monkeypatch.setattr(smog, "batch_augment", lambda *a, **k: pipelines.append(a[4]) or augment(*a, **k))
-    for budget in ("2", "0"):
-        cfg = config_of(["--data", str(tmp_path / "data"), "--batch-size", "16", "--workers", "0", "--num-local", "0",
-                         "--memory-budget", budget])
+    for data in (str(tmp_path / "data"), "synthetic"):
+        cfg = config_of(["--data", data, "--synthetic-size", "96", "--batch-size", "16", "--workers", "0",
+                         "--num-local", "0"])
         data = smog.TrainData(cfg, torch.device("cpu"))
-        assert data.in_memory == (budget == "2")
+        assert data.in_memory == (cfg.data == "synthetic")
         assert [x.shape[0] for x in data.global_crops()] == [32] * 6  # both online global crops of every image
     assert pipelines == ["q"] * 12  # as the authors' init_memory; training alternates
-
-
-def test_folder_over_the_memory_budget_or_of_mixed_sizes_streams(tmp_path, capsys):
-    png_folder(tmp_path / "a", n=24)
-    cfg = config_of(["--data", str(tmp_path / "a"), "--memory-budget", "0.00001"])
-    split = smog.load_dataset(cfg, "train")
-    assert isinstance(split[0], smog.ImageFolderData) and len(split[0]) == 24
-    assert "over --memory-budget" in capsys.readouterr().out
-    png_folder(tmp_path / "b", n=24, sizes={5: (48, 40)})
-    split = smog.load_dataset(config_of(["--data", str(tmp_path / "b")]), "train")
-    assert isinstance(split[0], smog.ImageFolderData) and len(split[0]) == 24
-    assert "images of several sizes" in capsys.readouterr().out
 
 
 # ----- Part 2, batched augmentation, run on CPU tensors, and its match with MultiCrop ------------------------------
@@ -2132,7 +2106,7 @@ def test_knn_on_toy_set_with_known_answer():
 
 
 @pytest.mark.slow
-def test_plot_draws_each_panel_against_k_and_log_k_marks_the_knn_reports_and_skips_damaged_lines(tmp_path):
+def test_plot_draws_each_panel_with_k_and_log_k_dashed_and_skips_damaged_lines(tmp_path, monkeypatch, capsys):
     k = 200
     records = [dict(step=s, epoch=s // 31, loss=6.0 - s / 100, lr=0.1, beta=1 - s / 31000, groups_used=200.0,
                     assign_entropy=5.26, assign_entropy_max=math.log(k), img_per_s=400.0, elapsed_s=s / 5)
@@ -2142,29 +2116,29 @@ def test_plot_draws_each_panel_against_k_and_log_k_marks_the_knn_reports_and_ski
     lines = [json.dumps(r) for r in records]
     lines.insert(5, '{"step": 600, "epoch": 19, "loss": 5.')  # a record cut short by a kill
     (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
-    r = run_smog("--plot", str(tmp_path))
-    assert r.returncode == 0 and "(1 damaged lines of log.jsonl skipped)" in r.stdout, r.stderr
-    svg = (tmp_path / "curves.svg").read_text()
-    title = r'<text x="[\d.]+" y="[\d.]+">([^<]+)</text><rect'
-    names = re.findall(title, svg)
-    assert names == [f"{key} against step" for key in ("loss", "lr", "beta", "groups_used", "assign_entropy",
-                                                       "img_per_s", "knn_top1")] + ["knn_top1 against minutes"]
-    panels = dict(zip(names, re.split(title, svg)[2::2]))
-    assert "nan" not in svg and "inf" not in svg
-    for name in ("groups_used against step", "assign_entropy against step"):  # dashed lines at K and log K
-        body = panels[name]
-        line_y = float(re.search(r'<line [^>]*y1="([\d.]+)"[^>]*stroke="#c33"', body)[1])
-        ys = [float(p.split(",")[1]) for p in re.search(r'points="([^"]+)"', body)[1].split()]
-        if name.startswith("groups"):  # a constant series at K is drawn flat on the K line, not across the frame
-            assert max(ys) == min(ys) == pytest.approx(line_y, abs=0.1)
-        else:
-            assert max(ys) - min(ys) < 0.1 and min(ys) > line_y + 50  # 5.26 under log K = 5.30
-    knn = panels["knn_top1 against step"]
-    assert knn.count("<circle") == 3 and ">91.1<" in knn and "<polyline" not in knn and ">100<" in knn
-    clock = panels["knn_top1 against minutes"]  # 992 s of run: the time-to-accuracy curve, in minutes
-    assert clock.count("<circle") == 3 and ">16.53<" in clock
-    xs = [float(x) for x in re.findall(r'<circle cx="([\d.]+)"', clock)]
-    assert xs == sorted(xs) and xs[-1] - xs[0] == pytest.approx((992 - 99.2) / 992 * 230, abs=0.2)  # 230 px wide
+    try:
+        import matplotlib.figure
+    except ImportError:  # matplotlib is optional: without it, one line naming it
+        with pytest.raises(SystemExit, match="^smog.py: error: --plot needs matplotlib"):
+            smog.main(["--plot", str(tmp_path)])
+        return
+    (tmp_path / "elsewhere").write_text("IMPORTANT")
+    (tmp_path / "curves.png.tmp").symlink_to(tmp_path / "elsewhere")  # replaced, never written through
+    figures, save = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **kw: figures.append(fig) or
+                        save(fig, *a, **kw))
+    smog.main(["--plot", str(tmp_path)])
+    assert "(1 damaged lines of log.jsonl skipped)" in capsys.readouterr().out
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "elsewhere").read_text() == "IMPORTANT"
+    axes = figures[0].axes
+    assert [(ax.get_title(), ax.get_xlabel()) for ax in axes] == [(key, "step") for key in (
+        "loss", "lr", "beta", "groups_used", "assign_entropy", "img_per_s", "knn_top1")] + [("knn_top1", "minutes")]
+    curves = [[(list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()] for ax in axes]
+    assert len(curves[0][0][0]) == 49 and curves[0][0][0][0] == 100  # the damaged line is not among them
+    assert curves[3][1][1] == [200, 200] and curves[4][1][1] == [math.log(k)] * 2  # dashed at K and log K
+    assert curves[6] == [([496, 2480, 4960], [59.0, 86.2, 91.1])]
+    assert curves[7][0][0] == pytest.approx([496 / 300, 2480 / 300, 4960 / 300])  # the run's minutes
     assert_one_line_error(run_smog("--plot", str(tmp_path / "nowhere")), "--plot", "log.jsonl")
 
 
@@ -2180,10 +2154,10 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         (tmp_path / "empty").mkdir(exist_ok=True)
         with pytest.raises(SystemExit, match=f"^smog.py: error: {flag}"):  # in-process: the same fail() line
             smog.main([*argv, *out])
-    for budget, why in (("nan", "must be a finite number"), ("inf", "must be a finite number"),
-                        ("-1", "must be at least 0")):
-        with pytest.raises(SystemExit, match=f"--memory-budget .*{why}"):
-            config_of(["--memory-budget", budget])
+    for value, why in (("nan", "must be a finite number"), ("inf", "must be a finite number"),
+                       ("-1", "must be at least 0")):
+        with pytest.raises(SystemExit, match=f"--clip-grad .*{why}"):
+            config_of(["--clip-grad", value])
 
 
 # ----- misuse: links planted in the out-dir, text from checkpoints, cut logs, odd files and flags -------------------
@@ -2200,14 +2174,13 @@ def test_nothing_is_written_through_a_link_planted_in_the_out_dir(tmp_path, caps
         with pytest.raises(SystemExit, match=f"--out-dir .*: cannot write .*{name} .a link, which smog.py never "
                                              f"writes through; remove it."):
             smog.main([*flags, "--out-dir", str(out)])
-    for name, target in (("checkpoint.pt.tmp", victim), ("checkpoint.pt", elsewhere), ("curves.svg.tmp", victim)):
+    for name, target in (("checkpoint.pt.tmp", victim), ("checkpoint.pt", elsewhere)):
         out = tmp_path / f"replaced-{name}"  # our own files: the link replaced, never written through
         out.mkdir()
         (out / name).symlink_to(target)
         smog.main([*flags, "--out-dir", str(out)])
-        smog.main(["--plot", str(out)])
         assert final_state(out)["epoch"] == 1 and not (out / "checkpoint.pt").is_symlink()
-        assert not (out / "checkpoint.pt.tmp").exists() and not (out / "curves.svg").is_symlink()
+        assert not (out / "checkpoint.pt.tmp").exists()
     (tmp_path / "backbone.pt.tmp").symlink_to(victim)  # eval_linear.py --export's temporary file
     export_in_process(capsys, tmp_path / "replaced-checkpoint.pt" / "checkpoint.pt", tmp_path / "backbone.pt")
     assert torch.load(tmp_path / "backbone.pt", weights_only=True) and not (tmp_path / "backbone.pt.tmp").exists()
@@ -2297,7 +2270,7 @@ def test_a_streamed_folder_of_mixed_sizes_and_modes_trains(tmp_path):
             pil.save(folder / f"{i}.{'png' if pil.mode == 'P' else 'jpg'}")
     assert len(smog.ImageFolderData(str(tmp_path / "train"))) == 40
     out = tmp_path / "out"
-    smog.main(["--data", str(tmp_path), "--memory-budget", "0", "--batch-size", "8", "--epochs", "2", "--num-groups",
+    smog.main(["--data", str(tmp_path), "--batch-size", "8", "--epochs", "2", "--num-groups",
                "8", "--hidden-dim", "16", "--feat-dim", "8", "--log-every", "1", "--workers", "2",
                "--out-dir", str(out)])
     records = [json.loads(line) for line in open(out / "log.jsonl")]
