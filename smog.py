@@ -168,37 +168,35 @@ def projector_and_predictor(dim, hidden_dim=2048, feat_dim=128):
     """g: dim → hidden → D, ending in an affine-free BN; q: D → hidden → D (the authors' ResNet MLPs)."""
     return mlp(dim, hidden_dim, feat_dim, last_bn=True), mlp(feat_dim, hidden_dim, feat_dim, last_bn=False)
 
-def one_pass(mlp, feats):
-    """An MLP over every crop size's features (n_i, d) at once → (Σ n_i, D): one set of BN statistics for all."""
-    return mlp(torch.cat(feats))
-
 class Encoder(nn.Module):
     """Backbone f, then projector g: a list of crops (n_i, 3, s_i, s_i), one tensor per size → z (Σ n_i, D).
-    Hooks, for backbones that need them (Part 2 fills them): backbone_over_sizes(backbone, crops) → every size's
-    features in one go (None: the backbone once per size); mlp_over_sizes(mlp, feats) → (Σ n_i, D)."""
-    def __init__(self, backbone, projector, backbone_over_sizes=None, mlp_over_sizes=one_pass):
+    backbone_over_sizes(backbone, crops): every size's features in one go (None: the backbone once per size; Part 2
+    gives ResNets one); mlp_per_size: each size through the MLPs alone (the authors' Transformers), not in one batch."""
+    def __init__(self, backbone, projector, backbone_over_sizes=None, mlp_per_size=False):
         super().__init__()
         self.backbone, self.projector = backbone, projector
-        self.backbone_over_sizes, self.mlp_over_sizes = backbone_over_sizes, mlp_over_sizes
+        self.backbone_over_sizes, self.mlp_per_size = backbone_over_sizes, mlp_per_size
 
     def forward(self, crops):  # list of (n_i, 3, s_i, s_i) -> (Σ n_i, D)
         if self.backbone_over_sizes is not None and len(crops) > 1:
             feats = [x.flatten(1) for x in self.backbone_over_sizes(self.backbone, crops)]
         else:
             feats = [self.backbone(x) for x in crops]
-        return self.mlp_over_sizes(self.projector, feats)
+        return self.mlp(self.projector, feats)
+
+    def mlp(self, mlp, feats):  # every size's features (n_i, d) → (Σ n_i, D), one set of BN statistics or one per size
+        return torch.cat([mlp(x) for x in feats]) if self.mlp_per_size else mlp(torch.cat(feats))
 
 class OnlineNet(nn.Module):
     """The online branch: encoder (f, g) plus predictor q. Returns (z, p), both (Σ n_i, D), not yet normalised."""
-    def __init__(self, backbone, projector, predictor, backbone_over_sizes=None, mlp_over_sizes=one_pass):
+    def __init__(self, backbone, projector, predictor, backbone_over_sizes=None, mlp_per_size=False):
         super().__init__()
-        self.encoder = Encoder(backbone, projector, backbone_over_sizes, mlp_over_sizes)
+        self.encoder = Encoder(backbone, projector, backbone_over_sizes, mlp_per_size)
         self.predictor = predictor
 
     def forward(self, crops):
         z = self.encoder(crops)
-        p = self.encoder.mlp_over_sizes(self.predictor, z.split([len(x) for x in crops]))
-        return z, p
+        return z, self.encoder.mlp(self.predictor, z.split([len(x) for x in crops]))
 
 def target_of(online):
     """The target branch: a copy of the online encoder, without gradients (trained by EMA alone)."""
@@ -473,11 +471,9 @@ class Config:
     invert: float | None = option(0.0, "not in the paper: the probability of a crop's negative 1 − x", auto="0.5 for "
                                   "--data synthetic (shapes of both polarities), else 0")
     arch: str = option("resnet50", "the backbone (listed below)", section="networks")
-    bn_over_sizes: bool = option(True, "ResNets: one set of BN statistics for all crop sizes (the authors')")
     feat_dim: int = option(128, "dimension D of z, p and the centroids")
     hidden_dim: int = option(2048, "hidden width of the projector and the predictor")
     drop_path: float = option(0.0, "stochastic depth of the online backbone (Swin: 0.2), not of the target's")
-    swin_mlps: bool = option(False, "the authors' Swin MLPs: GELU in the projector, trunc-normal init, per crop size")
     ema: float = option(0.999, "the target's momentum m: target ← m·target + (1−m)·online at each step's start; "
                         "lower it (0.99) for short runs")
     num_groups: int = option(3000, "K, centroids per group set", section="momentum grouping and loss")
@@ -505,33 +501,26 @@ class Config:
     knn: bool = option(True, "kNN top-1 on the held-out split at the end (labels are used only for these reports)")
     eval_every: int | None = option(0, "also a kNN report every N epochs; 0: off", auto="about ten per run")
 
-class Preset(NamedTuple):
-    about: str  # one line in --help
-    values: dict  # only what differs from Config's defaults (the paper's ResNet-50 recipe)
-
-PRESETS = {
-    "tiny": Preset("the default: the embedded 32-px data set, a 0.3M-parameter ResNet, minutes on 2 CPU cores",
-                   dict(data="synthetic", synthetic_size=2000, arch="resnet_tiny", epochs=160, batch_size=128,
-                        global_size=32, global_scale=(0.5, 1.0), num_local=0, local_size=16, local_scale=(0.1, 0.4),
-                        blur_sigma=(0.01, 0.6), hidden_dim=512, exclude_1d=True, num_groups=200, tau=0.05, lr=6.0,
-                        start_lr=0.05, final_lr=0.01, warmup_epochs=2, ema=0.996, log_every=100, invert=None,
-                        eval_every=None)),
-    "cifar10-r18": Preset("CIFAR-10 (downloaded), ResNet-18 with a 3x3 stem on 32-px images, one GPU",
-                          dict(data="cifar10", arch="resnet18_cifar", epochs=200, batch_size=256, workers=4,
-                               global_size=32, global_scale=(0.2, 1.0), local_size=16, local_scale=(0.05, 0.2),
-                               num_local=4, blur_sigma=(0.1, 0.5), hidden_dim=2048, num_groups=300, lr=1.2,
-                               start_lr=0.05, warmup_epochs=10, ema=0.99, exclude_1d=True, eval_every=None)),
+PRESETS = {  # name -> (one line for --help, what differs from Config's defaults: the paper's ResNet-50 recipe)
+    "tiny": ("the default: the embedded 32-px data set, a 0.3M-parameter ResNet, minutes on 2 CPU cores",
+             dict(data="synthetic", synthetic_size=2000, arch="resnet_tiny", epochs=160, batch_size=128, global_size=32,
+                  global_scale=(0.5, 1.0), num_local=0, local_size=16, local_scale=(0.1, 0.4), blur_sigma=(0.01, 0.6),
+                  hidden_dim=512, exclude_1d=True, num_groups=200, tau=0.05, lr=6.0, start_lr=0.05, final_lr=0.01,
+                  warmup_epochs=2, ema=0.996, log_every=100, invert=None, eval_every=None)),
+    "cifar10-r18": ("CIFAR-10 (downloaded), ResNet-18 with a 3x3 stem on 32-px images, one GPU",
+                    dict(data="cifar10", arch="resnet18_cifar", epochs=200, batch_size=256, workers=4, global_size=32,
+                         global_scale=(0.2, 1.0), local_size=16, local_scale=(0.05, 0.2), num_local=4,
+                         blur_sigma=(0.1, 0.5), hidden_dim=2048, num_groups=300, lr=1.2, start_lr=0.05,
+                         warmup_epochs=10, ema=0.99, exclude_1d=True, eval_every=None)),
     # The paper's recipes (the authors' scripts/pretrain/*.sh): batch 4096 = 64 GPUs × 64, 400 epochs.
-    "imagenet-r50": Preset("the paper's ResNet-50 recipe: 400 epochs at batch 4096 (64 GPUs × 64)", dict()),
-    "imagenet-r50w2": Preset("the paper's ResNet-50w2 (every width doubled), the same recipe",
-                             dict(arch="resnet50w2")),
+    "imagenet-r50": ("the paper's ResNet-50 recipe: 400 epochs at batch 4096 (64 GPUs × 64)", dict()),
+    "imagenet-r50w2": ("the paper's ResNet-50w2 (every width doubled), the same recipe", dict(arch="resnet50w2")),
     # The authors' Swin-T script and src/optimizer.py: AdamW 1e-3 at batch 4096 (= 6.25e-5 per 256) → 4e-5.
-    "imagenet-swin-t": Preset("the paper's Swin-T: the authors' BN blocks and MLPs, AdamW, drop-path 0.2",
-                              dict(arch="swin_t_bn", drop_path=0.2, swin_mlps=True, optimizer="adamw", feat_dim=256,
-                                   lr=1e-3 * 256 / 4096, start_lr=4e-5, final_lr=4e-5, weight_decay=0.05,
-                                   clip_grad=3.0, exclude_1d=True, target_local=False)),
+    "imagenet-swin-t": ("the paper's Swin-T: the authors' BN blocks and MLPs, AdamW, drop-path 0.2",
+                        dict(arch="swin_t_bn", drop_path=0.2, optimizer="adamw", feat_dim=256, lr=1e-3 * 256 / 4096,
+                             start_lr=4e-5, final_lr=4e-5, weight_decay=0.05, clip_grad=3.0, exclude_1d=True,
+                             target_local=False)),
 }
-REMOVED_FLAGS = {"--batched-aug": "every crop is now cut on the training device"}
 
 def _flag(name):
     return "--" + name.replace("_", "-")
@@ -544,14 +533,18 @@ def _shown(value):  # a config value as --help shows it
         return ",".join(f"{v:g}" for v in value)
     return "auto" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
-def _parse_value(f, text):  # one command-line value of field f (tuples are written '0.2,1.0')
+def _parse_value(f, text):  # one command-line value of field f (pairs are written '0.2,1.0'); ValueError: why not
     if text == "auto" and f.metadata["auto"]:
         return None
-    if _kind(f) != tuple[float, float]:
-        return _kind(f)(text)
-    if text.count(",") != 1:
+    pair = _kind(f) == tuple[float, float]
+    if pair and text.count(",") != 1:
         raise ValueError("expected two comma-separated numbers, e.g. 0.2,1.0")
-    return tuple(float(part) for part in text.split(","))
+    value = tuple(map(float, text.split(","))) if pair else _kind(f)(text)
+    if _kind(f) in (float, tuple[float, float]) and not all(map(math.isfinite, value if pair else [value])):
+        raise ValueError("must be a finite number")
+    if _kind(f) is int and abs(value) >= 2**63:
+        raise ValueError("is too large (at most 2^63 - 1)")
+    return value
 
 def printable(text):  # text with control characters (newlines, terminal escapes) escaped, for the console
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
@@ -570,7 +563,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_command(argv=None):
     """(Config, args): defaults ← --preset ← flags given; args holds the one-off --print-config and --plot."""
-    presets = "\n".join(f"  {name:<18} {preset.about}" for name, preset in PRESETS.items())
+    presets = "\n".join(f"  {name:<18} {about}" for name, (about, _) in PRESETS.items())
     parser = _Parser(prog="smog.py", description=__doc__.split("\n")[0], allow_abbrev=False,
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog=f"presets (--preset):\n{presets}\n\nbackbones (--arch): {', '.join(BACKBONES)}")
@@ -579,7 +572,7 @@ def parse_command(argv=None):
         group = parser.add_argument_group(f.metadata["section"]) if f.metadata["section"] else group
         text = f.metadata["help"] + f" (default {_shown(f.default)}"
         text += f"; auto: {f.metadata['auto']}" if f.metadata["auto"] else ""
-        tiny = PRESETS["tiny"].values.get(f.name, f.default)
+        tiny = PRESETS["tiny"][1].get(f.name, f.default)
         text = (text + (f"; tiny preset: {_shown(tiny)})" if tiny != f.default else ")")).replace("%", "%%")
         if f.type is bool:
             group.add_argument(_flag(f.name), default=None, action=argparse.BooleanOptionalAction, help=text)
@@ -592,11 +585,8 @@ def parse_command(argv=None):
                          help="draw OUT_DIR/log.jsonl as curves.png and exit (needs matplotlib)")
     flags = [a.split("=")[0].replace("--no-", "--") for a in (sys.argv[1:] if argv is None else argv)
              if a.startswith("--")]
-    for flag in flags:
-        if flag in REMOVED_FLAGS:
-            fail(f"{flag} was removed: {REMOVED_FLAGS[flag]}; leave it out")
-        if flags.count(flag) > 1:
-            fail(f"{flag} is given {flags.count(flag)} times; give it once")
+    for flag in (flag for flag in flags if flags.count(flag) > 1):
+        fail(f"{flag} is given {flags.count(flag)} times; give it once")
     args = parser.parse_args(argv)
     given = {}
     for f in (f for f in dataclasses.fields(Config) if getattr(args, f.name) is not None):
@@ -608,7 +598,7 @@ def parse_command(argv=None):
     preset = given.get("preset", Config.preset)
     if preset not in PRESETS:
         fail(f"--preset {preset!r} is unknown (choose from {', '.join(PRESETS)})")
-    cfg = Config(**{**PRESETS[preset].values, **given, "preset": preset})
+    cfg = Config(**{**PRESETS[preset][1], **given, "preset": preset})
     check_config(cfg)
     automatic = dict(invert=0.5 if cfg.data == "synthetic" else 0.0,  # the embedded data set's, not the preset's
                      eval_every=max(1, cfg.epochs // 10),
@@ -633,18 +623,12 @@ def class_roots(data):  # the folders of --data whose subfolders are read as cla
 def check_config(cfg):  # rejects values the run cannot use, naming the flag
     choices = dict(arch=BACKBONES, optimizer=("lars", "adamw"), precision=(None, "bf16", "fp16", "fp32"))
     rules = [(lambda v, allowed=allowed: v in allowed, f"unknown (choose from {', '.join(map(_shown, allowed))})",
-              name) for name, allowed in choices.items()]
-    def named(kind):  # the fields of values of this type that are set (not automatic)
-        return " ".join(f.name for f in dataclasses.fields(Config) if _kind(f) == kind and getattr(cfg, f.name)
-                        is not None)
-    rules += [
-        (lambda v: math.isfinite(v), "must be a finite number", named(float)),
-        (lambda v: all(map(math.isfinite, v)), "must be finite numbers", named(tuple[float, float])),
-        (lambda v: abs(v) < 2**63, "is too large (at most 2^63 - 1)", named(int)),
+              name) for name, allowed in choices.items()] + [  # finite numbers within 64 bits: checked when parsed
         (lambda v: v >= 1, "must be at least 1", "epochs accumulate global_size local_size feat_dim hidden_dim "
          "num_groups num_heads log_every dist_timeout"),
         (lambda v: v >= 2, "must be at least 2 (BatchNorm needs two images a pass)", "batch_size"),
-        (lambda v: v >= 0, "must be at least 0", "num_local kmeans_iters warmup_epochs stop_after checkpoint_every"),
+        (lambda v: v >= 0, "must be at least 0", "num_local kmeans_iters warmup_epochs stop_after checkpoint_every "
+         "start_lr final_lr weight_decay clip_grad"),
         (lambda v: v is None or v >= 0, "must be at least 0 (or auto)", "eval_every"),
         (lambda v: v is None or 0 <= v <= 256, "must lie in [0, 256] (or auto)", "workers"),
         (lambda v: 0 <= v < 2**62, "must lie in [0, 2^62) (seeds are 64-bit)", "seed"),
@@ -653,7 +637,6 @@ def check_config(cfg):  # rejects values the run cannot use, naming the flag
         (lambda v: v is None or 0 <= v <= 1, "must lie in [0, 1] (or auto)", "invert"),
         (lambda v: 0 <= v <= 1, "must lie in [0, 1]", "ema beta_start beta_end drop_path momentum"),
         (lambda v: v > 0, "must be positive", "tau lr lars_eta"),
-        (lambda v: v >= 0, "must be at least 0", "start_lr final_lr weight_decay clip_grad"),
         (lambda v: 0 < v[0] <= v[1] <= 1, "needs 0 < low <= high <= 1", "global_scale local_scale"),
         (lambda v: 0 < v[0] <= v[1], "needs 0 < low <= high", "blur_sigma"),
         (lambda v: not any(os.path.realpath(v).startswith(os.path.join(os.path.realpath(root), "")) for root in
@@ -799,15 +782,12 @@ def swin_mlps(dim, hidden_dim, feat_dim):
     predictor = trunc_normal(mlp(feat_dim, hidden_dim, feat_dim, last_bn=False))
     return projector, predictor
 
-def per_size(mlp, feats):  # an MLP run on each crop size's features alone (the authors' Swin): (Σ n_i, D)
-    return torch.cat([mlp(x) for x in feats])
-
 def make_online(cfg):
-    """OnlineNet around a new cfg.arch backbone, Part 1's hooks filled (ResNets' BN over sizes, Swin MLPs)."""
+    """OnlineNet around a new cfg.arch backbone: ResNets' BN over sizes; the authors' Swin with their MLPs."""
     backbone, dim = BACKBONES[cfg.arch](cfg.drop_path)
-    if cfg.swin_mlps:
-        return OnlineNet(backbone, *swin_mlps(dim, cfg.hidden_dim, cfg.feat_dim), mlp_over_sizes=per_size)
-    over_sizes = resnet_over_sizes if cfg.bn_over_sizes and cfg.arch.startswith("resnet") else None
+    if cfg.arch == "swin_t_bn":
+        return OnlineNet(backbone, *swin_mlps(dim, cfg.hidden_dim, cfg.feat_dim), mlp_per_size=True)
+    over_sizes = resnet_over_sizes if cfg.arch.startswith("resnet") else None  # the authors' BN over sizes
     return OnlineNet(backbone, *projector_and_predictor(dim, cfg.hidden_dim, cfg.feat_dim), over_sizes)
 
 def stochastic_depth(module):  # the module's stochastic-depth layers that drop (Swin's drop-path)
@@ -1395,7 +1375,7 @@ def all_finite(tree):  # whether every floating-point tensor in a nest of dicts 
 
 # What a checkpoint's config must share with the run resuming it: the shapes of networks, groups and optimiser state
 # (arch .. exclude_1d), and the seed of the data order and the crops.
-RESUME_MUST_MATCH = ("arch", "feat_dim", "hidden_dim", "num_groups", "num_heads", "swin_mlps", "optimizer",
+RESUME_MUST_MATCH = ("arch", "feat_dim", "hidden_dim", "num_groups", "num_heads", "optimizer",
                      "exclude_1d", "seed")
 
 def check_resumable(path, state, cfg, data):
@@ -1495,29 +1475,22 @@ def open_in_out_dir(path, mode):
     return os.fdopen(fd, mode)
 
 def take_lock(out_dir):
-    """(why not, None) or (None, the lock file): an flock on out_dir/lock, released when its holder dies."""
-    # The kernel (and an NFS server, when its client's lease runs out) releases it; the file stays, with its
-    # holder's line.
+    """(why not, None) or (None, the lock file): an flock on out_dir/lock, which the kernel (NFS: when the lease runs
+    out) releases when its holder dies; the file stays, with its holder's line."""
     path, lock = os.path.join(out_dir, "lock"), None
     try:
         os.makedirs(out_dir, exist_ok=True)
         lock = open_in_out_dir(path, "a+")
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if isinstance(e, BlockingIOError):
-            lock.seek(0)
-            why = f"in use by {lock.read().strip() or 'another run'} ({path}); wait for it, or give another --out-dir"
-        elif e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
-            why = (f"its file system does not lock files ({e.strerror}), so two runs on it could not be told apart; "
-                   f"give an --out-dir on a file system that does")
-        else:
-            why = f"cannot write {e.filename or out_dir} ({e.strerror})"
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another run"
+        lock.close()
+        return f"--out-dir {out_dir}: in use by {holder} ({path}); wait for it, or give another --out-dir", None
+    except OSError as e:  # no locks on its file system (ENOLCK) too: two runs there could not be told apart
         if lock is not None:
             lock.close()
-        return f"--out-dir {out_dir}: {why}", None
-    lock.seek(0)
-    if earlier := lock.read().strip():  # a holder that died left its line
-        log(f"--out-dir {out_dir}: taking over the lock of {earlier}, which is gone")
+        return f"--out-dir {out_dir}: cannot {'lock' if lock else 'write'} {e.filename or path} ({e.strerror})", None
     lock.truncate(0)
     lock.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     lock.flush()
@@ -1619,11 +1592,6 @@ def knn_report(run, cfg, device, data, held_out, progress, epoch, final=False):
                      BACKBONES[cfg.arch](0.0)[0].to(device)))
     result = {key: knn_top1(extract_features(net, data.source, cfg, device), train_labels,
                             extract_features(net, held_images, cfg, device), test_labels) for key, _, net in nets}
-    if final and data.in_memory and isinstance(held_images, torch.Tensor):  # centred per image: invariant to
-        pixels = [F.normalize(x.flatten(1).float() - x.flatten(1).float().mean(1, keepdim=True), dim=1).to(device)
-                  for x in (data.source, held_images)]  # brightness and contrast
-        result["knn_top1_raw_pixels"] = knn_top1(pixels[0], train_labels, pixels[1], test_labels)
-        nets.append(("knn_top1_raw_pixels", "raw pixels", None))
     log(f"kNN top-1 on the held-out split{'' if final else f' after epoch {epoch}'}: " + " | ".join(
         f"{name} {result[key]:.1f}%" for key, name, _ in nets))
     progress.write(dict(step=run.step, epoch=epoch, **result))
@@ -1697,12 +1665,8 @@ def parameter_counts(cfg):
     """Millions of parameters of the networks a config builds (made on the meta device: nothing is allocated)."""
     with torch.device("meta"):
         online = make_online(cfg)
-    millions = lambda module: round(sum(p.numel() for p in module.parameters()) / 1e6, 2)  # noqa: E731
-    classifier = (online.encoder.projector[0].in_features + 1) * 1000 / 1e6  # papers count it (ResNet-50: 25.6M)
-    return dict(backbone=millions(online.encoder.backbone),
-                backbone_with_1000_class_classifier=round(millions(online.encoder.backbone) + classifier, 2),
-                projector=millions(online.encoder.projector), predictor=millions(online.predictor),
-                online=millions(online))
+    parts = dict(backbone=online.encoder.backbone, projector=online.encoder.projector, predictor=online.predictor)
+    return {name: round(sum(p.numel() for p in part.parameters()) / 1e6, 2) for name, part in parts.items()}
 
 def plot_curves(out_dir):
     """Draws out_dir/log.jsonl as out_dir/curves.png; returns its path and the damaged lines skipped."""
