@@ -430,7 +430,7 @@ def overflowed(parameters):
 # ===================================================================================================================
 # Part 2 — Trainer: config, backbones, data, batched augmentation, feeding the device, run state, faults, reports
 # ===================================================================================================================
-import argparse, ctypes, dataclasses, datetime, errno, fcntl, hashlib, itertools, json, re, socket, stat, tempfile
+import argparse, ctypes, dataclasses, datetime, errno, fcntl, hashlib, itertools, json, re, socket, stat
 import time, types, zipfile
 from contextlib import contextmanager, suppress
 
@@ -455,7 +455,8 @@ class Config:
     accumulate: int = option(1, "forward passes per optimiser step (the authors' --multi_forward): fewer GPUs")
     workers: int | None = option(None, "loader processes per training process", auto="the cores / processes")
     seed: int = option(0, "the seed of weights, groups, data order, crops and the embedded data set")
-    resume: str | None = option(None, "none (a new run; earlier ones moved aside) | PATH", auto="out_dir/checkpoint.pt")
+    resume: str | None = option(None, "the checkpoint to continue (a new run: a new --out-dir)",
+                                auto="out_dir/checkpoint.pt")
     stop_after: int = option(0, "leave after this many epochs of this job, resumable (time-limited jobs); 0: off")
     checkpoint_every: int = option(0, "also checkpoint every N steps (what a killed process loses); 0: epoch ends")
     dist_timeout: int = option(300, "seconds a process waits for the others in a collective before it fails")
@@ -1332,19 +1333,11 @@ def seed_for(seed, index, process=0):
 def previous_of(path):  # where the checkpoint before `path` is kept: checkpoint.pt → checkpoint.prev.pt
     return "{0}.prev{1}".format(*os.path.splitext(path))
 
-def resolve_resume(cfg):  # checkpoints to try, newest first ([]: a fresh start); --resume none moves old ones aside
-    path = cfg.resume if cfg.resume not in (None, "none") else os.path.join(cfg.out_dir, "checkpoint.pt")
+def resolve_resume(cfg):  # checkpoints to try, newest first ([]: a fresh start)
+    path = cfg.resume or os.path.join(cfg.out_dir, "checkpoint.pt")
     for p in (path, previous_of(path)):
         if os.path.exists(p) and not os.path.isfile(p):
             fail(f"--out-dir {cfg.out_dir}: {p} is not a file (a folder of that name?); move it away")
-    if cfg.resume == "none":
-        old = [p for p in (path, previous_of(path), os.path.join(cfg.out_dir, "log.jsonl")) if os.path.lexists(p)]
-        if old and rank() == 0:  # into a new folder of its own: two runs in one second get two
-            aside = tempfile.mkdtemp(prefix=time.strftime("earlier-%Y%m%d-%H%M%S-"), dir=cfg.out_dir)
-            for p in old:
-                os.replace(p, os.path.join(aside, os.path.basename(p)))
-            log(f"--resume none: the earlier run's {', '.join(map(os.path.basename, old))} moved to {aside}")
-        return []
     if cfg.resume is not None and not os.path.isfile(path):
         fail(f"--resume {path}: no such checkpoint")
     return [p for p in (path, previous_of(path)) if os.path.isfile(p)]
@@ -1383,7 +1376,7 @@ def check_resumable(path, state, cfg, data):
     saved = state["config"]
     for name in (name for name in RESUME_MUST_MATCH if saved.get(name) != getattr(cfg, name)):
         fail(f"--resume {path}: checkpoint has {_flag(name)} {saved.get(name)!r}, the config asks for "
-             f"{getattr(cfg, name)!r}; keep the checkpoint's value, or start a new run (--resume none)")
+             f"{getattr(cfg, name)!r}; keep the checkpoint's value, or start a new run in another --out-dir")
     processes = state.get("processes")  # the checkpoint's layout
     batch = saved.get("batch_size")
     passes = saved.get("accumulate")
@@ -1393,7 +1386,7 @@ def check_resumable(path, state, cfg, data):
              f"--batch-size × processes × --accumulate, or start a new run")
     if state.get("data_fingerprint") != data.fingerprint or state.get("num_images") != len(data.labels):
         fail(f"--resume {path}: written for another data set ({state.get('data_fingerprint')}); --data {cfg.data} "
-             f"is {data.fingerprint}: restore that data set, or start a new run (--resume none)")
+             f"is {data.fingerprint}: restore that data set, or start a new run in another --out-dir")
     if (processes, passes) != (world_size(), cfg.accumulate):
         if state["epoch_step"]:  # the banks and the data order are per process
             fail(f"--resume {path}: written mid-epoch by {processes} process(es) × {passes} passes; resume it with "
