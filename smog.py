@@ -718,31 +718,10 @@ def _resnet50_wide(widen=2):
     net.fc = nn.Identity()
     return net, 2048 * widen
 
-class KeptShiftWindowAttention(torchvision.models.swin_transformer.ShiftedWindowAttention):
-    """torchvision's shifted-window attention that still shifts a map padded to one window, as the authors'."""
-    def forward(self, x):  # (B, H, W, C)
-        # The authors fix each block's shift when they build it (src/SwinTrans_multicrop.py, SwinTransformerBlock):
-        # a 96-px crop's 6x6 stage-3 maps are padded to 7x7 and rolled by 3, where torchvision drops the shift.
-        b, h, w, c = x.shape
-        (wh, ww), (sh, sw) = self.window_size, self.shift_size
-        if not (sh or sw) or h > wh or w > ww:  # several windows, or no shift: torchvision's own computation
-            return super().forward(x)
-        n, attn_heads = wh * ww, self.num_heads
-        x = torch.roll(F.pad(x, (0, 0, 0, ww - w, 0, wh - h)), (-sh, -sw), (1, 2)).reshape(b, n, c)
-        q, k, v = self.qkv(x).view(b, n, 3, attn_heads, c // attn_heads).permute(2, 0, 3, 1, 4)  # (B, attn_heads, N, d)
-        rows, cols = torch.arange(wh, device=x.device), torch.arange(ww, device=x.device)
-        region = ((rows >= wh - sh)[:, None] * 2 + (cols >= ww - sw)[None]).flatten()  # (N,): wrapped or not
-        mask = torch.where(region[:, None] == region[None], 0.0, -100.0).to(q.dtype)  # the masks' −100
-        scores = (q * (c // attn_heads) ** -0.5) @ k.mT  # (B, attn_heads, N, N)
-        attn = scores + self.get_relative_position_bias() + mask
-        attn = F.dropout(attn.softmax(-1), self.attention_dropout, self.training)
-        out = F.dropout(self.proj((attn @ v).transpose(1, 2).reshape(b, n, c)), self.dropout, self.training)
-        return torch.roll(out.view(b, wh, ww, c), (sh, sw), (1, 2))[:, :h, :w]
-
 class SwinBlockBN(torchvision.models.swin_transformer.SwinTransformerBlock):
     """The authors' Swin block (norm_before_mlp='bn', as MoBY): BatchNorm, not LayerNorm, before the MLP."""
-    def __init__(self, dim, *args, **kwargs):
-        super().__init__(dim, *args, attn_layer=KeptShiftWindowAttention, **kwargs)
+    def __init__(self, dim, *args, **kwargs):  # torchvision's block, its second LayerNorm replaced
+        super().__init__(dim, *args, **kwargs)
         self.norm2 = nn.BatchNorm1d(dim)
 
     def forward(self, x):  # (N, H, W, C)
@@ -756,11 +735,6 @@ def _swin_t(drop_path, bn_blocks=False):
     net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2], window_size=[7, 7],
                                              num_heads=[3, 6, 12, 24], stochastic_depth_prob=drop_path, **block)
     net.head = nn.Identity()  # torchvision's name for its classifier
-    if bn_blocks:  # the authors build each block for 224 px: one whose map fits one window there is never shifted
-        for stage, side in zip(net.features[1::2], (56, 28, 14, 7)):
-            for block in stage:
-                if side <= block.attn.window_size[0]:
-                    block.attn.shift_size = [0, 0]
     return net, 768
 
 # name -> (drop_path) -> (backbone module mapping (N, 3, s, s) to (N, dim), dim). drop_path (stochastic depth) is

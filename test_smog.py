@@ -802,40 +802,6 @@ def test_swin_block_and_mlps_are_the_authors():
     assert z.shape == p.shape == (6, 16) and torch.allclose(z[4:], alone, atol=1e-5)
 
 
-def test_swin_windows_are_shifted_as_the_authors_on_local_crops():
-    torch.manual_seed(0)
-    net = smog.BACKBONES["swin_t_bn"](0.0)[0]
-    shifts = [[block.attn.shift_size[0] for block in stage] for stage in net.features[1::2]]
-    assert shifts == [[0, 3], [0, 3], [0, 3, 0, 3, 0, 3], [0, 0]]  # stage 4's 7x7 map at 224 px: never shifted
-    attn = net.features[5][1].attn  # stage 3: a 6x6 map on a 96-px crop, padded to one 7x7 window, shifted by 3
-    x = torch.randn(2, 6, 6, attn.qkv.in_features)
-    got = attn(x)
-    # Reference, written from the authors' rule: zero-pad to 7x7, roll by -3; a token attends only to tokens that
-    # wrapped around the same edges as it did (the others get -100), with the relative position bias; roll back.
-    b, _, _, c = x.shape
-    attn_heads = attn.num_heads
-    d = c // attn_heads  # per attention head
-    s = 3  # the shift
-    padded = torch.zeros(b, 7, 7, c)
-    padded[:, :6, :6] = x
-    rolled = torch.roll(padded, (-s, -s), (1, 2)).reshape(b, 49, c)
-    q, k, v = attn.qkv(rolled).reshape(b, 49, 3, attn_heads, d).unbind(2)  # (B, 49, attn_heads, d)
-    wrapped = [((i // 7 + s) >= 7, (i % 7 + s) >= 7) for i in range(49)]  # came from across the bottom / right edge
-    bias = attn.relative_position_bias_table[attn.relative_position_index.view(-1)].view(49, 49, attn_heads)
-    out = torch.zeros(b, 49, attn_heads, d)
-    for i in range(49):
-        for h in range(attn_heads):
-            scores = torch.einsum("bjd,bd->bj", k[:, :, h], q[:, i, h]) / d ** 0.5 + bias[i, :, h] + torch.tensor(
-                [0.0 if wrapped[j] == wrapped[i] else -100.0 for j in range(49)])
-            out[:, i, h] = (scores.softmax(-1)[..., None] * v[:, :, h]).sum(1)
-    expected = torch.roll(attn.proj(out.reshape(b, 49, c)).view(b, 7, 7, c), (s, s), (1, 2))[:, :6, :6]
-    assert torch.allclose(got, expected, atol=1e-4)
-    # torchvision's rule (no shift on a single window) differs here
-    assert not torch.allclose(super(smog.KeptShiftWindowAttention, attn).forward(x), expected, atol=1e-3)
-    y = torch.randn(1, 14, 14, c)  # larger maps: torchvision's computation unchanged
-    assert torch.equal(attn(y), super(smog.KeptShiftWindowAttention, attn).forward(y))
-
-
 TORCHVISION_TWINS = {  # arch -> (torchvision model with the same backbone keys, keys that only it has)
     "resnet50": (lambda tv: tv.models.resnet50(), {"fc.weight", "fc.bias"}),
     "swin_t": (lambda tv: tv.models.swin_t(), {"head.weight", "head.bias"}),
