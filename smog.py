@@ -1681,9 +1681,7 @@ def train(cfg):
         # ----- setup: precision, data, the run state (resumed, or a bank filled by the initial network) -----
         precision, autocast, scaler = resolve_precision(cfg, device)
         log(f"config: {config_text(cfg)}")
-        log(f"device: {device}, processes: {world_size()}, precision: {precision}" + (
-            f" (auto: {'this CPU computes bf16 natively' if precision == 'bf16' else 'no native bf16 on this CPU'})"
-            if cfg.precision is None and device.type == "cpu" else ""))
+        log(f"device: {device}, processes: {world_size()}, precision: {precision}")
         resume = resolve_resume(cfg)
         data = TrainData(cfg, device)
         where = "held in memory" if data.in_memory else f"streamed by {cfg.workers} loader workers"
@@ -1694,10 +1692,8 @@ def train(cfg):
         if resume:
             run.resume(resume, cfg, data)
         else:
-            t0 = time.time()
             with autocast:
                 fill_bank(run.online, run.bank, data.global_crops(), run.group_z)
-            log(f"bank filled by the initial network ({time.time() - t0:.1f}s)")
         passes_per_epoch, total_steps = data.passes_per_epoch, cfg.epochs * data.steps_per_epoch
         peak_lr = cfg.lr * data.global_batch / 256
         hyper = dict(step_hyperparameters(cfg), autocast=autocast, group_z=run.group_z)
@@ -1711,8 +1707,7 @@ def train(cfg):
             progress = Progress(cfg, total_steps, jsonl, run.step, scaler, run.elapsed_s)
             batches = progress.timed(data.batches(range(run.epoch, cfg.epochs), run.epoch_step * cfg.accumulate))
             for epoch in range(run.epoch, cfg.epochs):
-                # ----- the epoch start: c_k ← k-means of last epoch's bank, target ← online -----
-                if run.epoch_step == 0:
+                if run.epoch_step == 0:  # ----- the epoch start: c_k ← k-means of last epoch's bank, target ← online
                     start_epoch(run.grouping, run.bank, run.online, run.target, cfg.kmeans_iters,
                                 torch.Generator().manual_seed(seed_for(cfg.seed, epoch - 1)))
                 while run.epoch_step < data.steps_per_epoch and not stop:
@@ -1731,10 +1726,9 @@ def train(cfg):
                     progress.add(counts, skipped)
                     bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), run.step, bad_step)
                     run.step, run.epoch_step = run.step + 1, run.epoch_step + 1
-                    # ----- a signal? (checked every step alone; under torchrun every 10 steps, one host sync) -----
+                    # ----- a signal (under torchrun checked every 10 steps: one host sync), the log, a checkpoint
                     if (run.step % 10 == 0 or not distributed()) and on_any_process(caught, device):
                         stop = "signal"
-                    # ----- the log line and a mid-epoch checkpoint, each after the divergence check -----
                     report = run.step % cfg.log_every == 0 or run.step == total_steps
                     save = run.epoch_step < data.steps_per_epoch and (
                         stop or cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0)
@@ -1754,8 +1748,6 @@ def train(cfg):
                     stop = "stop-after"
                 stop_if_diverged(bad_step, run, start_norm)
                 run.save(checkpoint, cfg, data)
-                if run.epoch % max(1, cfg.epochs // 20) == 0 or run.epoch == cfg.epochs:
-                    log(f"epoch {epoch} done, checkpoint {checkpoint}")
                 if cfg.eval_every and run.epoch % cfg.eval_every == 0 and rank() == 0:
                     knn_report(run, cfg, device, data, held_out, progress, epoch)
                 if stop:
