@@ -92,7 +92,7 @@ def bench_step(cfg, device, autocast, scaler, steps, warmup, profile=""):
 
     def step():
         smog.train_step(run.online_ddp, run.target, run.grouping, [crops], run.opt, run.scaler, beta=0.995,
-                        group_z=run.group_z, autocast=autocast, **hyper)
+                        autocast=autocast, **hyper)
 
     seconds = timed(step, steps, warmup, device)
     if profile:
@@ -228,7 +228,7 @@ def bench_e2e(cfg, device, autocast, scaler, steps, warmup, root):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
         smog.train_step(run.online_ddp, run.target, run.grouping, [data.crops(batch, step)], run.opt, run.scaler,
-                        beta=0.995, group_z=run.group_z, autocast=autocast, **hyper)
+                        beta=0.995, autocast=autocast, **hyper)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps

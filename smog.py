@@ -279,15 +279,12 @@ class MemoryBank:
 
 # ----- the epoch start (main_SMoG.py, train: init_memory before the first epoch, then cluster_memory) --------------
 @torch.no_grad()
-def fill_bank(online, bank, global_crops, group_z=None):
+def fill_bank(online, bank, global_crops):
     """Fills the bank with the initial network's z for the first k-means (the authors' init_memory): global_crops
     yields each batch's online global crops (2B, 3, S, S), each crop forwarded alone through the whole online
-    network (BN sees one crop per image; the predictor runs too, as theirs); group_z: as train_step's."""
-    def z_of(crop):  # (B, D)
-        z = online([crop])[0]
-        return (z if group_z is None else group_z([crop])).float()
+    network (BN sees one crop per image; the predictor runs too, as theirs)."""
     for both_crops in global_crops:
-        bank.add(torch.stack([z_of(crop) for crop in both_crops.chunk(2)]))  # (2, B, D)
+        bank.add(torch.stack([online([crop])[0].float() for crop in both_crops.chunk(2)]))  # (2, B, D)
 
 @torch.no_grad()
 def start_epoch(grouping, bank, online, target, kmeans_iters=10, generator=None):
@@ -370,16 +367,14 @@ def ema_(target, online, m):  # target ← m·target + (1−m)·online for every
 
 # ----- one training step -------------------------------------------------------------------------------------------
 def train_step(online, target, grouping, passes, opt, scaler, *, beta, tau, ema, accumulate=1, clip_grad=0.0,
-               autocast=nullcontext(), group_z=None):
+               autocast=nullcontext()):
     """One SMoG step: EMA, label with the target, update the groups with online z, contrast online p with them, step.
 
     online: OnlineNet (or DDP around one), target: its encoder's EMA copy, scaler: a GradScaler (enabled for fp16),
     ema: the target's momentum, clip_grad: max gradient norm (0: off). passes: `accumulate` Crops, made as each runs;
     as main_SMoG.py's --multi_forward, each is labelled and backpropagated alone (1/N of the gradient), the groups
-    move once, with every pass's z, before the last pass's loss, then one optimiser step. group_z: None, or a
-    function crops → z that the group update and the bank see instead of the trained forward's z (Part 2: the
-    online encoder without stochastic depth, as the authors'). Returns device tensors (no host sync): mean loss,
-    counts (H, K), online global z (2, N·B, D), whether GradScaler skipped the step."""
+    move once, with every pass's z, before the last pass's loss, then one optimiser step. Returns device tensors
+    (no host sync): mean loss, counts (H, K), online global z (2, N·B, D), whether GradScaler skipped the step."""
     h, k = grouping.centroids.shape[:2]
     module = getattr(online, "module", online)  # the OnlineNet itself, also inside DDP
     # 0. target ← m·target + (1−m)·online, at the step's start as main_SMoG.py's model forward (update_k_encoder
@@ -398,8 +393,6 @@ def train_step(online, target, grouping, passes, opt, scaler, *, beta, tau, ema,
                 with torch.no_grad():
                     zt = target(target_crops)[:2 * b].float()  # (2B, D): global crops' z
                 z, p = online(online_crops)  # (C_online·B, D) each
-                if group_z is not None:
-                    z = group_z([crops.online_global])
             labels = grouping.assign(zt).view(h, 2, b)  # 1. y: nearest c_k before the update
             z_globals.append(z[:2 * b].detach().float().view(2, b, -1))  # (2, B, D)
             if last:  # 2. every pass's z moves the groups; head h with online global crop h mod 2
@@ -761,28 +754,28 @@ def make_online(cfg):
     """OnlineNet around a new cfg.arch backbone: ResNets' BN over sizes; the authors' Swin with their MLPs."""
     backbone, dim = BACKBONES[cfg.arch](cfg.drop_path)
     if cfg.arch == "swin_t_bn":
-        return OnlineNet(backbone, *swin_mlps(dim, cfg.hidden_dim, cfg.feat_dim), mlp_per_size=True)
+        return SwinOnlineNet(backbone, *swin_mlps(dim, cfg.hidden_dim, cfg.feat_dim), mlp_per_size=True)
     over_sizes = resnet_over_sizes if cfg.arch.startswith("resnet") else None  # the authors' BN over sizes
     return OnlineNet(backbone, *projector_and_predictor(dim, cfg.hidden_dim, cfg.feat_dim), over_sizes)
 
 def stochastic_depth(module):  # the module's stochastic-depth layers that drop (Swin's drop-path)
     return [m for m in module.modules() if isinstance(m, torchvision.ops.StochasticDepth) and m.p > 0]
 
-def without_stochastic_depth(encoder):
-    """train_step's group_z: the encoder without gradients and drop-path (None: it has none)."""
-    # What the authors' Swin groups and bank see (src/two_stream_network.py, TwoStreamNet.forward).
-    dropping = stochastic_depth(encoder)
-
-    @torch.no_grad()
-    def forward(crops):
+class SwinOnlineNet(OnlineNet):
+    """The authors' Swin online branch: the global crops' z, which the groups and the bank see, forwarded again
+    without drop-path or gradients (src/two_stream_network.py, TwoStreamNet.forward)."""
+    def forward(self, crops):
+        z, p = super().forward(crops)
+        dropping = stochastic_depth(self)
+        if not dropping:
+            return z, p
         for m in dropping:
             m.eval()
-        try:
-            return encoder(crops)
-        finally:
-            for m in dropping:
-                m.train()
-    return forward if dropping else None
+        with torch.no_grad():
+            z_global = self.encoder(crops[:1])  # (n_0, D), its BNs in training mode as the authors'
+        for m in dropping:
+            m.train(self.training)
+        return torch.cat([z_global, z[len(z_global):]]), p
 
 # The authors' Swin keeps these out of weight decay with the biases and norms (src/optimizer.py)
 NO_DECAY = ("relative_position_bias_table", "absolute_pos_embed")
@@ -1214,7 +1207,6 @@ class RunState:
         self.target = target_of(self.online)
         for m in stochastic_depth(self.target):  # the authors' target has no drop-path
             m.p = 0.0
-        self.group_z = without_stochastic_depth(self.online.encoder)  # what the groups and bank see (Swin), or None
         for net in (self.online, self.target) if cfg.compile else []:  # in place: no "_orig_mod." prefixes in keys
             net.compile(dynamic=False)
         self.grouping = MomentumGrouping(cfg.num_groups, cfg.feat_dim, cfg.num_heads).to(device)
@@ -1693,10 +1685,10 @@ def train(cfg):
             run.resume(resume, cfg, data)
         else:
             with autocast:
-                fill_bank(run.online, run.bank, data.global_crops(), run.group_z)
+                fill_bank(run.online, run.bank, data.global_crops())
         passes_per_epoch, total_steps = data.passes_per_epoch, cfg.epochs * data.steps_per_epoch
         peak_lr = cfg.lr * data.global_batch / 256
-        hyper = dict(step_hyperparameters(cfg), autocast=autocast, group_z=run.group_z)
+        hyper = dict(step_hyperparameters(cfg), autocast=autocast)
         held_out = load_dataset(cfg, "val") if rank() == 0 and (cfg.knn or cfg.eval_every) else None
         checkpoint = os.path.join(cfg.out_dir, "checkpoint.pt")
         bad_step = torch.full((), -1, dtype=torch.long, device=device)  # the first step with a non-finite loss

@@ -78,7 +78,7 @@ def multicrop(images, step, recipe):
 def step_of(cfg, run, passes, beta=0.9):
     """train_step on `passes` with the config's hyperparameters."""
     return smog.train_step(run.online_ddp, run.target, run.grouping, passes, run.opt, run.scaler, beta=beta,
-                           group_z=run.group_z, **smog.step_hyperparameters(cfg))
+                           **smog.step_hyperparameters(cfg))
 
 
 def one_step(cfg, run, step=0):
@@ -765,18 +765,22 @@ def test_swin_update_and_bank_see_the_online_z_without_drop_path():
     assert smog.stochastic_depth(run.online) and not smog.stochastic_depth(run.target)  # the target has none
     crops = multicrop(smog.synthetic_shapes(4, seed=1)[0], 0, smog.crop_recipe(cfg))
     before = copy.deepcopy(run.online)
-    expected = smog.without_stochastic_depth(before.encoder)([crops[0]])  # (2B, D), weights before the step
+    for m in smog.stochastic_depth(before):
+        m.eval()
+    expected = before.encoder([crops[0]]).detach()  # (2B, D), weights before the step, without drop-path
     _, _, z_global, _ = step_of(cfg, run, [crops])
     assert torch.allclose(z_global.flatten(0, 1), expected, atol=1e-5)
+    for m in smog.stochastic_depth(before):
+        m.train()
     torch.manual_seed(1)
     assert not torch.allclose(before.encoder([crops[0]]), expected, atol=1e-3)  # drop-path on: another z
-    # The initial bank, through the same hook (the authors' init_memory runs without drop-path): the same z twice.
+    # The initial bank, through the same forward (the authors' init_memory runs without drop-path): the same z twice.
     banks = []
-    for group_z in (run.group_z, run.group_z, None):
+    for _ in range(2):
         bank = smog.MemoryBank(4, cfg.feat_dim, "cpu")
-        smog.fill_bank(run.online, bank, [crops[0]], group_z)
+        smog.fill_bank(run.online, bank, [crops[0]])
         banks.append(bank.feats)
-    assert torch.equal(banks[0], banks[1]) and not torch.allclose(banks[0], banks[2], atol=1e-3)
+    assert torch.equal(banks[0], banks[1])
 
 
 def test_swin_block_and_mlps_are_the_authors():
