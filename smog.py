@@ -440,16 +440,14 @@ def option(default, help, section=None, auto=None):
 class Config:
     """Every setting of a run. None means automatic (`auto` on the command line), 0 means off where a field says so."""
     preset: str = option("tiny", "the recipe to start from (listed below); flags given override it", section="run")
-    data: str = option("synthetic", "synthetic (embedded) | cifar10 (downloaded) | PATH to class folders, or to "
-                       "train/ and val/")
+    data: str = option("synthetic", "synthetic | cifar10 (downloaded) | PATH to class folders, or to train/, val/")
     out_dir: str = option("out", "where checkpoint.pt, log.jsonl and the lock go")
     epochs: int = option(400, "passes over the training split")
     batch_size: int = option(64, "images per process and pass; the global batch: batch_size × processes × accumulate")
     accumulate: int = option(1, "forward passes per optimiser step (the authors' --multi_forward): fewer GPUs")
     workers: int | None = option(None, "loader processes per training process", auto="the cores / processes")
     seed: int = option(0, "the seed of weights, groups, data order, crops and the embedded data set")
-    resume: str | None = option(None, "the checkpoint to continue (a new run: a new --out-dir)",
-                                auto="out_dir/checkpoint.pt")
+    resume: str | None = option(None, "the checkpoint to continue", auto="out_dir/checkpoint.pt, if any")
     stop_after: int = option(0, "leave after this many epochs of this job, resumable (time-limited jobs); 0: off")
     checkpoint_every: int = option(0, "also checkpoint every N steps (what a killed process loses); 0: epoch ends")
     dist_timeout: int = option(300, "seconds a process waits for the others in a collective before it fails")
@@ -462,14 +460,12 @@ class Config:
     num_local: int = option(4, "local crops per image (online; the target forwards as many)")
     target_local: bool = option(True, "the target forwards local crops too; they join only its BN statistics")
     blur_sigma: tuple[float, float] = option((0.1, 2.0), "range of the Gaussian blur's σ, in pixels of the crop")
-    invert: float | None = option(0.0, "not in the paper: the probability of a crop's negative 1 − x", auto="0.5 for "
-                                  "--data synthetic (shapes of both polarities), else 0")
+    invert: float | None = option(0.0, "not in the paper: a crop's chance of its negative", auto="0.5 on synthetic")
     arch: str = option("resnet50", "the backbone (listed below)", section="networks")
     feat_dim: int = option(128, "dimension D of z, p and the centroids")
     hidden_dim: int = option(2048, "hidden width of the projector and the predictor")
     drop_path: float = option(0.0, "stochastic depth of the online backbone (Swin: 0.2), not of the target's")
-    ema: float = option(0.999, "the target's momentum m: target ← m·target + (1−m)·online at each step's start; "
-                        "lower it (0.99) for short runs")
+    ema: float = option(0.999, "m: target ← m·target + (1−m)·online at each step's start; 0.99 for short runs")
     num_groups: int = option(3000, "K, centroids per group set", section="momentum grouping and loss")
     num_heads: int = option(3, "H, independent group sets (the paper's heads)")
     tau: float = option(0.1, "τ, the temperature of the group logits")
@@ -477,8 +473,7 @@ class Config:
     beta_end: float = option(0.99, "β at the last step")
     kmeans_iters: int = option(10, "spherical k-means iterations at every epoch start")
     optimizer: str = option("lars", "lars (ResNets) | adamw (Transformers)", section="optimisation")
-    lr: float = option(0.3, "peak learning rate per 256 images of global batch (the paper's 4.8 at 4096); lower it "
-                       "if the loss does not decrease")
+    lr: float = option(0.3, "peak learning rate per 256 images of global batch (the paper's 4.8 at 4096)")
     start_lr: float = option(0.01, "learning rate at step 0, warmed up linearly to the peak")
     final_lr: float = option(0.0048, "learning rate at the last step, after the cosine decay")
     warmup_epochs: int = option(10, "epochs of linear warm-up; raise it if the loss becomes NaN early")
@@ -487,8 +482,8 @@ class Config:
     lars_eta: float = option(0.001, "LARS trust coefficient; lower it if the loss does not decrease at large batch")
     clip_grad: float = option(0.0, "max gradient norm; 0: off")
     exclude_1d: bool = option(False, "no decay or LARS on biases, norms, position tables (the authors' Swin only)")
-    precision: str | None = option(None, "fp16 | bf16 | fp32: autocast of the networks; grouping and loss in fp32",
-                                   section="system", auto="fp16 on CUDA, bf16 on CPUs with native bf16, else fp32")
+    precision: str | None = option(None, "fp16 | bf16 | fp32: autocast of the networks", section="system",
+                                   auto="fp16 on CUDA, bf16 on CPUs with native bf16, else fp32")
     channels_last: bool = option(True, "NHWC memory layout: the one tensor cores and oneDNN's convolutions prefer")
     compile: bool = option(False, "torch.compile the online and target networks (minutes of compilation)")
     log_every: int = option(20, "steps between log lines")
@@ -1169,15 +1164,13 @@ def copied_ahead(batches, device):
                                                      else x for x in batch)
 
 # ----- the run state and its checkpoints ---------------------------------------------------------------------------
-def native_bf16_cpu():  # whether this CPU computes bf16 natively (AMX or AVX512-BF16): bf16 autocast beats fp32
-    return any(torch.cpu.get_capabilities().get(name) for name in ("amx_bf16", "avx512_bf16"))
-
 def resolve_precision(cfg, device):
     """(name, autocast context, GradScaler): by default fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
     # fp16 rather than bf16 on CUDA: cuDNN runs fp16 BatchNorm, bf16 falls back to slower kernels. CPUs without AMX
     # or AVX512-BF16 emulate bf16, so fp32 stays their default. The scaler costs no host sync: LARS and fused AdamW
     # take its overflow flag as a tensor.
-    precision = cfg.precision or ("fp16" if device.type == "cuda" else "bf16" if native_bf16_cpu() else "fp32")
+    native_bf16 = any(torch.cpu.get_capabilities().get(name) for name in ("amx_bf16", "avx512_bf16"))
+    precision = cfg.precision or ("fp16" if device.type == "cuda" else "bf16" if native_bf16 else "fp32")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else nullcontext())
     return precision, autocast, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -1223,6 +1216,10 @@ class RunState:
     def elapsed_s(self):  # wall-clock seconds of the run so far, over all its jobs: what log.jsonl's curves plot
         return self.seconds_before + time.time() - self.started
 
+    def parts(self):  # what a checkpoint holds a state_dict of
+        return dict(online=self.online, target=self.target, grouping=self.grouping, optimizer=self.opt,
+                    scaler=self.scaler)
+
     def save(self, path, cfg, data):
         """Writes the run to path (a collective: banks gathered to rank 0): aside, read back, the old one kept."""
         banks = gather_to_0(self.bank.feats)  # (processes, 2, M, D) on rank 0
@@ -1233,10 +1230,8 @@ class RunState:
             with open_in_out_dir(tmp, "wb") as f:
                 torch.save(dict(config=dataclasses.asdict(cfg), epoch=self.epoch, step=self.step,
                                 epoch_step=self.epoch_step, processes=world_size(), num_images=len(data.labels),
-                                data_fingerprint=data.fingerprint, online=self.online.state_dict(),
-                                target=self.target.state_dict(), grouping=self.grouping.state_dict(),
-                                optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(), banks=banks.cpu(),
-                                bank_filled=self.bank.filled, elapsed_s=self.elapsed_s()), f)
+                                data_fingerprint=data.fingerprint, banks=banks.cpu(), bank_filled=self.bank.filled,
+                                elapsed_s=self.elapsed_s(), **{k: v.state_dict() for k, v in self.parts().items()}), f)
             read_checkpoint(tmp)
             if os.path.lexists(path):
                 os.replace(path, previous_of(path))  # renames whatever is there, a link too: nothing written through
@@ -1250,14 +1245,12 @@ class RunState:
                 os.remove(tmp)
 
     def load(self, state):  # copies a checkpoint into the run, this process's bank included
-        for name, part in dict(online=self.online, target=self.target, grouping=self.grouping,
-                               optimizer=self.opt).items():
+        parts = self.parts()
+        if bool(state["scaler"]) != self.scaler.is_enabled():  # a disabled GradScaler's state is empty
+            log("--precision: fp16 in the checkpoint or in this run, not both: a fresh scaler")
+            del parts["scaler"]
+        for name, part in parts.items():
             part.load_state_dict(state[name])
-        if bool(state["scaler"]) == self.scaler.is_enabled():  # a disabled GradScaler's state is empty
-            self.scaler.load_state_dict(state["scaler"])
-        else:
-            log(f"--precision: the checkpoint was written {'with' if state['scaler'] else 'without'} fp16's "
-                f"GradScaler, this run is {'' if self.scaler.is_enabled() else 'not '}fp16: a fresh scaler")
         self.epoch = state["epoch"]
         self.step = state["step"]
         self.epoch_step = state["epoch_step"]
@@ -1569,14 +1562,11 @@ def open_log(cfg):
     return jsonl
 
 class Progress:
-    """The log line every cfg.log_every steps, on the console and in log.jsonl; clock: the run's elapsed seconds."""
-    def __init__(self, cfg, total_steps, jsonl, first_step, scaler, clock):
-        self.cfg = cfg
-        self.total_steps = total_steps
-        self.jsonl = jsonl  # rank 0's log.jsonl, None on the other processes
-        self.first_step = first_step  # this job's first step, for the ETA
-        self.scaler = scaler
-        self.clock = clock
+    """The log line every cfg.log_every steps of a run, on the console and in log.jsonl (rank 0's; None elsewhere)."""
+    def __init__(self, cfg, run, total_steps, jsonl):
+        self.cfg, self.run = cfg, run
+        self.total_steps, self.jsonl = total_steps, jsonl
+        self.first_step = run.step  # this job's first step, for the ETA
         self.t_start = self.t_log = time.time()
         self.data_time = self.images = self.bad_images = self.skipped = self.counts = 0  # this interval's
 
@@ -1592,40 +1582,34 @@ class Progress:
     def add(self, counts, skipped):  # one step's group counts (H, K) and skip flag, summed on the device
         self.counts, self.skipped = self.counts + counts, self.skipped + skipped
 
-    def report(self, step, epoch, loss, lr, beta):  # prints and records one interval's figures (one wait for the GPU)
+    def report(self, epoch, loss, lr, beta):  # prints and records one interval's figures (one wait for the GPU)
+        step, scaler = self.run.step, self.run.scaler
         # group health: groups used per head, and the assignments' entropy in nats (at most log K), heads averaged
         prob = self.counts / self.counts.sum(1, keepdim=True).clamp(min=1)  # (H, K)
         used = (self.counts > 0).sum(1).float().mean().item()
         entropy = -(prob * prob.clamp(min=1e-12).log()).sum(1).mean().item()
-        elapsed, fp16 = time.time() - self.t_log, self.scaler.is_enabled()
+        seconds = time.time() - self.t_log
         eta = (time.time() - self.t_start) / max(1, step - self.first_step) * (self.total_steps - step)
-        r = dict(step=step, epoch=epoch, loss=loss.item(), lr=lr, beta=beta, img_per_s=self.images / elapsed,
-                 data_time=self.data_time / elapsed, groups_used=used, assign_entropy=entropy,
-                 assign_entropy_max=math.log(self.cfg.num_groups), eta_s=eta, bad_images=self.bad_images,
-                 skipped_steps=int(self.skipped) if fp16 else 0, grad_scale=self.scaler.get_scale() if fp16 else None,
+        fp16 = dict(skipped_steps=int(self.skipped), grad_scale=scaler.get_scale()) if scaler.is_enabled() else {}
+        r = dict(step=step, epoch=epoch, loss=loss.item(), lr=lr, beta=beta, img_per_s=self.images / seconds,
+                 data_time=self.data_time / seconds, groups_used=used, assign_entropy=entropy,
+                 assign_entropy_max=math.log(self.cfg.num_groups), eta_s=eta, bad_images=self.bad_images, **fp16,
                  **(dict(gpu_mem_gib=torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else {}))
         log(f"step {step}/{self.total_steps} | epoch {epoch} | loss {r['loss']:.4f} | lr {lr:.4f} | β {beta:.4f} | "
             f"{r['img_per_s']:.0f} img/s | data {100 * r['data_time']:.0f}% | groups used {used:.0f}/"
             f"{self.cfg.num_groups}, entropy {entropy:.2f}/{r['assign_entropy_max']:.2f} | "
             # under fp16, a scale that keeps falling with many skips means gradients that keep overflowing
-            + (f"fp16 steps skipped {r['skipped_steps']}, scale {r['grad_scale']:g} | " if fp16 else "")
+            + (f"fp16 steps skipped {fp16['skipped_steps']}, scale {fp16['grad_scale']:g} | " if fp16 else "")
             + (f"unreadable images {self.bad_images} (replaced) | " if self.bad_images else "")
             + f"ETA {datetime.timedelta(seconds=round(eta))}")
         self.write(r)
         self.t_log = time.time()  # each log line counts its own interval
         self.data_time = self.images = self.bad_images = self.skipped = self.counts = 0
 
-    def write(self, record):  # one line of log.jsonl (rank 0's)
+    def write(self, record):  # one line of log.jsonl, with the run's elapsed seconds over all its jobs
         if self.jsonl:
-            self.jsonl.write(json.dumps({**record, "elapsed_s": round(self.clock(), 1)}) + "\n")
+            self.jsonl.write(json.dumps({**record, "elapsed_s": round(self.run.elapsed_s(), 1)}) + "\n")
             self.jsonl.flush()
-
-def parameter_counts(cfg):
-    """Millions of parameters of the networks a config builds (made on the meta device: nothing is allocated)."""
-    with torch.device("meta"):
-        online = make_online(cfg)
-    parts = dict(backbone=online.encoder.backbone, projector=online.encoder.projector, predictor=online.predictor)
-    return {name: round(sum(p.numel() for p in part.parameters()) / 1e6, 2) for name, part in parts.items()}
 
 def plot_curves(out_dir):
     """Draws out_dir/log.jsonl as out_dir/curves.png; returns its path and the damaged lines skipped."""
@@ -1696,7 +1680,7 @@ def train(cfg):
         first_epoch = run.epoch  # this job's, for --stop-after
         stop = None  # why the run leaves before its end: "signal" or "stop-after"
         with open_log(cfg) as jsonl, catch_preemption() as caught, collective_failures_in_one_line(run, cfg):
-            progress = Progress(cfg, total_steps, jsonl, run.step, scaler, run.elapsed_s)
+            progress = Progress(cfg, run, total_steps, jsonl)
             batches = progress.timed(data.batches(range(run.epoch, cfg.epochs), run.epoch_step * cfg.accumulate))
             for epoch in range(run.epoch, cfg.epochs):
                 if run.epoch_step == 0:  # ----- the epoch start: c_k ← k-means of last epoch's bank, target ← online
@@ -1727,7 +1711,7 @@ def train(cfg):
                     if report or save:
                         stop_if_diverged(bad_step, run, start_norm)
                     if report:
-                        progress.report(run.step, epoch, loss, lr, beta)
+                        progress.report(epoch, loss, lr, beta)
                     if save:
                         run.save(checkpoint, cfg, data)
                 if run.epoch_step < data.steps_per_epoch:  # stopped mid-epoch, with its checkpoint
@@ -1763,7 +1747,6 @@ def main(argv=None):
         print(printable(f"wrote {path}" + (f" ({damaged} damaged lines of log.jsonl skipped)" if damaged else "")))
     elif args.print_config:
         print(config_text(cfg, indent=2))
-        print(f"parameters (millions): {json.dumps(parameter_counts(cfg))}")
     else:
         signal.signal(signal.SIGTERM, interrupted)  # outside the training loop (data, the bank, kNN): one line
         signal.signal(signal.SIGINT, interrupted)
