@@ -10,11 +10,8 @@ At every epoch start the groups are re-clustered by spherical k-means on a bank 
     python smog.py                                   # tiny preset: embedded data set, small ResNet, CPU, minutes
     torchrun --standalone --nproc_per_node=gpu --max-restarts=3 smog.py --preset imagenet-r50 --data /path/to/imagenet
 
-Part 1, "SMoG", is the whole method, with torch and torchvision alone, for any backbone: the algorithm →
-collectives → the multi-crop recipe → networks → MomentumGrouping and the memory bank → the epoch start → the loss →
-LARS, schedules, EMA → train_step. Part 2, "Trainer", from its banner: config, backbones, data, the batched
-augmentation, feeding the device, the run state, processes and faults, reports, train(). "The authors' code" is the
-paper's released main_SMoG.py and src/.
+Part 1, "SMoG", is the whole method for any backbone, with torch and torchvision alone; Part 2, "Trainer", makes it
+a program. "The authors' code" is the paper's released main_SMoG.py and src/.
 """
 import copy
 import functools
@@ -588,11 +585,12 @@ def parse_command(argv=None):
     if preset not in PRESETS:
         fail(f"--preset {preset!r} is unknown (choose from {', '.join(PRESETS)})")
     cfg = Config(**{**PRESETS[preset][1], **given, "preset": preset})
-    check_config(cfg)
     automatic = dict(invert=0.5 if cfg.data == "synthetic" else 0.0,  # the embedded data set's, not the preset's
-                     eval_every=max(1, cfg.epochs // 10),
+                     eval_every=max(1, abs(cfg.epochs) // 10),
                      workers=max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    return dataclasses.replace(cfg, **{k: v for k, v in automatic.items() if getattr(cfg, k) is None}), args
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in automatic.items() if getattr(cfg, k) is None})
+    check_config(cfg)
+    return cfg, args
 
 def crop_recipe(cfg):  # Part 1's CropRecipe of a config
     return CropRecipe(**{name: getattr(cfg, name) for name in CropRecipe._fields})
@@ -617,14 +615,11 @@ def check_config(cfg):  # rejects values the run cannot use, naming the flag
          "num_groups num_heads log_every dist_timeout"),
         (lambda v: v >= 2, "must be at least 2 (BatchNorm needs two images a pass)", "batch_size"),
         (lambda v: v >= 0, "must be at least 0", "num_local kmeans_iters warmup_epochs stop_after checkpoint_every "
-         "start_lr final_lr weight_decay clip_grad"),
-        (lambda v: v is None or v >= 0, "must be at least 0 (or auto)", "eval_every"),
-        (lambda v: v is None or 0 <= v <= 256, "must lie in [0, 256] (or auto)", "workers"),
+         "start_lr final_lr weight_decay clip_grad eval_every"),
+        (lambda v: 0 <= v <= 256, "must lie in [0, 256]", "workers"),
         (lambda v: 0 <= v < 2**62, "must lie in [0, 2^62) (seeds are 64-bit)", "seed"),
-        (lambda v: 1 <= v <= 2_000_000, "must lie in [1, 2000000] (2M images of 32x32 take 6 GiB)",
-         "synthetic_size"),
-        (lambda v: v is None or 0 <= v <= 1, "must lie in [0, 1] (or auto)", "invert"),
-        (lambda v: 0 <= v <= 1, "must lie in [0, 1]", "ema beta_start beta_end drop_path momentum"),
+        (lambda v: 1 <= v <= 2_000_000, "must lie in [1, 2000000] (2M images take 6 GiB)", "synthetic_size"),
+        (lambda v: 0 <= v <= 1, "must lie in [0, 1]", "ema beta_start beta_end drop_path momentum invert"),
         (lambda v: v > 0, "must be positive", "tau lr lars_eta"),
         (lambda v: 0 < v[0] <= v[1] <= 1, "needs 0 < low <= high <= 1", "global_scale local_scale"),
         (lambda v: 0 < v[0] <= v[1], "needs 0 < low <= high", "blur_sigma"),
@@ -1748,8 +1743,8 @@ def main(argv=None):
     elif args.print_config:
         print(config_text(cfg, indent=2))
     else:
-        signal.signal(signal.SIGTERM, interrupted)  # outside the training loop (data, the bank, kNN): one line
-        signal.signal(signal.SIGINT, interrupted)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # outside the training loop (data, the bank, kNN): one line
+            signal.signal(sig, interrupted)
         try:
             train(cfg)
         except KeyboardInterrupt as e:
