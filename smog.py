@@ -1585,16 +1585,17 @@ class Progress:
         entropy = -(prob * prob.clamp(min=1e-12).log()).sum(1).mean().item()
         seconds = time.time() - self.t_log
         eta = (time.time() - self.t_start) / max(1, step - self.first_step) * (self.total_steps - step)
-        fp16 = dict(skipped_steps=int(self.skipped), grad_scale=scaler.get_scale()) if scaler.is_enabled() else {}
+        fp16 = scaler.is_enabled()
         r = dict(step=step, epoch=epoch, loss=loss.item(), lr=lr, beta=beta, img_per_s=self.images / seconds,
                  data_time=self.data_time / seconds, groups_used=used, assign_entropy=entropy,
-                 assign_entropy_max=math.log(self.cfg.num_groups), eta_s=eta, bad_images=self.bad_images, **fp16,
+                 assign_entropy_max=math.log(self.cfg.num_groups), eta_s=eta, bad_images=self.bad_images,
+                 skipped_steps=int(self.skipped) if fp16 else 0, grad_scale=scaler.get_scale() if fp16 else None,
                  **(dict(gpu_mem_gib=torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else {}))
         log(f"step {step}/{self.total_steps} | epoch {epoch} | loss {r['loss']:.4f} | lr {lr:.4f} | β {beta:.4f} | "
             f"{r['img_per_s']:.0f} img/s | data {100 * r['data_time']:.0f}% | groups used {used:.0f}/"
             f"{self.cfg.num_groups}, entropy {entropy:.2f}/{r['assign_entropy_max']:.2f} | "
             # under fp16, a scale that keeps falling with many skips means gradients that keep overflowing
-            + (f"fp16 steps skipped {fp16['skipped_steps']}, scale {fp16['grad_scale']:g} | " if fp16 else "")
+            + (f"fp16 steps skipped {r['skipped_steps']}, scale {r['grad_scale']:g} | " if fp16 else "")
             + (f"unreadable images {self.bad_images} (replaced) | " if self.bad_images else "")
             + f"ETA {datetime.timedelta(seconds=round(eta))}")
         self.write(r)
