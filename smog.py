@@ -586,7 +586,7 @@ def parse_command(argv=None):
         fail(f"--preset {preset!r} is unknown (choose from {', '.join(PRESETS)})")
     cfg = Config(**{**PRESETS[preset][1], **given, "preset": preset})
     automatic = dict(invert=0.5 if cfg.data == "synthetic" else 0.0,  # the embedded data set's, not the preset's
-                     eval_every=max(1, abs(cfg.epochs) // 10),
+                     eval_every=max(1, cfg.epochs // 10),
                      workers=max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     cfg = dataclasses.replace(cfg, **{k: v for k, v in automatic.items() if getattr(cfg, k) is None})
     check_config(cfg)
