@@ -2,7 +2,7 @@
 
     python bench.py                        # GPU: ResNet-50, paper recipe, 128 images; CPU: the same paths at tiny sizes
     python bench.py --arch resnet50 --batch-size 128 --steps 30 --out results.json
-    python bench.py --precision fp16 --skip c,d     # GPU: the other precision; --compile: with torch.compile
+    python bench.py --precision fp16 --skip c,d     # GPU: the other precision
     python bench.py --acceptance OUT_DIR            # GPU acceptance: speed, then fp16 training runs (see acceptance)
 
 Measures, in one process:
@@ -69,8 +69,6 @@ def bench_ceiling(cfg, device, autocast, steps, warmup):
     backbone = smog.BACKBONES[cfg.arch](cfg.drop_path)[0].to(device)
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        backbone.compile(dynamic=False)
     g, loc, t, t_loc = (None if x is None else smog.channels_last(x, cfg) for x in fake_crops(cfg, device))
 
     def run():
@@ -85,9 +83,13 @@ def bench_ceiling(cfg, device, autocast, steps, warmup):
     return timed(run, steps, warmup, device)
 
 
+def step_hyperparameters(cfg):  # train_step's keyword arguments of a config, but β
+    return dict(tau=cfg.tau, ema=cfg.ema, accumulate=cfg.accumulate, clip_grad=cfg.clip_grad)
+
+
 def bench_step(cfg, device, autocast, scaler, steps, warmup, profile=""):
     """(b) the full training step of smog.py on fixed device tensors; profile: write its top operators there."""
-    run, hyper = smog.RunState(cfg, device, scaler=scaler), smog.step_hyperparameters(cfg)
+    run, hyper = smog.RunState(cfg, device, scaler=scaler), step_hyperparameters(cfg)
     crops = smog.Crops(*(None if x is None else smog.channels_last(x, cfg) for x in fake_crops(cfg, device)))
 
     def step():
@@ -221,7 +223,7 @@ def bench_e2e(cfg, device, autocast, scaler, steps, warmup, root):
     warmup, steps = max(warmup, cfg.workers), max(steps, 3 * cfg.workers)
     cfg = dataclasses.replace(cfg, data=root, accumulate=1, epochs=10**6)  # streamed
     data = smog.TrainData(cfg, device)
-    run, hyper = smog.RunState(cfg, device, scaler=scaler), smog.step_hyperparameters(cfg)
+    run, hyper = smog.RunState(cfg, device, scaler=scaler), step_hyperparameters(cfg)
     for step, batch in zip(range(warmup + steps), data.batches(range(cfg.epochs))):
         if step == warmup:
             if device.type == "cuda":
@@ -281,7 +283,6 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=20 if cuda else 3)
     parser.add_argument("--warmup", type=int, default=5 if cuda else 1)
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])  # smog.py's
-    parser.add_argument("--compile", action="store_true", help="torch.compile the networks, as smog.py --compile")
     parser.add_argument("--images", type=int, default=0, help="JPEGs to generate for (c); default 4 batches")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: a, b, bn, c, d")
@@ -310,8 +311,6 @@ def measure(args):
              "--workers", str(args.workers)]
     if args.arch:
         flags += ["--arch", args.arch]
-    if args.compile:
-        flags += ["--compile"]
     cfg = smog.parse_command(flags)[0]
     device = smog.setup_device()  # as smog.py picks it (and sets up the CPU allocator as it does)
     if cuda:
@@ -323,7 +322,7 @@ def measure(args):
         open(args.profile, "w").close()  # the parts append their tables
     b = cfg.batch_size
     result = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, arch=cfg.arch,
-                  batch_size=b, precision=precision, compile=cfg.compile, workers=cfg.workers,
+                  batch_size=b, precision=precision, workers=cfg.workers,
                   crops=f"2x{cfg.global_size}+{cfg.num_local}x{cfg.local_size} online, 2x{cfg.global_size}"
                   + (f"+{cfg.num_local}x{cfg.local_size}" if cfg.target_local and cfg.num_local else "") + " target",
                   num_groups=cfg.num_groups, num_heads=cfg.num_heads)
@@ -438,7 +437,7 @@ def train_and_read(name, flags, limit, out_dir, work_dir):
             f.writelines(json.dumps(r) + "\n" for r in records)
     steps = [r for r in records if "loss" in r]
     losses = [r["loss"] for r in steps]
-    knn = next((r for r in records if "knn_top1_random_init" in r), {})
+    knn = ([r for r in records if "knn_top1" in r] or [{}])[-1]  # the final report
     rates = [r["img_per_s"] for r in steps[1:]] or [r["img_per_s"] for r in steps]
     waits = [r["data_time"] for r in steps]  # each log interval's share of time spent waiting for the loader
     return dict(command="python smog.py " + " ".join(flags), exit=rc, seconds=round(seconds, 1),
@@ -449,8 +448,18 @@ def train_and_read(name, flags, limit, out_dir, work_dir):
                 img_per_s=float(np.median(rates)) if rates else None,
                 data_wait_mean=float(np.mean(waits)) if waits else None, data_wait_max=max(waits, default=None),
                 peak_gpu_mem_gib=max((r["gpu_mem_gib"] for r in steps if "gpu_mem_gib" in r), default=None),
-                knn_top1=knn.get("knn_top1"), knn_top1_random_init=knn.get("knn_top1_random_init"),
+                knn_top1=knn.get("knn_top1"),
                 console_tail=console.strip().splitlines()[-3:])
+
+
+def random_init_knn(flags):
+    """kNN top-1 of the backbone of a run with these flags at random init (its seed): what its training must beat."""
+    cfg, cpu = smog.parse_command(flags)[0], torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    backbone = smog.BACKBONES[cfg.arch](0.0)[0]
+    (train, train_labels, _), (val, val_labels, _) = (smog.load_dataset(cfg, split) for split in ("train", "val"))
+    feats = [smog.extract_features(backbone, images, cfg, cpu) for images in (train, val)]
+    return smog.knn_top1(feats[0], train_labels, feats[1], val_labels)
 
 
 def acceptance(args):
@@ -474,6 +483,7 @@ def acceptance(args):
         for name, flags, limit in acceptance_runs(cuda, data_root):
             print(f"acceptance: training {name}: python smog.py {' '.join(flags)}", flush=True)
             runs[name] = run = train_and_read(name, flags, limit, out_dir, work)
+            run["knn_top1_random_init"] = random_init_knn(flags) if name == "tiny" else None
             checks[f"{name}_finished"] = run["exit"] == 0
             checks[f"{name}_loss_finite"] = run["finite"]
             checks[f"{name}_skipped_steps_counted"] = run["grad_scale"] is not None

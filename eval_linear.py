@@ -40,7 +40,6 @@ EXPORT_INTO = {
     "resnet18_cifar": "m = torchvision.models.resnet18(); m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); "
                       "m.maxpool = torch.nn.Identity(); m.fc = torch.nn.Identity()",
     "resnet50": "m = torchvision.models.resnet50(); m.fc = torch.nn.Identity()",
-    "swin_t": "m = torchvision.models.swin_t(); m.head = torch.nn.Identity()",
 }
 
 

@@ -420,7 +420,7 @@ def overflowed(parameters):
 # ===================================================================================================================
 # Part 2 — Trainer: config, backbones, data, batched augmentation, feeding the device, run state, faults, reports
 # ===================================================================================================================
-import argparse, ctypes, dataclasses, datetime, errno, fcntl, hashlib, itertools, json, re, socket, stat
+import argparse, ctypes, dataclasses, datetime, errno, fcntl, hashlib, json, socket, stat
 import time, types, zipfile
 from contextlib import contextmanager, suppress
 
@@ -429,8 +429,7 @@ import PIL.Image
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 # ----- config: one dataclass, presets on top of it, explicit flags on top of the preset; one-line messages ---------
-def option(default, help, section=None, auto=None):
-    """A Config field: its default, its --help line, the --help section it opens, and what `auto` (None) means."""
+def option(default, help, section=None, auto=None):  # a Config field, its --help line and section, what auto means
     return dataclasses.field(default=default, metadata=dict(help=help, section=section, auto=auto))
 
 @dataclasses.dataclass
@@ -445,7 +444,6 @@ class Config:
     workers: int | None = option(None, "loader processes per training process", auto="the cores / processes")
     seed: int = option(0, "the seed of weights, groups, data order, crops and the embedded data set")
     resume: str | None = option(None, "the checkpoint to continue", auto="out_dir/checkpoint.pt, if any")
-    stop_after: int = option(0, "leave after this many epochs of this job, resumable (time-limited jobs); 0: off")
     checkpoint_every: int = option(0, "also checkpoint every N steps (what a killed process loses); 0: epoch ends")
     dist_timeout: int = option(300, "seconds a process waits for the others in a collective before it fails")
     synthetic_size: int = option(8000, "training images of the embedded data set (its held-out split has 2000)")
@@ -482,7 +480,6 @@ class Config:
     precision: str | None = option(None, "fp16 | bf16 | fp32: autocast of the networks", section="system",
                                    auto="fp16 on CUDA, bf16 on CPUs with native bf16, else fp32")
     channels_last: bool = option(True, "NHWC memory layout: the one tensor cores and oneDNN's convolutions prefer")
-    compile: bool = option(False, "torch.compile the online and target networks (minutes of compilation)")
     log_every: int = option(20, "steps between log lines")
     knn: bool = option(True, "kNN top-1 on the held-out split at the end (labels are used only for these reports)")
     eval_every: int | None = option(0, "also a kNN report every N epochs; 0: off", auto="about ten per run")
@@ -495,9 +492,8 @@ PRESETS = {  # name -> (one line for --help, what differs from Config's defaults
                   warmup_epochs=2, ema=0.996, log_every=100, invert=None, eval_every=None)),
     "cifar10-r18": ("CIFAR-10 (downloaded), ResNet-18 with a 3x3 stem on 32-px images, one GPU",
                     dict(data="cifar10", arch="resnet18_cifar", epochs=200, batch_size=256, workers=4, global_size=32,
-                         global_scale=(0.2, 1.0), local_size=16, local_scale=(0.05, 0.2), num_local=4,
-                         blur_sigma=(0.1, 0.5), hidden_dim=2048, num_groups=300, lr=1.2, start_lr=0.05,
-                         warmup_epochs=10, ema=0.99, exclude_1d=True, eval_every=None)),
+                         local_size=16, blur_sigma=(0.1, 0.5), num_groups=300, lr=1.2, start_lr=0.05, ema=0.99,
+                         exclude_1d=True, eval_every=None)),
     # The paper's recipes (the authors' scripts/pretrain/*.sh): batch 4096 = 64 GPUs × 64, 400 epochs.
     "imagenet-r50": ("the paper's ResNet-50 recipe: 400 epochs at batch 4096 (64 GPUs × 64)", dict()),
     "imagenet-r50w2": ("the paper's ResNet-50w2 (every width doubled), the same recipe", dict(arch="resnet50w2")),
@@ -535,8 +531,7 @@ def _parse_value(f, text):  # one command-line value of field f (pairs are writt
 def printable(text):  # text with control characters (newlines, terminal escapes) escaped, for the console
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
-def fail(message, prog="smog.py"):
-    """Ends the program with the one line "prog: error: message" (exit status 1): no stack trace for bad input."""
+def fail(message, prog="smog.py"):  # ends the program with one line "prog: error: message" (exit 1), no stack trace
     raise SystemExit(f"{prog}: error: {printable(message)}")
 
 def log(*args):  # prints one escaped line on rank 0 only
@@ -560,11 +555,9 @@ def parse_command(argv=None):
         text += f"; auto: {f.metadata['auto']}" if f.metadata["auto"] else ""
         tiny = PRESETS["tiny"][1].get(f.name, f.default)
         text = (text + (f"; tiny preset: {_shown(tiny)})" if tiny != f.default else ")")).replace("%", "%%")
-        if f.type is bool:
-            group.add_argument(_flag(f.name), default=None, action=argparse.BooleanOptionalAction, help=text)
-        else:
-            metavar = "LOW,HIGH" if _kind(f) == tuple[float, float] else _kind(f).__name__.upper()
-            group.add_argument(_flag(f.name), default=None, metavar=metavar, help=text)
+        how = (dict(action=argparse.BooleanOptionalAction) if f.type is bool else
+               dict(metavar="LOW,HIGH" if _kind(f) == tuple[float, float] else _kind(f).__name__.upper()))
+        group.add_argument(_flag(f.name), default=None, help=text, **how)
     actions = parser.add_argument_group("one-off actions")
     actions.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     actions.add_argument("--plot", metavar="OUT_DIR", default="",
@@ -595,9 +588,6 @@ def parse_command(argv=None):
 def crop_recipe(cfg):  # Part 1's CropRecipe of a config
     return CropRecipe(**{name: getattr(cfg, name) for name in CropRecipe._fields})
 
-def step_hyperparameters(cfg):  # train_step's hyperparameters of a config, but β (which follows its schedule)
-    return dict(tau=cfg.tau, ema=cfg.ema, accumulate=cfg.accumulate, clip_grad=cfg.clip_grad)
-
 def config_text(cfg, indent=None):  # the config as JSON, automatic values shown as "auto" (as --help does)
     return json.dumps({k: "auto" if v is None else v for k, v in dataclasses.asdict(cfg).items()}, indent=indent)
 
@@ -614,7 +604,7 @@ def check_config(cfg):  # rejects values the run cannot use, naming the flag
         (lambda v: v >= 1, "must be at least 1", "epochs accumulate global_size local_size feat_dim hidden_dim "
          "num_groups num_heads log_every dist_timeout"),
         (lambda v: v >= 2, "must be at least 2 (BatchNorm needs two images a pass)", "batch_size"),
-        (lambda v: v >= 0, "must be at least 0", "num_local kmeans_iters warmup_epochs stop_after checkpoint_every "
+        (lambda v: v >= 0, "must be at least 0", "num_local kmeans_iters warmup_epochs checkpoint_every "
          "start_lr final_lr weight_decay clip_grad eval_every"),
         (lambda v: 0 <= v <= 256, "must lie in [0, 256]", "workers"),
         (lambda v: 0 <= v < 2**62, "must lie in [0, 2^62) (seeds are 64-bit)", "seed"),
@@ -649,15 +639,13 @@ def bn_over_sizes(bn, xs, relu=False):
 
 def resnet_over_sizes(net, xs):
     """A torchvision ResNet on crops of several sizes (N_i, 3, s_i, s_i), each BN over all (shortcuts' per size)."""
-    children = list(net.children())
-    for i, m in enumerate(children):
+    for m in net.children():
         if isinstance(m, nn.Sequential):
             xs = resnet_over_sizes(m, xs)
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):  # and the ReLU after it (the stem's), in place
-            xs = bn_over_sizes(m, xs, relu=i + 1 < len(children) and isinstance(children[i + 1], nn.ReLU))
-        elif isinstance(m, nn.ReLU):
-            if not isinstance(children[i - 1], nn.modules.batchnorm._BatchNorm):
-                xs = [F.relu(x) for x in xs]
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            xs = bn_over_sizes(m, xs)
+        elif isinstance(m, nn.ReLU):  # not in place: BN's outputs are views of one tensor
+            xs = [F.relu(x) for x in xs]
         elif isinstance(m, (BasicBlock, Bottleneck)):  # torchvision's forward, with BNs over all sizes
             out = bn_over_sizes(m.bn1, [m.conv1(x) for x in xs], relu=True)
             out = bn_over_sizes(m.bn2, [m.conv2(o) for o in out], relu=isinstance(m, Bottleneck))
@@ -679,8 +667,7 @@ def _torchvision_resnet(name, small_stem=False):
 
 def _tiny_resnet(widths=(16, 32, 64, 128)):
     """A 0.3M-parameter ResNet of four strided BasicBlocks after a 3x3 full-resolution stem, for CPUs."""
-    # The last block is 128 wide, not 256: at 2x2 pixels its 3x3 convolutions mostly read padding, and 256 made
-    # it the costliest layer for no better kNN.
+    # The last block is 128 wide, not 256: at 2x2 pixels its 3x3 convolutions mostly read padding.
     layers, c_in = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(True)], widths[0]
     for c in widths:  # the full-resolution stem sees the corners that tell a 6-px square from a disk
         layers.append(BasicBlock(c_in, c, 2, nn.Sequential(nn.Conv2d(c_in, c, 1, 2, bias=False), nn.BatchNorm2d(c))))
@@ -712,11 +699,10 @@ class SwinBlockBN(torchvision.models.swin_transformer.SwinTransformerBlock):
         x = self.norm2(x.flatten(0, 2)).view_as(x)
         return x + self.stochastic_depth(self.mlp(x))
 
-def _swin_t(drop_path, bn_blocks=False):
-    """torchvision's Swin-T (768-d pooled output; pads 96-px crops' maps to whole 7x7 windows), or the authors'."""
-    block = dict(block=SwinBlockBN) if bn_blocks else {}
-    net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2], window_size=[7, 7],
-                                             num_heads=[3, 6, 12, 24], stochastic_depth_prob=drop_path, **block)
+def _swin_t(drop_path):
+    """The authors' Swin-T in torchvision's modules (768-d pooled output; pads 96-px crops' maps to 7x7 windows)."""
+    net = torchvision.models.SwinTransformer([4, 4], 96, [2, 2, 6, 2], [3, 6, 12, 24], [7, 7],  # patch, width, depths,
+                                             stochastic_depth_prob=drop_path, block=SwinBlockBN)  # heads, window
     net.head = nn.Identity()  # torchvision's name for its classifier
     return net, 768
 
@@ -726,39 +712,34 @@ BACKBONES = {
     "resnet_tiny": lambda drop_path: _tiny_resnet(), "resnet18": lambda drop_path: _torchvision_resnet("resnet18"),
     "resnet18_cifar": lambda drop_path: _torchvision_resnet("resnet18", small_stem=True),
     "resnet50": lambda drop_path: _torchvision_resnet("resnet50"), "resnet50w2": lambda drop_path: _resnet50_wide(2),
-    "swin_t": _swin_t, "swin_t_bn": lambda drop_path: _swin_t(drop_path, bn_blocks=True),
+    "swin_t_bn": _swin_t,
 }
 
 def swin_mlps(dim, hidden_dim, feat_dim):
     """The authors' Swin projector (GELU) and predictor (ReLU), trunc-normal(0.02) (src/SwinTrans_multicrop.py)."""
-    def trunc_normal(net):
-        for linear in (m for m in net if isinstance(m, nn.Linear)):
-            nn.init.trunc_normal_(linear.weight, std=0.02)
-            nn.init.zeros_(linear.bias)
-        return net
-    projector = trunc_normal(mlp(dim, hidden_dim, feat_dim, last_bn=True, activation=nn.GELU))
-    predictor = trunc_normal(mlp(feat_dim, hidden_dim, feat_dim, last_bn=False))
-    return projector, predictor
+    nets = mlp(dim, hidden_dim, feat_dim, last_bn=True, activation=nn.GELU), mlp(feat_dim, hidden_dim, feat_dim, False)
+    for linear in (m for net in nets for m in net if isinstance(m, nn.Linear)):
+        nn.init.trunc_normal_(linear.weight, std=0.02)
+        nn.init.zeros_(linear.bias)
+    return nets
 
 def make_online(cfg):
     """OnlineNet around a new cfg.arch backbone: ResNets' BN over sizes; the authors' Swin with their MLPs."""
     backbone, dim = BACKBONES[cfg.arch](cfg.drop_path)
     if cfg.arch == "swin_t_bn":
-        return SwinOnlineNet(backbone, *swin_mlps(dim, cfg.hidden_dim, cfg.feat_dim), mlp_per_size=True)
-    over_sizes = resnet_over_sizes if cfg.arch.startswith("resnet") else None  # the authors' BN over sizes
-    return OnlineNet(backbone, *projector_and_predictor(dim, cfg.hidden_dim, cfg.feat_dim), over_sizes)
+        net = SwinOnlineNet if cfg.drop_path else OnlineNet  # the online z without drop-path: with none, as it is
+        return net(backbone, *swin_mlps(dim, cfg.hidden_dim, cfg.feat_dim), mlp_per_size=True)
+    return OnlineNet(backbone, *projector_and_predictor(dim, cfg.hidden_dim, cfg.feat_dim), resnet_over_sizes)
 
 def stochastic_depth(module):  # the module's stochastic-depth layers that drop (Swin's drop-path)
     return [m for m in module.modules() if isinstance(m, torchvision.ops.StochasticDepth) and m.p > 0]
 
 class SwinOnlineNet(OnlineNet):
-    """The authors' Swin online branch: the global crops' z, which the groups and the bank see, forwarded again
-    without drop-path or gradients (src/two_stream_network.py, TwoStreamNet.forward)."""
+    """The authors' Swin online branch under drop-path: the global crops' z, which the groups and the bank see,
+    forwarded again without drop-path or gradients (src/two_stream_network.py, TwoStreamNet.forward)."""
     def forward(self, crops):
         z, p = super().forward(crops)
         dropping = stochastic_depth(self)
-        if not dropping:
-            return z, p
         for m in dropping:
             m.eval()
         with torch.no_grad():
@@ -871,9 +852,8 @@ def scan_folder(root, classes=None):
 class ImageFolderData(torch.utils.data.Dataset):
     """A class-per-folder tree: item i is (uint8 (3, h, w), label, why an image was unreadable or "")."""
     def __init__(self, root, classes=None, cap=2**31, view=None):
-        self.root = root
+        self.root, self.view = root, view  # view: a transform of the decoded image (the kNN's centre crop)
         self.cap = cap  # the shorter side larger images are decoded to
-        self.view = view
         self.classes, self.samples = scan_folder(root, classes)
         self.targets = [label for _, label in self.samples]
 
@@ -1053,8 +1033,7 @@ def batch_augment(x, sizes, size, scale, pipeline, blur_sigma, crops_per_image=1
     """(crops_per_image·B, 3, size, size) normalised crops of [0, 1] images x (B, 3, H, W) of sizes (B, 2)."""
     return photometric(random_resized_crops(x, sizes, size, scale, crops_per_image), pipeline, blur_sigma, invert)
 
-def unit_pixels(images):
-    """uint8 images as floats in [0, 1]: float16 on GPUs (half the memory traffic, 8 bits exact), else float32."""
+def unit_pixels(images):  # uint8 images as floats in [0, 1]: float16 on GPUs (half the traffic, 8 bits exact)
     return images.to(torch.float16 if images.is_cuda else torch.float32) / 255
 
 def batch_multicrop(images, sizes, step, recipe, invert=0.0):
@@ -1109,13 +1088,13 @@ class TrainData:
         passes = (part.tolist() for order in self._passes(epochs, skip) for part in order)
         loader = torch.utils.data.DataLoader(self.source, batch_sampler=passes, num_workers=self.cfg.workers,
                                              collate_fn=collate, pin_memory=self.device.type == "cuda")
-        batches = ((images, sizes, failed) for images, sizes, _, failed in loader)
-        for images, sizes, failed in copied_ahead(batches, self.device) if self.device.type == "cuda" else batches:
+        for images, sizes, _, failed in loader:
             self.unreadable.update(failed)
             if len(self.unreadable) > 0.01 * len(self.labels):  # the data set's 1%: too many to stand in for
                 fail(f"{len(self.unreadable)} of the {len(self.labels)} images are unreadable, more than 1%; e.g. "
                      f"{failed[0]}")
-            yield images, sizes, failed
+            # pinned: the copy runs while the host goes on (it joins the GPU's queue behind the previous step)
+            yield images.to(self.device, non_blocking=True), sizes.to(self.device, non_blocking=True), failed
 
     def crops(self, batch, index):
         """The Crops of forward pass `index` of the run, seeded by (seed, pass, process): a resume cuts the same."""
@@ -1144,26 +1123,11 @@ def collate(batch):
 def channels_last(x, cfg):  # x in the NHWC memory layout when cfg.channels_last
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
-def copied_ahead(batches, device):
-    """A loader's batches, each copied to the GPU on a side stream while the step before runs (no host wait)."""
-    side, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
-    ahead = None  # the batch on the GPU, or on its way there
-    for batch in itertools.chain(batches, [None]):
-        if ahead is not None:
-            compute.wait_stream(side)
-            for x in (x for x in ahead if isinstance(x, torch.Tensor)):
-                x.record_stream(compute)  # its memory is the compute stream's to free
-            yield ahead
-        with torch.cuda.stream(side):
-            ahead = None if batch is None else tuple(x.to(device, non_blocking=True) if isinstance(x, torch.Tensor)
-                                                     else x for x in batch)
-
 # ----- the run state and its checkpoints ---------------------------------------------------------------------------
 def resolve_precision(cfg, device):
     """(name, autocast context, GradScaler): by default fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
     # fp16 rather than bf16 on CUDA: cuDNN runs fp16 BatchNorm, bf16 falls back to slower kernels. CPUs without AMX
-    # or AVX512-BF16 emulate bf16, so fp32 stays their default. The scaler costs no host sync: LARS and fused AdamW
-    # take its overflow flag as a tensor.
+    # or AVX512-BF16 emulate bf16, so fp32 stays their default.
     native_bf16 = any(torch.cpu.get_capabilities().get(name) for name in ("amx_bf16", "avx512_bf16"))
     precision = cfg.precision or ("fp16" if device.type == "cuda" else "bf16" if native_bf16 else "fp32")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -1195,15 +1159,12 @@ class RunState:
         self.target = target_of(self.online)
         for m in stochastic_depth(self.target):  # the authors' target has no drop-path
             m.p = 0.0
-        for net in (self.online, self.target) if cfg.compile else []:  # in place: no "_orig_mod." prefixes in keys
-            net.compile(dynamic=False)
         self.grouping = MomentumGrouping(cfg.num_groups, cfg.feat_dim, cfg.num_heads).to(device)
         self.opt = make_optimizer(cfg, self.online)
         self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
         self.bank = MemoryBank(bank_rows, cfg.feat_dim, device)
-        # online wrapped in DistributedDataParallel under torchrun: what train_step trains
-        self.online_ddp = (nn.parallel.DistributedDataParallel(self.online, device_ids=[device] if device.type ==
-                                                               "cuda" else None) if world_size() > 1 else self.online)
+        self.online_ddp = self.online if world_size() == 1 else nn.parallel.DistributedDataParallel(
+            self.online, device_ids=[device] if device.type == "cuda" else None)  # what train_step trains
         self.epoch = self.step = self.epoch_step = 0
         self.started, self.seconds_before = time.time(), 0.0  # elapsed_s() adds the jobs before (checkpointed)
         self.last_good = "none"  # the newest checkpoint this run wrote or resumed from, as the divergence message says
@@ -1246,15 +1207,9 @@ class RunState:
             del parts["scaler"]
         for name, part in parts.items():
             part.load_state_dict(state[name])
-        self.epoch = state["epoch"]
-        self.step = state["step"]
-        self.epoch_step = state["epoch_step"]
-        self.seconds_before = state["elapsed_s"]
-        banks, rows = state["banks"], self.bank.feats.shape[1]  # (processes, 2, M, D)
-        bank = banks[rank()] if len(banks) == world_size() else None
-        if bank is None:  # another process count, at an epoch's end: every image's z, shared out anew
-            union = banks.transpose(0, 1).flatten(1, 2)  # (2, processes·M, D)
-            bank = union[:, torch.arange(rank() * rows, (rank() + 1) * rows) % union.shape[1]]
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.epoch_step, self.seconds_before = state["epoch_step"], state["elapsed_s"]
+        bank = state["banks"][rank()]  # (processes, 2, M, D): this process's
         if bank.shape != self.bank.feats.shape:
             raise ValueError(f"memory bank of shape {tuple(bank.shape)}, this run's is {tuple(self.bank.feats.shape)}")
         self.bank.feats.copy_(bank)
@@ -1280,8 +1235,7 @@ class RunState:
         log(f"resumed from {path} at epoch {self.epoch}, step {self.step}" + (
             f" (mid-epoch, after {self.epoch_step} steps)" if self.epoch_step else ""))
 
-def seed_for(seed, index, process=0):
-    """The seed of one step's (or epoch's) draws on one process, a function of these alone: resuming is exact."""
+def seed_for(seed, index, process=0):  # the seed of one step's (or epoch's) draws on one process: resumes are exact
     return seed + 7919 * process + 104729 * (index + 1)
 
 def previous_of(path):  # where the checkpoint before `path` is kept: checkpoint.pt → checkpoint.prev.pt
@@ -1311,49 +1265,31 @@ def read_checkpoint(path, needs=("online", "target", "grouping", "optimizer", "s
         raise ValueError("not a smog.py checkpoint")
     if missing := set(needs) - state.keys():
         raise ValueError(f"incomplete: no {', '.join(sorted(missing))}")
-    for part in (part for part in needs if not all_finite(state[part])):
-        raise ValueError(f"damaged: its {part} holds NaN or inf")
     return state
 
-def all_finite(tree):  # whether every floating-point tensor in a nest of dicts and lists is finite
-    if isinstance(tree, (dict, list, tuple)):
-        return all(map(all_finite, tree.values() if isinstance(tree, dict) else tree))
-    return not isinstance(tree, torch.Tensor) or not tree.is_floating_point() or bool(torch.isfinite(tree).all())
-
 # What a checkpoint's config must share with the run resuming it: the shapes of networks, groups and optimiser state
-# (arch .. exclude_1d), and the seed of the data order and the crops.
-RESUME_MUST_MATCH = ("arch", "feat_dim", "hidden_dim", "num_groups", "num_heads", "optimizer",
-                     "exclude_1d", "seed")
+# (arch .. exclude_1d), the seed of the data order and the crops, and the global batch's layout (the per-process
+# banks and data order, the steps and their schedules).
+RESUME_MUST_MATCH = ("arch", "feat_dim", "hidden_dim", "num_groups", "num_heads", "optimizer", "exclude_1d", "seed",
+                     "batch_size", "accumulate")
 
 def check_resumable(path, state, cfg, data):
-    """Ends in one line when the run cannot continue the checkpoint (another recipe, data or global batch)."""
+    """Ends in one line when the run cannot continue the checkpoint (another recipe, data or process count)."""
     saved = state["config"]
     for name in (name for name in RESUME_MUST_MATCH if saved.get(name) != getattr(cfg, name)):
         fail(f"--resume {path}: checkpoint has {_flag(name)} {saved.get(name)!r}, the config asks for "
              f"{getattr(cfg, name)!r}; keep the checkpoint's value, or start a new run in another --out-dir")
-    processes = state.get("processes")  # the checkpoint's layout
-    batch = saved.get("batch_size")
-    passes = saved.get("accumulate")
-    if batch * processes * passes != cfg.batch_size * world_size() * cfg.accumulate:  # other steps and schedules
-        fail(f"--resume {path}: written with a global batch of {batch * processes * passes} ({batch} × {processes} "
-             f"process(es) × {passes} passes), this run has {cfg.batch_size * world_size() * cfg.accumulate}; keep "
-             f"--batch-size × processes × --accumulate, or start a new run")
+    if state.get("processes") != world_size():
+        fail(f"--resume {path}: written by {state.get('processes')} process(es), this run has {world_size()}; resume "
+             f"it with as many, or start a new run in another --out-dir")
     if state.get("data_fingerprint") != data.fingerprint or state.get("num_images") != len(data.labels):
         fail(f"--resume {path}: written for another data set ({state.get('data_fingerprint')}); --data {cfg.data} "
              f"is {data.fingerprint}: restore that data set, or start a new run in another --out-dir")
-    if (processes, passes) != (world_size(), cfg.accumulate):
-        if state["epoch_step"]:  # the banks and the data order are per process
-            fail(f"--resume {path}: written mid-epoch by {processes} process(es) × {passes} passes; resume it with "
-                 f"as many (this run has {world_size()} × {cfg.accumulate}), or from the end of an epoch")
-        log(f"resuming {processes} process(es) × {batch} images × {passes} passes as {world_size()} × "
-            f"{cfg.batch_size} × {cfg.accumulate}: the same global batch and schedules; BN statistics now over "
-            f"{cfg.batch_size} images per pass (SyncBN: all processes'), the data order unlike an uninterrupted run's")
 
 # ----- processes and faults: preemption, the out-dir lock, links, divergence, failed collectives -------------------
 def setup_device(timeout=300):
     """Starts the process group under torchrun (NCCL on GPU, gloo on CPU) and returns this process's device."""
     if "RANK" in os.environ and not distributed():  # timeout: a dead peer ends the run (for torchrun to restart)
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # NCCL: a timed-out collective ends the process
         wait = datetime.timedelta(seconds=timeout)
         store, rank_, world = next(dist.rendezvous("env://", timeout=wait))
         # After a restart (torchrun --max-restarts) the store may still hold the addresses the dead processes
@@ -1362,7 +1298,10 @@ def setup_device(timeout=300):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=wait, rank=rank_,
                                 world_size=world, store=dist.PrefixStore(f"attempt{attempt}/", store))
     if not torch.cuda.is_available():
-        keep_freed_memory()
+        # CPU steps free and allocate their activations anew: glibc keeps 1 GiB of freed memory at the heap's top
+        # (M_TOP_PAD, -2) rather than return it to come back as page faults (a tenth of the tiny preset's time)
+        with suppress(OSError, AttributeError):  # not glibc: as it is
+            ctypes.CDLL(None).mallopt(-2, 1 << 30)
         return torch.device("cpu")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.set_device(device)
@@ -1370,16 +1309,10 @@ def setup_device(timeout=300):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device
 
-def keep_freed_memory(pad=1 << 30):
-    """CPU runs: glibc keeps up to `pad` bytes of freed memory for reuse; whether it applied."""
-    # Each CPU step frees and allocates its activations anew: memory returned to the OS comes back as page faults
-    # the kernel zeroes (a tenth of the tiny preset's time).
-    libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
-    m_top_pad = -2  # glibc's malloc.h: the free space kept at the heap's top when it grows or shrinks
-    return libc is not None and hasattr(libc, "mallopt") and libc.mallopt(m_top_pad, pad) == 1
-
-def interrupted(signum, frame):  # SIGINT or SIGTERM outside the training loop: main() stops with one line
-    raise KeyboardInterrupt(signum)
+def interrupted(signum, frame):  # SIGINT or SIGTERM outside the training loop (data, the bank, kNN): one line
+    print(f"smog.py: stopped by {signal.Signals(signum).name} outside the training loop; the run resumes from its "
+          f"last checkpoint", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)  # the shell's status for a program stopped by that signal
 
 @contextmanager
 def catch_preemption():
@@ -1456,34 +1389,24 @@ def holding_out_dir(out_dir, device):
             lock.truncate(0)
             lock.close()
 
-def weight_norm(module):  # the L2 norm of all of a module's parameters together
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach() for p in module.parameters()]))).item()
-
-def stop_if_diverged(bad_step, run, start_norm):
-    """Ends every process together after a non-finite loss, or online weights grown 1000 times or non-finite."""
-    # bad_step: this process's first step with a non-finite loss, or −1, kept on the device (no host sync per step);
-    # checked before every report and checkpoint, so no checkpoint holds such weights. The loss, of normalised
-    # features, stays finite while BatchNorm hides weights that grow without bound (too large an --lr).
-    first, norm = all_reduce_(bad_step.clone(), op="max").item(), weight_norm(run.online)
+def stop_if_diverged(bad_step, run):
+    """Ends every process together after a non-finite loss: bad_step is this process's first such step, or −1, kept
+    on the device (no host sync per step) and checked before every report and checkpoint, so none holds its weights."""
+    first = all_reduce_(bad_step.clone(), op="max").item()
     if first >= 0:
         fail(f"the loss became NaN/inf at step {first}; every process stopped. Last good checkpoint: "
              f"{run.last_good}. Lower --lr or raise --warmup-epochs")
-    if not math.isfinite(norm) or norm > 1000 * start_norm:
-        fail(f"the online weights diverged by step {run.step}: their norm grew from {start_norm:.3g} to {norm:.3g} "
-             f"while the loss stayed finite; every process stopped. Last good checkpoint: {run.last_good}. "
-             f"Lower --lr")
 
 @contextmanager
 def collective_failures_in_one_line(run, cfg):
-    """A failed collective as one line naming this process and step, not a backend trace."""
+    """A failed collective (a peer dead or stalled) as one line naming this process and step, not a backend trace."""
     try:
         yield
-    except RuntimeError as error:  # gloo's timeout is no DistError: its text tells (the stalled-process test)
-        if distributed() and (isinstance(error, dist.DistError) or re.search(
-                "gloo|nccl|timed out|timeout|connection (reset|closed|refused)|closed by peer", str(error), re.I)):
-            fail(f"process {rank()} of {world_size()} stopped at step {run.step}: a collective failed, so another "
-                 f"process died or did not answer within --dist-timeout {cfg.dist_timeout} s ({str(error)[:240]})")
-        raise
+    except RuntimeError as error:  # NCCL's are DistErrors; gloo's are RuntimeErrors from its own sources
+        if not (distributed() and (isinstance(error, dist.DistError) or "gloo" in str(error))):
+            raise
+        fail(f"process {rank()} of {world_size()} stopped at step {run.step}: a collective failed, so another "
+             f"process died or did not answer within --dist-timeout {cfg.dist_timeout} s ({str(error)[:240]})")
 
 # ----- reports: the log line, group health, kNN on the held-out split, the plot ------------------------------------
 def eval_batches(source, cfg, batch=256, indices=None):
@@ -1522,26 +1445,6 @@ def knn_top1(train_feats, train_labels, test_feats, test_labels, k=20, t=0.07, n
                                                                                    (sim / t).exp())
         correct += (votes.argmax(1) == test_labels[i:i + 1024]).sum().item()
     return 100.0 * correct / len(test_feats)
-
-def knn_report(run, cfg, device, data, held_out, progress, epoch, final=False):
-    """kNN top-1 of the online backbone on the held-out split, printed and logged; at the end with baselines."""
-    # Labels are used only here. Rank 0 alone: the others wait at their next collective (within --dist-timeout).
-    held_images, held_labels, _ = held_out
-    if held_labels is None:
-        if final:
-            log("kNN report skipped: the data set has no held-out split (PATH/val)")
-        return
-    train_labels, test_labels = data.labels.to(device), held_labels.to(device)
-    nets = [("knn_top1", "trained", run.online.encoder.backbone)]
-    if final:
-        torch.manual_seed(cfg.seed)
-        nets.append(("knn_top1_random_init", "same architecture at random init",
-                     BACKBONES[cfg.arch](0.0)[0].to(device)))
-    result = {key: knn_top1(extract_features(net, data.source, cfg, device), train_labels,
-                            extract_features(net, held_images, cfg, device), test_labels) for key, _, net in nets}
-    log(f"kNN top-1 on the held-out split{'' if final else f' after epoch {epoch}'}: " + " | ".join(
-        f"{name} {result[key]:.1f}%" for key, name, _ in nets))
-    progress.write(dict(step=run.step, epoch=epoch, **result))
 
 def open_log(cfg):
     """out_dir/log.jsonl, appended to by rank 0 (the others get None), a last line that a kill cut short ended first."""
@@ -1609,10 +1512,8 @@ class Progress:
 
 def plot_curves(out_dir):
     """Draws out_dir/log.jsonl as out_dir/curves.png; returns its path and the damaged lines skipped."""
-    try:  # optional: the only use of matplotlib
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # optional: the only use of matplotlib (its Figure draws without pyplot's windows)
+        from matplotlib.figure import Figure
     except ImportError:
         fail("--plot needs matplotlib, which is not installed (pip install matplotlib)")
     try:
@@ -1626,7 +1527,8 @@ def plot_curves(out_dir):
             records += [r for r in [json.loads(line)] if isinstance(r, dict)]
     log_k = max([r.get("assign_entropy_max", 0) for r in records] + [0])
     dashed = dict(groups_used=round(math.exp(log_k)), assign_entropy=log_k) if log_k else {}  # K and log K
-    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
+    fig = Figure(figsize=(16, 6.5), layout="tight")
+    axes = fig.subplots(2, 4)
     panels = [(key, "step") for key in ("loss", "lr", "beta", "groups_used", "assign_entropy", "img_per_s",
                                         "knn_top1")] + [("knn_top1", "elapsed_s")]  # the time-to-accuracy curve
     for ax, (key, x) in zip(axes.flat, panels):
@@ -1637,12 +1539,9 @@ def plot_curves(out_dir):
         if key in dashed:
             ax.axhline(dashed[key], color="tab:red", linestyle="--")
         ax.set(title=key, xlabel="minutes" if x == "elapsed_s" else "step")
-    fig.tight_layout()
     path = os.path.join(out_dir, "curves.png")
-    with open_in_out_dir(path + ".tmp", "wb") as f:
+    with open_in_out_dir(path, "wb") as f:
         fig.savefig(f, format="png", dpi=80)
-    plt.close(fig)
-    os.replace(path + ".tmp", path)
     return path, len(lines) - len(records)
 
 # ----- training: train() and the command line ----------------------------------------------------------------------
@@ -1668,13 +1567,13 @@ def train(cfg):
                 fill_bank(run.online, run.bank, data.global_crops())
         passes_per_epoch, total_steps = data.passes_per_epoch, cfg.epochs * data.steps_per_epoch
         peak_lr = cfg.lr * data.global_batch / 256
-        hyper = dict(step_hyperparameters(cfg), autocast=autocast)
-        held_out = load_dataset(cfg, "val") if rank() == 0 and (cfg.knn or cfg.eval_every) else None
+        hyper = dict(tau=cfg.tau, ema=cfg.ema, accumulate=cfg.accumulate, clip_grad=cfg.clip_grad, autocast=autocast)
+        held_out = load_dataset(cfg, "val") if rank() == 0 and (cfg.knn or cfg.eval_every) else (None, None, "")
+        if rank() == 0 and (cfg.knn or cfg.eval_every) and held_out[1] is None:
+            log("no kNN reports: the data set has no held-out split (PATH/val)")
         checkpoint = os.path.join(cfg.out_dir, "checkpoint.pt")
         bad_step = torch.full((), -1, dtype=torch.long, device=device)  # the first step with a non-finite loss
-        start_norm = weight_norm(run.online)  # what the divergence check compares with
-        first_epoch = run.epoch  # this job's, for --stop-after
-        stop = None  # why the run leaves before its end: "signal" or "stop-after"
+        stop = False  # whether a signal asks the run to leave before its end
         with open_log(cfg) as jsonl, catch_preemption() as caught, collective_failures_in_one_line(run, cfg):
             progress = Progress(cfg, run, total_steps, jsonl)
             batches = progress.timed(data.batches(range(run.epoch, cfg.epochs), run.epoch_step * cfg.accumulate))
@@ -1700,12 +1599,12 @@ def train(cfg):
                     run.step, run.epoch_step = run.step + 1, run.epoch_step + 1
                     # ----- a signal (under torchrun checked every 10 steps: one host sync), the log, a checkpoint
                     if (run.step % 10 == 0 or not distributed()) and on_any_process(caught, device):
-                        stop = "signal"
+                        stop = True
                     report = run.step % cfg.log_every == 0 or run.step == total_steps
                     save = run.epoch_step < data.steps_per_epoch and (
                         stop or cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0)
                     if report or save:
-                        stop_if_diverged(bad_step, run, start_norm)
+                        stop_if_diverged(bad_step, run)
                     if report:
                         progress.report(epoch, loss, lr, beta)
                     if save:
@@ -1714,24 +1613,21 @@ def train(cfg):
                     break
                 # ----- the epoch end: a checkpoint holding this epoch's bank, a kNN report -----
                 run.epoch, run.epoch_step = epoch + 1, 0
-                if on_any_process(caught, device):
-                    stop = "signal"
-                elif cfg.stop_after and run.epoch - first_epoch >= cfg.stop_after and run.epoch < cfg.epochs:
-                    stop = "stop-after"
-                stop_if_diverged(bad_step, run, start_norm)
+                stop = on_any_process(caught, device)
+                stop_if_diverged(bad_step, run)
                 run.save(checkpoint, cfg, data)
-                if cfg.eval_every and run.epoch % cfg.eval_every == 0 and rank() == 0:
-                    knn_report(run, cfg, device, data, held_out, progress, epoch)
+                if held_out[1] is not None and (cfg.eval_every and run.epoch % cfg.eval_every == 0
+                                                or cfg.knn and run.epoch == cfg.epochs):  # on rank 0 alone
+                    backbone = run.online.encoder.backbone  # kNN: the only use of labels (the others wait meanwhile)
+                    top1 = knn_top1(extract_features(backbone, data.source, cfg, device), data.labels.to(device),
+                                    extract_features(backbone, held_out[0], cfg, device), held_out[1].to(device))
+                    log(f"kNN top-1 on the held-out split after epoch {epoch}: {top1:.1f}%")
+                    progress.write(dict(step=run.step, epoch=epoch, knn_top1=top1))
                 if stop:
                     break
-            # ----- the end: the final kNN report, or how to continue -----
-            if stop == "signal":
+            if stop:  # ----- how to continue
                 log(f"caught {'Ctrl-C' if signal.SIGINT in caught else 'a preemption signal'}: checkpoint "
                     f"{checkpoint} at epoch {run.epoch}, step {run.step}; run again to resume from there")
-            elif stop == "stop-after":
-                log(f"stopping after {cfg.stop_after} epoch(s) as asked; run again to resume from epoch {run.epoch}")
-            elif cfg.knn and rank() == 0:  # the other processes need not wait for it
-                knn_report(run, cfg, device, data, held_out, progress, cfg.epochs - 1, final=True)
     if signal.SIGINT in caught:
         raise SystemExit(130)  # the shell's status for a program stopped by Ctrl-C
     return run
@@ -1744,15 +1640,9 @@ def main(argv=None):
     elif args.print_config:
         print(config_text(cfg, indent=2))
     else:
-        for sig in (signal.SIGTERM, signal.SIGINT):  # outside the training loop (data, the bank, kNN): one line
+        for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, interrupted)
-        try:
-            train(cfg)
-        except KeyboardInterrupt as e:
-            signum = e.args[0] if e.args else signal.SIGINT
-            print(f"smog.py: stopped by {signal.Signals(signum).name} before or after the training loop; the run "
-                  f"resumes from its last checkpoint", file=sys.stderr)
-            raise SystemExit(128 + signum) from None
+        train(cfg)
         if distributed():
             dist.destroy_process_group()
 

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def multicrop(images, step, recipe):
 def step_of(cfg, run, passes, beta=0.9):
     """train_step on `passes` with the config's hyperparameters."""
     return smog.train_step(run.online_ddp, run.target, run.grouping, passes, run.opt, run.scaler, beta=beta,
-                           **smog.step_hyperparameters(cfg))
+                           tau=cfg.tau, ema=cfg.ema, accumulate=cfg.accumulate, clip_grad=cfg.clip_grad)
 
 
 def one_step(cfg, run, step=0):
@@ -806,7 +807,6 @@ def test_swin_block_and_mlps_are_the_authors():
 
 TORCHVISION_TWINS = {  # arch -> (torchvision model with the same backbone keys, keys that only it has)
     "resnet50": (lambda tv: tv.models.resnet50(), {"fc.weight", "fc.bias"}),
-    "swin_t": (lambda tv: tv.models.swin_t(), {"head.weight", "head.bias"}),
     "resnet50w2": (None, set()),  # no torchvision twin: compared with smog.py's own builder
     "swin_t_bn": (None, set()),
 }
@@ -843,23 +843,6 @@ def test_backbone_trains_a_step_at_both_crop_sizes_reloads_and_exports(arch, tmp
     model = load_export_as_advised(r, arch)  # and the printed advice loads it with strict key matching
     for k, v in model.state_dict().items():
         assert torch.equal(v, backbone.state_dict()[k]), k
-
-
-@pytest.mark.slow
-def test_compiled_networks_train_a_step_like_eager_ones_and_keep_checkpoint_keys_plain(tmp_path, monkeypatch):
-    # --compile's own path (Module.compile in place, dynamo's capture of the forward and backward graphs), with the
-    # aot_eager backend: inductor's C++ code generation is torch's part, and minutes on a CPU.
-    compile_ = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="aot_eager", **kw))
-    losses = {}
-    for flags in ((), ("--compile",)):
-        cfg = tiny_cfg(tmp_path, "--num-local", "0", *flags)
-        run = build_nets(cfg)
-        keys = list(run.online.state_dict()) + list(run.target.state_dict())
-        assert keys and not any("_orig_mod" in k or k.startswith("module.") for k in keys)
-        torch.manual_seed(0)
-        losses[flags] = one_step(cfg, run)[0]
-    assert losses[("--compile",)].item() == pytest.approx(losses[()].item(), abs=1e-4)  # a compiled forward ran
 
 
 # ----- Part 2, data: the embedded set, folders, image modes, unreadable files --------------------------------------
@@ -1036,10 +1019,8 @@ def test_a_folder_decodes_to_its_exact_pixels_and_trains_watched_as_it_goes(tmp_
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     assert all(0 < rec["groups_used"] <= 8 and rec["assign_entropy"] <= rec["assign_entropy_max"] + 1e-6
                for rec in records if "loss" in rec)
-    periodic = [rec for rec in records if "knn_top1" in rec and "knn_top1_random_init" not in rec]
-    final = [rec for rec in records if "knn_top1_random_init" in rec]
-    assert [rec["epoch"] for rec in periodic] == [0, 1] and "after epoch 0" in r.stdout
-    assert final and final[0]["knn_top1"] == periodic[-1]["knn_top1"]  # the last report is the final number
+    reports = [rec for rec in records if "knn_top1" in rec]  # every epoch's, the last one the final number, once
+    assert [rec["epoch"] for rec in reports] == [0, 1] and "after epoch 0" in r.stdout
 
 
 @pytest.mark.slow
@@ -1397,25 +1378,26 @@ def test_train_resume_continue_matches_uninterrupted(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "kNN top-1 on the held-out split" in r.stdout
     records = [json.loads(line) for line in open(straight / "log.jsonl")]
-    assert "knn_top1" in records[-1] and "knn_top1_random_init" in records[-1]
+    assert "knn_top1" in records[-1] and records[-1]["epoch"] == 1  # the final report
     steps = [rec for rec in records if "loss" in rec]
     assert steps and all(math.isfinite(rec["loss"]) and rec["groups_used"] >= 1 for rec in steps)
 
-    r = run_smog(*SMALL, "--epochs", "2", "--stop-after", "1", "--out-dir", str(split))
-    assert r.returncode == 0 and "held-out split: " not in r.stdout, r.stderr  # no final report yet
-    assert final_state(split)["epoch"] == 1
+    # A job that ended at the first epoch's end: the straight run's checkpoint then (kept as checkpoint.prev.pt)
+    split.mkdir()
+    shutil.copy(straight / "checkpoint.prev.pt", split / "checkpoint.pt")
     first_job_s = final_state(split)["elapsed_s"]
+    assert final_state(split)["epoch"] == 1 and first_job_s > 0
     r = run_smog(*SMALL, "--epochs", "2", "--out-dir", str(split))  # --resume auto picks it up
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
     clock = [rec["elapsed_s"] for rec in map(json.loads, open(split / "log.jsonl"))]
-    assert clock == sorted(clock) and clock[-1] > first_job_s > 0  # one wall-clock over both jobs
+    assert clock == sorted(clock) and clock[0] > first_job_s  # one wall-clock over both jobs
     a, b = final_state(straight), final_state(split)
     assert a["step"] == b["step"] == 2 * (384 // 64)
     for key in ("online", "target", "grouping"):
         for name in a[key]:
             assert torch.allclose(a[key][name].float(), b[key][name].float(), atol=1e-6), (key, name)
     split_losses = [rec["loss"] for rec in map(json.loads, open(split / "log.jsonl")) if "loss" in rec]
-    assert split_losses == pytest.approx([rec["loss"] for rec in steps], abs=1e-6)
+    assert split_losses == pytest.approx([rec["loss"] for rec in steps if rec["step"] > 6], abs=1e-6)
 
     # Preemption: a real SIGTERM in epoch 1 (steps 6-11), sent when step 8 is logged. The process finishes its step,
     # writes a checkpoint and exits 0; the next start resumes mid-epoch and ends where the uninterrupted run ended.
@@ -1449,9 +1431,10 @@ def test_accumulated_run_preempted_mid_epoch_resumes_exactly(tmp_path):
     assert 0 < final_state(tmp_path / "preempted")["epoch_step"] < 4
     r = run_smog(*flags, "--out-dir", str(tmp_path / "preempted"))
     assert r.returncode == 0 and "mid-epoch" in r.stdout, r.stderr
-    for args in (["--stop-after", "1"], []):
-        r = run_smog(*flags, *args, "--out-dir", str(tmp_path / "stopped"))
-        assert r.returncode == 0, r.stderr
+    (tmp_path / "stopped").mkdir()  # a job that ended at the first epoch's end, continued
+    shutil.copy(tmp_path / "straight" / "checkpoint.prev.pt", tmp_path / "stopped" / "checkpoint.pt")
+    r = run_smog(*flags, "--out-dir", str(tmp_path / "stopped"))
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
     a = final_state(tmp_path / "straight")
     for resumed in ("preempted", "stopped"):
         c = final_state(tmp_path / resumed)
@@ -1508,23 +1491,6 @@ def test_an_epoch_end_checkpoint_holds_its_bank_and_a_longer_run_starts_its_next
     assert len(banks) == 1 and torch.equal(banks[0], final["banks"][0])  # epoch 2's start, from epoch 1's bank
 
 
-@pytest.mark.slow
-def test_a_checkpoint_holding_nan_is_damaged_and_the_previous_one_resumes(two_epochs, tmp_path, capsys):
-    import shutil
-    for part in ("online", "target", "grouping"):
-        out = tmp_path / part
-        shutil.copytree(two_epochs, out)
-        state = torch.load(out / "checkpoint.pt", weights_only=True)
-        name = next(k for k, v in state[part].items() if v.is_floating_point())
-        state[part][name][0] = float("nan")
-        torch.save(state, out / "checkpoint.pt")
-        smog.train(config_of([*SMALL, "--epochs", "3", "--no-knn", "--out-dir", str(out)]))
-        printed = capsys.readouterr().out
-        assert f"damaged: its {part} holds NaN or inf" in printed, printed
-        assert f"resumed from {out / 'checkpoint.prev.pt'} at epoch 1" in printed
-        assert final_state(out)["epoch"] == 3
-
-
 def test_automatic_precision_is_bf16_only_on_cpus_that_compute_it_natively(tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     capabilities = torch.cpu.get_capabilities()
@@ -1550,7 +1516,7 @@ libc = ctypes.CDLL(None)
 libc.mallinfo2.restype, libc.malloc.restype, libc.free.argtypes = MallInfo2, ctypes.c_void_p, [ctypes.c_void_p]
 if sys.argv[1] == "keep":
     import smog
-    assert smog.keep_freed_memory()
+    assert smog.setup_device().type == "cpu"
 blocks = [libc.malloc(64 << 10) for _ in range(1024)]  # 64 MiB in blocks small enough for the heap, then freed
 for block in blocks:
     libc.free(block)
@@ -1586,31 +1552,30 @@ def test_a_run_resumes_under_another_precision_with_a_fresh_scaler(tmp_path, cap
 
 
 @pytest.mark.slow
-def test_resume_refuses_another_data_set_size_or_global_batch(two_epochs):
+def test_resume_refuses_another_data_set_size_or_batch_layout(two_epochs):
     flags = [*SMALL, "--epochs", "3", "--no-knn", "--out-dir", str(two_epochs)]
     assert_one_line_error(run_smog(*merged(flags, ["--synthetic-size", "320"])), "--resume", "another data set",
                           "the embedded data set, 384 images", "is the embedded data set, 320 images")
-    assert_one_line_error(run_smog(*merged(flags, ["--batch-size", "32"])), "--resume", "global batch of 64",
-                          "this run has 32")
+    assert_one_line_error(run_smog(*merged(flags, ["--batch-size", "32"])), "--resume",
+                          "checkpoint has --batch-size 64", "the config asks for 32")
     for changed, flag in ((["--seed", "1"], "--seed"), (["--optimizer", "adamw"], "--optimizer"),
+                          (["--accumulate", "2"], "--accumulate"),
                           (["--no-exclude-1d"], "--exclude-1d"), (["--hidden-dim", "32"], "--hidden-dim")):
         with pytest.raises(SystemExit, match=f"--resume .*checkpoint has {flag} .*another --out-dir"):  # in-process
             smog.train(config_of(merged(flags, changed)))
 
 
-def test_resume_checks_the_data_set_fingerprint_and_allows_another_process_count(tmp_path, monkeypatch, capsys):
+def test_resume_checks_the_data_set_fingerprint_and_the_process_count(tmp_path, monkeypatch):
     cfg = config_of(["--batch-size", "32"])
     data = types.SimpleNamespace(labels=torch.zeros(256), fingerprint="the folder B, 256 images")
-    state = dict(config=dataclasses.asdict(dataclasses.replace(cfg, batch_size=64)), processes=1, num_images=256,
+    state = dict(config=dataclasses.asdict(cfg), processes=1, num_images=256,
                  data_fingerprint="the folder A, 256 images", epoch_step=0)
-    monkeypatch.setattr(smog, "world_size", lambda: 2)  # 1 × 64 resumed as 2 × 32: the same global batch
     with pytest.raises(SystemExit, match="another data set .the folder A, 256 images.* is the folder B"):
         smog.check_resumable("ck.pt", state, cfg, data)
     state["data_fingerprint"] = data.fingerprint
     smog.check_resumable("ck.pt", state, cfg, data)
-    assert "resuming 1 process(es) × 64 images × 1 passes as 2 × 32 × 1" in capsys.readouterr().out
-    state["epoch_step"] = 3
-    with pytest.raises(SystemExit, match="written mid-epoch by 1 process.es. × 1 passes; resume it with as many"):
+    monkeypatch.setattr(smog, "world_size", lambda: 2)  # the banks and the data order are per process
+    with pytest.raises(SystemExit, match="written by 1 process.es., this run has 2; resume it with as many"):
         smog.check_resumable("ck.pt", state, cfg, data)
 
 
@@ -1805,14 +1770,6 @@ def test_a_read_only_out_dir_is_one_line_before_any_data_is_read(tmp_path, monke
 
 
 @pytest.mark.slow
-def test_a_run_whose_weights_explode_with_a_finite_loss_stops(tmp_path):
-    r = run_smog(*SMALL, "--epochs", "2", "--no-knn", "--optimizer", "adamw", "--lr", "1e6", "--exclude-1d",
-                 "--out-dir", str(tmp_path))
-    assert_one_line_error(r, "diverged by step", "Lower --lr")
-    assert not (tmp_path / "checkpoint.pt").exists()  # no checkpoint of such weights
-
-
-@pytest.mark.slow
 def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
     real_loss = smog.smog_loss
     calls = []
@@ -1943,23 +1900,6 @@ def test_torchrun_two_processes_stay_in_sync(tmp_path, accumulate):
     assert final_state(tmp_path / "out")["banks"].shape == (2, 2, 192 if accumulate == "1" else 144, 32)
 
 
-@pytest.mark.slow
-def test_a_one_process_checkpoint_resumes_on_two_processes_at_an_epoch_end(tmp_path):
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(repo=REPO, out=str(tmp_path)))
-    flags = merged(SMALL, ["--no-knn", "--out-dir", str(tmp_path / "out")])
-    smog.main(merged(flags, ["--epochs", "1", "--accumulate", "2"]))  # 1 process × 64 × 2 passes: batch 128
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(driver), *merged(flags, ["--epochs", "2"])],  # 2 processes × 64 × 1 pass
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-3000:]
-    assert "resuming 1 process(es) × 64 images × 2 passes as 2 × 64 × 1" in r.stdout
-    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
-    assert torch.equal(r0["centroids"], r1["centroids"])  # k-means over the one process's bank, shared out
-    assert all(torch.equal(r0["online"][name], r1["online"][name]) for name in r0["online"])
-    assert final_state(tmp_path / "out")["step"] == 3 + 3
-
-
 SPLIT_DRIVER = textwrap.dedent("""
     import gc, os, sys, torch, torch.distributed as dist
     sys.path.insert(0, {repo!r})
@@ -2076,7 +2016,7 @@ def test_plot_draws_each_panel_with_k_and_log_k_dashed_and_skips_damaged_lines(t
             smog.main(["--plot", str(tmp_path)])
         return
     (tmp_path / "elsewhere").write_text("IMPORTANT")
-    (tmp_path / "curves.png.tmp").symlink_to(tmp_path / "elsewhere")  # replaced, never written through
+    (tmp_path / "curves.png").symlink_to(tmp_path / "elsewhere")  # replaced, never written through
     figures, save = [], matplotlib.figure.Figure.savefig
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **kw: figures.append(fig) or
                         save(fig, *a, **kw))
