@@ -107,7 +107,8 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="with --export: replace an existing file (never a smog.py "
                    "checkpoint)")
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the probe's; with --random-init also the weights' and the "
+                   "embedded data set's, as smog.py --seed")
     args = p.parse_args(argv)
     if bool(args.checkpoint) == args.random_init:
         fail("give exactly one of --checkpoint PATH and --random-init")
@@ -137,7 +138,7 @@ def protocol_defaults(args, arch):
 def load_backbone(args):
     """(backbone, smog Config) from a checkpoint's online encoder with strict key matching, or at random init."""
     if args.random_init:
-        cfg = smog.parse_command(["--arch", args.arch] if args.arch else [])[0]
+        cfg = smog.parse_command(["--seed", str(args.seed)] + (["--arch", args.arch] if args.arch else []))[0]
         torch.manual_seed(args.seed)
         return smog.BACKBONES[cfg.arch](0.0)[0], cfg
     if not os.path.isfile(args.checkpoint):
