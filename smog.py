@@ -420,7 +420,7 @@ def overflowed(parameters):
 # ===================================================================================================================
 # Part 2 — Trainer: config, backbones, data, batched augmentation, feeding the device, run state, faults, reports
 # ===================================================================================================================
-import argparse, ctypes, dataclasses, datetime, errno, fcntl, hashlib, json, socket, stat
+import argparse, ctypes, dataclasses, datetime, errno, fcntl, hashlib, json, re, socket, stat
 import time, types, zipfile
 from contextlib import contextmanager, suppress
 
@@ -1298,8 +1298,7 @@ def setup_device(timeout=300):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=wait, rank=rank_,
                                 world_size=world, store=dist.PrefixStore(f"attempt{attempt}/", store))
     if not torch.cuda.is_available():
-        # CPU steps free and allocate their activations anew: glibc keeps 1 GiB of freed memory at the heap's top
-        # (M_TOP_PAD, -2) rather than return it to come back as page faults (a tenth of the tiny preset's time)
+        # glibc keeps 1 GiB of freed memory (M_TOP_PAD, -2): a step's activations come back without page faults
         with suppress(OSError, AttributeError):  # not glibc: as it is
             ctypes.CDLL(None).mallopt(-2, 1 << 30)
         return torch.device("cpu")
@@ -1402,8 +1401,9 @@ def collective_failures_in_one_line(run, cfg):
     """A failed collective (a peer dead or stalled) as one line naming this process and step, not a backend trace."""
     try:
         yield
-    except RuntimeError as error:  # NCCL's are DistErrors; gloo's are RuntimeErrors from its own sources
-        if not (distributed() and (isinstance(error, dist.DistError) or "gloo" in str(error))):
+    except RuntimeError as error:  # NCCL's are DistErrors; gloo's, RuntimeErrors naming a timeout or a closed pair
+        lost = isinstance(error, dist.DistError) or re.search("gloo|time(d )?out|connection|clos", str(error), re.I)
+        if not (distributed() and lost):
             raise
         fail(f"process {rank()} of {world_size()} stopped at step {run.step}: a collective failed, so another "
              f"process died or did not answer within --dist-timeout {cfg.dist_timeout} s ({str(error)[:240]})")
