@@ -83,18 +83,14 @@ def bench_ceiling(cfg, device, autocast, steps, warmup):
     return timed(run, steps, warmup, device)
 
 
-def step_hyperparameters(cfg):  # train_step's keyword arguments of a config, but β
-    return dict(tau=cfg.tau, ema=cfg.ema, accumulate=cfg.accumulate, clip_grad=cfg.clip_grad)
-
-
 def bench_step(cfg, device, autocast, scaler, steps, warmup, profile=""):
     """(b) the full training step of smog.py on fixed device tensors; profile: write its top operators there."""
-    run, hyper = smog.RunState(cfg, device, scaler=scaler), step_hyperparameters(cfg)
+    run = smog.RunState(cfg, device, scaler=scaler)
     crops = smog.Crops(*(None if x is None else smog.channels_last(x, cfg) for x in fake_crops(cfg, device)))
 
     def step():
         smog.train_step(run.online_ddp, run.target, run.grouping, [crops], run.opt, run.scaler, beta=0.995,
-                        autocast=autocast, **hyper)
+                        autocast=autocast, **run.step_args)
 
     seconds = timed(step, steps, warmup, device)
     if profile:
@@ -223,14 +219,14 @@ def bench_e2e(cfg, device, autocast, scaler, steps, warmup, root):
     warmup, steps = max(warmup, cfg.workers), max(steps, 3 * cfg.workers)
     cfg = dataclasses.replace(cfg, data=root, accumulate=1, epochs=10**6)  # streamed
     data = smog.TrainData(cfg, device)
-    run, hyper = smog.RunState(cfg, device, scaler=scaler), step_hyperparameters(cfg)
+    run = smog.RunState(cfg, device, scaler=scaler)
     for step, batch in zip(range(warmup + steps), data.batches(range(cfg.epochs))):
         if step == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
         smog.train_step(run.online_ddp, run.target, run.grouping, [data.crops(batch, step)], run.opt, run.scaler,
-                        beta=0.995, autocast=autocast, **hyper)
+                        beta=0.995, autocast=autocast, **run.step_args)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps

@@ -1163,6 +1163,7 @@ class RunState:
         self.opt = make_optimizer(cfg, self.online)
         self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
         self.bank = MemoryBank(bank_rows, cfg.feat_dim, device)
+        self.step_args = dict(tau=cfg.tau, ema=cfg.ema, accumulate=cfg.accumulate, clip_grad=cfg.clip_grad)  # but β
         self.online_ddp = self.online if world_size() == 1 else nn.parallel.DistributedDataParallel(
             self.online, device_ids=[device] if device.type == "cuda" else None)  # what train_step trains
         self.epoch = self.step = self.epoch_step = 0
@@ -1567,7 +1568,6 @@ def train(cfg):
                 fill_bank(run.online, run.bank, data.global_crops())
         passes_per_epoch, total_steps = data.passes_per_epoch, cfg.epochs * data.steps_per_epoch
         peak_lr = cfg.lr * data.global_batch / 256
-        hyper = dict(tau=cfg.tau, ema=cfg.ema, accumulate=cfg.accumulate, clip_grad=cfg.clip_grad, autocast=autocast)
         held_out = load_dataset(cfg, "val") if rank() == 0 and (cfg.knn or cfg.eval_every) else (None, None, "")
         if rank() == 0 and (cfg.knn or cfg.eval_every) and held_out[1] is None:
             log("no kNN reports: the data set has no held-out split (PATH/val)")
@@ -1592,7 +1592,7 @@ def train(cfg):
                         group["lr"] = lr
                     passes = (data.crops(next(batches), first_pass + i) for i in range(cfg.accumulate))
                     loss, counts, z, skipped = train_step(run.online_ddp, run.target, run.grouping, passes, run.opt,
-                                                          run.scaler, beta=beta, **hyper)
+                                                          run.scaler, beta=beta, autocast=autocast, **run.step_args)
                     run.bank.add(z)
                     progress.add(counts, skipped)
                     bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), run.step, bad_step)

@@ -76,15 +76,15 @@ def multicrop(images, step, recipe):
     return smog.batch_multicrop(images, whole(images), step, recipe)
 
 
-def step_of(cfg, run, passes, beta=0.9):
-    """train_step on `passes` with the config's hyperparameters."""
+def step_of(run, passes, beta=0.9):
+    """train_step on `passes` with the run's hyperparameters."""
     return smog.train_step(run.online_ddp, run.target, run.grouping, passes, run.opt, run.scaler, beta=beta,
-                           tau=cfg.tau, ema=cfg.ema, accumulate=cfg.accumulate, clip_grad=cfg.clip_grad)
+                           **run.step_args)
 
 
 def one_step(cfg, run, step=0):
     images, _ = smog.synthetic_shapes(cfg.batch_size, seed=1)
-    return step_of(cfg, run, [multicrop(images, step, smog.crop_recipe(cfg))])
+    return step_of(run, [multicrop(images, step, smog.crop_recipe(cfg))])
 
 
 SMALL = ["--synthetic-size", "384", "--batch-size", "64", "--num-groups", "12", "--hidden-dim", "64",
@@ -516,7 +516,7 @@ def test_accumulated_passes_equal_a_reference_loop(tmp_path):
     for i in range(2):
         torch.manual_seed(i)
         passes.append(multicrop(images[32 * i:32 * (i + 1)], i, smog.crop_recipe(cfg)))
-    loss, counts, z_global, _ = step_of(cfg, run, iter(passes))
+    loss, counts, z_global, _ = step_of(run, iter(passes))
     h, k, b = cfg.num_heads, cfg.num_groups, 32
     smog.ema_(ref.target, ref.online.encoder, 0.9)
     losses, zs = [], []
@@ -541,7 +541,7 @@ def test_accumulated_passes_equal_a_reference_loop(tmp_path):
                     [*ref.online.parameters(), *ref.target.parameters()]):
         assert torch.allclose(a, r, atol=1e-6)
     with pytest.raises(ValueError, match="1 forward passes"):  # a step needs exactly --accumulate passes
-        step_of(cfg, run, passes[:1])
+        step_of(run, passes[:1])
 
 
 def test_target_forwards_its_local_crops_and_labels_come_from_its_global_crops(tmp_path):
@@ -767,7 +767,7 @@ def test_swin_update_and_bank_see_the_online_z_without_drop_path():
     for m in smog.stochastic_depth(before):
         m.eval()
     expected = before.encoder([crops[0]]).detach()  # (2B, D), weights before the step, without drop-path
-    _, _, z_global, _ = step_of(cfg, run, [crops])
+    _, _, z_global, _ = step_of(run, [crops])
     assert torch.allclose(z_global.flatten(0, 1), expected, atol=1e-5)
     for m in smog.stochastic_depth(before):
         m.train()
@@ -828,7 +828,7 @@ def test_backbone_trains_a_step_at_both_crop_sizes_reloads_and_exports(arch, tmp
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     images, _ = smog.synthetic_shapes(4, seed=1)
     crops = multicrop(images, 0, smog.crop_recipe(cfg))  # online: 64 and 32 px in one forward
-    loss, _, _, _ = step_of(cfg, run, [crops])
+    loss, _, _, _ = step_of(run, [crops])
     assert torch.isfinite(loss)
     assert any(not torch.equal(before[k], v) for k, v in backbone.state_dict().items())
     # save → strict reload (eval_linear.py) → export into the torchvision model
